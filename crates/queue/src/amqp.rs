@@ -1,0 +1,515 @@
+//! The RabbitMQ backend.
+//!
+//! Topology, declared idempotently by every process that connects (names
+//! start with `queue.prefix`, `correu` by default):
+//!
+//! - `correu.work`: a durable direct exchange; routing key `delivery`.
+//! - `correu.delivery`: a quorum queue bound to it, consumed by delivery.
+//! - `correu.retry.<delay>`: one quorum queue per retry tier, with
+//!   `x-message-ttl` = the delay, dead-lettering back to `correu.work` with
+//!   `x-dead-letter-strategy=at-least-once` and `x-overflow=reject-publish`
+//!   (at-least-once dead-lettering needs both). A message waits there, held
+//!   by nobody, until its TTL ends.
+//! - `correu.parked`: a quorum queue for what cannot be processed.
+//!
+//! Every publish is persistent (delivery mode 2), mandatory, and waits for
+//! the broker's confirm under `queue.publish_timeout`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use correu_proto::v1::QueuedMessage;
+use correu_runtime::backoff::Backoff;
+use correu_runtime::config::QueueConfig;
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use prost::Message;
+use tokio::sync::Mutex;
+use tokio::time::{Instant, timeout};
+use tokio_util::sync::CancellationToken;
+
+use crate::{Delivery, Handle, PublishError, QueueError};
+
+const ROUTING_KEY: &str = "delivery";
+
+/// The names of everything Correu declares, from the prefix.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    pub work_exchange: String,
+    pub delivery_queue: String,
+    pub parked_queue: String,
+    /// (queue name, delay) per retry tier.
+    pub retry_queues: Vec<(String, Duration)>,
+}
+
+impl Topology {
+    pub fn new(prefix: &str, delays: &[Duration]) -> Self {
+        Topology {
+            work_exchange: format!("{prefix}.work"),
+            delivery_queue: format!("{prefix}.delivery"),
+            parked_queue: format!("{prefix}.parked"),
+            retry_queues: delays
+                .iter()
+                .map(|d| (format!("{prefix}.retry.{}", tier_name(*d)), *d))
+                .collect(),
+        }
+    }
+}
+
+/// `90s` → `1m30s` style names, readable in the management UI.
+fn tier_name(d: Duration) -> String {
+    let s = d.as_secs();
+    match (s / 3600, s % 3600 / 60, s % 60, d.subsec_millis()) {
+        (0, 0, 0, ms) => format!("{ms}ms"),
+        (0, 0, s, _) => format!("{s}s"),
+        (0, m, 0, _) => format!("{m}m"),
+        (h, 0, 0, _) => format!("{h}h"),
+        _ => format!("{s}s"),
+    }
+}
+
+fn quorum_args() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    args
+}
+
+struct Link {
+    conn: Option<Arc<Connection>>,
+    publisher: Option<Channel>,
+    /// No reconnection before this instant (backoff after a failure).
+    not_before: Option<Instant>,
+    backoff: Backoff,
+}
+
+/// A RabbitMQ connection shared by publishers and consumers of a process,
+/// made on first use and remade after it breaks.
+pub struct AmqpQueue {
+    url: String,
+    topology: Topology,
+    publish_timeout: Duration,
+    connect_timeout: Duration,
+    prefetch: u16,
+    link: Mutex<Link>,
+}
+
+impl AmqpQueue {
+    pub fn new(cfg: &QueueConfig) -> Self {
+        let delays: Vec<Duration> = cfg.retry_delays.iter().map(|d| d.get()).collect();
+        AmqpQueue {
+            url: cfg.url.clone(),
+            topology: Topology::new(&cfg.prefix, &delays),
+            publish_timeout: cfg.publish_timeout.get(),
+            connect_timeout: cfg.connect_timeout.get(),
+            prefetch: cfg.prefetch,
+            link: Mutex::new(Link {
+                conn: None,
+                publisher: None,
+                not_before: None,
+                backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(10)),
+            }),
+        }
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// Declares the whole topology on `ch`; safe to repeat.
+    async fn declare(&self, ch: &Channel) -> lapin::Result<()> {
+        let t = &self.topology;
+        ch.exchange_declare(
+            t.work_exchange.as_str().into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        ch.queue_declare(t.delivery_queue.as_str().into(), durable, quorum_args())
+            .await?;
+        ch.queue_bind(
+            t.delivery_queue.as_str().into(),
+            t.work_exchange.as_str().into(),
+            ROUTING_KEY.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+        for (name, delay) in &t.retry_queues {
+            let mut args = quorum_args();
+            args.insert(
+                "x-message-ttl".into(),
+                AMQPValue::LongLongInt(delay.as_millis() as i64),
+            );
+            args.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString(t.work_exchange.as_str().into()),
+            );
+            args.insert(
+                "x-dead-letter-routing-key".into(),
+                AMQPValue::LongString(ROUTING_KEY.into()),
+            );
+            args.insert(
+                "x-dead-letter-strategy".into(),
+                AMQPValue::LongString("at-least-once".into()),
+            );
+            args.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
+            ch.queue_declare(name.as_str().into(), durable, args).await?;
+        }
+        ch.queue_declare(t.parked_queue.as_str().into(), durable, quorum_args())
+            .await?;
+        Ok(())
+    }
+
+    /// A live connection, connecting (and declaring the topology) if needed.
+    async fn connection(&self, link: &mut Link) -> Result<Arc<Connection>, QueueError> {
+        if let Some(c) = &link.conn
+            && c.status().connected()
+        {
+            return Ok(c.clone());
+        }
+        link.conn = None;
+        link.publisher = None;
+        if let Some(t) = link.not_before
+            && Instant::now() < t
+        {
+            return Err(QueueError::Publish(PublishError::Unavailable(
+                "RabbitMQ unreachable; waiting before reconnecting".into(),
+            )));
+        }
+        let attempt = async {
+            let conn = Connection::connect(&self.url, ConnectionProperties::default()).await?;
+            let ch = conn.create_channel().await?;
+            self.declare(&ch).await?;
+            // A channel that declared is closed: the topology stays.
+            ch.close(200, "declared".into()).await?;
+            Ok::<_, lapin::Error>(Arc::new(conn))
+        };
+        match timeout(self.connect_timeout, attempt).await {
+            Ok(Ok(conn)) => {
+                tracing::info!("connected to RabbitMQ");
+                link.backoff.reset();
+                link.not_before = None;
+                link.conn = Some(conn.clone());
+                Ok(conn)
+            }
+            failed => {
+                let delay = link.backoff.next_delay(rand::random());
+                link.not_before = Some(Instant::now() + delay);
+                let err = match failed {
+                    Ok(Err(e)) => QueueError::Amqp(e),
+                    _ => QueueError::Timeout(self.connect_timeout),
+                };
+                tracing::warn!(error = %err, retry_in = ?delay, "cannot connect to RabbitMQ");
+                Err(err)
+            }
+        }
+    }
+
+    /// The shared publishing channel, with confirms on.
+    async fn publisher(&self) -> Result<Channel, PublishError> {
+        let mut link = self.link.lock().await;
+        if let Some(ch) = &link.publisher
+            && ch.status().connected()
+        {
+            return Ok(ch.clone());
+        }
+        link.publisher = None;
+        let conn = self
+            .connection(&mut link)
+            .await
+            .map_err(|e| PublishError::Unavailable(e.to_string()))?;
+        let setup = async {
+            let ch = conn.create_channel().await?;
+            ch.confirm_select(ConfirmSelectOptions::default()).await?;
+            Ok::<_, lapin::Error>(ch)
+        };
+        let ch = timeout(self.connect_timeout, setup)
+            .await
+            .map_err(|_| PublishError::Timeout(self.connect_timeout))?
+            .map_err(|e| PublishError::Unavailable(e.to_string()))?;
+        link.publisher = Some(ch.clone());
+        Ok(ch)
+    }
+
+    /// Drops the publishing channel after an error, so the next publish
+    /// makes a new one (and reconnects if the connection is gone).
+    async fn forget_publisher(&self) {
+        self.link.lock().await.publisher = None;
+    }
+
+    async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        payload: &[u8],
+        props: BasicProperties,
+    ) -> Result<(), PublishError> {
+        let ch = self.publisher().await?;
+        let send = async {
+            ch.basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                payload,
+                props,
+            )
+            .await?
+            .await
+        };
+        let outcome = timeout(self.publish_timeout, send).await;
+        let result = match outcome {
+            Err(_) => Err(PublishError::Timeout(self.publish_timeout)),
+            Ok(Err(e)) => Err(PublishError::Unavailable(e.to_string())),
+            // Acked but returned: no queue took it (topology missing).
+            Ok(Ok(Confirmation::Ack(Some(_)))) => {
+                Err(PublishError::Unavailable("message was unroutable".into()))
+            }
+            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+            Ok(Ok(Confirmation::Nack(_))) => Err(PublishError::Nacked),
+            Ok(Ok(Confirmation::NotRequested)) => {
+                Err(PublishError::Unavailable("channel without confirms".into()))
+            }
+        };
+        if matches!(
+            result,
+            Err(PublishError::Timeout(_) | PublishError::Unavailable(_))
+        ) {
+            self.forget_publisher().await;
+        }
+        result
+    }
+
+    /// Publishes a new message to the work exchange.
+    pub async fn publish_work(&self, msg: &QueuedMessage) -> Result<(), PublishError> {
+        let payload = msg.encode_to_vec();
+        self.publish(
+            &self.topology.work_exchange,
+            ROUTING_KEY,
+            &payload,
+            properties(msg),
+        )
+        .await
+    }
+
+    /// Opens a consuming channel on the delivery queue.
+    async fn open_consumer(&self) -> Result<lapin::Consumer, QueueError> {
+        let conn = {
+            let mut link = self.link.lock().await;
+            self.connection(&mut link).await?
+        };
+        let setup = async {
+            let ch = conn.create_channel().await?;
+            ch.basic_qos(self.prefetch, BasicQosOptions::default()).await?;
+            ch.basic_consume(
+                self.topology.delivery_queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+        };
+        timeout(self.connect_timeout, setup)
+            .await
+            .map_err(|_| QueueError::Timeout(self.connect_timeout))?
+            .map_err(QueueError::Amqp)
+    }
+}
+
+/// Persistent, with the queue id, attempt, first-received time and trace
+/// context in headers so they can be read without decoding the body.
+fn properties(msg: &QueuedMessage) -> BasicProperties {
+    let mut h = FieldTable::default();
+    h.insert(
+        "x-correu-queue-id".into(),
+        AMQPValue::LongString(msg.queue_id.as_str().into()),
+    );
+    h.insert(
+        "x-correu-attempt".into(),
+        AMQPValue::LongLongInt(i64::from(msg.attempt)),
+    );
+    h.insert(
+        "x-correu-received-at".into(),
+        AMQPValue::LongLongInt(msg.received_at_unix_micros),
+    );
+    if !msg.traceparent.is_empty() {
+        h.insert(
+            "traceparent".into(),
+            AMQPValue::LongString(msg.traceparent.as_str().into()),
+        );
+    }
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/x-protobuf".into())
+        .with_message_id(msg.queue_id.as_str().into())
+        .with_headers(h)
+}
+
+/// Consumes the delivery queue, reconnecting with backoff.
+pub struct AmqpConsumer {
+    queue: Arc<AmqpQueue>,
+    stream: Option<lapin::Consumer>,
+    backoff: Backoff,
+}
+
+impl AmqpConsumer {
+    pub fn new(queue: Arc<AmqpQueue>) -> Self {
+        AmqpConsumer {
+            queue,
+            stream: None,
+            backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(10)),
+        }
+    }
+
+    pub async fn next(&mut self, stop: &CancellationToken) -> Option<Delivery> {
+        loop {
+            if stop.is_cancelled() {
+                return None;
+            }
+            let stream = match &mut self.stream {
+                Some(s) => s,
+                None => match self.queue.open_consumer().await {
+                    Ok(s) => {
+                        self.backoff.reset();
+                        self.stream.insert(s)
+                    }
+                    Err(e) => {
+                        let delay = self.backoff.next_delay(rand::random());
+                        tracing::warn!(error = %e, retry_in = ?delay, "cannot consume from RabbitMQ");
+                        tokio::select! {
+                            _ = stop.cancelled() => return None,
+                            _ = tokio::time::sleep(delay) => continue,
+                        }
+                    }
+                },
+            };
+            tokio::select! {
+                _ = stop.cancelled() => return None,
+                item = stream.next() => match item {
+                    Some(Ok(d)) => {
+                        let message = QueuedMessage::decode(d.data.as_slice()).ok();
+                        return Some(Delivery {
+                            message,
+                            raw: d.data,
+                            handle: Handle::Amqp(AmqpHandle {
+                                queue: self.queue.clone(),
+                                acker: d.acker,
+                            }),
+                        });
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "RabbitMQ consumer failed; reconnecting");
+                        self.stream = None;
+                    }
+                    None => {
+                        tracing::warn!("RabbitMQ consumer closed; reconnecting");
+                        self.stream = None;
+                    }
+                },
+            }
+        }
+    }
+}
+
+pub(crate) struct AmqpHandle {
+    queue: Arc<AmqpQueue>,
+    acker: lapin::Acker,
+}
+
+impl AmqpHandle {
+    pub(crate) async fn ack(self) -> Result<(), QueueError> {
+        self.acker.ack(BasicAckOptions::default()).await?;
+        Ok(())
+    }
+
+    /// Republishes to the retry tier (confirmed), then acks. If the
+    /// republish fails the message is returned to the queue instead.
+    pub(crate) async fn retry(self, updated: &QueuedMessage, tier: usize) -> Result<(), QueueError> {
+        let tiers = &self.queue.topology.retry_queues;
+        let Some((name, _)) = tiers.get(tier).or(tiers.last()) else {
+            return self.requeue().await;
+        };
+        let payload = updated.encode_to_vec();
+        match self
+            .queue
+            .publish("", name, &payload, properties(updated))
+            .await
+        {
+            Ok(()) => self.ack().await,
+            Err(e) => {
+                tracing::warn!(queue_id = %updated.queue_id, error = %e, "retry publish failed; requeueing");
+                self.requeue().await?;
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn requeue(self) -> Result<(), QueueError> {
+        self.acker
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .await?;
+        Ok(())
+    }
+
+    pub(crate) async fn park(self, raw: &[u8], reason: &str) -> Result<(), QueueError> {
+        let mut h = FieldTable::default();
+        h.insert(
+            "x-correu-park-reason".into(),
+            AMQPValue::LongString(reason.into()),
+        );
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_headers(h);
+        let parked = self.queue.topology.parked_queue.clone();
+        match self.queue.publish("", &parked, raw, props).await {
+            Ok(()) => self.ack().await,
+            Err(e) => {
+                self.requeue().await?;
+                Err(e.into())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_from_prefix_and_delays() {
+        let t = Topology::new(
+            "correu",
+            &[
+                Duration::from_secs(60),
+                Duration::from_secs(3600),
+                Duration::from_secs(90),
+                Duration::from_millis(500),
+            ],
+        );
+        assert_eq!(t.work_exchange, "correu.work");
+        assert_eq!(t.delivery_queue, "correu.delivery");
+        let names: Vec<_> = t.retry_queues.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            ["correu.retry.1m", "correu.retry.1h", "correu.retry.90s", "correu.retry.500ms"]
+        );
+    }
+}

@@ -1,0 +1,152 @@
+//! Correu's queue between ingress and delivery, behind one type with two
+//! backends:
+//!
+//! - [`amqp`]: RabbitMQ through lapin, for the services on their own. A
+//!   publish is confirmed by the broker before it returns; delivery consumes
+//!   with manual acks and a bounded prefetch; retries wait in TTL queues that
+//!   dead-letter back to the work exchange, so no consumer holds a message.
+//! - [`spool`]: a spool directory for `correu serve`: a message is a file,
+//!   fsynced and renamed into place before the publish returns.
+//!
+//! Either way a publish that returned `Ok` is durable, and that is what lets
+//! ingress answer `250`.
+//!
+//! # Layout
+//! - [`id`]: queue ids. [`schedule`]: the retry schedule, a pure function.
+#![forbid(unsafe_code)]
+
+pub mod amqp;
+pub mod id;
+pub mod schedule;
+pub mod spool;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use correu_proto::v1::QueuedMessage;
+use correu_runtime::config::{QueueBackend, QueueConfig};
+
+pub use id::new_queue_id;
+pub use schedule::{Next, Schedule};
+
+/// Why a publish did not become durable. The client gets `451 4.3.0`.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("queue unavailable: {0}")]
+    Unavailable(String),
+    #[error("broker did not confirm within {0:?}")]
+    Timeout(Duration),
+    #[error("broker refused the message")]
+    Nacked,
+    #[error("spool write failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Errors opening a queue or settling a delivery.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("AMQP: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("AMQP operation timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("spool: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+}
+
+/// A queue, cheap to clone and shared by every session and worker.
+#[derive(Clone)]
+pub enum Queue {
+    Amqp(Arc<amqp::AmqpQueue>),
+    Spool(Arc<spool::Spool>),
+}
+
+impl Queue {
+    /// Opens the configured backend. RabbitMQ is not required to be up: the
+    /// connection is made (and remade) when needed, and publishes fail with
+    /// [`PublishError::Unavailable`] meanwhile.
+    pub async fn open(cfg: &QueueConfig, backend: QueueBackend) -> Result<Queue, QueueError> {
+        Ok(match backend {
+            QueueBackend::Rabbitmq => Queue::Amqp(Arc::new(amqp::AmqpQueue::new(cfg))),
+            QueueBackend::Embedded => Queue::Spool(Arc::new(spool::Spool::open(&cfg.spool).await?)),
+        })
+    }
+
+    /// Publishes a new message for delivery; `Ok` only once it is durable.
+    pub async fn publish(&self, msg: &QueuedMessage) -> Result<(), PublishError> {
+        match self {
+            Queue::Amqp(q) => q.publish_work(msg).await,
+            Queue::Spool(s) => s.publish(msg).await,
+        }
+    }
+
+    /// A consumer of messages to deliver.
+    pub fn consumer(&self) -> Consumer {
+        match self {
+            Queue::Amqp(q) => Consumer::Amqp(amqp::AmqpConsumer::new(q.clone())),
+            Queue::Spool(s) => Consumer::Spool(spool::SpoolConsumer::new(s.clone())),
+        }
+    }
+}
+
+/// Hands out messages to deliver, reconnecting by itself.
+pub enum Consumer {
+    Amqp(amqp::AmqpConsumer),
+    Spool(spool::SpoolConsumer),
+}
+
+impl Consumer {
+    /// The next message. Waits until there is one; returns `None` only when
+    /// `stop` is cancelled.
+    pub async fn next(&mut self, stop: &tokio_util::sync::CancellationToken) -> Option<Delivery> {
+        match self {
+            Consumer::Amqp(c) => c.next(stop).await,
+            Consumer::Spool(c) => c.next(stop).await,
+        }
+    }
+}
+
+/// One message handed out for delivery. It must be settled with one of
+/// [`Delivery::ack`], [`Delivery::retry`] or [`Delivery::park`]; one that is
+/// dropped unsettled comes back (after a restart or a reconnection).
+pub struct Delivery {
+    /// The decoded message, or `None` when it did not decode.
+    pub message: Option<QueuedMessage>,
+    /// The raw bytes, for parking what does not decode.
+    pub raw: Vec<u8>,
+    handle: Handle,
+}
+
+enum Handle {
+    Amqp(amqp::AmqpHandle),
+    Spool(spool::SpoolHandle),
+}
+
+impl Delivery {
+    /// Done: every recipient's outcome is durable elsewhere.
+    pub async fn ack(self) -> Result<(), QueueError> {
+        match self.handle {
+            Handle::Amqp(h) => h.ack().await,
+            Handle::Spool(h) => h.ack().await,
+        }
+    }
+
+    /// Tries `updated` (the recipients still pending, the attempt counted)
+    /// again after the delay of retry tier `tier`, then settles this one.
+    pub async fn retry(self, updated: &QueuedMessage, tier: usize, delay: Duration) -> Result<(), QueueError> {
+        match self.handle {
+            Handle::Amqp(h) => h.retry(updated, tier).await,
+            Handle::Spool(h) => h.retry(updated, delay).await,
+        }
+    }
+
+    /// Keeps a message that cannot be processed aside, counted and visible,
+    /// with the reason.
+    pub async fn park(self, reason: &str) -> Result<(), QueueError> {
+        match self.handle {
+            Handle::Amqp(h) => h.park(&self.raw, reason).await,
+            Handle::Spool(h) => h.park(reason).await,
+        }
+    }
+}

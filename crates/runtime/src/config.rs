@@ -1,0 +1,737 @@
+//! Correu's configuration: one TOML file, `CORREU_…` environment overrides,
+//! checked in full before any port is bound.
+//!
+//! Every key has a default, so an empty file (or none) runs `correu serve`
+//! on 127.0.0.1:2525 for the domain `localhost`. Errors name the key:
+//! `smtp.listen[0]: invalid socket address syntax`.
+//!
+//! Environment overrides name a key with its section: `CORREU_HOSTNAME`,
+//! `CORREU_SMTP_LISTEN`, `CORREU_QUEUE_URL`, `CORREU_DELIVERY_MX_PORT`. The
+//! value is read as a TOML value when it is one (`25`, `true`,
+//! `["a","b"]`), else as a string; lists also take `a,b`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// The sections a `CORREU_<SECTION>_<KEY>` variable may name.
+const SECTIONS: [&str; 4] = ["smtp", "queue", "storage", "delivery"];
+/// Variables that are not configuration keys.
+const NOT_KEYS: [&str; 3] = ["CORREU_LOG", "CORREU_LOG_FORMAT", "CORREU_CONFIG"];
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// This server's name: greeting, EHLO, Received, and HELO when relaying.
+    pub hostname: String,
+    /// Domains whose mail is stored here; every other domain is relayed.
+    #[serde(deserialize_with = "one_or_many")]
+    pub domains: Vec<String>,
+    pub smtp: SmtpConfig,
+    pub queue: QueueConfig,
+    pub storage: StorageConfig,
+    pub delivery: DeliveryConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            hostname: "localhost".into(),
+            domains: vec!["localhost".into()],
+            smtp: SmtpConfig::default(),
+            queue: QueueConfig::default(),
+            storage: StorageConfig::default(),
+            delivery: DeliveryConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct SmtpConfig {
+    /// Addresses the SMTP listener binds.
+    #[serde(deserialize_with = "one_or_many")]
+    pub listen: Vec<SocketAddr>,
+    /// Clients in these networks may relay to any domain (Postfix's
+    /// `mynetworks`). Everyone else may only send to local domains.
+    #[serde(deserialize_with = "one_or_many")]
+    pub trusted_networks: Vec<Network>,
+    /// Largest message accepted, in octets (advertised with SIZE).
+    pub max_message_size: u64,
+    /// Most recipients per message.
+    pub max_recipients: usize,
+    /// Error replies before the session is closed with `421`.
+    pub max_errors: usize,
+    /// Longest command line, CRLF included (RFC 5321 §4.5.3.1.4: 512).
+    pub max_line_length: usize,
+    /// Open SMTP connections at most; more get `421 4.3.2`.
+    pub max_connections: usize,
+    /// Time to wait for a command (RFC 5321 §4.5.3.2.7: 5 minutes).
+    pub command_timeout: Dur,
+    /// Time to wait for each chunk of DATA (RFC 5321 §4.5.3.2.5: 3 minutes).
+    pub data_timeout: Dur,
+    /// Time for storage to say whether a local recipient exists.
+    pub recipient_check_timeout: Dur,
+    /// Time sessions in progress get to finish when the server stops.
+    pub shutdown_grace: Dur,
+}
+
+impl Default for SmtpConfig {
+    fn default() -> Self {
+        SmtpConfig {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 2525))],
+            trusted_networks: vec![Network::LOOPBACK_V4, Network::LOOPBACK_V6],
+            max_message_size: 25 * 1024 * 1024,
+            max_recipients: 100,
+            max_errors: 20,
+            max_line_length: 512,
+            max_connections: 1000,
+            command_timeout: Dur::secs(300),
+            data_timeout: Dur::secs(180),
+            recipient_check_timeout: Dur::secs(5),
+            shutdown_grace: Dur::secs(25),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueBackend {
+    /// RabbitMQ, for the services on their own (Kubernetes).
+    Rabbitmq,
+    /// A spool directory in the process, for `correu serve`.
+    Embedded,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct QueueConfig {
+    /// Default: `embedded` for `correu serve`, `rabbitmq` for the services.
+    pub backend: Option<QueueBackend>,
+    /// RabbitMQ's AMQP URL (vhost included).
+    pub url: String,
+    /// Prefix of every exchange and queue Correu declares.
+    pub prefix: String,
+    /// The embedded backend's spool directory.
+    pub spool: PathBuf,
+    /// Time for the broker to confirm a publish before the client gets `451`.
+    pub publish_timeout: Dur,
+    /// Time to connect to the broker.
+    pub connect_timeout: Dur,
+    /// Unacknowledged messages per delivery consumer.
+    pub prefetch: u16,
+    /// Delay before each retry, one retry tier each; the last repeats.
+    #[serde(deserialize_with = "one_or_many")]
+    pub retry_delays: Vec<Dur>,
+    /// Age after which a message that still fails is given up.
+    pub max_age: Dur,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            backend: None,
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            prefix: "correu".into(),
+            spool: PathBuf::from("data/queue"),
+            publish_timeout: Dur::secs(10),
+            connect_timeout: Dur::secs(5),
+            prefetch: 32,
+            // Postfix-like: minutes first, then hours.
+            retry_delays: [60, 300, 900, 1800, 3600, 7200, 14400]
+                .into_iter()
+                .map(Dur::secs)
+                .collect(),
+            max_age: Dur::secs(5 * 24 * 3600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct StorageConfig {
+    /// Where the storage service's gRPC server listens.
+    pub listen: SocketAddr,
+    /// How ingress and delivery reach storage (the storage Service in Kubernetes).
+    pub endpoint: String,
+    /// The directory holding one Maildir per mailbox: `ROOT/DOMAIN/USER/`.
+    pub root: PathBuf,
+    /// Addresses that have a mailbox. Empty: every local-part of a local
+    /// domain is accepted (catch-all).
+    #[serde(deserialize_with = "one_or_many")]
+    pub mailboxes: Vec<String>,
+    /// Deadline of each gRPC call to storage.
+    pub request_timeout: Dur,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 2526)),
+            endpoint: "http://127.0.0.1:2526".into(),
+            root: PathBuf::from("data/mail"),
+            mailboxes: Vec::new(),
+            request_timeout: Dur::secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct DeliveryConfig {
+    /// Messages delivered at once by one delivery process.
+    pub concurrency: usize,
+    /// The DNS server for MX lookups (`host:port`); unset: the system's.
+    pub dns_server: Option<SocketAddr>,
+    /// Port of remote MX hosts (25; another only for tests and labs).
+    pub mx_port: u16,
+    /// Fixed next hops by domain (`"*"` for all), as `host:port`, instead of MX.
+    pub routes: BTreeMap<String, String>,
+    /// Time to connect to a remote MX (RFC 5321 suggests at most minutes).
+    pub connect_timeout: Dur,
+    /// Time for each reply of the remote MX (RFC 5321 §4.5.3.2: 5 minutes).
+    pub command_timeout: Dur,
+    /// Time for the reply after the final dot (RFC 5321 §4.5.3.2.6: 10 minutes).
+    pub data_timeout: Dur,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            concurrency: 16,
+            dns_server: None,
+            mx_port: 25,
+            routes: BTreeMap::new(),
+            connect_timeout: Dur::secs(30),
+            command_timeout: Dur::secs(300),
+            data_timeout: Dur::secs(600),
+        }
+    }
+}
+
+/// A duration written `250ms`, `30s`, `5m`, `2h`, `5d` or as whole seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Dur(pub Duration);
+
+impl Dur {
+    pub const fn secs(s: u64) -> Dur {
+        Dur(Duration::from_secs(s))
+    }
+    pub fn get(self) -> Duration {
+        self.0
+    }
+}
+
+impl FromStr for Dur {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("`{s}` is not a duration like 30s, 5m or 250ms"))?;
+        let d = match unit {
+            "ms" => Duration::from_millis(n),
+            "" | "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n * 60),
+            "h" => Duration::from_secs(n * 3600),
+            "d" => Duration::from_secs(n * 86_400),
+            _ => return Err(format!("`{s}`: unit must be ms, s, m, h or d")),
+        };
+        Ok(Dur(d))
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Secs(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Secs(s) => Ok(Dur::secs(s)),
+            Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// An IP network in CIDR notation (`10.0.0.0/8`, `::1/128`, or one address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Network {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Network {
+    pub const LOOPBACK_V4: Network = Network {
+        addr: IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 0)),
+        prefix: 8,
+    };
+    pub const LOOPBACK_V6: Network = Network {
+        addr: IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+        prefix: 128,
+    };
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        // An IPv4 client seen on an IPv6 socket (::ffff:a.b.c.d) is IPv4.
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl FromStr for Network {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("`{s}` is not an IP network like 10.0.0.0/8"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("`{s}`: prefix length must be 0 to {max}"))?,
+            None => max,
+        };
+        Ok(Network { addr, prefix })
+    }
+}
+
+impl fmt::Display for Network {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl<'de> Deserialize<'de> for Network {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// A list, or one string holding comma-separated items (for environment
+/// variables: `CORREU_DOMAINS=a.org,b.org`).
+fn one_or_many<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + FromStr,
+    T::Err: fmt::Display,
+{
+    struct V<T>(std::marker::PhantomData<T>);
+    impl<'de, T> serde::de::Visitor<'de> for V<T>
+    where
+        T: Deserialize<'de> + FromStr,
+        T::Err: fmt::Display,
+    {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a list, or a string of comma-separated items")
+        }
+        fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Vec<T>, E> {
+            s.split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(|p| p.parse().map_err(|e| E::custom(format!("`{p}`: {e}"))))
+                .collect()
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let mut out = Vec::new();
+            while let Some(item) = seq.next_element()? {
+                out.push(item);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_any(V(std::marker::PhantomData))
+}
+
+/// One thing wrong with the configuration, and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The key, as a TOML path (`smtp.listen[0]`), or the file.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Everything wrong with a configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "configuration has {} error(s):", self.0.len())?;
+        for e in &self.0 {
+            writeln!(f, "  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+fn err(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+impl Config {
+    /// Loads the file (if any), applies `CORREU_…` variables from `env`, and
+    /// checks the result.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigErrors> {
+        let mut root = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ConfigErrors(vec![err(path.display().to_string(), format!("cannot read: {e}"))])
+                })?;
+                text.parse::<toml::Table>().map_err(|e| {
+                    ConfigErrors(vec![err(
+                        path.display().to_string(),
+                        format!("not valid TOML: {}", e.to_string().trim()),
+                    )])
+                })?
+            }
+            None => toml::Table::new(),
+        };
+        let mut errors = Vec::new();
+        let mut sources = BTreeMap::new();
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix("CORREU_") else {
+                continue;
+            };
+            if NOT_KEYS.contains(&name.as_str()) {
+                continue;
+            }
+            let key = rest.to_ascii_lowercase();
+            let path: Vec<String> = match SECTIONS
+                .iter()
+                .find(|s| key.strip_prefix(*s).is_some_and(|r| r.starts_with('_')))
+            {
+                Some(section) => vec![section.to_string(), key[section.len() + 1..].to_string()],
+                None => vec![key],
+            };
+            let value = parse_env_value(&value);
+            let dotted = path.join(".");
+            sources.insert(dotted.clone(), name.clone());
+            if let Err(m) = set_path(&mut root, &path, value) {
+                errors.push(err(format!("{dotted} (from {name})"), m));
+            }
+        }
+        let config = Self::from_table(root, &sources).map_err(|mut e| {
+            e.0.splice(0..0, errors.clone());
+            e
+        })?;
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
+        Ok(config)
+    }
+
+    fn from_table(
+        table: toml::Table,
+        sources: &BTreeMap<String, String>,
+    ) -> Result<Config, ConfigErrors> {
+        let name = |path: String| match sources.get(&path) {
+            Some(var) => format!("{path} (from {var})"),
+            None => path,
+        };
+        let mut unknown = Vec::new();
+        let value = toml::Value::Table(table);
+        let mut track = |p: serde_ignored::Path<'_>| unknown.push(p.to_string());
+        let de = serde_ignored::Deserializer::new(value, &mut track);
+        let parsed: Result<Config, _> = serde_path_to_error::deserialize(de);
+        let mut errors: Vec<ConfigError> = unknown
+            .into_iter()
+            .map(|k| err(name(k), "unknown key"))
+            .collect();
+        match parsed {
+            Ok(config) => {
+                errors.extend(config.validate());
+                if errors.is_empty() {
+                    Ok(config)
+                } else {
+                    Err(ConfigErrors(errors))
+                }
+            }
+            Err(e) => {
+                let path = e.path().to_string();
+                errors.push(err(name(path), e.into_inner().to_string()));
+                Err(ConfigErrors(errors))
+            }
+        }
+    }
+
+    /// The checks serde cannot make: every one that fails is reported.
+    fn validate(&self) -> Vec<ConfigError> {
+        let mut e = Vec::new();
+        if !is_domain(&self.hostname) {
+            e.push(err("hostname", format!("`{}` is not a host name", self.hostname)));
+        }
+        if self.domains.is_empty() {
+            e.push(err("domains", "at least one local domain is needed"));
+        }
+        for (i, d) in self.domains.iter().enumerate() {
+            if !is_domain(d) {
+                e.push(err(format!("domains[{i}]"), format!("`{d}` is not a domain")));
+            }
+        }
+        let s = &self.smtp;
+        if s.listen.is_empty() {
+            e.push(err("smtp.listen", "at least one address is needed"));
+        }
+        if s.max_message_size == 0 {
+            e.push(err("smtp.max_message_size", "must be more than 0"));
+        }
+        if s.max_recipients == 0 {
+            e.push(err("smtp.max_recipients", "must be more than 0"));
+        }
+        if s.max_errors == 0 {
+            e.push(err("smtp.max_errors", "must be more than 0"));
+        }
+        if s.max_line_length < 512 {
+            e.push(err("smtp.max_line_length", "must be at least 512 (RFC 5321 §4.5.3.1.4)"));
+        }
+        if s.max_connections == 0 {
+            e.push(err("smtp.max_connections", "must be more than 0"));
+        }
+        let q = &self.queue;
+        if !(q.url.starts_with("amqp://") || q.url.starts_with("amqps://")) {
+            e.push(err("queue.url", "must start with amqp:// or amqps://"));
+        }
+        if q.prefix.is_empty() || !q.prefix.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            e.push(err("queue.prefix", "must be letters, digits, '-', '_' or '.'"));
+        }
+        if q.prefetch == 0 {
+            e.push(err("queue.prefetch", "must be more than 0"));
+        }
+        if q.retry_delays.is_empty() {
+            e.push(err("queue.retry_delays", "at least one delay is needed"));
+        }
+        if q.publish_timeout.get().is_zero() {
+            e.push(err("queue.publish_timeout", "must be more than 0"));
+        }
+        let st = &self.storage;
+        if !(st.endpoint.starts_with("http://") || st.endpoint.starts_with("https://")) {
+            e.push(err("storage.endpoint", "must be a URL like http://storage:2526"));
+        }
+        for (i, m) in st.mailboxes.iter().enumerate() {
+            match m.rsplit_once('@') {
+                Some((local, domain))
+                    if !local.is_empty()
+                        && self.domains.iter().any(|d| d.eq_ignore_ascii_case(domain)) => {}
+                _ => e.push(err(
+                    format!("storage.mailboxes[{i}]"),
+                    format!("`{m}` is not an address in one of `domains`"),
+                )),
+            }
+        }
+        let d = &self.delivery;
+        if d.concurrency == 0 {
+            e.push(err("delivery.concurrency", "must be more than 0"));
+        }
+        for (domain, target) in &d.routes {
+            if domain != "*" && !is_domain(domain) {
+                e.push(err(format!("delivery.routes.{domain}"), "key must be a domain or \"*\""));
+            }
+            if split_host_port(target).is_none() {
+                e.push(err(
+                    format!("delivery.routes.{domain}"),
+                    format!("`{target}` is not host:port"),
+                ));
+            }
+        }
+        e
+    }
+
+    /// The queue backend: as configured, or the default for the caller.
+    pub fn queue_backend(&self, default: QueueBackend) -> QueueBackend {
+        self.queue.backend.unwrap_or(default)
+    }
+}
+
+/// Splits `host:port` (or `[v6]:port`).
+pub fn split_host_port(s: &str) -> Option<(String, u16)> {
+    let (host, port) = s.rsplit_once(':')?;
+    let port = port.parse().ok()?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return None;
+    }
+    Some((host.to_string(), port))
+}
+
+fn is_domain(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || !c.is_ascii())
+        })
+}
+
+fn parse_env_value(raw: &str) -> toml::Value {
+    match format!("v = {raw}").parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.into())),
+        Err(_) => toml::Value::String(raw.into()),
+    }
+}
+
+fn set_path(root: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
+    let (last, parents) = path.split_last().ok_or("empty key")?;
+    let mut table = root;
+    for p in parents {
+        let entry = table
+            .entry(p.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("`{p}` is not a section"))?;
+    }
+    table.insert(last.clone(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigErrors> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("correu.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(
+            Some(&path),
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    fn keys(e: ConfigErrors) -> Vec<String> {
+        e.0.into_iter().map(|e| e.key).collect()
+    }
+
+    #[test]
+    fn empty_file_gives_the_documented_defaults() {
+        let c = load("", &[]).unwrap();
+        assert_eq!(c.smtp.listen, vec!["127.0.0.1:2525".parse().unwrap()]);
+        assert_eq!(c.domains, vec!["localhost"]);
+        assert_eq!(c.smtp.max_recipients, 100);
+        assert_eq!(c.queue.max_age, Dur::secs(432_000));
+        assert!(c.storage.mailboxes.is_empty());
+        assert_eq!(c.queue_backend(QueueBackend::Embedded), QueueBackend::Embedded);
+    }
+
+    #[test]
+    fn file_values_and_env_overrides() {
+        let c = load(
+            "hostname = \"mx.example.org\"\ndomains = [\"example.org\"]\n[smtp]\nmax_recipients = 5\ncommand_timeout = \"2m\"\n[delivery.routes]\n\"*\" = \"smarthost:587\"\n",
+            &[
+                ("CORREU_SMTP_LISTEN", "0.0.0.0:25,[::]:25"),
+                ("CORREU_QUEUE_BACKEND", "rabbitmq"),
+                ("CORREU_DELIVERY_MX_PORT", "2500"),
+                ("CORREU_SMTP_MAX_MESSAGE_SIZE", "1000"),
+                ("CORREU_LOG", "debug"),
+                ("HOME", "/root"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.hostname, "mx.example.org");
+        assert_eq!(c.smtp.max_recipients, 5);
+        assert_eq!(c.smtp.command_timeout, Dur::secs(120));
+        assert_eq!(c.smtp.listen.len(), 2);
+        assert_eq!(c.smtp.max_message_size, 1000);
+        assert_eq!(c.queue.backend, Some(QueueBackend::Rabbitmq));
+        assert_eq!(c.delivery.mx_port, 2500);
+        assert_eq!(c.delivery.routes["*"], "smarthost:587");
+    }
+
+    #[test]
+    fn every_error_names_its_key() {
+        let e = load(
+            "hostnme = \"x\"\n[smtp]\nmax_recipients = 0\nfoo = 1\n[storage]\nendpoint = \"storage:1\"\nmailboxes = [\"a@elsewhere.org\"]\n",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(
+            keys(e),
+            vec![
+                "hostnme",
+                "smtp.foo",
+                "smtp.max_recipients",
+                "storage.endpoint",
+                "storage.mailboxes[0]"
+            ]
+        );
+    }
+
+    #[test]
+    fn type_errors_name_the_key_and_the_variable() {
+        let e = load("[smtp]\nlisten = [\"nowhere\"]\n", &[]).unwrap_err();
+        assert_eq!(keys(e), vec!["smtp.listen[0]"]);
+        let e = load("", &[("CORREU_SMTP_MAX_RECIPIENTS", "many")]).unwrap_err();
+        assert_eq!(e.0[0].key, "smtp.max_recipients (from CORREU_SMTP_MAX_RECIPIENTS)");
+        let e = load("", &[("CORREU_NOPE", "1")]).unwrap_err();
+        assert_eq!(e.0[0].key, "nope (from CORREU_NOPE)");
+        let e = load("[queue]\npublish_timeout = \"10 parsecs\"\n", &[]).unwrap_err();
+        assert_eq!(keys(e), vec!["queue.publish_timeout"]);
+        let e = load("[smtp\n", &[]).unwrap_err();
+        assert!(e.0[0].message.starts_with("not valid TOML"), "{e}");
+    }
+
+    #[test]
+    fn networks_and_durations() {
+        let n: Network = "10.0.0.0/8".parse().unwrap();
+        assert!(n.contains("10.1.2.3".parse().unwrap()));
+        assert!(!n.contains("11.0.0.1".parse().unwrap()));
+        assert!(n.contains("::ffff:10.0.0.1".parse().unwrap()));
+        let one: Network = "192.0.2.7".parse().unwrap();
+        assert!(one.contains("192.0.2.7".parse().unwrap()));
+        assert!(!one.contains("192.0.2.8".parse().unwrap()));
+        assert!("0.0.0.0/0".parse::<Network>().unwrap().contains("8.8.8.8".parse().unwrap()));
+        assert!("10.0.0.0/33".parse::<Network>().is_err());
+        assert!(Network::LOOPBACK_V6.contains("::1".parse().unwrap()));
+        assert_eq!("250ms".parse::<Dur>().unwrap().get(), Duration::from_millis(250));
+        assert_eq!("5d".parse::<Dur>().unwrap(), Dur::secs(432_000));
+        assert!("5y".parse::<Dur>().is_err());
+        assert_eq!(split_host_port("[::1]:25"), Some(("::1".into(), 25)));
+        assert_eq!(split_host_port("mx:x"), None);
+    }
+}

@@ -1,0 +1,16 @@
+//! The service kit every Correu service shares: configuration, logging,
+//! lifecycle and backoff.
+//!
+//! # Layout
+//! - [`config`]: the TOML file, `CORREU_…` overrides, validation.
+//! - [`telemetry`]: logging set-up from `CORREU_LOG`/`RUST_LOG`.
+//! - [`lifecycle`]: the shutdown token cancelled on SIGTERM or Ctrl-C.
+//! - [`backoff`]: the one exponential backoff used for reconnecting.
+#![forbid(unsafe_code)]
+
+pub mod backoff;
+pub mod config;
+pub mod lifecycle;
+pub mod telemetry;
+
+pub use config::Config;
