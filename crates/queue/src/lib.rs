@@ -90,6 +90,17 @@ impl Queue {
     }
 }
 
+/// The queue of a service running on its own (ingress or delivery as a
+/// separate process): RabbitMQ. The embedded spool serves one process only.
+pub async fn open_for_service(cfg: &QueueConfig) -> Result<Queue, QueueError> {
+    match cfg.backend.unwrap_or(QueueBackend::Rabbitmq) {
+        QueueBackend::Rabbitmq => Queue::open(cfg, QueueBackend::Rabbitmq).await,
+        QueueBackend::Embedded => Err(QueueError::Io(std::io::Error::other(
+            "queue.backend = \"embedded\" works only inside `correu serve`; separate services need RabbitMQ",
+        ))),
+    }
+}
+
 /// Hands out messages to deliver, reconnecting by itself.
 pub enum Consumer {
     Amqp(amqp::AmqpConsumer),

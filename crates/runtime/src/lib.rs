@@ -6,9 +6,11 @@
 //! - [`telemetry`]: logging set-up from `CORREU_LOG`/`RUST_LOG`.
 //! - [`lifecycle`]: the shutdown token cancelled on SIGTERM or Ctrl-C.
 //! - [`backoff`]: the one exponential backoff used for reconnecting.
+//! - [`cli`]: the start of every binary: config, logging, runtime, signals.
 #![forbid(unsafe_code)]
 
 pub mod backoff;
+pub mod cli;
 pub mod config;
 pub mod lifecycle;
 pub mod telemetry;

@@ -1,0 +1,89 @@
+//! `correu serve`: every role in one process.
+//!
+//! The same service code as in Kubernetes, wired together locally: storage
+//! serves gRPC on `storage.listen` (ingress and delivery reach it there, and
+//! so does `correu mailbox`), and the queue is the embedded spool unless
+//! `queue.backend` says RabbitMQ. Stopping goes front to back: ingress stops
+//! taking mail and finishes its sessions, then delivery settles what it
+//! holds, then storage stops.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use correu_queue::Queue;
+use correu_runtime::Config;
+use correu_runtime::config::QueueBackend;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub async fn serve(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // Bind everything before anything runs: a port in use stops the start.
+    let smtp = correu_ingress::bind(&cfg).await?;
+    let storage_listener = TcpListener::bind(cfg.storage.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (storage.listen)", cfg.storage.listen))?;
+    let storage_addr = storage_listener.local_addr()?;
+    let backend = cfg.queue_backend(QueueBackend::Embedded);
+    let queue = Queue::open(&cfg.queue, backend)
+        .await
+        .with_context(|| format!("cannot open the queue at {}", cfg.queue.spool.display()))?;
+    let storage = correu_storage::client::connect(&cfg.storage, &format!("http://{storage_addr}"))?;
+
+    print_banner(&cfg, &smtp, storage_addr, backend)?;
+
+    let storage_stop = CancellationToken::new();
+    let delivery_stop = CancellationToken::new();
+    let storage_task = {
+        let (cfg, stop) = (cfg.clone(), storage_stop.clone());
+        tokio::spawn(async move { correu_storage::run(&cfg, storage_listener, stop).await })
+    };
+    let delivery_task = {
+        let (cfg, queue, storage, stop) = (cfg.clone(), queue.clone(), storage.clone(), delivery_stop.clone());
+        tokio::spawn(async move { correu_delivery::run(&cfg, queue, storage, stop).await })
+    };
+    let shared = Arc::new(correu_ingress::Shared::new(&cfg, queue, storage, shutdown.clone()));
+    let ingress_task = {
+        let cfg = cfg.clone();
+        tokio::spawn(async move { correu_ingress::run(&cfg, smtp, shared).await })
+    };
+
+    // A role that stops on its own is a failure: stop the others too.
+    let watch = |name: &'static str, r: Result<anyhow::Result<()>, tokio::task::JoinError>| match r {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.context(format!("{name} failed"))),
+        Err(e) => Err(anyhow::anyhow!("{name} panicked: {e}")),
+    };
+    let ingress_result = watch("ingress", ingress_task.await);
+    delivery_stop.cancel();
+    let delivery_result = watch("delivery", delivery_task.await);
+    storage_stop.cancel();
+    let storage_result = watch("storage", storage_task.await);
+    println!("Correu stopped.");
+    ingress_result.and(delivery_result).and(storage_result)
+}
+
+fn print_banner(
+    cfg: &Config,
+    smtp: &[TcpListener],
+    storage: std::net::SocketAddr,
+    backend: QueueBackend,
+) -> anyhow::Result<()> {
+    let domains = cfg.domains.join(", ");
+    println!("Correu is running.");
+    for l in smtp {
+        println!("  SMTP     {}  (mail for: {domains})", l.local_addr()?);
+    }
+    println!("  storage  {storage}  (gRPC)");
+    match backend {
+        QueueBackend::Embedded => println!("  queue    {}  (embedded spool)", cfg.queue.spool.display()),
+        QueueBackend::Rabbitmq => println!("  queue    RabbitMQ"),
+    }
+    println!(
+        "  mail for USER@{} lands in {}/{}/USER/new/",
+        cfg.domains[0],
+        cfg.storage.root.display(),
+        cfg.domains[0]
+    );
+    println!("Stop with Ctrl-C.");
+    Ok(())
+}

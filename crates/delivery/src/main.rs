@@ -1,0 +1,5 @@
+//! `correu-delivery`: the delivery service on its own (one container image each).
+
+fn main() -> std::process::ExitCode {
+    correu_runtime::cli::run_service("correu-delivery", correu_delivery::standalone)
+}

@@ -1,0 +1,158 @@
+//! Where mail for a domain goes next: a configured route, or the domain's MX
+//! hosts (RFC 5321 §5.1), or its own address when it has no MX.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+
+use correu_runtime::config::split_host_port;
+use hickory_resolver::TokioResolver;
+use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::proto::rr::RData;
+use rand::seq::SliceRandom;
+
+use crate::outcome::Outcome;
+
+/// One host to try, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hop {
+    pub host: String,
+    pub port: u16,
+}
+
+pub struct Router {
+    resolver: TokioResolver,
+    routes: BTreeMap<String, Hop>,
+    mx_port: u16,
+}
+
+/// Builds the resolver: the system's, or one DNS server given as host:port.
+/// The cache is off when a server is given, so tests see every change.
+pub fn resolver(server: Option<SocketAddr>) -> anyhow::Result<TokioResolver> {
+    let provider = TokioRuntimeProvider::default();
+    let builder = match server {
+        None => TokioResolver::builder_tokio()?,
+        Some(addr) => {
+            let mut udp = ConnectionConfig::udp();
+            udp.port = addr.port();
+            let mut tcp = ConnectionConfig::tcp();
+            tcp.port = addr.port();
+            let ns = NameServerConfig::new(addr.ip(), true, vec![udp, tcp]);
+            let mut b = TokioResolver::builder_with_config(ResolverConfig::from_parts(None, vec![], vec![ns]), provider);
+            b.options_mut().cache_size = 0;
+            b
+        }
+    };
+    let mut builder = builder;
+    // Look names up as given: no search domains from resolv.conf.
+    builder.options_mut().ndots = 0;
+    Ok(builder.build()?)
+}
+
+/// Sorts MX records by preference, shuffling equal ones (RFC 5321 §5.1).
+pub fn order_mx(mut mx: Vec<(u16, String)>, rng: &mut impl rand::Rng) -> Vec<String> {
+    mx.shuffle(rng);
+    mx.sort_by_key(|(pref, _)| *pref);
+    mx.into_iter().map(|(_, h)| h).collect()
+}
+
+impl Router {
+    pub fn new(resolver: TokioResolver, routes: &BTreeMap<String, String>, mx_port: u16) -> Self {
+        let routes = routes
+            .iter()
+            .filter_map(|(d, target)| {
+                split_host_port(target).map(|(host, port)| (d.to_lowercase(), Hop { host, port }))
+            })
+            .collect();
+        Router {
+            resolver,
+            routes,
+            mx_port,
+        }
+    }
+
+    /// The hops for `domain`, best first, or why there are none.
+    pub async fn hops(&self, domain: &str) -> Result<Vec<Hop>, Outcome> {
+        if let Some(hop) = self.routes.get(domain).or_else(|| self.routes.get("*")) {
+            return Ok(vec![hop.clone()]);
+        }
+        let fqdn = format!("{}.", domain.trim_end_matches('.'));
+        match self.resolver.mx_lookup(fqdn.as_str()).await {
+            Ok(lookup) => {
+                let mx: Vec<(u16, String)> = lookup
+                    .answers()
+                    .iter()
+                    .filter_map(|r| match &r.data {
+                        RData::MX(mx) => Some((mx.preference, mx.exchange.to_ascii())),
+                        _ => None,
+                    })
+                    .collect();
+                // RFC 7505: a single MX of "." says the domain takes no mail.
+                if mx.len() == 1 && (mx[0].1 == "." || mx[0].1.is_empty()) {
+                    return Err(Outcome::Permanent(format!(
+                        "5.1.10 {domain} accepts no mail (null MX, RFC 7505)"
+                    )));
+                }
+                if mx.is_empty() {
+                    return Ok(vec![self.implicit(domain)]);
+                }
+                let hosts = order_mx(mx, &mut rand::rng());
+                Ok(hosts
+                    .into_iter()
+                    .filter(|h| h != ".")
+                    .map(|h| Hop {
+                        host: h.trim_end_matches('.').to_string(),
+                        port: self.mx_port,
+                    })
+                    .collect())
+            }
+            // No MX: the domain's own address is the implicit MX (RFC 5321 §5.1).
+            Err(e) if e.is_nx_domain() => Err(Outcome::Permanent(format!(
+                "5.1.2 domain {domain} does not exist"
+            ))),
+            Err(e) if e.is_no_records_found() => Ok(vec![self.implicit(domain)]),
+            Err(e) => Err(Outcome::Temporary(format!("4.4.3 MX lookup for {domain} failed: {e}"))),
+        }
+    }
+
+    fn implicit(&self, domain: &str) -> Hop {
+        Hop {
+            host: domain.to_string(),
+            port: self.mx_port,
+        }
+    }
+
+    /// The addresses of a hop's host (an IP literal is itself).
+    pub async fn addresses(&self, hop: &Hop) -> Result<Vec<SocketAddr>, String> {
+        if let Ok(ip) = hop.host.parse::<IpAddr>() {
+            return Ok(vec![SocketAddr::new(ip, hop.port)]);
+        }
+        let fqdn = format!("{}.", hop.host.trim_end_matches('.'));
+        match self.resolver.lookup_ip(fqdn.as_str()).await {
+            Ok(ips) => Ok(ips.iter().map(|ip| SocketAddr::new(ip, hop.port)).collect()),
+            Err(e) => Err(format!("cannot resolve {}: {e}", hop.host)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn mx_by_preference_with_equal_ones_shuffled() {
+        let mut seen_first = std::collections::HashSet::new();
+        for seed in 0..32 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let order = order_mx(
+                vec![(20, "c".into()), (10, "a".into()), (10, "b".into()), (5, "z".into())],
+                &mut rng,
+            );
+            assert_eq!(order[0], "z");
+            assert_eq!(order[3], "c");
+            seen_first.insert(order[1].clone());
+        }
+        assert_eq!(seen_first.len(), 2, "equal preferences must be shuffled");
+    }
+}

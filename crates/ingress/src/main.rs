@@ -1,0 +1,5 @@
+//! `correu-ingress`: the ingress service on its own (one container image each).
+
+fn main() -> std::process::ExitCode {
+    correu_runtime::cli::run_service("correu-ingress", correu_ingress::standalone)
+}

@@ -1,0 +1,109 @@
+//! What every binary does before its service runs: find the config file,
+//! load and check it (exit 64 naming each bad key), start logging, build the
+//! runtime and wire SIGTERM to the shutdown token.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::Config;
+
+/// Exit code for a configuration error (linkerd and sysexits' EX_USAGE).
+pub const EXIT_CONFIG: u8 = 64;
+
+/// `--config FILE` (or `-c FILE`) from the arguments, else `CORREU_CONFIG`.
+pub fn config_path(args: impl IntoIterator<Item = String>) -> Result<Option<PathBuf>, String> {
+    let mut args = args.into_iter();
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--config" | "-c" => {
+                return args
+                    .next()
+                    .map(|p| Some(PathBuf::from(p)))
+                    .ok_or_else(|| format!("{a} needs a file"));
+            }
+            other => {
+                if let Some(p) = other.strip_prefix("--config=") {
+                    return Ok(Some(PathBuf::from(p)));
+                }
+                return Err(format!("unexpected argument {other:?}; usage: [--config FILE]"));
+            }
+        }
+    }
+    Ok(std::env::var_os("CORREU_CONFIG").map(PathBuf::from))
+}
+
+/// Loads the configuration from `path` and the environment, or prints every
+/// error and returns the exit code.
+pub fn load(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {
+    Config::load(path, std::env::vars()).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+/// Runs one service to completion: the whole `main` of a service binary.
+pub fn run_service<F, Fut>(name: &'static str, service: F) -> ExitCode
+where
+    F: FnOnce(Config, CancellationToken) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let path = match config_path(std::env::args().skip(1)) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match load(path.as_deref()) {
+        Ok(cfg) => run_with(name, cfg, service),
+        Err(code) => code,
+    }
+}
+
+/// Runs one service with a configuration already loaded and checked.
+pub fn run_with<F, Fut>(name: &'static str, cfg: Config, service: F) -> ExitCode
+where
+    F: FnOnce(Config, CancellationToken) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    crate::telemetry::init(name);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{name}: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let shutdown = crate::lifecycle::shutdown_on_signals();
+        match service(cfg, shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = format!("{e:#}"), "{name} failed");
+                eprintln!("{name}: {e:#}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn finds_the_config_argument() {
+        assert_eq!(config_path(args(&["--config", "a.toml"])), Ok(Some("a.toml".into())));
+        assert_eq!(config_path(args(&["-c", "b.toml"])), Ok(Some("b.toml".into())));
+        assert_eq!(config_path(args(&["--config=c.toml"])), Ok(Some("c.toml".into())));
+        assert!(config_path(args(&["--config"])).is_err());
+        assert!(config_path(args(&["serve"])).is_err());
+    }
+}

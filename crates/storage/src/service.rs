@@ -1,0 +1,166 @@
+//! The gRPC face of the mailboxes. Blocking file work runs on the blocking
+//! pool; errors become gRPC status codes here and nowhere else.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use correu_proto::v1::check_recipient_response::Status as RcptStatus;
+use correu_proto::v1::storage_server::Storage;
+use correu_proto::v1::{
+    CheckRecipientRequest, CheckRecipientResponse, DeliverRequest, DeliverResponse,
+    GetMessageRequest, ListMessagesRequest, ListMessagesResponse, MessageChunk, MessageInfo,
+};
+use futures_util::Stream;
+use tokio::io::AsyncReadExt;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use crate::maildir::{MailboxError, Mailboxes};
+
+/// Chunk size of `GetMessage` streams.
+const CHUNK: usize = 64 * 1024;
+/// Largest page of `ListMessages`.
+const MAX_PAGE: u32 = 1000;
+
+/// The one place mailbox errors become gRPC codes. Delivery reads
+/// `NOT_FOUND` and `INVALID_ARGUMENT` as permanent, the rest as temporary.
+fn status(e: MailboxError) -> Status {
+    match e {
+        MailboxError::UnknownRecipient(a) => Status::not_found(format!("no mailbox for {a}")),
+        MailboxError::NoMessage(id) => Status::not_found(format!("no message {id}")),
+        MailboxError::Invalid(m) => Status::invalid_argument(m),
+        MailboxError::Io(e) => Status::unavailable(format!("mailbox I/O error: {e}")),
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, MailboxError> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("storage task failed: {e}")))?
+        .map_err(status)
+}
+
+#[derive(Clone)]
+pub struct StorageService {
+    boxes: Arc<Mailboxes>,
+}
+
+impl StorageService {
+    pub fn new(boxes: Arc<Mailboxes>) -> Self {
+        StorageService { boxes }
+    }
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<MessageChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Storage for StorageService {
+    async fn check_recipient(
+        &self,
+        req: Request<CheckRecipientRequest>,
+    ) -> Result<Response<CheckRecipientResponse>, Status> {
+        let address = req.into_inner().address;
+        let reply = match self.boxes.resolve(&address) {
+            Ok(_) => CheckRecipientResponse {
+                status: RcptStatus::Exists as i32,
+                mailbox: address.to_lowercase(),
+            },
+            Err(MailboxError::UnknownRecipient(_)) => CheckRecipientResponse {
+                status: RcptStatus::Unknown as i32,
+                mailbox: String::new(),
+            },
+            Err(e) => return Err(status(e)),
+        };
+        Ok(Response::new(reply))
+    }
+
+    async fn deliver(&self, req: Request<DeliverRequest>) -> Result<Response<DeliverResponse>, Status> {
+        let r = req.into_inner();
+        let boxes = self.boxes.clone();
+        let span = tracing::info_span!("storage.deliver", queue_id = %r.queue_id);
+        let queue_id = r.queue_id.clone();
+        let d = blocking(move || {
+            boxes.deliver(
+                &r.queue_id,
+                &r.sender,
+                &r.recipient,
+                &r.content,
+                r.received_at_unix_micros,
+            )
+        })
+        .instrument(span)
+        .await?;
+        tracing::info!(queue_id = %queue_id, mailbox = %d.mailbox, message_id = %d.message_id, duplicate = d.duplicate, "stored");
+        Ok(Response::new(DeliverResponse {
+            mailbox: d.mailbox,
+            message_id: d.message_id,
+            duplicate: d.duplicate,
+        }))
+    }
+
+    async fn list_messages(
+        &self,
+        req: Request<ListMessagesRequest>,
+    ) -> Result<Response<ListMessagesResponse>, Status> {
+        let r = req.into_inner();
+        let offset: usize = if r.page_token.is_empty() {
+            0
+        } else {
+            r.page_token
+                .parse()
+                .map_err(|_| Status::invalid_argument("bad page_token"))?
+        };
+        let limit = match r.page_size {
+            0 => 50,
+            n => n.min(MAX_PAGE),
+        } as usize;
+        let boxes = self.boxes.clone();
+        let (list, more) = blocking(move || boxes.list(&r.address, offset, limit)).await?;
+        let next_page_token = if more {
+            (offset + list.len()).to_string()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(ListMessagesResponse {
+            messages: list
+                .into_iter()
+                .map(|l| MessageInfo {
+                    id: l.id,
+                    size: l.size,
+                    received_at_unix_micros: l.received_at_unix_micros,
+                    flags: l.flags,
+                })
+                .collect(),
+            next_page_token,
+        }))
+    }
+
+    type GetMessageStream = ChunkStream;
+
+    async fn get_message(
+        &self,
+        req: Request<GetMessageRequest>,
+    ) -> Result<Response<Self::GetMessageStream>, Status> {
+        let r = req.into_inner();
+        let boxes = self.boxes.clone();
+        let path = blocking(move || boxes.find(&r.address, &r.id)).await?;
+        let file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| status(MailboxError::Io(e)))?;
+        let stream = futures_util::stream::unfold(Some(file), |file| async move {
+            let mut file = file?;
+            let mut buf = vec![0u8; CHUNK];
+            match file.read(&mut buf).await {
+                Ok(0) => None,
+                Ok(n) => {
+                    buf.truncate(n);
+                    Some((Ok(MessageChunk { data: buf }), Some(file)))
+                }
+                Err(e) => Some((Err(status(MailboxError::Io(e))), None)),
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
