@@ -1,0 +1,460 @@
+//! Helpers for the end-to-end tests: Correu processes, a raw SMTP client,
+//! RabbitMQ vhosts, a fault-injecting TCP proxy, and the real peers
+//! (aiosmtpd as a remote MX, dnsmasq as DNS).
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use correu_smtp::reply::{Reply, parse_reply};
+
+pub const CORREU: &str = env!("CARGO_BIN_EXE_correu");
+
+/// A child process, killed when dropped; its output goes to files.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    pub stdout: PathBuf,
+    pub stderr: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, dir: &Path, program: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
+        let stdout = dir.join(format!("{name}.out"));
+        let stderr = dir.join(format!("{name}.err"));
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&stdout).unwrap())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .env("CORREU_LOG_FORMAT", "json")
+            .env("CORREU_LOG", "info");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
+        Proc {
+            name: name.into(),
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Starts `correu ARGS --config FILE` in `dir`.
+    pub fn correu(name: &str, dir: &Path, args: &[&str], config: &Path) -> Proc {
+        let mut all: Vec<&str> = args.to_vec();
+        let c = config.to_str().unwrap();
+        all.extend(["--config", c]);
+        Proc::spawn(name, dir, CORREU, &all, &[])
+    }
+
+    pub fn output(&self) -> String {
+        format!(
+            "--- {} stdout ---\n{}\n--- {} stderr ---\n{}",
+            self.name,
+            std::fs::read_to_string(&self.stdout).unwrap_or_default(),
+            self.name,
+            std::fs::read_to_string(&self.stderr).unwrap_or_default()
+        )
+    }
+
+    /// Waits until a line of stdout or stderr contains `needle`; returns it.
+    pub fn wait_for(&mut self, needle: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            for path in [&self.stdout, &self.stderr] {
+                let text = std::fs::read_to_string(path).unwrap_or_default();
+                if let Some(line) = text.lines().find(|l| l.contains(needle)) {
+                    return line.to_string();
+                }
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("{} exited ({status}) before saying {needle:?}\n{}", self.name, self.output());
+            }
+            if Instant::now() > deadline {
+                panic!("{} did not say {needle:?} within {within:?}\n{}", self.name, self.output());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The address a service logged as listening (`"message":"<what>","addr":"…"`).
+    pub fn listening(&mut self, what: &str) -> SocketAddr {
+        let line = self.wait_for(&format!("\"message\":\"{what}\""), Duration::from_secs(30));
+        let addr = line
+            .split("\"addr\":\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .unwrap_or_else(|| panic!("no addr in {line}"));
+        addr.parse().unwrap()
+    }
+
+    /// `correu serve`'s SMTP address from its banner.
+    pub fn serve_smtp_addr(&mut self) -> SocketAddr {
+        let line = self.wait_for("  SMTP ", Duration::from_secs(30));
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            if Instant::now() > deadline {
+                panic!("{} still running after {within:?}\n{}", self.name, self.output());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} {} failed", self.name);
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _killed = self.child.kill();
+        let _reaped = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("{}", self.output());
+        }
+    }
+}
+
+/// A raw SMTP client: sends exactly the bytes given, reads whole replies.
+pub struct Smtp {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Smtp {
+    pub fn connect(addr: SocketAddr) -> Smtp {
+        let stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        Smtp {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    pub fn read(&mut self) -> Reply {
+        loop {
+            if let Some((r, used)) = parse_reply(&self.buf).expect("server sent a valid reply") {
+                self.buf.drain(..used);
+                return r;
+            }
+            let mut chunk = [0u8; 4096];
+            let n = self.stream.read(&mut chunk).expect("reply within 30 s");
+            assert!(n > 0, "server closed the connection; had {:?}", String::from_utf8_lossy(&self.buf));
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    /// Sends one line (CRLF added) and reads the reply.
+    pub fn cmd(&mut self, line: &str) -> Reply {
+        self.send(format!("{line}\r\n").as_bytes());
+        self.read()
+    }
+
+    /// Whether the server closed the connection (reads EOF).
+    pub fn closed(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.stream.read(&mut b), Ok(0))
+    }
+
+    /// A whole transaction; returns the reply to the final dot.
+    pub fn send_mail(&mut self, from: &str, to: &[&str], body: &str) -> Reply {
+        let r = self.cmd(&format!("MAIL FROM:<{from}>"));
+        assert_eq!(r.code, 250, "MAIL: {r}");
+        for t in to {
+            let r = self.cmd(&format!("RCPT TO:<{t}>"));
+            assert_eq!(r.code, 250, "RCPT {t}: {r}");
+        }
+        let r = self.cmd("DATA");
+        assert_eq!(r.code, 354, "DATA: {r}");
+        self.send(body.as_bytes());
+        self.send(b".\r\n");
+        self.read()
+    }
+}
+
+/// The queue id in a `250 2.0.0 Ok: queued as ID` reply.
+pub fn queue_id(r: &Reply) -> String {
+    assert_eq!(r.code, 250, "not queued: {r}");
+    r.text()
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// Files in a Maildir's `new/`, waiting up to `within` for `count` of them.
+pub fn wait_maildir(dir: &Path, count: usize, within: Duration) -> Vec<PathBuf> {
+    let deadline = Instant::now() + within;
+    loop {
+        let files: Vec<PathBuf> = std::fs::read_dir(dir.join("new"))
+            .map(|rd| rd.filter_map(Result::ok).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        if files.len() >= count || Instant::now() > deadline {
+            return files;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A port free right now on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A RabbitMQ vhost of the test's own, deleted when dropped.
+pub struct Vhost {
+    pub name: String,
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl must be installed (scripts/test installs it)");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?} failed: is RabbitMQ running on 127.0.0.1:5672?\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Vhost {
+    pub fn create(tag: &str) -> Vhost {
+        let name = format!("correu-test-{tag}-{}", std::process::id());
+        rabbitmqctl(&["add_vhost", &name]);
+        rabbitmqctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]);
+        Vhost { name }
+    }
+
+    /// The AMQP URL of this vhost through `addr` (RabbitMQ itself or a proxy).
+    pub fn url(&self, addr: SocketAddr) -> String {
+        format!("amqp://guest:guest@{addr}/{}", self.name)
+    }
+
+    /// Messages waiting in a queue of this vhost.
+    pub fn queue_len(&self, queue: &str) -> usize {
+        let out = Command::new("rabbitmqctl")
+            .args(["list_queues", "-p", &self.name, "-q", "--no-table-headers", "name", "messages"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                let mut it = l.split_whitespace();
+                (it.next()? == queue).then(|| it.next()?.parse().ok())?
+            })
+            .next()
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Vhost {
+    fn drop(&mut self) {
+        let _deleted = Command::new("rabbitmqctl").args(["delete_vhost", &self.name]).output();
+    }
+}
+
+pub const RABBITMQ: &str = "127.0.0.1:5672";
+
+/// A TCP proxy in front of a real server that a test can cut (refuse and
+/// drop every connection) or stall (hold every byte) and restore.
+pub struct FaultProxy {
+    pub addr: SocketAddr,
+    mode: Arc<AtomicU8>,
+    generation: Arc<std::sync::atomic::AtomicU64>,
+}
+
+const PASS: u8 = 0;
+const DOWN: u8 = 1;
+const STALL: u8 = 2;
+
+impl FaultProxy {
+    pub fn start(upstream: SocketAddr) -> FaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mode = Arc::new(AtomicU8::new(PASS));
+        let generation = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (m, g) = (mode.clone(), generation.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if m.load(Ordering::SeqCst) == DOWN {
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(upstream) else { continue };
+                let born = g.load(Ordering::SeqCst);
+                for (from, to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    let (m, g) = (m.clone(), g.clone());
+                    std::thread::spawn(move || pump(from, to, m, g, born));
+                }
+            }
+        });
+        FaultProxy {
+            addr,
+            mode,
+            generation,
+        }
+    }
+
+    /// Refuses new connections and cuts the open ones.
+    pub fn cut(&self) {
+        self.mode.store(DOWN, Ordering::SeqCst);
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Holds every byte in both directions (a broker that stops answering).
+    pub fn stall(&self) {
+        self.mode.store(STALL, Ordering::SeqCst);
+    }
+
+    pub fn restore(&self) {
+        self.mode.store(PASS, Ordering::SeqCst);
+    }
+}
+
+fn pump(mut from: TcpStream, mut to: TcpStream, mode: Arc<AtomicU8>, generation: Arc<std::sync::atomic::AtomicU64>, born: u64) {
+    from.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let mut buf = [0u8; 16384];
+    loop {
+        if generation.load(Ordering::SeqCst) != born {
+            let _a = from.shutdown(std::net::Shutdown::Both);
+            let _b = to.shutdown(std::net::Shutdown::Both);
+            return;
+        }
+        if mode.load(Ordering::SeqCst) == STALL {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        match from.read(&mut buf) {
+            Ok(0) => {
+                let _b = to.shutdown(std::net::Shutdown::Write);
+                return;
+            }
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// The Python with aiosmtpd that scripts/test prepares.
+pub fn python() -> String {
+    std::env::var("CORREU_TEST_PYTHON").unwrap_or_else(|_| {
+        let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
+        if venv.exists() {
+            venv.to_string_lossy().into_owned()
+        } else {
+            "python3".into()
+        }
+    })
+}
+
+/// aiosmtpd as a remote MX on 127.0.0.1:PORT, writing what it receives
+/// into the Maildir `dir`.
+pub fn aiosmtpd(dir: &Path, maildir: &Path) -> (Proc, u16) {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let p = Proc::spawn(
+        "aiosmtpd",
+        dir,
+        &python(),
+        &["-m", "aiosmtpd", "-n", "-l", &listen, "-c", "aiosmtpd.handlers.Mailbox", maildir.to_str().unwrap()],
+        &[],
+    );
+    wait_port(port, Duration::from_secs(20), &p);
+    (p, port)
+}
+
+pub fn wait_port(port: u16, within: Duration, p: &Proc) {
+    let deadline = Instant::now() + within;
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{} never listened on {port}\n{}", p.name, p.output());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// dnsmasq answering for the given zone lines (`mx-host=…`, `address=…`);
+/// returns it and its port.
+pub fn dnsmasq(dir: &Path, lines: &[&str]) -> (Proc, u16) {
+    let port = free_udp_port();
+    let conf = dir.join("dnsmasq.conf");
+    let mut text = format!(
+        "port={port}\nlisten-address=127.0.0.1\nbind-interfaces\nno-resolv\nno-hosts\nno-daemon\nuser=root\npid-file=\nlocal=/test/\n"
+    );
+    for l in lines {
+        text.push_str(l);
+        text.push('\n');
+    }
+    std::fs::write(&conf, text).unwrap();
+    let p = Proc::spawn("dnsmasq", dir, "dnsmasq", &["--keep-in-foreground", &format!("--conf-file={}", conf.display())], &[]);
+    // dnsmasq answers TCP too: use that to know it is up.
+    wait_port(port, Duration::from_secs(10), &p);
+    (p, port)
+}
+
+fn free_udp_port() -> u16 {
+    loop {
+        let port = free_port();
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// Reads a whole file as text (lossy).
+pub fn read(path: &Path) -> String {
+    String::from_utf8_lossy(&std::fs::read(path).unwrap()).into_owned()
+}
+
+/// Runs a command to completion, returning (status, stdout, stderr).
+pub fn run(program: &str, args: &[&str]) -> (std::process::ExitStatus, String, String) {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Lines of a reader, for tests that need them.
+pub fn lines(r: impl Read) -> Vec<String> {
+    BufReader::new(r).lines().map_while(Result::ok).collect()
+}
