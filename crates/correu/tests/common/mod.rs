@@ -289,6 +289,8 @@ pub struct FaultProxy {
     pub addr: SocketAddr,
     mode: Arc<AtomicU8>,
     generation: Arc<std::sync::atomic::AtomicU64>,
+    /// Both ends of every proxied connection, to cut them at once.
+    open: Arc<std::sync::Mutex<Vec<TcpStream>>>,
 }
 
 const PASS: u8 = 0;
@@ -302,6 +304,8 @@ impl FaultProxy {
         let mode = Arc::new(AtomicU8::new(PASS));
         let generation = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let (m, g) = (mode.clone(), generation.clone());
+        let open = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let o = open.clone();
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
@@ -311,6 +315,11 @@ impl FaultProxy {
                 }
                 let Ok(server) = TcpStream::connect(upstream) else { continue };
                 let born = g.load(Ordering::SeqCst);
+                {
+                    let mut o = o.lock().unwrap();
+                    o.push(client.try_clone().unwrap());
+                    o.push(server.try_clone().unwrap());
+                }
                 for (from, to) in [
                     (client.try_clone().unwrap(), server.try_clone().unwrap()),
                     (server, client),
@@ -324,6 +333,7 @@ impl FaultProxy {
             addr,
             mode,
             generation,
+            open,
         }
     }
 
@@ -331,6 +341,9 @@ impl FaultProxy {
     pub fn cut(&self) {
         self.mode.store(DOWN, Ordering::SeqCst);
         self.generation.fetch_add(1, Ordering::SeqCst);
+        for s in self.open.lock().unwrap().drain(..) {
+            let _closed = s.shutdown(std::net::Shutdown::Both);
+        }
     }
 
     /// Holds every byte in both directions (a broker that stops answering).
@@ -362,7 +375,14 @@ fn pump(mut from: TcpStream, mut to: TcpStream, mode: Arc<AtomicU8>, generation:
                 return;
             }
             Ok(n) => {
-                if to.write_all(&buf[..n]).is_err() {
+                // Bytes read just as the proxy stalled are held too.
+                while mode.load(Ordering::SeqCst) == STALL {
+                    if generation.load(Ordering::SeqCst) != born {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                if generation.load(Ordering::SeqCst) != born || to.write_all(&buf[..n]).is_err() {
                     return;
                 }
             }

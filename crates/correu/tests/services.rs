@@ -1,0 +1,180 @@
+//! The three services as separate processes over the real RabbitMQ, each
+//! test in a vhost of its own; remote mail goes to aiosmtpd found through
+//! dnsmasq, or through a configured route.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+
+struct Cluster {
+    _storage: Proc,
+    _delivery: Proc,
+    ingress: Proc,
+    smtp: SocketAddr,
+}
+
+/// Writes the shared config and starts storage, then delivery and ingress
+/// against it. `ingress_amqp` lets a test put a proxy between ingress and
+/// RabbitMQ; `extra` is appended (sections of its own).
+fn cluster(dir: &Path, vhost: &Vhost, ingress_amqp: SocketAddr, extra: &str) -> Cluster {
+    let base = format!(
+        "domains = [\"localhost\"]\n[smtp]\nlisten = [\"127.0.0.1:0\"]\n[storage]\nlisten = \"127.0.0.1:0\"\nroot = \"{root}\"\n[queue]\nbackend = \"rabbitmq\"\nurl = \"{url}\"\npublish_timeout = \"2s\"\nconnect_timeout = \"2s\"\nretry_delays = [\"1s\"]\n{extra}\n",
+        root = dir.join("mail").display(),
+        url = vhost.url(RABBITMQ.parse().unwrap()),
+    );
+    let storage_cfg = dir.join("storage.toml");
+    std::fs::write(&storage_cfg, &base).unwrap();
+    let mut storage = Proc::correu("storage", dir, &["storage"], &storage_cfg);
+    let storage_addr = storage.listening("storage listening");
+    let with_endpoint = |url: String| {
+        base.replace(&vhost.url(RABBITMQ.parse().unwrap()), &url)
+            .replace("[storage]\n", &format!("[storage]\nendpoint = \"http://{storage_addr}\"\n"))
+    };
+    let delivery_cfg = dir.join("delivery.toml");
+    std::fs::write(&delivery_cfg, with_endpoint(vhost.url(RABBITMQ.parse().unwrap()))).unwrap();
+    let mut delivery = Proc::correu("delivery", dir, &["delivery"], &delivery_cfg);
+    delivery.wait_for("delivery consuming", Duration::from_secs(20));
+    let ingress_cfg = dir.join("ingress.toml");
+    std::fs::write(&ingress_cfg, with_endpoint(vhost.url(ingress_amqp))).unwrap();
+    let mut ingress = Proc::correu("ingress", dir, &["ingress"], &ingress_cfg);
+    let smtp = ingress.listening("SMTP listening");
+    Cluster {
+        _storage: storage,
+        _delivery: delivery,
+        ingress,
+        smtp,
+    }
+}
+
+fn maildir(dir: &Path, user: &str) -> PathBuf {
+    dir.join("mail/localhost").join(user)
+}
+
+#[test]
+fn local_and_remote_recipients_through_three_processes_and_rabbitmq() {
+    let dir = tempfile::tempdir().unwrap();
+    let vhost = Vhost::create("e2e");
+    let remote_box = dir.path().join("remote-mx");
+    let (_mx, mx_port) = aiosmtpd(dir.path(), &remote_box);
+    let (_dns, dns_port) = dnsmasq(
+        dir.path(),
+        &[
+            "mx-host=remote.test,mx1.remote.test,10",
+            "address=/mx1.remote.test/127.0.0.1",
+        ],
+    );
+    let extra = format!(
+        "[delivery]\ndns_server = \"127.0.0.1:{dns_port}\"\nmx_port = {mx_port}\n[delivery.routes]\n\"routed.test\" = \"127.0.0.1:{mx_port}\"\n"
+    );
+    let c = cluster(dir.path(), &vhost, RABBITMQ.parse().unwrap(), &extra);
+
+    // The seed session, to a local mailbox.
+    let mut s = Smtp::connect(c.smtp);
+    let mut codes = vec![s.read().code];
+    for line in ["HELO", "MAIL FROM: jo@domini.com", "RCPT TO: pere@localhost", "DATA"] {
+        codes.push(s.cmd(line).code);
+    }
+    s.send("Subject: seed\r\n\r\nBon dia, món!\r\n..dot\r\n".as_bytes());
+    let r = s.cmd(".");
+    codes.push(r.code);
+    let local_id = queue_id(&r);
+    codes.push(s.cmd("quit").code);
+    assert_eq!(codes, vec![220, 250, 250, 250, 354, 250, 221]);
+
+    // A remote recipient (MX from dnsmasq) and a routed one, with a local
+    // one in the same message: loopback clients are trusted to relay.
+    let mut s = Smtp::connect(c.smtp);
+    s.read();
+    s.cmd("EHLO client.example");
+    let r = s.send_mail(
+        "jo@domini.com",
+        &["ana@remote.test", "pau@routed.test", "pere@localhost"],
+        // Dot-stuffed on the wire: the body's lines are "." and "..x".
+        "Subject: relayed\r\n\r\nper la xarxa\r\n..\r\n...x\r\n",
+    );
+    let relay_id = queue_id(&r);
+    s.cmd("QUIT");
+
+    let pere = wait_maildir(&maildir(dir.path(), "pere"), 2, Duration::from_secs(30));
+    assert_eq!(pere.len(), 2, "both messages for pere are stored");
+    let seed = pere.iter().find(|p| p.to_string_lossy().contains(&local_id)).expect("seed message by its queue id");
+    let text = read(seed);
+    assert!(text.ends_with("Subject: seed\r\n\r\nBon dia, món!\r\n.dot\r\n"), "{text:?}");
+
+    let remote = wait_maildir(&remote_box, 2, Duration::from_secs(30));
+    assert_eq!(remote.len(), 2, "aiosmtpd got one copy per remote recipient");
+    let texts: Vec<String> = remote.iter().map(|p| read(p)).collect();
+    for t in &texts {
+        assert!(t.contains(&format!("id {relay_id}")), "Received header names the queue id: {t}");
+        // Dot-stuffing went out and came back: the body is intact.
+        assert!(t.contains("per la xarxa\n.\n..x\n") || t.contains("per la xarxa\r\n.\r\n..x\r\n"), "{t:?}");
+    }
+    assert!(texts.iter().any(|t| t.contains("X-RcptTo: ana@remote.test")));
+    assert!(texts.iter().any(|t| t.contains("X-RcptTo: pau@routed.test")));
+    assert_eq!(vhost.queue_len("correu.delivery"), 0, "every message was acked");
+    drop(c.ingress);
+}
+
+#[test]
+fn rabbitmq_unreachable_or_silent_gives_451_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let vhost = Vhost::create("fault");
+    let proxy = FaultProxy::start(RABBITMQ.parse().unwrap());
+    let c = cluster(dir.path(), &vhost, proxy.addr, "");
+    let pere = maildir(dir.path(), "pere");
+
+    // Broker unreachable: the client is told to retry, and nothing is queued.
+    proxy.cut();
+    let mut s = Smtp::connect(c.smtp);
+    s.read();
+    s.cmd("HELO client");
+    let r = s.send_mail("jo@domini.com", &["pere@localhost"], "Subject: lost?\r\n\r\nno\r\n");
+    assert!(r.to_string().starts_with("451 4.3.0"), "{r}");
+
+    // Broker silent (takes the bytes, never confirms): 451 after the
+    // publish timeout, not a hang.
+    proxy.restore();
+    let r = loop {
+        // The first tries may still fall in the reconnection backoff.
+        let r = s.send_mail("jo@domini.com", &["pere@localhost"], "Subject: warm-up\r\n\r\nx\r\n");
+        if r.code == 250 {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let warm_id = queue_id(&r);
+    proxy.stall();
+    let started = std::time::Instant::now();
+    let r = s.send_mail("jo@domini.com", &["pere@localhost"], "Subject: stalled\r\n\r\nno\r\n");
+    assert!(r.to_string().starts_with("451 4.3.0"), "{r}");
+    assert!(started.elapsed() < Duration::from_secs(10), "answered within the publish timeout");
+
+    // Back: the next message is accepted and delivered.
+    proxy.cut();
+    proxy.restore();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let id = loop {
+        let r = s.send_mail("jo@domini.com", &["pere@localhost"], "Subject: back\r\n\r\nyes\r\n");
+        if r.code == 250 {
+            break queue_id(&r);
+        }
+        assert!(r.to_string().starts_with("451 4.3.0"), "{r}");
+        assert!(std::time::Instant::now() < deadline, "ingress did not reconnect");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    s.cmd("QUIT");
+    let files = wait_maildir(&pere, 2, Duration::from_secs(30));
+    let names: Vec<String> = files.iter().map(|f| f.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    assert_eq!(names.len(), 2, "only the two accepted messages are stored: {names:?}");
+    assert!(names.iter().any(|n| n.contains(&warm_id)));
+    assert!(names.iter().any(|n| n.contains(&id)));
+    let all: String = files.iter().map(|f| read(f)).collect();
+    assert!(!all.contains("Subject: lost?"));
+    // The stalled publish may reach the broker after all; if it does it
+    // was never acknowledged to the client, which retries (at least once).
+    drop(c.ingress);
+}
