@@ -36,8 +36,13 @@ pub async fn run(cfg: Config, action: Action) -> anyhow::Result<()> {
                 println!("{address}: no messages");
             }
             for m in resp.messages {
-                let when = correu_smtp::headers::rfc5322_date(m.received_at_unix_micros / 1_000_000);
-                let flags = if m.flags.is_empty() { "new".to_string() } else { m.flags };
+                let when =
+                    correu_smtp::headers::rfc5322_date(m.received_at_unix_micros / 1_000_000);
+                let flags = if m.flags.is_empty() {
+                    "new".to_string()
+                } else {
+                    m.flags
+                };
                 println!("{}  {:>8}  {:<5}  {}", when, m.size, flags, m.id);
             }
         }

@@ -57,17 +57,21 @@ fn main() -> ExitCode {
         Command::Ingress => with_config(path, "correu-ingress", correu_ingress::standalone),
         Command::Delivery => with_config(path, "correu-delivery", correu_delivery::standalone),
         Command::Storage => with_config(path, "correu-storage", correu_storage::standalone),
-        Command::CheckConfig { file } => match correu_runtime::Config::load(Some(&file), std::env::vars()) {
-            Ok(_) => {
-                println!("{}: ok", file.display());
-                ExitCode::SUCCESS
+        Command::CheckConfig { file } => {
+            match correu_runtime::Config::load(Some(&file), std::env::vars()) {
+                Ok(_) => {
+                    println!("{}: ok", file.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprint!("{}: {e}", file.display());
+                    ExitCode::from(EXIT_CONFIG)
+                }
             }
-            Err(e) => {
-                eprint!("{}: {e}", file.display());
-                ExitCode::from(EXIT_CONFIG)
-            }
-        },
-        Command::Mailbox { action } => with_config(path, "correu", move |cfg, _| mailbox::run(cfg, action)),
+        }
+        Command::Mailbox { action } => {
+            with_config(path, "correu", move |cfg, _| mailbox::run(cfg, action))
+        }
     }
 }
 

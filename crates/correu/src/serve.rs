@@ -38,17 +38,28 @@ pub async fn serve(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<(
         tokio::spawn(async move { correu_storage::run(&cfg, storage_listener, stop).await })
     };
     let delivery_task = {
-        let (cfg, queue, storage, stop) = (cfg.clone(), queue.clone(), storage.clone(), delivery_stop.clone());
+        let (cfg, queue, storage, stop) = (
+            cfg.clone(),
+            queue.clone(),
+            storage.clone(),
+            delivery_stop.clone(),
+        );
         tokio::spawn(async move { correu_delivery::run(&cfg, queue, storage, stop).await })
     };
-    let shared = Arc::new(correu_ingress::Shared::new(&cfg, queue, storage, shutdown.clone()));
+    let shared = Arc::new(correu_ingress::Shared::new(
+        &cfg,
+        queue,
+        storage,
+        shutdown.clone(),
+    ));
     let ingress_task = {
         let cfg = cfg.clone();
         tokio::spawn(async move { correu_ingress::run(&cfg, smtp, shared).await })
     };
 
     // A role that stops on its own is a failure: stop the others too.
-    let watch = |name: &'static str, r: Result<anyhow::Result<()>, tokio::task::JoinError>| match r {
+    let watch = |name: &'static str, r: Result<anyhow::Result<()>, tokio::task::JoinError>| match r
+    {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(e.context(format!("{name} failed"))),
         Err(e) => Err(anyhow::anyhow!("{name} panicked: {e}")),
@@ -75,7 +86,9 @@ fn print_banner(
     }
     println!("  storage  {storage}  (gRPC)");
     match backend {
-        QueueBackend::Embedded => println!("  queue    {}  (embedded spool)", cfg.queue.spool.display()),
+        QueueBackend::Embedded => {
+            println!("  queue    {}  (embedded spool)", cfg.queue.spool.display())
+        }
         QueueBackend::Rabbitmq => println!("  queue    RabbitMQ"),
     }
     println!(

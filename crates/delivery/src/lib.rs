@@ -82,7 +82,10 @@ impl Deliverer {
     /// Delivers one queued message and settles it.
     pub async fn handle(&self, delivery: Delivery) {
         let Some(msg) = delivery.message.clone() else {
-            tracing::error!(bytes = delivery.raw.len(), "undecodable queue message; parking it");
+            tracing::error!(
+                bytes = delivery.raw.len(),
+                "undecodable queue message; parking it"
+            );
             if let Err(e) = delivery.park("envelope does not decode").await {
                 tracing::error!(error = %e, "cannot park undecodable message");
             }
@@ -102,12 +105,19 @@ impl Deliverer {
             if self.is_local(&r.address) {
                 outcomes[i] = self.deliver_local(msg, &r.address).await;
             } else {
-                let domain = r.address.rsplit_once('@').map_or("", |(_, d)| d).to_lowercase();
+                let domain = r
+                    .address
+                    .rsplit_once('@')
+                    .map_or("", |(_, d)| d)
+                    .to_lowercase();
                 remote.entry(domain).or_default().push(i);
             }
         }
         for (domain, idx) in remote {
-            let rcpts: Vec<String> = idx.iter().map(|&i| msg.recipients[i].address.clone()).collect();
+            let rcpts: Vec<String> = idx
+                .iter()
+                .map(|&i| msg.recipients[i].address.clone())
+                .collect();
             let got = self.deliver_remote(msg, &domain, &rcpts).await;
             for (k, &i) in idx.iter().enumerate() {
                 outcomes[i] = got[k].clone();
@@ -126,16 +136,27 @@ impl Deliverer {
         };
         let mut client = self.storage.clone();
         let span = tracing::info_span!("storage.deliver", queue_id = %msg.queue_id);
-        match timeout(self.storage_timeout, client.deliver(req)).instrument(span).await {
+        match timeout(self.storage_timeout, client.deliver(req))
+            .instrument(span)
+            .await
+        {
             Ok(Ok(_)) => Outcome::Delivered,
             Ok(Err(status)) => outcome::from_status(&status),
-            Err(_) => Outcome::Temporary(format!("storage did not answer within {:?}", self.storage_timeout)),
+            Err(_) => Outcome::Temporary(format!(
+                "storage did not answer within {:?}",
+                self.storage_timeout
+            )),
         }
     }
 
     /// Tries the domain's hops in order until one gives every recipient an
     /// answer.
-    async fn deliver_remote(&self, msg: &QueuedMessage, domain: &str, rcpts: &[String]) -> Vec<Outcome> {
+    async fn deliver_remote(
+        &self,
+        msg: &QueuedMessage,
+        domain: &str,
+        rcpts: &[String],
+    ) -> Vec<Outcome> {
         let hops = match self.router.hops(domain).await {
             Ok(h) => h,
             Err(o) => return vec![o; rcpts.len()],
@@ -155,7 +176,11 @@ impl Deliverer {
             };
             for addr in addrs {
                 let span = tracing::info_span!("delivery.attempt", queue_id = %msg.queue_id, mx = %hop.host, %addr);
-                match self.try_host(msg, &hop.host, addr, rcpts).instrument(span).await {
+                match self
+                    .try_host(msg, &hop.host, addr, rcpts)
+                    .instrument(span)
+                    .await
+                {
                     Ok(outcomes) => return outcomes,
                     Err(e) => {
                         tracing::info!(queue_id = %msg.queue_id, mx = %hop.host, %addr, error = %e, "next hop failed; trying the next");
@@ -254,7 +279,12 @@ fn age_of(received_at_unix_micros: i64) -> Duration {
 
 /// Consumes `queue` and delivers until `shutdown`; then waits up to 30 s for
 /// deliveries in progress (what does not finish is redelivered later).
-pub async fn run(cfg: &Config, queue: Queue, storage: StorageClient, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    cfg: &Config,
+    queue: Queue,
+    storage: StorageClient,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let deliverer = Arc::new(Deliverer::new(cfg, storage)?);
     let mut consumer = queue.consumer();
     let slots = Arc::new(Semaphore::new(cfg.delivery.concurrency));
@@ -280,7 +310,10 @@ pub async fn run(cfg: &Config, queue: Queue, storage: StorageClient, shutdown: C
     tracker.close();
     tracing::info!(in_flight = tracker.len(), "delivery stopping");
     if timeout(DRAIN, tracker.wait()).await.is_err() {
-        tracing::warn!(in_flight = tracker.len(), "deliveries still running at the deadline; they will be redelivered");
+        tracing::warn!(
+            in_flight = tracker.len(),
+            "deliveries still running at the deadline; they will be redelivered"
+        );
     }
     Ok(())
 }

@@ -38,9 +38,10 @@ pub fn from_status(s: &tonic::Status) -> Outcome {
     use tonic::Code;
     let text = format!("storage: {:?}: {}", s.code(), s.message());
     match s.code() {
-        Code::NotFound | Code::InvalidArgument | Code::FailedPrecondition | Code::PermissionDenied => {
-            Outcome::Permanent(text)
-        }
+        Code::NotFound
+        | Code::InvalidArgument
+        | Code::FailedPrecondition
+        | Code::PermissionDenied => Outcome::Permanent(text),
         _ => Outcome::Temporary(text),
     }
 }
@@ -63,11 +64,24 @@ mod tests {
             (554, Outcome::Permanent(String::new())),
         ];
         for (code, want) in cases {
-            let got = from_reply(&Reply::new(code, Enhanced((code / 100) as u8, 0, 0), "x"), "mx.test");
-            assert_eq!(std::mem::discriminant(&got), std::mem::discriminant(&want), "{code}");
+            let got = from_reply(
+                &Reply::new(code, Enhanced((code / 100) as u8, 0, 0), "x"),
+                "mx.test",
+            );
+            assert_eq!(
+                std::mem::discriminant(&got),
+                std::mem::discriminant(&want),
+                "{code}"
+            );
         }
-        let got = from_reply(&Reply::new(550, Enhanced(5, 1, 1), "no such user"), "mx.test");
-        assert_eq!(got, Outcome::Permanent("mx.test said: 550 5.1.1 no such user".into()));
+        let got = from_reply(
+            &Reply::new(550, Enhanced(5, 1, 1), "no such user"),
+            "mx.test",
+        );
+        assert_eq!(
+            got,
+            Outcome::Permanent("mx.test said: 550 5.1.1 no such user".into())
+        );
     }
 
     #[test]
@@ -83,7 +97,11 @@ mod tests {
             (Code::Unknown, true),
         ];
         for (code, temporary) in cases {
-            assert_eq!(from_status(&Status::new(code, "x")).is_temporary(), temporary, "{code:?}");
+            assert_eq!(
+                from_status(&Status::new(code, "x")).is_temporary(),
+                temporary,
+                "{code:?}"
+            );
         }
     }
 }

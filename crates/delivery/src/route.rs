@@ -38,7 +38,10 @@ pub fn resolver(server: Option<SocketAddr>) -> anyhow::Result<TokioResolver> {
             let mut tcp = ConnectionConfig::tcp();
             tcp.port = addr.port();
             let ns = NameServerConfig::new(addr.ip(), true, vec![udp, tcp]);
-            let mut b = TokioResolver::builder_with_config(ResolverConfig::from_parts(None, vec![], vec![ns]), provider);
+            let mut b = TokioResolver::builder_with_config(
+                ResolverConfig::from_parts(None, vec![], vec![ns]),
+                provider,
+            );
             b.options_mut().cache_size = 0;
             b
         }
@@ -111,7 +114,9 @@ impl Router {
                 "5.1.2 domain {domain} does not exist"
             ))),
             Err(e) if e.is_no_records_found() => Ok(vec![self.implicit(domain)]),
-            Err(e) => Err(Outcome::Temporary(format!("4.4.3 MX lookup for {domain} failed: {e}"))),
+            Err(e) => Err(Outcome::Temporary(format!(
+                "4.4.3 MX lookup for {domain} failed: {e}"
+            ))),
         }
     }
 
@@ -146,7 +151,12 @@ mod tests {
         for seed in 0..32 {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
             let order = order_mx(
-                vec![(20, "c".into()), (10, "a".into()), (10, "b".into()), (5, "z".into())],
+                vec![
+                    (20, "c".into()),
+                    (10, "a".into()),
+                    (10, "b".into()),
+                    (5, "z".into()),
+                ],
                 &mut rng,
             );
             assert_eq!(order[0], "z");

@@ -65,26 +65,47 @@ impl Shared {
 
 /// Serves SMTP on `listeners` until `shutdown` is cancelled, then lets the
 /// sessions in progress finish for up to `smtp.shutdown_grace`.
-pub async fn run(cfg: &Config, listeners: Vec<TcpListener>, shared: Arc<Shared>) -> anyhow::Result<()> {
+pub async fn run(
+    cfg: &Config,
+    listeners: Vec<TcpListener>,
+    shared: Arc<Shared>,
+) -> anyhow::Result<()> {
     let limit = Arc::new(Semaphore::new(cfg.smtp.max_connections));
     let tracker = TaskTracker::new();
     let shutdown = shared.shutdown.clone();
     for listener in listeners {
         let addr = listener.local_addr()?;
         tracing::info!(%addr, "SMTP listening");
-        tracker.spawn(accept_loop(listener, shared.clone(), limit.clone(), tracker.clone()));
+        tracker.spawn(accept_loop(
+            listener,
+            shared.clone(),
+            limit.clone(),
+            tracker.clone(),
+        ));
     }
     shutdown.cancelled().await;
     tracker.close();
     let grace = cfg.smtp.shutdown_grace.get();
-    tracing::info!(sessions = tracker.len(), ?grace, "ingress stopping: no new sessions");
+    tracing::info!(
+        sessions = tracker.len(),
+        ?grace,
+        "ingress stopping: no new sessions"
+    );
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-        tracing::warn!(sessions = tracker.len(), "sessions still open after the grace period; closing them");
+        tracing::warn!(
+            sessions = tracker.len(),
+            "sessions still open after the grace period; closing them"
+        );
     }
     Ok(())
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, limit: Arc<Semaphore>, tracker: TaskTracker) {
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    limit: Arc<Semaphore>,
+    tracker: TaskTracker,
+) {
     loop {
         let accepted = tokio::select! {
             _ = shared.shutdown.cancelled() => return,
@@ -121,7 +142,8 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, limit: Arc<Sema
 /// Over the connection limit: say so (RFC 5321 §3.8) and close.
 async fn refuse(mut stream: TcpStream, host: String) {
     let reply = format!("421 4.3.2 {host} Too many connections, try again later\r\n");
-    let sent = tokio::time::timeout(Duration::from_secs(5), stream.write_all(reply.as_bytes())).await;
+    let sent =
+        tokio::time::timeout(Duration::from_secs(5), stream.write_all(reply.as_bytes())).await;
     if !matches!(sent, Ok(Ok(()))) {
         tracing::debug!("could not tell a refused client why");
     }
@@ -129,7 +151,8 @@ async fn refuse(mut stream: TcpStream, host: String) {
 
 async fn serve(shared: &Shared, stream: TcpStream, peer: SocketAddr) {
     let span = tracing::info_span!("smtp.session", client = %peer);
-    let result = tracing::Instrument::instrument(session::run_session(shared, stream, peer), span).await;
+    let result =
+        tracing::Instrument::instrument(session::run_session(shared, stream, peer), span).await;
     match result {
         Ok(end) => tracing::debug!(client = %peer, ?end, "session ended"),
         Err(e) => tracing::debug!(client = %peer, error = %e, "session failed"),

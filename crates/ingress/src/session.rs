@@ -12,7 +12,9 @@ use correu_proto::v1::check_recipient_response::Status as RcptStatus;
 use correu_proto::v1::{CheckRecipientRequest, QueuedMessage, Recipient};
 use correu_smtp::data::{DataReceiver, Progress};
 use correu_smtp::headers::rfc5322_date;
-use correu_smtp::session::{Envelope, Line, LineReader, QueueFailure, RecipientVerdict, Session, Step};
+use correu_smtp::session::{
+    Envelope, Line, LineReader, QueueFailure, RecipientVerdict, Session, Step,
+};
 use correu_smtp::{Address, Reply};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::timeout;
@@ -127,7 +129,11 @@ where
                 Step::Close(r) => {
                     conn.reply(&r);
                     conn.flush().await?;
-                    let end = if r.code == 221 { End::Quit } else { End::TooManyErrors };
+                    let end = if r.code == 221 {
+                        End::Quit
+                    } else {
+                        End::TooManyErrors
+                    };
                     return Ok(end);
                 }
                 Step::Data(r) => {
@@ -143,8 +149,11 @@ where
                         Some(Ok((body, overflowed))) => match session.data_received(overflowed) {
                             Err(r) => r,
                             Ok(env) => {
-                                let outcome = queue_message(shared, &session, env, body, peer).await;
-                                session.queued(outcome.as_deref().map_err(|_| QueueFailure::Unavailable))
+                                let outcome =
+                                    queue_message(shared, &session, env, body, peer).await;
+                                session.queued(
+                                    outcome.as_deref().map_err(|_| QueueFailure::Unavailable),
+                                )
                             }
                         },
                     };
@@ -211,8 +220,19 @@ fn unix_micros() -> i64 {
 }
 
 /// The trace header every SMTP server adds (RFC 5321 §4.4).
-fn received_header(shared: &Shared, session: &Session, env: &Envelope, peer: SocketAddr, id: &str, now_secs: i64) -> String {
-    let helo = if env.helo.is_empty() { "unknown" } else { env.helo.as_str() };
+fn received_header(
+    shared: &Shared,
+    session: &Session,
+    env: &Envelope,
+    peer: SocketAddr,
+    id: &str,
+    now_secs: i64,
+) -> String {
+    let helo = if env.helo.is_empty() {
+        "unknown"
+    } else {
+        env.helo.as_str()
+    };
     let proto = if session.is_esmtp() { "ESMTP" } else { "SMTP" };
     let rcpt = match env.recipients.as_slice() {
         [one] => format!("\r\n\tfor <{one}>"),
@@ -236,7 +256,8 @@ async fn queue_message(
 ) -> Result<String, ()> {
     let id = correu_queue::new_queue_id();
     let now = unix_micros();
-    let mut content = received_header(shared, session, &env, peer, &id, now / 1_000_000).into_bytes();
+    let mut content =
+        received_header(shared, session, &env, peer, &id, now / 1_000_000).into_bytes();
     content.extend_from_slice(&body);
     drop(body);
     let size = content.len();

@@ -27,7 +27,9 @@ use lapin::options::{
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
 use prost::Message;
 use tokio::sync::Mutex;
 use tokio::time::{Instant, timeout};
@@ -75,7 +77,10 @@ fn tier_name(d: Duration) -> String {
 
 fn quorum_args() -> FieldTable {
     let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
     args
 }
 
@@ -165,8 +170,12 @@ impl AmqpQueue {
                 "x-dead-letter-strategy".into(),
                 AMQPValue::LongString("at-least-once".into()),
             );
-            args.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
-            ch.queue_declare(name.as_str().into(), durable, args).await?;
+            args.insert(
+                "x-overflow".into(),
+                AMQPValue::LongString("reject-publish".into()),
+            );
+            ch.queue_declare(name.as_str().into(), durable, args)
+                .await?;
         }
         ch.queue_declare(t.parked_queue.as_str().into(), durable, quorum_args())
             .await?;
@@ -315,7 +324,8 @@ impl AmqpQueue {
         };
         let setup = async {
             let ch = conn.create_channel().await?;
-            ch.basic_qos(self.prefetch, BasicQosOptions::default()).await?;
+            ch.basic_qos(self.prefetch, BasicQosOptions::default())
+                .await?;
             ch.basic_consume(
                 self.topology.delivery_queue.as_str().into(),
                 "".into(),
@@ -439,7 +449,11 @@ impl AmqpHandle {
 
     /// Republishes to the retry tier (confirmed), then acks. If the
     /// republish fails the message is returned to the queue instead.
-    pub(crate) async fn retry(self, updated: &QueuedMessage, tier: usize) -> Result<(), QueueError> {
+    pub(crate) async fn retry(
+        self,
+        updated: &QueuedMessage,
+        tier: usize,
+    ) -> Result<(), QueueError> {
         let tiers = &self.queue.topology.retry_queues;
         let Some((name, _)) = tiers.get(tier).or(tiers.last()) else {
             return self.requeue().await;
@@ -509,7 +523,12 @@ mod tests {
         let names: Vec<_> = t.retry_queues.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(
             names,
-            ["correu.retry.1m", "correu.retry.1h", "correu.retry.90s", "correu.retry.500ms"]
+            [
+                "correu.retry.1m",
+                "correu.retry.1h",
+                "correu.retry.90s",
+                "correu.retry.500ms"
+            ]
         );
     }
 }

@@ -84,7 +84,7 @@ impl Queue {
     /// A consumer of messages to deliver.
     pub fn consumer(&self) -> Consumer {
         match self {
-            Queue::Amqp(q) => Consumer::Amqp(amqp::AmqpConsumer::new(q.clone())),
+            Queue::Amqp(q) => Consumer::Amqp(Box::new(amqp::AmqpConsumer::new(q.clone()))),
             Queue::Spool(s) => Consumer::Spool(spool::SpoolConsumer::new(s.clone())),
         }
     }
@@ -103,7 +103,7 @@ pub async fn open_for_service(cfg: &QueueConfig) -> Result<Queue, QueueError> {
 
 /// Hands out messages to deliver, reconnecting by itself.
 pub enum Consumer {
-    Amqp(amqp::AmqpConsumer),
+    Amqp(Box<amqp::AmqpConsumer>),
     Spool(spool::SpoolConsumer),
 }
 
@@ -145,7 +145,12 @@ impl Delivery {
 
     /// Tries `updated` (the recipients still pending, the attempt counted)
     /// again after the delay of retry tier `tier`, then settles this one.
-    pub async fn retry(self, updated: &QueuedMessage, tier: usize, delay: Duration) -> Result<(), QueueError> {
+    pub async fn retry(
+        self,
+        updated: &QueuedMessage,
+        tier: usize,
+        delay: Duration,
+    ) -> Result<(), QueueError> {
         match self.handle {
             Handle::Amqp(h) => h.retry(updated, tier).await,
             Handle::Spool(h) => h.retry(updated, delay).await,

@@ -63,20 +63,69 @@ mod tests {
             max_age: m(24 * 60),
         };
         let cases = [
-            (1, m(0), Next::RetryIn { tier: 0, delay: m(1) }),
-            (2, m(1), Next::RetryIn { tier: 1, delay: m(5) }),
-            (3, m(6), Next::RetryIn { tier: 2, delay: m(60) }),
-            (9, m(600), Next::RetryIn { tier: 2, delay: m(60) }),
+            (
+                1,
+                m(0),
+                Next::RetryIn {
+                    tier: 0,
+                    delay: m(1),
+                },
+            ),
+            (
+                2,
+                m(1),
+                Next::RetryIn {
+                    tier: 1,
+                    delay: m(5),
+                },
+            ),
+            (
+                3,
+                m(6),
+                Next::RetryIn {
+                    tier: 2,
+                    delay: m(60),
+                },
+            ),
+            (
+                9,
+                m(600),
+                Next::RetryIn {
+                    tier: 2,
+                    delay: m(60),
+                },
+            ),
             // 3 minutes left: the 5-minute tier is the shortest that reaches it.
-            (9, m(24 * 60 - 3), Next::RetryIn { tier: 1, delay: m(5) }),
+            (
+                9,
+                m(24 * 60 - 3),
+                Next::RetryIn {
+                    tier: 1,
+                    delay: m(5),
+                },
+            ),
             (9, m(24 * 60), Next::GiveUp),
             (9, m(30 * 24 * 60), Next::GiveUp),
-            (0, m(0), Next::RetryIn { tier: 0, delay: m(1) }),
+            (
+                0,
+                m(0),
+                Next::RetryIn {
+                    tier: 0,
+                    delay: m(1),
+                },
+            ),
         ];
         for (attempts, age, want) in cases {
-            assert_eq!(s.next(attempts, age), want, "attempts {attempts}, age {age:?}");
+            assert_eq!(
+                s.next(attempts, age),
+                want,
+                "attempts {attempts}, age {age:?}"
+            );
         }
-        let none = Schedule { delays: vec![], max_age: m(10) };
+        let none = Schedule {
+            delays: vec![],
+            max_age: m(10),
+        };
         assert_eq!(none.next(1, m(0)), Next::GiveUp);
     }
 }

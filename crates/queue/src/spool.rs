@@ -278,7 +278,11 @@ impl SpoolHandle {
         }
     }
 
-    pub(crate) async fn retry(self, updated: &QueuedMessage, delay: Duration) -> Result<(), QueueError> {
+    pub(crate) async fn retry(
+        self,
+        updated: &QueuedMessage,
+        delay: Duration,
+    ) -> Result<(), QueueError> {
         let due = now_millis() + delay.as_millis();
         let data = updated.encode_to_vec();
         let root = self.spool.root.clone();
@@ -304,7 +308,12 @@ impl SpoolHandle {
         let reason = reason.to_string();
         let r = tokio::task::spawn_blocking(move || {
             let parked = root.join("parked");
-            write_durably(&root, &format!("{id}.reason"), reason.as_bytes(), &parked.join(format!("{id}.reason")))?;
+            write_durably(
+                &root,
+                &format!("{id}.reason"),
+                reason.as_bytes(),
+                &parked.join(format!("{id}.reason")),
+            )?;
             std::fs::rename(root.join("active").join(&id), parked.join(&id))?;
             sync_dir(&parked)
         })

@@ -16,23 +16,26 @@ pub const EXIT_CONFIG: u8 = 64;
 /// `--config FILE` (or `-c FILE`) from the arguments, else `CORREU_CONFIG`.
 pub fn config_path(args: impl IntoIterator<Item = String>) -> Result<Option<PathBuf>, String> {
     let mut args = args.into_iter();
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--config" | "-c" => {
-                return args
-                    .next()
-                    .map(|p| Some(PathBuf::from(p)))
-                    .ok_or_else(|| format!("{a} needs a file"));
+    let Some(a) = args.next() else {
+        return Ok(std::env::var_os("CORREU_CONFIG").map(PathBuf::from));
+    };
+    let path = match a.as_str() {
+        "--config" | "-c" => args.next().ok_or_else(|| format!("{a} needs a file"))?,
+        other => match other.strip_prefix("--config=") {
+            Some(p) => p.to_string(),
+            None => {
+                return Err(format!(
+                    "unexpected argument {other:?}; usage: [--config FILE]"
+                ));
             }
-            other => {
-                if let Some(p) = other.strip_prefix("--config=") {
-                    return Ok(Some(PathBuf::from(p)));
-                }
-                return Err(format!("unexpected argument {other:?}; usage: [--config FILE]"));
-            }
-        }
+        },
+    };
+    if let Some(extra) = args.next() {
+        return Err(format!(
+            "unexpected argument {extra:?}; usage: [--config FILE]"
+        ));
     }
-    Ok(std::env::var_os("CORREU_CONFIG").map(PathBuf::from))
+    Ok(Some(PathBuf::from(path)))
 }
 
 /// Loads the configuration from `path` and the environment, or prints every
@@ -70,7 +73,10 @@ where
     Fut: Future<Output = anyhow::Result<()>>,
 {
     crate::telemetry::init(name);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("{name}: cannot start the async runtime: {e}");
@@ -100,9 +106,18 @@ mod tests {
 
     #[test]
     fn finds_the_config_argument() {
-        assert_eq!(config_path(args(&["--config", "a.toml"])), Ok(Some("a.toml".into())));
-        assert_eq!(config_path(args(&["-c", "b.toml"])), Ok(Some("b.toml".into())));
-        assert_eq!(config_path(args(&["--config=c.toml"])), Ok(Some("c.toml".into())));
+        assert_eq!(
+            config_path(args(&["--config", "a.toml"])),
+            Ok(Some("a.toml".into()))
+        );
+        assert_eq!(
+            config_path(args(&["-c", "b.toml"])),
+            Ok(Some("b.toml".into()))
+        );
+        assert_eq!(
+            config_path(args(&["--config=c.toml"])),
+            Ok(Some("c.toml".into()))
+        );
         assert!(config_path(args(&["--config"])).is_err());
         assert!(config_path(args(&["serve"])).is_err());
     }

@@ -288,11 +288,15 @@ impl Network {
         };
         match (self.addr, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u32::from(net) & mask == u32::from(ip) & mask
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u128::from(net) & mask == u128::from(ip) & mask
             }
             _ => false,
@@ -418,7 +422,10 @@ impl Config {
         let mut root = match file {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|e| {
-                    ConfigErrors(vec![err(path.display().to_string(), format!("cannot read: {e}"))])
+                    ConfigErrors(vec![err(
+                        path.display().to_string(),
+                        format!("cannot read: {e}"),
+                    )])
                 })?;
                 text.parse::<toml::Table>().map_err(|e| {
                     ConfigErrors(vec![err(
@@ -501,14 +508,20 @@ impl Config {
     fn validate(&self) -> Vec<ConfigError> {
         let mut e = Vec::new();
         if !is_domain(&self.hostname) {
-            e.push(err("hostname", format!("`{}` is not a host name", self.hostname)));
+            e.push(err(
+                "hostname",
+                format!("`{}` is not a host name", self.hostname),
+            ));
         }
         if self.domains.is_empty() {
             e.push(err("domains", "at least one local domain is needed"));
         }
         for (i, d) in self.domains.iter().enumerate() {
             if !is_domain(d) {
-                e.push(err(format!("domains[{i}]"), format!("`{d}` is not a domain")));
+                e.push(err(
+                    format!("domains[{i}]"),
+                    format!("`{d}` is not a domain"),
+                ));
             }
         }
         let s = &self.smtp;
@@ -525,7 +538,10 @@ impl Config {
             e.push(err("smtp.max_errors", "must be more than 0"));
         }
         if s.max_line_length < 512 {
-            e.push(err("smtp.max_line_length", "must be at least 512 (RFC 5321 §4.5.3.1.4)"));
+            e.push(err(
+                "smtp.max_line_length",
+                "must be at least 512 (RFC 5321 §4.5.3.1.4)",
+            ));
         }
         if s.max_connections == 0 {
             e.push(err("smtp.max_connections", "must be more than 0"));
@@ -534,8 +550,16 @@ impl Config {
         if !(q.url.starts_with("amqp://") || q.url.starts_with("amqps://")) {
             e.push(err("queue.url", "must start with amqp:// or amqps://"));
         }
-        if q.prefix.is_empty() || !q.prefix.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-            e.push(err("queue.prefix", "must be letters, digits, '-', '_' or '.'"));
+        if q.prefix.is_empty()
+            || !q
+                .prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            e.push(err(
+                "queue.prefix",
+                "must be letters, digits, '-', '_' or '.'",
+            ));
         }
         if q.prefetch == 0 {
             e.push(err("queue.prefetch", "must be more than 0"));
@@ -548,7 +572,10 @@ impl Config {
         }
         let st = &self.storage;
         if !(st.endpoint.starts_with("http://") || st.endpoint.starts_with("https://")) {
-            e.push(err("storage.endpoint", "must be a URL like http://storage:2526"));
+            e.push(err(
+                "storage.endpoint",
+                "must be a URL like http://storage:2526",
+            ));
         }
         for (i, m) in st.mailboxes.iter().enumerate() {
             match m.rsplit_once('@') {
@@ -567,7 +594,10 @@ impl Config {
         }
         for (domain, target) in &d.routes {
             if domain != "*" && !is_domain(domain) {
-                e.push(err(format!("delivery.routes.{domain}"), "key must be a domain or \"*\""));
+                e.push(err(
+                    format!("delivery.routes.{domain}"),
+                    "key must be a domain or \"*\"",
+                ));
             }
             if split_host_port(target).is_none() {
                 e.push(err(
@@ -604,13 +634,16 @@ fn is_domain(s: &str) -> bool {
                 && l.len() <= 63
                 && !l.starts_with('-')
                 && !l.ends_with('-')
-                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || !c.is_ascii())
+                && l.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || !c.is_ascii())
         })
 }
 
 fn parse_env_value(raw: &str) -> toml::Value {
     match format!("v = {raw}").parse::<toml::Table>() {
-        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.into())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.into())),
         Err(_) => toml::Value::String(raw.into()),
     }
 }
@@ -656,7 +689,10 @@ mod tests {
         assert_eq!(c.smtp.max_recipients, 100);
         assert_eq!(c.queue.max_age, Dur::secs(432_000));
         assert!(c.storage.mailboxes.is_empty());
-        assert_eq!(c.queue_backend(QueueBackend::Embedded), QueueBackend::Embedded);
+        assert_eq!(
+            c.queue_backend(QueueBackend::Embedded),
+            QueueBackend::Embedded
+        );
     }
 
     #[test]
@@ -707,7 +743,10 @@ mod tests {
         let e = load("[smtp]\nlisten = [\"nowhere\"]\n", &[]).unwrap_err();
         assert_eq!(keys(e), vec!["smtp.listen[0]"]);
         let e = load("", &[("CORREU_SMTP_MAX_RECIPIENTS", "many")]).unwrap_err();
-        assert_eq!(e.0[0].key, "smtp.max_recipients (from CORREU_SMTP_MAX_RECIPIENTS)");
+        assert_eq!(
+            e.0[0].key,
+            "smtp.max_recipients (from CORREU_SMTP_MAX_RECIPIENTS)"
+        );
         let e = load("", &[("CORREU_NOPE", "1")]).unwrap_err();
         assert_eq!(e.0[0].key, "nope (from CORREU_NOPE)");
         let e = load("[queue]\npublish_timeout = \"10 parsecs\"\n", &[]).unwrap_err();
@@ -725,10 +764,18 @@ mod tests {
         let one: Network = "192.0.2.7".parse().unwrap();
         assert!(one.contains("192.0.2.7".parse().unwrap()));
         assert!(!one.contains("192.0.2.8".parse().unwrap()));
-        assert!("0.0.0.0/0".parse::<Network>().unwrap().contains("8.8.8.8".parse().unwrap()));
+        assert!(
+            "0.0.0.0/0"
+                .parse::<Network>()
+                .unwrap()
+                .contains("8.8.8.8".parse().unwrap())
+        );
         assert!("10.0.0.0/33".parse::<Network>().is_err());
         assert!(Network::LOOPBACK_V6.contains("::1".parse().unwrap()));
-        assert_eq!("250ms".parse::<Dur>().unwrap().get(), Duration::from_millis(250));
+        assert_eq!(
+            "250ms".parse::<Dur>().unwrap().get(),
+            Duration::from_millis(250)
+        );
         assert_eq!("5d".parse::<Dur>().unwrap(), Dur::secs(432_000));
         assert!("5y".parse::<Dur>().is_err());
         assert_eq!(split_host_port("[::1]:25"), Some(("::1".into(), 25)));

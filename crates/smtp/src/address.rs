@@ -101,7 +101,9 @@ fn valid_local(local: &str) -> bool {
         return true;
     }
     // Dot-string: atoms separated by single dots.
-    local.split('.').all(|atom| !atom.is_empty() && atom.chars().all(is_atext))
+    local
+        .split('.')
+        .all(|atom| !atom.is_empty() && atom.chars().all(is_atext))
 }
 
 fn valid_domain(domain: &str) -> bool {

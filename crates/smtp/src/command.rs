@@ -172,7 +172,9 @@ fn strip_source_route(path: &str) -> &str {
 
 fn params(rest: &str) -> Result<Vec<(String, Option<&str>)>, CommandError> {
     if !rest.is_empty() && !rest.starts_with(' ') {
-        return Err(CommandError::Syntax("parameters must follow the path after a space"));
+        return Err(CommandError::Syntax(
+            "parameters must follow the path after a space",
+        ));
     }
     Ok(rest
         .split(' ')
@@ -243,8 +245,14 @@ mod tests {
     fn parses_commands_table() {
         let cases: Vec<(&str, Command)> = vec![
             ("HELO", Command::Helo(String::new())),
-            ("helo client.example", Command::Helo("client.example".into())),
-            ("EHLO client.example", Command::Ehlo("client.example".into())),
+            (
+                "helo client.example",
+                Command::Helo("client.example".into()),
+            ),
+            (
+                "EHLO client.example",
+                Command::Ehlo("client.example".into()),
+            ),
             ("ehlo [127.0.0.1]", Command::Ehlo("[127.0.0.1]".into())),
             (
                 "MAIL FROM: jo@domini.com",
@@ -320,14 +328,26 @@ mod tests {
             (b"XYZZY", Unrecognized),
             (b"EHLO", Syntax("EHLO hostname")),
             (b"MAIL jo@x.org", Syntax("MAIL FROM:<address>")),
-            (b"MAIL FROM:<jo@x.org", Syntax("path is missing its closing '>'")),
+            (
+                b"MAIL FROM:<jo@x.org",
+                Syntax("path is missing its closing '>'"),
+            ),
             (b"MAIL FROM:<jo>", Sender(AddressError::NoDomain)),
             (b"RCPT TO:<jo@>", Recipient(AddressError::BadDomain)),
             (b"MAIL FROM:<jo@x.org> FOO=1", Parameter("FOO".into())),
-            (b"MAIL FROM:<jo@x.org> SIZE=big", ParameterValue("SIZE=big".into())),
-            (b"MAIL FROM:<jo@x.org> BODY=BINARYMIME", ParameterValue("BODY=BINARYMIME".into())),
+            (
+                b"MAIL FROM:<jo@x.org> SIZE=big",
+                ParameterValue("SIZE=big".into()),
+            ),
+            (
+                b"MAIL FROM:<jo@x.org> BODY=BINARYMIME",
+                ParameterValue("BODY=BINARYMIME".into()),
+            ),
             (b"RCPT TO:<>", Syntax("RCPT TO:<address>")),
-            (b"RCPT TO:<a@x.org> NOTIFY=NEVER", Parameter("NOTIFY".into())),
+            (
+                b"RCPT TO:<a@x.org> NOTIFY=NEVER",
+                Parameter("NOTIFY".into()),
+            ),
             (b"RCPT <a@x.org>", Syntax("RCPT TO:<address>")),
             (b"DATA now", Syntax("DATA")),
             (b"QUIT please", Syntax("QUIT")),
@@ -336,7 +356,12 @@ mod tests {
             (b"\0\0\0\0", Unrecognized),
         ];
         for (line, want) in cases {
-            assert_eq!(parse_command(line), Err(want), "{:?}", String::from_utf8_lossy(line));
+            assert_eq!(
+                parse_command(line),
+                Err(want),
+                "{:?}",
+                String::from_utf8_lossy(line)
+            );
         }
     }
 }

@@ -219,9 +219,17 @@ mod tests {
             (b"..dot\r\n.\r\n", Some(10), b".dot\r\n"),
             (b"a\r\n..\r\n.\r\n", Some(10), b"a\r\n.\r\n"),
             (b".x\r\n.\r\n", Some(7), b"x\r\n"),
-            (b"Bon dia, m\xc3\xb3n\r\n.\r\n", Some(18), "Bon dia, món\r\n".as_bytes()),
+            (
+                b"Bon dia, m\xc3\xb3n\r\n.\r\n",
+                Some(18),
+                "Bon dia, món\r\n".as_bytes(),
+            ),
             // Smuggling attempts: none of these ends the message.
-            (b"a\n.\nMAIL FROM:<x@y.z>\r\n", None, b"a\r\n.\r\nMAIL FROM:<x@y.z>\r\n"),
+            (
+                b"a\n.\nMAIL FROM:<x@y.z>\r\n",
+                None,
+                b"a\r\n.\r\nMAIL FROM:<x@y.z>\r\n",
+            ),
             (b"a\r\n.\nb\r\n", None, b"a\r\n.\r\nb\r\n"),
             (b"a\n.\r\nb\r\n", None, b"a\r\n.\r\nb\r\n"),
             (b"a\r.\r\nb", None, b"a\r\n.\r\nb"),

@@ -45,6 +45,9 @@ mod tests {
     fn formats_known_dates() {
         assert_eq!(rfc5322_date(0), "Thu, 01 Jan 1970 00:00:00 +0000");
         assert_eq!(rfc5322_date(951_782_400), "Tue, 29 Feb 2000 00:00:00 +0000");
-        assert_eq!(rfc5322_date(1_795_863_381), "Sat, 28 Nov 2026 10:56:21 +0000");
+        assert_eq!(
+            rfc5322_date(1_795_863_381),
+            "Sat, 28 Nov 2026 10:56:21 +0000"
+        );
     }
 }

@@ -133,7 +133,8 @@ pub fn parse_reply(buf: &[u8]) -> Result<Option<(Reply, usize)>, ReplyError> {
         let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
         pos += nl + 1;
         let text = String::from_utf8_lossy(raw);
-        let (this, rest) = split_code(&text).ok_or_else(|| ReplyError::BadCode(text.to_string()))?;
+        let (this, rest) =
+            split_code(&text).ok_or_else(|| ReplyError::BadCode(text.to_string()))?;
         match code {
             None => code = Some(this),
             Some(c) if c != this => return Err(ReplyError::MixedCodes(c, this)),
@@ -219,7 +220,8 @@ mod tests {
 
     #[test]
     fn parses_replies_table() {
-        let cases: &[(&[u8], Option<(u16, Option<Enhanced>, &[&str], usize)>)] = &[
+        type Want = Option<(u16, Option<Enhanced>, &'static [&'static str], usize)>;
+        let cases: &[(&[u8], Want)] = &[
             (b"220 mx ESMTP\r\n", Some((220, None, &["mx ESMTP"], 14))),
             (
                 b"250-mx\r\n250-SIZE 10\r\n250 PIPELINING\r\nextra",
@@ -230,10 +232,7 @@ mod tests {
                 Some((550, Some(Enhanced(5, 1, 1)), &["No such user"], 24)),
             ),
             // An enhanced code of another class is text, not a code.
-            (
-                b"250 5.1.1 odd\r\n",
-                Some((250, None, &["5.1.1 odd"], 15)),
-            ),
+            (b"250 5.1.1 odd\r\n", Some((250, None, &["5.1.1 odd"], 15))),
             (b"250 ok\n", Some((250, None, &["ok"], 7))),
             (b"250", None),
             (b"250-first\r\n", None),
@@ -256,8 +255,14 @@ mod tests {
 
     #[test]
     fn rejects_garbage_and_mixed_codes() {
-        assert!(matches!(parse_reply(b"hello\r\n"), Err(ReplyError::BadCode(_))));
-        assert!(matches!(parse_reply(b"999 no\r\n"), Err(ReplyError::BadCode(_))));
+        assert!(matches!(
+            parse_reply(b"hello\r\n"),
+            Err(ReplyError::BadCode(_))
+        ));
+        assert!(matches!(
+            parse_reply(b"999 no\r\n"),
+            Err(ReplyError::BadCode(_))
+        ));
         assert_eq!(
             parse_reply(b"250-a\r\n251 b\r\n"),
             Err(ReplyError::MixedCodes(250, 251))

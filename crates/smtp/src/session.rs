@@ -137,7 +137,11 @@ impl Session {
 
     /// The reply given to a client that sent nothing in time.
     pub fn timeout(&self) -> Reply {
-        reply(421, (4, 4, 2), format!("{} Error: timeout exceeded", self.cfg.hostname))
+        reply(
+            421,
+            (4, 4, 2),
+            format!("{} Error: timeout exceeded", self.cfg.hostname),
+        )
     }
 
     /// The reply given to new or idle sessions while the server stops.
@@ -145,7 +149,10 @@ impl Session {
         reply(
             421,
             (4, 3, 2),
-            format!("{} Service shutting down, try again later", self.cfg.hostname),
+            format!(
+                "{} Service shutting down, try again later",
+                self.cfg.hostname
+            ),
         )
     }
 
@@ -334,11 +341,9 @@ impl Session {
         self.reset();
         match outcome {
             Ok(id) => reply(250, (2, 0, 0), format!("Ok: queued as {id}")),
-            Err(QueueFailure::Unavailable) => reply(
-                451,
-                (4, 3, 0),
-                "Error: queue unavailable, try again later",
-            ),
+            Err(QueueFailure::Unavailable) => {
+                reply(451, (4, 3, 0), "Error: queue unavailable, try again later")
+            }
         }
     }
 
@@ -363,9 +368,7 @@ pub fn command_error_reply(e: &CommandError) -> Reply {
         CommandError::Recipient(e) => {
             reply(501, (5, 1, 3), format!("Bad recipient address syntax: {e}"))
         }
-        CommandError::Parameter(p) => {
-            reply(555, (5, 5, 4), format!("Unsupported option: {p}"))
-        }
+        CommandError::Parameter(p) => reply(555, (5, 5, 4), format!("Unsupported option: {p}")),
         CommandError::ParameterValue(p) => {
             reply(501, (5, 5, 4), format!("Bad parameter value: {p}"))
         }
@@ -409,7 +412,11 @@ impl LineReader {
         let window = &buf[..buf.len().min(self.max + 1)];
         match window.iter().position(|&b| b == b'\n') {
             Some(nl) => {
-                let len = if nl > 0 && buf[nl - 1] == b'\r' { nl - 1 } else { nl };
+                let len = if nl > 0 && buf[nl - 1] == b'\r' {
+                    nl - 1
+                } else {
+                    nl
+                };
                 if self.discarding {
                     self.discarding = false;
                     return Line::Discarded { consumed: nl + 1 };
@@ -478,7 +485,10 @@ mod tests {
             ],
         );
         let to = Address::parse("pere@domini.com").unwrap();
-        assert_eq!(text(&s.recipient_checked(to, RecipientVerdict::Exists)), "250 2.1.5 Ok\r\n");
+        assert_eq!(
+            text(&s.recipient_checked(to, RecipientVerdict::Exists)),
+            "250 2.1.5 Ok\r\n"
+        );
         run(&mut s, &[("DATA", "354 ")]);
         let env = s.data_received(false).unwrap();
         assert_eq!(env.from.as_string(), "jo@domini.com");
@@ -498,14 +508,20 @@ mod tests {
             &mut s,
             &[
                 ("MAIL FROM:<a@b.c>", "503 5.5.1"),
-                ("EHLO client", "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 1000\r\n"),
+                (
+                    "EHLO client",
+                    "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 1000\r\n",
+                ),
                 ("RCPT TO:<x@localhost>", "503 5.5.1"),
                 ("DATA", "503 5.5.1 Error: need MAIL"),
                 ("MAIL FROM:<a@b.c> SIZE=5000", "552 5.3.4"),
                 ("MAIL FROM:<>", "250 2.1.0"),
                 ("MAIL FROM:<a@b.c>", "503 5.5.1 Error: nested"),
                 ("DATA", "503 5.5.1 Error: need RCPT"),
-                ("RCPT TO:<x@elsewhere.org>", "550 5.7.1 <x@elsewhere.org>: Relay access denied"),
+                (
+                    "RCPT TO:<x@elsewhere.org>",
+                    "550 5.7.1 <x@elsewhere.org>: Relay access denied",
+                ),
                 ("RSET", "250 2.0.0"),
                 ("NOOP", "250 2.0.0"),
                 ("VRFY x", "252 2.5.2"),
@@ -536,8 +552,13 @@ mod tests {
         let mut s = Session::new(cfg(), false);
         run(&mut s, &[("HELO c", "250"), ("MAIL FROM:<a@b.c>", "250")]);
         let to = Address::parse("nobody@localhost").unwrap();
-        assert!(text(&s.recipient_checked(to.clone(), RecipientVerdict::Unknown)).starts_with("550 5.1.1"));
-        assert!(text(&s.recipient_checked(to, RecipientVerdict::TryLater)).starts_with("451 4.3.0"));
+        assert!(
+            text(&s.recipient_checked(to.clone(), RecipientVerdict::Unknown))
+                .starts_with("550 5.1.1")
+        );
+        assert!(
+            text(&s.recipient_checked(to, RecipientVerdict::TryLater)).starts_with("451 4.3.0")
+        );
         assert!(s.recipients().is_empty());
     }
 
@@ -559,17 +580,44 @@ mod tests {
                 ("RCPT TO:<a@>", "501 5.1.3"),
             ],
         );
-        assert_eq!(text(&s.command(b"\xff\xfe")), "421 4.7.0 mx.test Error: too many errors\r\n");
+        assert_eq!(
+            text(&s.command(b"\xff\xfe")),
+            "421 4.7.0 mx.test Error: too many errors\r\n"
+        );
     }
 
     #[test]
     fn oversized_message_and_queue_failure() {
         let mut s = Session::new(cfg(), true);
-        run(&mut s, &[("EHLO c", "250"), ("MAIL FROM:<a@b.c>", "250"), ("RCPT TO:<x@y.z>", "250"), ("DATA", "354")]);
-        assert!(s.data_received(true).unwrap_err().to_string().starts_with("552 5.3.4"));
-        run(&mut s, &[("MAIL FROM:<a@b.c>", "250"), ("RCPT TO:<x@y.z>", "250"), ("DATA", "354")]);
+        run(
+            &mut s,
+            &[
+                ("EHLO c", "250"),
+                ("MAIL FROM:<a@b.c>", "250"),
+                ("RCPT TO:<x@y.z>", "250"),
+                ("DATA", "354"),
+            ],
+        );
+        assert!(
+            s.data_received(true)
+                .unwrap_err()
+                .to_string()
+                .starts_with("552 5.3.4")
+        );
+        run(
+            &mut s,
+            &[
+                ("MAIL FROM:<a@b.c>", "250"),
+                ("RCPT TO:<x@y.z>", "250"),
+                ("DATA", "354"),
+            ],
+        );
         s.data_received(false).unwrap();
-        assert!(s.queued(Err(QueueFailure::Unavailable)).to_string().starts_with("451 4.3.0"));
+        assert!(
+            s.queued(Err(QueueFailure::Unavailable))
+                .to_string()
+                .starts_with("451 4.3.0")
+        );
         // The transaction is over: a new MAIL is accepted.
         run(&mut s, &[("MAIL FROM:<a@b.c>", "250")]);
     }
@@ -577,13 +625,37 @@ mod tests {
     #[test]
     fn line_reader_bounds_lines() {
         let mut r = LineReader::new(10);
-        assert_eq!(r.next_line(b"NOOP\r\nQUIT"), Line::Complete { len: 4, consumed: 6 });
-        assert_eq!(r.next_line(b"QUIT\n"), Line::Complete { len: 4, consumed: 5 });
+        assert_eq!(
+            r.next_line(b"NOOP\r\nQUIT"),
+            Line::Complete {
+                len: 4,
+                consumed: 6
+            }
+        );
+        assert_eq!(
+            r.next_line(b"QUIT\n"),
+            Line::Complete {
+                len: 4,
+                consumed: 5
+            }
+        );
         assert_eq!(r.next_line(b"QUI"), Line::NeedMore);
         assert_eq!(r.next_line(b"0123456789AB"), Line::TooLong { consumed: 12 });
         assert_eq!(r.next_line(b"more"), Line::NeedMore);
-        assert_eq!(r.next_line(b"0123456789ABC"), Line::Discarded { consumed: 13 });
-        assert_eq!(r.next_line(b"tail\r\nNOOP\r\n"), Line::Discarded { consumed: 6 });
-        assert_eq!(r.next_line(b"NOOP\r\n"), Line::Complete { len: 4, consumed: 6 });
+        assert_eq!(
+            r.next_line(b"0123456789ABC"),
+            Line::Discarded { consumed: 13 }
+        );
+        assert_eq!(
+            r.next_line(b"tail\r\nNOOP\r\n"),
+            Line::Discarded { consumed: 6 }
+        );
+        assert_eq!(
+            r.next_line(b"NOOP\r\n"),
+            Line::Complete {
+                len: 4,
+                consumed: 6
+            }
+        );
     }
 }

@@ -36,7 +36,11 @@ pub fn mailboxes(cfg: &Config) -> Mailboxes {
 
 /// Serves the storage API on `listener` until `shutdown` is cancelled;
 /// calls in progress finish first.
-pub async fn run(cfg: &Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    cfg: &Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let boxes = Arc::new(mailboxes(cfg));
     std::fs::create_dir_all(boxes.root())?;
     let addr = listener.local_addr()?;

@@ -71,7 +71,8 @@ fn fnv1a(s: &str) -> u64 {
 fn encode_local(local: &str) -> String {
     let mut out = String::new();
     for (i, b) in local.to_lowercase().bytes().enumerate() {
-        let safe = b.is_ascii_alphanumeric() || b"-_+=!#$&'*^`{|}~".contains(&b) || (b == b'.' && i > 0);
+        let safe =
+            b.is_ascii_alphanumeric() || b"-_+=!#$&'*^`{|}~".contains(&b) || (b == b'.' && i > 0);
         if safe {
             out.push(b as char);
         } else {
@@ -118,7 +119,10 @@ impl Mailboxes {
             .ok_or_else(|| MailboxError::Invalid(format!("not an address: {address:?}")))?;
         let domain = domain.to_lowercase();
         let unknown = || MailboxError::UnknownRecipient(address.to_string());
-        if !self.domains.contains(&domain) || domain.contains(['/', '\\']) || domain.starts_with('.') {
+        if !self.domains.contains(&domain)
+            || domain.contains(['/', '\\'])
+            || domain.starts_with('.')
+        {
             return Err(unknown());
         }
         if let Some(accounts) = &self.accounts
@@ -144,7 +148,11 @@ impl Mailboxes {
         }
         let dir = self.resolve(recipient)?;
         let key = format!("{queue_id}_{:016x}", fnv1a(&recipient.to_lowercase()));
-        let marker_dir = self.root.join(".correu").join("delivered").join(&queue_id[..queue_id.len().min(8)]);
+        let marker_dir = self
+            .root
+            .join(".correu")
+            .join("delivered")
+            .join(&queue_id[..queue_id.len().min(8)]);
         let marker = marker_dir.join(&key);
         if let Ok(id) = std::fs::read_to_string(&marker) {
             return Ok(Delivered {
@@ -157,12 +165,15 @@ impl Mailboxes {
             std::fs::create_dir_all(dir.join(sub))?;
         }
         // Return-Path and Delivered-To (RFC 5321 §4.4, RFC 9228) come first.
-        let mut head = format!("Return-Path: <{sender}>\r\nDelivered-To: {recipient}\r\n").into_bytes();
+        let mut head =
+            format!("Return-Path: <{sender}>\r\nDelivered-To: {recipient}\r\n").into_bytes();
         head.reserve(content.len());
         let size = head.len() + content.len();
         let secs = received_at_unix_micros.div_euclid(1_000_000);
         let name = format!("{secs}.{key}.{},S={size}", self.host);
-        let tmp = dir.join("tmp").join(format!("{name}.{}", std::process::id()));
+        let tmp = dir
+            .join("tmp")
+            .join(format!("{name}.{}", std::process::id()));
         {
             let mut f = File::create(&tmp)?;
             f.write_all(&head)?;
@@ -191,7 +202,12 @@ impl Mailboxes {
 
     /// The messages of a mailbox, newest first, from `offset`, at most `limit`.
     /// Returns them and whether more follow.
-    pub fn list(&self, address: &str, offset: usize, limit: usize) -> Result<(Vec<Listed>, bool), MailboxError> {
+    pub fn list(
+        &self,
+        address: &str,
+        offset: usize,
+        limit: usize,
+    ) -> Result<(Vec<Listed>, bool), MailboxError> {
         let dir = self.resolve(address)?;
         let mut all = Vec::new();
         for sub in ["new", "cur"] {
@@ -218,7 +234,11 @@ impl Mailboxes {
                     Some(s) => s,
                     None => e.metadata()?.len(),
                 };
-                let secs: i64 = id.split('.').next().and_then(|s| s.parse().ok()).unwrap_or(0);
+                let secs: i64 = id
+                    .split('.')
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
                 all.push(Listed {
                     id,
                     size,
@@ -249,7 +269,9 @@ impl Mailboxes {
         let prefix = format!("{id}:2,");
         if let Ok(entries) = std::fs::read_dir(dir.join("cur")) {
             for e in entries.flatten() {
-                if e.file_name().to_string_lossy().starts_with(&prefix) || e.file_name().to_string_lossy() == id {
+                if e.file_name().to_string_lossy().starts_with(&prefix)
+                    || e.file_name().to_string_lossy() == id
+                {
                     return Ok(e.path());
                 }
             }
@@ -271,35 +293,89 @@ mod tests {
     fn delivers_once_per_queue_id_and_recipient() {
         let dir = tempfile::tempdir().unwrap();
         let m = boxes(dir.path(), &[]);
-        let first = m.deliver("0ABC", "jo@domini.com", "pere@localhost", b"Subject: x\r\n\r\nhi\r\n", 1_700_000_000_000_000).unwrap();
+        let first = m
+            .deliver(
+                "0ABC",
+                "jo@domini.com",
+                "pere@localhost",
+                b"Subject: x\r\n\r\nhi\r\n",
+                1_700_000_000_000_000,
+            )
+            .unwrap();
         assert!(!first.duplicate);
-        let again = m.deliver("0ABC", "jo@domini.com", "Pere@localhost", b"Subject: x\r\n\r\nhi\r\n", 1_700_000_000_000_000).unwrap();
+        let again = m
+            .deliver(
+                "0ABC",
+                "jo@domini.com",
+                "Pere@localhost",
+                b"Subject: x\r\n\r\nhi\r\n",
+                1_700_000_000_000_000,
+            )
+            .unwrap();
         assert!(again.duplicate);
         assert_eq!(again.message_id, first.message_id);
-        let other = m.deliver("0ABD", "jo@domini.com", "pere@localhost", b"x\r\n", 1_700_000_001_000_000).unwrap();
+        let other = m
+            .deliver(
+                "0ABD",
+                "jo@domini.com",
+                "pere@localhost",
+                b"x\r\n",
+                1_700_000_001_000_000,
+            )
+            .unwrap();
         assert!(!other.duplicate);
-        let files: Vec<_> = std::fs::read_dir(dir.path().join("localhost/pere/new")).unwrap().collect();
+        let files: Vec<_> = std::fs::read_dir(dir.path().join("localhost/pere/new"))
+            .unwrap()
+            .collect();
         assert_eq!(files.len(), 2);
-        let text = std::fs::read_to_string(dir.path().join("localhost/pere/new").join(&first.message_id)).unwrap();
-        assert!(text.starts_with("Return-Path: <jo@domini.com>\r\nDelivered-To: pere@localhost\r\nSubject: x"), "{text}");
+        let text = std::fs::read_to_string(
+            dir.path()
+                .join("localhost/pere/new")
+                .join(&first.message_id),
+        )
+        .unwrap();
+        assert!(
+            text.starts_with(
+                "Return-Path: <jo@domini.com>\r\nDelivered-To: pere@localhost\r\nSubject: x"
+            ),
+            "{text}"
+        );
         assert!(first.message_id.starts_with("1700000000.0ABC_"));
         assert!(first.message_id.ends_with(&format!(",S={}", text.len())));
-        assert!(std::fs::read_dir(dir.path().join("localhost/pere/tmp")).unwrap().next().is_none());
+        assert!(
+            std::fs::read_dir(dir.path().join("localhost/pere/tmp"))
+                .unwrap()
+                .next()
+                .is_none()
+        );
     }
 
     #[test]
     fn redelivery_after_dovecot_moved_the_file_is_still_a_duplicate() {
         let dir = tempfile::tempdir().unwrap();
         let m = boxes(dir.path(), &[]);
-        let d = m.deliver("0ABC", "", "pere@localhost", b"x\r\n", 0).unwrap();
+        let d = m
+            .deliver("0ABC", "", "pere@localhost", b"x\r\n", 0)
+            .unwrap();
         let mbox = dir.path().join("localhost/pere");
-        std::fs::rename(mbox.join("new").join(&d.message_id), mbox.join("cur").join(format!("{}:2,S", d.message_id))).unwrap();
-        assert!(m.deliver("0ABC", "", "pere@localhost", b"x\r\n", 0).unwrap().duplicate);
+        std::fs::rename(
+            mbox.join("new").join(&d.message_id),
+            mbox.join("cur").join(format!("{}:2,S", d.message_id)),
+        )
+        .unwrap();
+        assert!(
+            m.deliver("0ABC", "", "pere@localhost", b"x\r\n", 0)
+                .unwrap()
+                .duplicate
+        );
         let (list, more) = m.list("pere@localhost", 0, 10).unwrap();
         assert!(!more);
         assert_eq!(list.len(), 1);
         assert_eq!(list[0].flags, "S");
-        assert_eq!(m.find("pere@localhost", &d.message_id).unwrap(), mbox.join("cur").join(format!("{}:2,S", d.message_id)));
+        assert_eq!(
+            m.find("pere@localhost", &d.message_id).unwrap(),
+            mbox.join("cur").join(format!("{}:2,S", d.message_id))
+        );
     }
 
     #[test]
@@ -307,14 +383,35 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let m = boxes(dir.path(), &["pere@localhost"]);
         assert!(m.resolve("PERE@LocalHost").is_ok());
-        assert!(matches!(m.resolve("anna@localhost"), Err(MailboxError::UnknownRecipient(_))));
-        assert!(matches!(m.resolve("pere@elsewhere.org"), Err(MailboxError::UnknownRecipient(_))));
-        assert!(matches!(m.resolve("nodomain"), Err(MailboxError::Invalid(_))));
+        assert!(matches!(
+            m.resolve("anna@localhost"),
+            Err(MailboxError::UnknownRecipient(_))
+        ));
+        assert!(matches!(
+            m.resolve("pere@elsewhere.org"),
+            Err(MailboxError::UnknownRecipient(_))
+        ));
+        assert!(matches!(
+            m.resolve("nodomain"),
+            Err(MailboxError::Invalid(_))
+        ));
         let open = boxes(dir.path(), &[]);
-        assert_eq!(open.resolve("../x@localhost").unwrap(), dir.path().join("localhost/%2E.%2Fx"));
-        assert_eq!(open.resolve(".hidden@localhost").unwrap(), dir.path().join("localhost/%2Ehidden"));
-        assert!(matches!(open.find("pere@localhost", "../../etc/passwd"), Err(MailboxError::Invalid(_))));
-        assert!(matches!(open.deliver("../x", "", "pere@localhost", b"", 0), Err(MailboxError::Invalid(_))));
+        assert_eq!(
+            open.resolve("../x@localhost").unwrap(),
+            dir.path().join("localhost/%2E.%2Fx")
+        );
+        assert_eq!(
+            open.resolve(".hidden@localhost").unwrap(),
+            dir.path().join("localhost/%2Ehidden")
+        );
+        assert!(matches!(
+            open.find("pere@localhost", "../../etc/passwd"),
+            Err(MailboxError::Invalid(_))
+        ));
+        assert!(matches!(
+            open.deliver("../x", "", "pere@localhost", b"", 0),
+            Err(MailboxError::Invalid(_))
+        ));
     }
 
     #[test]
@@ -322,11 +419,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let m = boxes(dir.path(), &[]);
         for i in 0..5 {
-            m.deliver(&format!("Q{i}"), "", "pere@localhost", b"x\r\n", i * 1_000_000).unwrap();
+            m.deliver(
+                &format!("Q{i}"),
+                "",
+                "pere@localhost",
+                b"x\r\n",
+                i * 1_000_000,
+            )
+            .unwrap();
         }
         let (page, more) = m.list("pere@localhost", 0, 2).unwrap();
         assert!(more);
-        assert_eq!(page.iter().map(|l| l.received_at_unix_micros / 1_000_000).collect::<Vec<_>>(), vec![4, 3]);
+        assert_eq!(
+            page.iter()
+                .map(|l| l.received_at_unix_micros / 1_000_000)
+                .collect::<Vec<_>>(),
+            vec![4, 3]
+        );
         let (page, more) = m.list("pere@localhost", 4, 2).unwrap();
         assert!(!more);
         assert_eq!(page.len(), 1);

@@ -76,7 +76,10 @@ impl Storage for StorageService {
         Ok(Response::new(reply))
     }
 
-    async fn deliver(&self, req: Request<DeliverRequest>) -> Result<Response<DeliverResponse>, Status> {
+    async fn deliver(
+        &self,
+        req: Request<DeliverRequest>,
+    ) -> Result<Response<DeliverResponse>, Status> {
         let r = req.into_inner();
         let boxes = self.boxes.clone();
         let span = tracing::info_span!("storage.deliver", queue_id = %r.queue_id);

@@ -2,6 +2,8 @@
 //! RabbitMQ vhosts, a fault-injecting TCP proxy, and the real peers
 //! (aiosmtpd as a remote MX, dnsmasq as DNS).
 #![allow(dead_code)]
+// Test helpers: a failed unwrap is a failed test, with its location.
+#![allow(clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -24,7 +26,13 @@ pub struct Proc {
 }
 
 impl Proc {
-    pub fn spawn(name: &str, dir: &Path, program: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
+    pub fn spawn(
+        name: &str,
+        dir: &Path,
+        program: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Proc {
         let stdout = dir.join(format!("{name}.out"));
         let stderr = dir.join(format!("{name}.err"));
         let mut cmd = Command::new(program);
@@ -78,10 +86,18 @@ impl Proc {
                 }
             }
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("{} exited ({status}) before saying {needle:?}\n{}", self.name, self.output());
+                panic!(
+                    "{} exited ({status}) before saying {needle:?}\n{}",
+                    self.name,
+                    self.output()
+                );
             }
             if Instant::now() > deadline {
-                panic!("{} did not say {needle:?} within {within:?}\n{}", self.name, self.output());
+                panic!(
+                    "{} did not say {needle:?} within {within:?}\n{}",
+                    self.name,
+                    self.output()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -111,7 +127,11 @@ impl Proc {
                 return s;
             }
             if Instant::now() > deadline {
-                panic!("{} still running after {within:?}\n{}", self.name, self.output());
+                panic!(
+                    "{} still running after {within:?}\n{}",
+                    self.name,
+                    self.output()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -146,7 +166,9 @@ pub struct Smtp {
 impl Smtp {
     pub fn connect(addr: SocketAddr) -> Smtp {
         let stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
         Smtp {
             stream,
             buf: Vec::new(),
@@ -161,7 +183,11 @@ impl Smtp {
             }
             let mut chunk = [0u8; 4096];
             let n = self.stream.read(&mut chunk).expect("reply within 30 s");
-            assert!(n > 0, "server closed the connection; had {:?}", String::from_utf8_lossy(&self.buf));
+            assert!(
+                n > 0,
+                "server closed the connection; had {:?}",
+                String::from_utf8_lossy(&self.buf)
+            );
             self.buf.extend_from_slice(&chunk[..n]);
         }
     }
@@ -201,11 +227,7 @@ impl Smtp {
 /// The queue id in a `250 2.0.0 Ok: queued as ID` reply.
 pub fn queue_id(r: &Reply) -> String {
     assert_eq!(r.code, 250, "not queued: {r}");
-    r.text()
-        .rsplit(' ')
-        .next()
-        .unwrap()
-        .to_string()
+    r.text().rsplit(' ').next().unwrap().to_string()
 }
 
 /// Files in a Maildir's `new/`, waiting up to `within` for `count` of them.
@@ -224,7 +246,11 @@ pub fn wait_maildir(dir: &Path, count: usize, within: Duration) -> Vec<PathBuf> 
 
 /// A port free right now on 127.0.0.1.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A RabbitMQ vhost of the test's own, deleted when dropped.
@@ -261,7 +287,15 @@ impl Vhost {
     /// Messages waiting in a queue of this vhost.
     pub fn queue_len(&self, queue: &str) -> usize {
         let out = Command::new("rabbitmqctl")
-            .args(["list_queues", "-p", &self.name, "-q", "--no-table-headers", "name", "messages"])
+            .args([
+                "list_queues",
+                "-p",
+                &self.name,
+                "-q",
+                "--no-table-headers",
+                "name",
+                "messages",
+            ])
             .output()
             .unwrap();
         String::from_utf8_lossy(&out.stdout)
@@ -277,7 +311,9 @@ impl Vhost {
 
 impl Drop for Vhost {
     fn drop(&mut self) {
-        let _deleted = Command::new("rabbitmqctl").args(["delete_vhost", &self.name]).output();
+        let _deleted = Command::new("rabbitmqctl")
+            .args(["delete_vhost", &self.name])
+            .output();
     }
 }
 
@@ -313,7 +349,9 @@ impl FaultProxy {
                     drop(client);
                     continue;
                 }
-                let Ok(server) = TcpStream::connect(upstream) else { continue };
+                let Ok(server) = TcpStream::connect(upstream) else {
+                    continue;
+                };
                 let born = g.load(Ordering::SeqCst);
                 {
                     let mut o = o.lock().unwrap();
@@ -356,8 +394,15 @@ impl FaultProxy {
     }
 }
 
-fn pump(mut from: TcpStream, mut to: TcpStream, mode: Arc<AtomicU8>, generation: Arc<std::sync::atomic::AtomicU64>, born: u64) {
-    from.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+fn pump(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    mode: Arc<AtomicU8>,
+    generation: Arc<std::sync::atomic::AtomicU64>,
+    born: u64,
+) {
+    from.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
     let mut buf = [0u8; 16384];
     loop {
         if generation.load(Ordering::SeqCst) != born {
@@ -386,7 +431,11 @@ fn pump(mut from: TcpStream, mut to: TcpStream, mode: Arc<AtomicU8>, generation:
                     return;
                 }
             }
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
             Err(_) => return,
         }
     }
@@ -413,7 +462,16 @@ pub fn aiosmtpd(dir: &Path, maildir: &Path) -> (Proc, u16) {
         "aiosmtpd",
         dir,
         &python(),
-        &["-m", "aiosmtpd", "-n", "-l", &listen, "-c", "aiosmtpd.handlers.Mailbox", maildir.to_str().unwrap()],
+        &[
+            "-m",
+            "aiosmtpd",
+            "-n",
+            "-l",
+            &listen,
+            "-c",
+            "aiosmtpd.handlers.Mailbox",
+            maildir.to_str().unwrap(),
+        ],
         &[],
     );
     wait_port(port, Duration::from_secs(20), &p);
@@ -423,7 +481,12 @@ pub fn aiosmtpd(dir: &Path, maildir: &Path) -> (Proc, u16) {
 pub fn wait_port(port: u16, within: Duration, p: &Proc) {
     let deadline = Instant::now() + within;
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "{} never listened on {port}\n{}", p.name, p.output());
+        assert!(
+            Instant::now() < deadline,
+            "{} never listened on {port}\n{}",
+            p.name,
+            p.output()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -441,7 +504,16 @@ pub fn dnsmasq(dir: &Path, lines: &[&str]) -> (Proc, u16) {
         text.push('\n');
     }
     std::fs::write(&conf, text).unwrap();
-    let p = Proc::spawn("dnsmasq", dir, "dnsmasq", &["--keep-in-foreground", &format!("--conf-file={}", conf.display())], &[]);
+    let p = Proc::spawn(
+        "dnsmasq",
+        dir,
+        "dnsmasq",
+        &[
+            "--keep-in-foreground",
+            &format!("--conf-file={}", conf.display()),
+        ],
+        &[],
+    );
     // dnsmasq answers TCP too: use that to know it is up.
     wait_port(port, Duration::from_secs(10), &p);
     (p, port)
