@@ -3,12 +3,12 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::path::Path;
 use std::time::Duration;
 
-use common::*;
+use correu_testkit::*;
+
+const CORREU: &str = env!("CARGO_BIN_EXE_correu");
 
 /// Writes a config for `correu serve` on port 0 under `dir`, plus `extra`
 /// (TOML lines that belong at the top level or in a `[section]`).
@@ -25,7 +25,7 @@ fn serve_config(dir: &Path, top: &str, smtp: &str, storage: &str) -> std::path::
 }
 
 fn start(dir: &Path, cfg: &Path) -> (Proc, std::net::SocketAddr) {
-    let mut p = Proc::correu("serve", dir, &["serve"], cfg);
+    let mut p = Proc::correu(CORREU, "serve", dir, &["serve"], cfg);
     let addr = p.serve_smtp_addr();
     (p, addr)
 }
@@ -221,7 +221,7 @@ fn bad_configuration_stops_the_start_and_names_every_key() {
         format!("[smtp]\nlisten = [\"127.0.0.1:{port}\"]\nmax_recipients = 0\n"),
     )
     .unwrap();
-    let mut p = Proc::correu("serve-bad", dir.path(), &["serve"], &bad);
+    let mut p = Proc::correu(CORREU, "serve-bad", dir.path(), &["serve"], &bad);
     let status = p.wait_exit(Duration::from_secs(10));
     assert_eq!(status.code(), Some(64));
     assert!(p.output().contains("smtp.max_recipients"), "{}", p.output());

@@ -5,13 +5,13 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::*;
+use correu_testkit::*;
+
+const CORREU: &str = env!("CARGO_BIN_EXE_correu");
 
 struct Cluster {
     _storage: Proc,
@@ -31,7 +31,7 @@ fn cluster(dir: &Path, vhost: &Vhost, ingress_amqp: SocketAddr, extra: &str) -> 
     );
     let storage_cfg = dir.join("storage.toml");
     std::fs::write(&storage_cfg, &base).unwrap();
-    let mut storage = Proc::correu("storage", dir, &["storage"], &storage_cfg);
+    let mut storage = Proc::correu(CORREU, "storage", dir, &["storage"], &storage_cfg);
     let storage_addr = storage.listening("storage listening");
     let with_endpoint = |url: String| {
         base.replace(&vhost.url(RABBITMQ.parse().unwrap()), &url)
@@ -46,11 +46,11 @@ fn cluster(dir: &Path, vhost: &Vhost, ingress_amqp: SocketAddr, extra: &str) -> 
         with_endpoint(vhost.url(RABBITMQ.parse().unwrap())),
     )
     .unwrap();
-    let mut delivery = Proc::correu("delivery", dir, &["delivery"], &delivery_cfg);
+    let mut delivery = Proc::correu(CORREU, "delivery", dir, &["delivery"], &delivery_cfg);
     delivery.wait_for("delivery consuming", Duration::from_secs(20));
     let ingress_cfg = dir.join("ingress.toml");
     std::fs::write(&ingress_cfg, with_endpoint(vhost.url(ingress_amqp))).unwrap();
-    let mut ingress = Proc::correu("ingress", dir, &["ingress"], &ingress_cfg);
+    let mut ingress = Proc::correu(CORREU, "ingress", dir, &["ingress"], &ingress_cfg);
     let smtp = ingress.listening("SMTP listening");
     Cluster {
         _storage: storage,

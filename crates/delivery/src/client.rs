@@ -315,6 +315,9 @@ mod tests {
         )
         .await;
         let e = result.unwrap_err();
-        assert!(e.contains("closed") || e.contains("broken pipe") || e.contains("reset"), "{e}");
+        assert!(
+            e.contains("closed") || e.contains("broken pipe") || e.contains("reset"),
+            "{e}"
+        );
     }
 }

@@ -316,6 +316,14 @@ impl AmqpQueue {
         .await
     }
 
+    /// Publishes bytes as they are to the work exchange (for tools that
+    /// move messages between queues, and for tests of broken producers).
+    pub async fn publish_raw(&self, payload: &[u8]) -> Result<(), PublishError> {
+        let props = BasicProperties::default().with_delivery_mode(2);
+        self.publish(&self.topology.work_exchange, ROUTING_KEY, payload, props)
+            .await
+    }
+
     /// Opens a consuming channel on the delivery queue.
     async fn open_consumer(&self) -> Result<lapin::Consumer, QueueError> {
         let conn = {

@@ -427,11 +427,13 @@ impl LineReader {
                 }
             }
             None if buf.len() > self.max => {
-                let consumed = buf.len();
-                if self.discarding {
+                // The end of the over-long line may already be here.
+                let end = buf[window.len()..].iter().position(|&b| b == b'\n');
+                let consumed = end.map_or(buf.len(), |p| window.len() + p + 1);
+                let answered = std::mem::replace(&mut self.discarding, end.is_none());
+                if answered {
                     Line::Discarded { consumed }
                 } else {
-                    self.discarding = true;
                     Line::TooLong { consumed }
                 }
             }

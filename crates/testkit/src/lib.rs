@@ -1,9 +1,9 @@
-//! Helpers for the end-to-end tests: Correu processes, a raw SMTP client,
-//! RabbitMQ vhosts, a fault-injecting TCP proxy, and the real peers
-//! (aiosmtpd as a remote MX, dnsmasq as DNS).
-#![allow(dead_code)]
+//! Helpers for Correu's tests: child processes, a raw SMTP client, RabbitMQ
+//! vhosts, a fault-injecting TCP proxy, and the real peers (aiosmtpd as a
+//! remote MX, dnsmasq as DNS). Used only as a dev-dependency.
 // Test helpers: a failed unwrap is a failed test, with its location.
 #![allow(clippy::unwrap_used)]
+#![forbid(unsafe_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -14,8 +14,6 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use correu_smtp::reply::{Reply, parse_reply};
-
-pub const CORREU: &str = env!("CARGO_BIN_EXE_correu");
 
 /// A child process, killed when dropped; its output goes to files.
 pub struct Proc {
@@ -57,12 +55,13 @@ impl Proc {
         }
     }
 
-    /// Starts `correu ARGS --config FILE` in `dir`.
-    pub fn correu(name: &str, dir: &Path, args: &[&str], config: &Path) -> Proc {
+    /// Starts `BINARY ARGS --config FILE` in `dir` (the `correu` binary
+    /// from a test's `env!("CARGO_BIN_EXE_correu")`).
+    pub fn correu(binary: &str, name: &str, dir: &Path, args: &[&str], config: &Path) -> Proc {
         let mut all: Vec<&str> = args.to_vec();
         let c = config.to_str().unwrap();
         all.extend(["--config", c]);
-        Proc::spawn(name, dir, CORREU, &all, &[])
+        Proc::spawn(name, dir, binary, &all, &[])
     }
 
     pub fn output(&self) -> String {
@@ -284,6 +283,19 @@ impl Vhost {
         format!("amqp://guest:guest@{addr}/{}", self.name)
     }
 
+    /// Waits up to `within` for `queue` to hold `want` messages (the
+    /// broker's counts lag a little behind publishes); returns the last count.
+    pub fn wait_queue_len(&self, queue: &str, want: usize, within: Duration) -> usize {
+        let deadline = Instant::now() + within;
+        loop {
+            let n = self.queue_len(queue);
+            if n == want || Instant::now() > deadline {
+                return n;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// Messages waiting in a queue of this vhost.
     pub fn queue_len(&self, queue: &str) -> usize {
         let out = Command::new("rabbitmqctl")
@@ -444,6 +456,7 @@ fn pump(
 /// The Python with aiosmtpd that scripts/test prepares.
 pub fn python() -> String {
     std::env::var("CORREU_TEST_PYTHON").unwrap_or_else(|_| {
+        // scripts/test makes the venv at the workspace root.
         let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
         if venv.exists() {
             venv.to_string_lossy().into_owned()

@@ -1,0 +1,249 @@
+//! One suite, both backends: the embedded spool and the real RabbitMQ (in a
+//! vhost of the test's own). Each promise is checked with exact counts.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use correu_proto::v1::{QueuedMessage, Recipient};
+use correu_queue::{Delivery, Queue, new_queue_id};
+use correu_runtime::config::{Dur, QueueBackend, QueueConfig};
+use correu_testkit::{RABBITMQ, Vhost};
+use tokio_util::sync::CancellationToken;
+
+struct Backend {
+    queue: Queue,
+    cfg: QueueConfig,
+    vhost: Option<Vhost>,
+    _dir: tempfile::TempDir,
+}
+
+fn config(dir: &std::path::Path) -> QueueConfig {
+    QueueConfig {
+        spool: dir.join("spool"),
+        retry_delays: vec![Dur(Duration::from_millis(500)), Dur::secs(60)],
+        publish_timeout: Dur::secs(5),
+        ..QueueConfig::default()
+    }
+}
+
+async fn spool() -> Backend {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let queue = Queue::open(&cfg, QueueBackend::Embedded).await.unwrap();
+    Backend {
+        queue,
+        cfg,
+        vhost: None,
+        _dir: dir,
+    }
+}
+
+async fn rabbitmq(tag: &str) -> Backend {
+    let dir = tempfile::tempdir().unwrap();
+    let vhost = Vhost::create(tag);
+    let cfg = QueueConfig {
+        url: vhost.url(RABBITMQ.parse().unwrap()),
+        ..config(dir.path())
+    };
+    let queue = Queue::open(&cfg, QueueBackend::Rabbitmq).await.unwrap();
+    Backend {
+        queue,
+        cfg,
+        vhost: Some(vhost),
+        _dir: dir,
+    }
+}
+
+fn message(n: usize) -> QueuedMessage {
+    QueuedMessage {
+        queue_id: new_queue_id(),
+        sender: "jo@domini.com".into(),
+        recipients: vec![
+            Recipient {
+                address: format!("a{n}@localhost"),
+            },
+            Recipient {
+                address: format!("b{n}@remote.test"),
+            },
+        ],
+        received_at_unix_micros: 1_700_000_000_000_000 + n as i64,
+        content: format!("Subject: {n}\r\n\r\nbody {n}\r\n").into_bytes(),
+        ..QueuedMessage::default()
+    }
+}
+
+async fn next(c: &mut correu_queue::Consumer, within: Duration) -> Option<Delivery> {
+    let stop = CancellationToken::new();
+    tokio::time::timeout(within, c.next(&stop))
+        .await
+        .ok()
+        .flatten()
+}
+
+async fn publish_consume_ack(b: Backend) {
+    let sent: Vec<QueuedMessage> = (0..3).map(message).collect();
+    for m in &sent {
+        b.queue.publish(m).await.unwrap();
+    }
+    let mut c = b.queue.consumer();
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let d = next(&mut c, Duration::from_secs(10))
+            .await
+            .expect("a message");
+        got.push(d.message.clone().expect("decodes"));
+        d.ack().await.unwrap();
+    }
+    got.sort_by(|a, b| a.queue_id.cmp(&b.queue_id));
+    let mut want = sent.clone();
+    want.sort_by(|a, b| a.queue_id.cmp(&b.queue_id));
+    assert_eq!(got, want, "every published message, exactly as published");
+    assert!(
+        next(&mut c, Duration::from_millis(1500)).await.is_none(),
+        "acked messages do not come back"
+    );
+}
+
+async fn retry_comes_back_after_its_delay(b: Backend) {
+    let m = message(7);
+    b.queue.publish(&m).await.unwrap();
+    let mut c = b.queue.consumer();
+    let d = next(&mut c, Duration::from_secs(10)).await.unwrap();
+    let updated = QueuedMessage {
+        recipients: vec![m.recipients[1].clone()],
+        attempt: 1,
+        last_error: "451 4.3.0 later".into(),
+        ..m.clone()
+    };
+    let started = std::time::Instant::now();
+    d.retry(&updated, 0, b.cfg.retry_delays[0].get())
+        .await
+        .unwrap();
+    let again = next(&mut c, Duration::from_secs(15))
+        .await
+        .expect("the retry comes back");
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "not before its delay"
+    );
+    assert_eq!(
+        again.message.clone().unwrap(),
+        updated,
+        "with only the pending recipient and the attempt"
+    );
+    again.ack().await.unwrap();
+    assert!(next(&mut c, Duration::from_millis(1500)).await.is_none());
+}
+
+async fn undecodable_is_parked(b: &Backend, raw: impl AsyncFnOnce(&Backend)) {
+    raw(b).await;
+    let mut c = b.queue.consumer();
+    let d = next(&mut c, Duration::from_secs(10)).await.unwrap();
+    assert!(d.message.is_none());
+    d.park("does not decode").await.unwrap();
+    assert!(
+        next(&mut c, Duration::from_millis(1500)).await.is_none(),
+        "a parked message is not redelivered"
+    );
+}
+
+#[tokio::test]
+async fn spool_publish_consume_ack() {
+    publish_consume_ack(spool().await).await;
+}
+
+#[tokio::test]
+async fn rabbitmq_publish_consume_ack() {
+    publish_consume_ack(rabbitmq("q-ack").await).await;
+}
+
+#[tokio::test]
+async fn spool_retry() {
+    retry_comes_back_after_its_delay(spool().await).await;
+}
+
+#[tokio::test]
+async fn rabbitmq_retry_through_a_ttl_tier() {
+    retry_comes_back_after_its_delay(rabbitmq("q-retry").await).await;
+}
+
+#[tokio::test]
+async fn spool_parks_what_does_not_decode() {
+    let b = spool().await;
+    let dir = b.cfg.spool.clone();
+    undecodable_is_parked(&b, async |_| {
+        std::fs::write(
+            dir.join("active").join(new_queue_id()),
+            b"\xff\xff not protobuf",
+        )
+        .unwrap();
+    })
+    .await;
+    let counts = correu_queue::spool::Spool::open(&dir)
+        .await
+        .unwrap()
+        .counts()
+        .unwrap();
+    assert_eq!((counts.active, counts.parked), (0, 1));
+}
+
+#[tokio::test]
+async fn rabbitmq_parks_what_does_not_decode() {
+    let b = rabbitmq("q-park").await;
+    undecodable_is_parked(&b, async |b| {
+        // A broken producer: raw bytes on the work exchange.
+        let Queue::Amqp(q) = &b.queue else {
+            unreachable!()
+        };
+        q.publish_raw(b"\xff\xff not protobuf").await.unwrap();
+    })
+    .await;
+    let v = b.vhost.as_ref().unwrap();
+    assert_eq!(
+        v.wait_queue_len("correu.parked", 1, Duration::from_secs(10)),
+        1
+    );
+    assert_eq!(v.queue_len("correu.delivery"), 0);
+}
+
+#[tokio::test]
+async fn spool_keeps_unsettled_messages_across_a_restart() {
+    let b = spool().await;
+    let m = message(1);
+    b.queue.publish(&m).await.unwrap();
+    let mut c = b.queue.consumer();
+    let d = next(&mut c, Duration::from_secs(5)).await.unwrap();
+    drop(d); // the process dies before settling it
+    drop(c);
+    let reopened = Queue::open(&b.cfg, QueueBackend::Embedded).await.unwrap();
+    let mut c = reopened.consumer();
+    let d = next(&mut c, Duration::from_secs(5))
+        .await
+        .expect("handed out again");
+    assert_eq!(d.message.clone().unwrap(), m);
+    d.ack().await.unwrap();
+}
+
+#[tokio::test]
+async fn rabbitmq_unreachable_publish_fails_fast() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = QueueConfig {
+        // Nothing listens here.
+        url: format!(
+            "amqp://guest:guest@127.0.0.1:{}/%2f",
+            correu_testkit::free_port()
+        ),
+        connect_timeout: Dur::secs(2),
+        ..config(dir.path())
+    };
+    let q = Queue::open(&cfg, QueueBackend::Rabbitmq).await.unwrap();
+    let started = std::time::Instant::now();
+    let e = q.publish(&message(1)).await.unwrap_err();
+    assert!(
+        matches!(e, correu_queue::PublishError::Unavailable(_)),
+        "{e}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
