@@ -34,6 +34,12 @@ impl Proc {
         let stdout = dir.join(format!("{name}.out"));
         let stderr = dir.join(format!("{name}.err"));
         let mut cmd = Command::new(program);
+        // The caller's own CORREU_ settings must not leak into a test.
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("CORREU_") {
+                cmd.env_remove(k);
+            }
+        }
         cmd.args(args)
             .current_dir(dir)
             .stdin(Stdio::null())
@@ -455,7 +461,7 @@ fn pump(
 
 /// The Python with aiosmtpd that scripts/test prepares.
 pub fn python() -> String {
-    std::env::var("CORREU_TEST_PYTHON").unwrap_or_else(|_| {
+    std::env::var("TESTKIT_PYTHON").unwrap_or_else(|_| {
         // scripts/test makes the venv at the workspace root.
         let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
         if venv.exists() {
