@@ -34,6 +34,26 @@ pub struct MailParams {
     pub body: Option<Body>,
     /// SMTPUTF8 (RFC 6531).
     pub smtputf8: bool,
+    /// RET= (RFC 3461 §4.3): what a bounce returns of the message.
+    pub ret: Option<Ret>,
+    /// ENVID= (RFC 3461 §4.4), as sent (xtext).
+    pub envid: Option<String>,
+}
+
+/// RET= of MAIL FROM (RFC 3461 §4.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ret {
+    Full,
+    Headers,
+}
+
+/// The DSN parameters of RCPT TO (RFC 3461 §4.1, §4.2).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RcptParams {
+    /// NOTIFY=, normalised: `NEVER`, or some of `SUCCESS,FAILURE,DELAY`.
+    pub notify: Option<String>,
+    /// ORCPT=, as sent: `addr-type;xtext`.
+    pub orcpt: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,8 +67,21 @@ pub enum Command {
     },
     Rcpt {
         to: Address,
+        params: RcptParams,
     },
     Data,
+    /// BDAT (RFC 3030): a chunk of `size` octets follows the command line.
+    Bdat {
+        size: u64,
+        last: bool,
+    },
+    StartTls,
+    /// AUTH (RFC 4954) with the mechanism upper-cased and the optional
+    /// initial response.
+    Auth {
+        mechanism: String,
+        initial: Option<String>,
+    },
     Rset,
     Noop,
     Vrfy(String),
@@ -89,7 +122,7 @@ pub fn parse_command(line: &[u8]) -> Result<Command, CommandError> {
         Some(i) => (&line[..i], &line[i + 1..]),
         None => (line, ""),
     };
-    if verb.len() > 4 {
+    if verb.len() > 8 {
         return Err(CommandError::Unrecognized);
     }
     let verb = verb.to_ascii_uppercase();
@@ -109,6 +142,20 @@ pub fn parse_command(line: &[u8]) -> Result<Command, CommandError> {
         // NOOP may carry a string, which is ignored (RFC 5321 §4.1.1.9).
         "NOOP" => Ok(Command::Noop),
         "QUIT" => no_arg(arg, Command::Quit, "QUIT"),
+        "BDAT" => parse_bdat(arg),
+        "STARTTLS" => no_arg(arg, Command::StartTls, "STARTTLS"),
+        "AUTH" => {
+            let mut parts = arg.split(' ').filter(|p| !p.is_empty());
+            let mechanism = parts
+                .next()
+                .ok_or(CommandError::Syntax("AUTH mechanism [initial-response]"))?
+                .to_ascii_uppercase();
+            let initial = parts.next().map(str::to_string);
+            if parts.next().is_some() {
+                return Err(CommandError::Syntax("AUTH mechanism [initial-response]"));
+            }
+            Ok(Command::Auth { mechanism, initial })
+        }
         "VRFY" => {
             if arg.is_empty() {
                 return Err(CommandError::Syntax("VRFY address"));
@@ -211,10 +258,71 @@ fn parse_mail(rest: &str) -> Result<Command, CommandError> {
             }
             ("BODY", Some(v)) => return Err(CommandError::ParameterValue(format!("BODY={v}"))),
             ("SMTPUTF8", None) => p.smtputf8 = true,
+            ("RET", Some(v)) if v.eq_ignore_ascii_case("FULL") => p.ret = Some(Ret::Full),
+            ("RET", Some(v)) if v.eq_ignore_ascii_case("HDRS") => p.ret = Some(Ret::Headers),
+            ("RET", Some(v)) => return Err(CommandError::ParameterValue(format!("RET={v}"))),
+            // RFC 3461 §4.4: at most 100 characters of xtext.
+            ("ENVID", Some(v)) if v.len() <= 100 && is_xtext(v) => p.envid = Some(v.to_string()),
+            ("ENVID", Some(v)) => return Err(CommandError::ParameterValue(format!("ENVID={v}"))),
             (k, _) => return Err(CommandError::Parameter(k.to_string())),
         }
     }
     Ok(Command::Mail { from, params: p })
+}
+
+/// xtext (RFC 3461 §4): printable ASCII but `+` and `=`, with `+XX` escapes.
+fn is_xtext(v: &str) -> bool {
+    let b = v.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => {
+                let hex = |c: u8| c.is_ascii_digit() || (b'A'..=b'F').contains(&c);
+                if !(b.get(i + 1).copied().is_some_and(hex) && b.get(i + 2).copied().is_some_and(hex)) {
+                    return false;
+                }
+                i += 3;
+            }
+            b'!'..=b'~' if b[i] != b'=' => i += 1,
+            _ => return false,
+        }
+    }
+    true
+}
+
+fn parse_notify(v: &str) -> Result<String, CommandError> {
+    let bad = || CommandError::ParameterValue(format!("NOTIFY={v}"));
+    let words: Vec<String> = v.split(',').map(|w| w.to_ascii_uppercase()).collect();
+    if words.iter().any(|w| w == "NEVER") {
+        return if words.len() == 1 { Ok("NEVER".into()) } else { Err(bad()) };
+    }
+    let mut out = Vec::new();
+    for want in ["SUCCESS", "FAILURE", "DELAY"] {
+        if words.iter().any(|w| w == want) {
+            out.push(want);
+        }
+    }
+    if out.is_empty() || out.len() != words.len() {
+        return Err(bad());
+    }
+    Ok(out.join(","))
+}
+
+fn parse_bdat(arg: &str) -> Result<Command, CommandError> {
+    let mut parts = arg.split(' ').filter(|p| !p.is_empty());
+    let size = parts
+        .next()
+        .and_then(|s| s.parse().ok())
+        .ok_or(CommandError::Syntax("BDAT size [LAST]"))?;
+    let last = match parts.next() {
+        None => false,
+        Some(l) if l.eq_ignore_ascii_case("LAST") => true,
+        Some(_) => return Err(CommandError::Syntax("BDAT size [LAST]")),
+    };
+    if parts.next().is_some() {
+        return Err(CommandError::Syntax("BDAT size [LAST]"));
+    }
+    Ok(Command::Bdat { size, last })
 }
 
 fn parse_rcpt(rest: &str) -> Result<Command, CommandError> {
@@ -227,10 +335,18 @@ fn parse_rcpt(rest: &str) -> Result<Command, CommandError> {
     // "Postmaster" alone names the postmaster of this server (RFC 5321 §4.1.1.3);
     // it is accepted by the session, which knows the domain.
     let to = Address::parse(path).map_err(CommandError::Recipient)?;
-    if let Some((k, _)) = params(rest)?.into_iter().next() {
-        return Err(CommandError::Parameter(k));
+    let mut p = RcptParams::default();
+    for (key, value) in params(rest)? {
+        match (key.as_str(), value) {
+            ("NOTIFY", Some(v)) => p.notify = Some(parse_notify(v)?),
+            // addr-type ";" xtext (RFC 3461 §4.2); the address may be UTF-8
+            // with SMTPUTF8 (RFC 6533), so only the shape is checked here.
+            ("ORCPT", Some(v)) if v.contains(';') && v.len() <= 500 => p.orcpt = Some(v.to_string()),
+            ("ORCPT", Some(v)) => return Err(CommandError::ParameterValue(format!("ORCPT={v}"))),
+            (k, _) => return Err(CommandError::Parameter(k.to_string())),
+        }
     }
-    Ok(Command::Rcpt { to })
+    Ok(Command::Rcpt { to, params: p })
 }
 
 #[cfg(test)]
@@ -268,7 +384,7 @@ mod tests {
                     params: MailParams {
                         size: Some(1000),
                         body: Some(Body::EightBitMime),
-                        smtputf8: false,
+                        ..MailParams::default()
                     },
                 },
             ),
@@ -293,18 +409,59 @@ mod tests {
                 "RCPT TO: pere@localhost",
                 Command::Rcpt {
                     to: addr("pere@localhost"),
+                    params: RcptParams::default(),
                 },
             ),
             (
                 "RCPT TO:<@relay.example:pere@localhost>",
                 Command::Rcpt {
                     to: addr("pere@localhost"),
+                    params: RcptParams::default(),
                 },
             ),
             (
                 "RCPT TO:<\"a>b\"@localhost>",
                 Command::Rcpt {
                     to: addr("\"a>b\"@localhost"),
+                    params: RcptParams::default(),
+                },
+            ),
+            (
+                "RCPT TO:<a@x.org> NOTIFY=delay,failure ORCPT=rfc822;a+40x.org",
+                Command::Rcpt {
+                    to: addr("a@x.org"),
+                    params: RcptParams {
+                        notify: Some("FAILURE,DELAY".into()),
+                        orcpt: Some("rfc822;a+40x.org".into()),
+                    },
+                },
+            ),
+            (
+                "MAIL FROM:<a@x.org> RET=HDRS ENVID=QQ+2B1",
+                Command::Mail {
+                    from: ReversePath::Mailbox(addr("a@x.org")),
+                    params: MailParams {
+                        ret: Some(Ret::Headers),
+                        envid: Some("QQ+2B1".into()),
+                        ..MailParams::default()
+                    },
+                },
+            ),
+            ("BDAT 1000", Command::Bdat { size: 1000, last: false }),
+            ("bdat 0 last", Command::Bdat { size: 0, last: true }),
+            ("STARTTLS", Command::StartTls),
+            (
+                "AUTH plain AGpvAHNlY3JldA==",
+                Command::Auth {
+                    mechanism: "PLAIN".into(),
+                    initial: Some("AGpvAHNlY3JldA==".into()),
+                },
+            ),
+            (
+                "AUTH LOGIN",
+                Command::Auth {
+                    mechanism: "LOGIN".into(),
+                    initial: None,
                 },
             ),
             ("DATA", Command::Data),
@@ -344,10 +501,18 @@ mod tests {
                 ParameterValue("BODY=BINARYMIME".into()),
             ),
             (b"RCPT TO:<>", Syntax("RCPT TO:<address>")),
-            (
-                b"RCPT TO:<a@x.org> NOTIFY=NEVER",
-                Parameter("NOTIFY".into()),
-            ),
+            (b"RCPT TO:<a@x.org> FOO=1", Parameter("FOO".into())),
+            (b"RCPT TO:<a@x.org> NOTIFY=NEVER,DELAY", ParameterValue("NOTIFY=NEVER,DELAY".into())),
+            (b"RCPT TO:<a@x.org> NOTIFY=SOMETIMES", ParameterValue("NOTIFY=SOMETIMES".into())),
+            (b"RCPT TO:<a@x.org> ORCPT=nosemicolon", ParameterValue("ORCPT=nosemicolon".into())),
+            (b"MAIL FROM:<a@x.org> RET=ALL", ParameterValue("RET=ALL".into())),
+            (b"MAIL FROM:<a@x.org> ENVID=a=b", ParameterValue("ENVID=a=b".into())),
+            (b"MAIL FROM:<a@x.org> ENVID=a+4", ParameterValue("ENVID=a+4".into())),
+            (b"BDAT", Syntax("BDAT size [LAST]")),
+            (b"BDAT ten", Syntax("BDAT size [LAST]")),
+            (b"BDAT 10 FIRST", Syntax("BDAT size [LAST]")),
+            (b"STARTTLS now", Syntax("STARTTLS")),
+            (b"AUTH", Syntax("AUTH mechanism [initial-response]")),
             (b"RCPT <a@x.org>", Syntax("RCPT TO:<address>")),
             (b"DATA now", Syntax("DATA")),
             (b"QUIT please", Syntax("QUIT")),

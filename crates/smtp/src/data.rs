@@ -29,6 +29,9 @@ pub struct DataReceiver {
     size: usize,
     overflow: bool,
     bare_line_ends: usize,
+    /// Octets in the current line so far, and the longest line with its CRLF.
+    line: usize,
+    longest: usize,
 }
 
 /// What one call to [`DataReceiver::feed`] found.
@@ -51,6 +54,8 @@ impl DataReceiver {
             size: 0,
             overflow: false,
             bare_line_ends: 0,
+            line: 0,
+            longest: 0,
         }
     }
 
@@ -69,7 +74,22 @@ impl DataReceiver {
         self.size
     }
 
+    /// What the session checks once the message is in.
+    pub fn report(&self) -> crate::session::BodyReport {
+        crate::session::BodyReport {
+            overflowed: self.overflow,
+            bare_line_ends: self.bare_line_ends,
+            longest_line: self.longest.max(self.line),
+        }
+    }
+
     fn emit(&mut self, out: &mut Vec<u8>, bytes: &[u8]) {
+        if bytes == b"\r\n" {
+            self.longest = self.longest.max(self.line + 2);
+            self.line = 0;
+        } else {
+            self.line += bytes.len();
+        }
         self.size += bytes.len();
         if self.size > self.max_size {
             self.overflow = true;
@@ -248,6 +268,17 @@ mod tests {
                 String::from_utf8_lossy(&got_body)
             );
         }
+    }
+
+    #[test]
+    fn reports_the_longest_line() {
+        let mut r = DataReceiver::new(1 << 20);
+        let mut out = Vec::new();
+        r.feed(b"ab\r\n..cdef\r\n", &mut out);
+        r.feed(b"x\r\n.\r\n", &mut out);
+        // ".cdef" unstuffed is 5 octets, 7 with its CRLF.
+        assert_eq!(r.report().longest_line, 7);
+        assert!(!r.report().overflowed);
     }
 
     #[test]

@@ -1,17 +1,22 @@
 //! The server side of an SMTP session as a state machine, with no IO.
 //!
 //! The driver reads command lines with [`LineReader`], gives each to
-//! [`Session::command`] and acts on the [`Step`] it gets back. Two steps need
-//! the outside world: a recipient in a local domain is checked by the driver,
-//! which hands the verdict to [`Session::recipient_checked`]; and a received
-//! message is queued by the driver, which hands the outcome to
-//! [`Session::queued`]. Everything else is decided here, so the whole
-//! dialogue is tested without sockets.
+//! [`Session::command`] and acts on the [`Step`] it gets back. Steps that
+//! need the outside world come back to the session: a local recipient is
+//! checked by the driver ([`Session::recipient_checked`]), credentials too
+//! ([`Session::credentials_checked`]), a message is queued
+//! ([`Session::queued`]), TLS is started ([`Session::tls_started`]) and BDAT
+//! chunks are read ([`Session::chunk_received`]). Everything else is decided
+//! here, so the whole dialogue is tested without sockets.
 
+use std::fmt;
 use std::sync::Arc;
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+
 use crate::address::Address;
-use crate::command::{Command, CommandError, MailParams, ReversePath, parse_command};
+use crate::command::{Command, CommandError, MailParams, RcptParams, ReversePath, parse_command};
 use crate::reply::{Enhanced, Reply};
 
 /// What a session needs to know about the server.
@@ -27,6 +32,13 @@ pub struct SessionConfig {
     pub max_recipients: usize,
     /// Errors (4xx/5xx replies to commands) before the session is closed.
     pub max_errors: usize,
+    /// Messages in one session before it is closed.
+    pub max_transactions: usize,
+    /// Longest text line in DATA, CRLF included (RFC 5321 §4.5.3.1.6:
+    /// 1000); 0 for no limit.
+    pub max_text_line: usize,
+    /// Refuse messages with a bare CR or LF instead of storing it as CRLF.
+    pub reject_bare_line_ends: bool,
 }
 
 impl SessionConfig {
@@ -34,6 +46,54 @@ impl SessionConfig {
         self.local_domains
             .iter()
             .any(|d| d.eq_ignore_ascii_case(domain))
+    }
+}
+
+/// The role of the listener a client connected to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Port 25: mail for local domains; relay only for trusted networks.
+    Mx,
+    /// Port 587 (RFC 6409): STARTTLS, then AUTH, before MAIL.
+    Submission,
+    /// Port 465 (RFC 8314): TLS from the first byte, then AUTH.
+    Submissions,
+}
+
+/// How this connection may be served.
+#[derive(Clone, Copy, Debug)]
+pub struct Policy {
+    pub role: Role,
+    /// STARTTLS can be offered (a certificate is configured).
+    pub tls_available: bool,
+    /// TLS is already on (implicit TLS).
+    pub tls_active: bool,
+    /// AUTH can be offered (once TLS is on).
+    pub auth_available: bool,
+    /// The client's address is trusted to relay.
+    pub relay_allowed: bool,
+}
+
+impl Policy {
+    /// A plain MX listener without TLS or AUTH.
+    pub fn mx(relay_allowed: bool) -> Policy {
+        Policy {
+            role: Role::Mx,
+            tls_available: false,
+            tls_active: false,
+            auth_available: false,
+            relay_allowed,
+        }
+    }
+}
+
+/// A password, kept out of logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
     }
 }
 
@@ -49,6 +109,15 @@ pub enum Step {
     CheckRecipient(Address),
     /// Send the `354` reply and read the message with a DATA receiver.
     Data(Reply),
+    /// Read exactly `size` octets of BDAT chunk (RFC 3030), then call
+    /// [`Session::chunk_received`]. `first` starts a new message body.
+    Chunk { size: u64, last: bool, first: bool },
+    /// Send the reply, drop whatever the client sent after STARTTLS
+    /// (RFC 3207 §4.2; CVE-2011-0411), do the TLS handshake, then call
+    /// [`Session::tls_started`].
+    StartTls(Reply),
+    /// Check these credentials, then call [`Session::credentials_checked`].
+    CheckCredentials { user: String, password: Secret },
 }
 
 /// The answer to [`Step::CheckRecipient`].
@@ -60,13 +129,50 @@ pub enum RecipientVerdict {
     TryLater,
 }
 
+/// The answer to [`Step::CheckCredentials`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialVerdict {
+    Valid,
+    Invalid,
+    TryLater,
+}
+
+/// One recipient with its DSN parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rcpt {
+    pub address: Address,
+    pub params: RcptParams,
+}
+
 /// A complete envelope, handed out when the message is received.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Envelope {
     pub helo: String,
     pub from: ReversePath,
     pub params: MailParams,
-    pub recipients: Vec<Address>,
+    pub recipients: Vec<Rcpt>,
+    /// `SMTP`, `ESMTP`, `ESMTPS`, `ESMTPA` or `ESMTPSA` (RFC 3848).
+    pub protocol: &'static str,
+    /// The TLS version and cipher, when TLS is on.
+    pub tls: Option<String>,
+    /// The authenticated user, if any.
+    pub user: Option<String>,
+}
+
+/// What follows a BDAT chunk.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Chunked {
+    Step(Step),
+    /// The LAST chunk: queue the message, then call [`Session::queued`].
+    Queue(Envelope),
+}
+
+/// How a message body arrived, checked by [`Session::data_received`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BodyReport {
+    pub overflowed: bool,
+    pub bare_line_ends: usize,
+    pub longest_line: usize,
 }
 
 /// Why the queue did not take a message.
@@ -76,7 +182,18 @@ pub enum QueueFailure {
     Unavailable,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where an AUTH exchange is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum AuthStep {
+    /// `334 ` sent for PLAIN; the response follows.
+    Plain,
+    /// `334 Username:` sent for LOGIN.
+    LoginUser,
+    /// `334 Password:` sent.
+    LoginPassword(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum State {
     /// Before HELO/EHLO.
     Connected,
@@ -84,24 +201,35 @@ enum State {
     Ready,
     /// MAIL accepted; recipients may follow.
     Mail,
+    /// BDAT chunks are coming.
+    Bdat,
     /// DATA accepted; the driver is receiving the message.
     Data,
     /// The message is received; the driver is queuing it.
     Queuing,
+    /// In an AUTH exchange: the next line is a response, not a command.
+    Auth(AuthStep),
 }
 
 /// One SMTP server session.
 #[derive(Debug)]
 pub struct Session {
     cfg: Arc<SessionConfig>,
+    policy: Policy,
     state: State,
     esmtp: bool,
-    relay_allowed: bool,
+    tls: Option<String>,
+    user: Option<String>,
     helo: String,
     from: ReversePath,
     params: MailParams,
-    recipients: Vec<Address>,
+    recipients: Vec<Rcpt>,
     errors: usize,
+    transactions: usize,
+    /// Set when a BDAT chunk is refused: the reply after it is read.
+    chunk_refusal: Option<Reply>,
+    /// DSN parameters of the RCPT being checked.
+    pending_params: RcptParams,
 }
 
 fn reply(code: u16, e: (u8, u16, u16), text: impl Into<String>) -> Reply {
@@ -109,19 +237,22 @@ fn reply(code: u16, e: (u8, u16, u16), text: impl Into<String>) -> Reply {
 }
 
 impl Session {
-    /// A new session. `relay_allowed` says whether this client may send to
-    /// domains that are not local (a trusted network, or authenticated).
-    pub fn new(cfg: Arc<SessionConfig>, relay_allowed: bool) -> Self {
+    pub fn new(cfg: Arc<SessionConfig>, policy: Policy) -> Self {
         Session {
             cfg,
+            tls: policy.tls_active.then(|| "TLS".to_string()),
+            policy,
             state: State::Connected,
             esmtp: false,
-            relay_allowed,
+            user: None,
             helo: String::new(),
             from: ReversePath::Null,
             params: MailParams::default(),
             recipients: Vec::new(),
             errors: 0,
+            transactions: 0,
+            chunk_refusal: None,
+            pending_params: RcptParams::default(),
         }
     }
 
@@ -137,11 +268,12 @@ impl Session {
 
     /// The reply given to a client that sent nothing in time.
     pub fn timeout(&self) -> Reply {
-        reply(
-            421,
-            (4, 4, 2),
-            format!("{} Error: timeout exceeded", self.cfg.hostname),
-        )
+        reply(421, (4, 4, 2), format!("{} Error: timeout exceeded", self.cfg.hostname))
+    }
+
+    /// The reply given when a session has lasted longer than allowed.
+    pub fn session_too_long(&self) -> Reply {
+        reply(421, (4, 4, 2), format!("{} Error: session time limit exceeded", self.cfg.hostname))
     }
 
     /// The reply given to new or idle sessions while the server stops.
@@ -149,24 +281,43 @@ impl Session {
         reply(
             421,
             (4, 3, 2),
-            format!(
-                "{} Service shutting down, try again later",
-                self.cfg.hostname
-            ),
+            format!("{} Service shutting down, try again later", self.cfg.hostname),
         )
     }
 
+    /// The reply to a client over its rate of connections or messages.
+    pub fn rate_limited(&self, what: &str) -> Reply {
+        reply(421, (4, 7, 0), format!("{} Error: too many {what}, slow down", self.cfg.hostname))
+    }
+
     /// Recipients accepted so far in this transaction.
-    pub fn recipients(&self) -> &[Address] {
+    pub fn recipients(&self) -> &[Rcpt] {
         &self.recipients
     }
 
+    /// The authenticated user, if any.
+    pub fn user(&self) -> Option<&str> {
+        self.user.as_deref()
+    }
+
+    pub fn helo(&self) -> &str {
+        &self.helo
+    }
+
+    /// Whether the next line belongs to an AUTH exchange (and must not be
+    /// logged).
+    pub fn in_auth(&self) -> bool {
+        matches!(self.state, State::Auth(_))
+    }
+
+    fn relay_allowed(&self) -> bool {
+        self.policy.relay_allowed || self.user.is_some()
+    }
+
     fn reset(&mut self) {
-        self.state = if self.state == State::Connected {
-            State::Connected
-        } else {
-            State::Ready
-        };
+        if self.state != State::Connected {
+            self.state = State::Ready;
+        }
         self.from = ReversePath::Null;
         self.params = MailParams::default();
         self.recipients.clear();
@@ -185,12 +336,47 @@ impl Session {
         Step::Reply(r)
     }
 
-    /// Handles one command line (without CRLF).
+    /// `SMTP`, `ESMTP`, `ESMTPS`, `ESMTPA`, `ESMTPSA` (RFC 3848).
+    fn protocol(&self) -> &'static str {
+        match (self.esmtp, self.tls.is_some(), self.user.is_some()) {
+            (false, _, _) => "SMTP",
+            (true, false, false) => "ESMTP",
+            (true, true, false) => "ESMTPS",
+            (true, false, true) => "ESMTPA",
+            (true, true, true) => "ESMTPSA",
+        }
+    }
+
+    fn ehlo_lines(&self) -> Vec<String> {
+        let mut lines = vec![
+            self.cfg.hostname.clone(),
+            "PIPELINING".into(),
+            format!("SIZE {}", self.cfg.max_message_size),
+            "8BITMIME".into(),
+            "SMTPUTF8".into(),
+            "CHUNKING".into(),
+            "DSN".into(),
+            "ENHANCEDSTATUSCODES".into(),
+        ];
+        if self.policy.tls_available && self.tls.is_none() {
+            lines.push("STARTTLS".into());
+        }
+        // AUTH is never offered in the clear (RFC 8314 §3, RFC 4954 §4).
+        if self.policy.auth_available && self.tls.is_some() && self.user.is_none() {
+            lines.push("AUTH PLAIN LOGIN".into());
+        }
+        lines
+    }
+
+    /// Handles one line (without CRLF): a command, or an AUTH response.
     pub fn command(&mut self, line: &[u8]) -> Step {
         debug_assert!(
             !matches!(self.state, State::Data | State::Queuing),
             "command while receiving a message"
         );
+        if let State::Auth(step) = self.state.clone() {
+            return self.auth_response(step, line);
+        }
         let cmd = match parse_command(line) {
             Ok(c) => c,
             Err(e) => return self.error(command_error_reply(&e)),
@@ -208,18 +394,14 @@ impl Session {
                 self.state = State::Ready;
                 self.esmtp = true;
                 self.helo = name;
-                let lines = vec![
-                    self.cfg.hostname.clone(),
-                    "PIPELINING".into(),
-                    format!("SIZE {}", self.cfg.max_message_size),
-                    "8BITMIME".into(),
-                    "ENHANCEDSTATUSCODES".into(),
-                ];
-                Step::Reply(Reply::multi(250, None, lines))
+                Step::Reply(Reply::multi(250, None, self.ehlo_lines()))
             }
             Command::Mail { from, params } => self.mail(from, params),
-            Command::Rcpt { to } => self.rcpt(to),
+            Command::Rcpt { to, params } => self.rcpt(to, params),
             Command::Data => self.data(),
+            Command::Bdat { size, last } => self.bdat(size, last),
+            Command::StartTls => self.starttls(),
+            Command::Auth { mechanism, initial } => self.auth(&mechanism, initial),
             Command::Rset => {
                 self.reset();
                 Step::Reply(reply(250, (2, 0, 0), "Ok"))
@@ -235,7 +417,7 @@ impl Session {
                 214,
                 Some(Enhanced(2, 0, 0)),
                 vec![
-                    "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP VRFY HELP QUIT".into(),
+                    "Commands: HELO EHLO STARTTLS AUTH MAIL RCPT DATA BDAT RSET NOOP VRFY HELP QUIT".into(),
                     "See RFC 5321".into(),
                 ],
             )),
@@ -248,13 +430,37 @@ impl Session {
             State::Connected => {
                 return self.error(reply(503, (5, 5, 1), "Error: send HELO/EHLO first"));
             }
-            State::Mail => return self.error(reply(503, (5, 5, 1), "Error: nested MAIL command")),
+            State::Mail | State::Bdat => {
+                return self.error(reply(503, (5, 5, 1), "Error: nested MAIL command"));
+            }
             _ => {}
+        }
+        if matches!(self.policy.role, Role::Submission | Role::Submissions) && self.user.is_none() {
+            // RFC 3207 §4, RFC 4954 §6.
+            let why = if self.tls.is_none() {
+                "Must issue a STARTTLS command first"
+            } else {
+                "Authentication required"
+            };
+            return self.error(reply(530, (5, 7, 0), why));
+        }
+        if self.transactions >= self.cfg.max_transactions {
+            return Step::Close(reply(
+                421,
+                (4, 7, 0),
+                format!("{} Error: too many messages in one session", self.cfg.hostname),
+            ));
         }
         if let Some(size) = params.size
             && size > self.cfg.max_message_size as u64
         {
             return self.error(reply(552, (5, 3, 4), "Message size exceeds fixed limit"));
+        }
+        if let ReversePath::Mailbox(a) = &from
+            && a.is_utf8()
+            && !params.smtputf8
+        {
+            return self.error(reply(553, (5, 6, 7), "Non-ASCII sender address needs SMTPUTF8"));
         }
         self.state = State::Mail;
         self.from = from;
@@ -263,36 +469,38 @@ impl Session {
         Step::Reply(reply(250, (2, 1, 0), "Ok"))
     }
 
-    fn rcpt(&mut self, to: Address) -> Step {
+    fn rcpt(&mut self, to: Address, params: RcptParams) -> Step {
         if self.state != State::Mail {
             return self.error(reply(503, (5, 5, 1), "Error: need MAIL command"));
         }
-        if self.recipients.contains(&to) {
+        if to.is_utf8() && !self.params.smtputf8 {
+            return self.error(reply(553, (5, 6, 7), "Non-ASCII recipient address needs SMTPUTF8"));
+        }
+        if self.recipients.iter().any(|r| r.address == to) {
             // A repeated recipient gets one copy (RFC 5321 §3.3 allows this).
             return Step::Reply(reply(250, (2, 1, 5), "Ok"));
         }
         if self.recipients.len() >= self.cfg.max_recipients {
             return self.error(reply(452, (4, 5, 3), "Error: too many recipients"));
         }
+        self.pending_params = params;
         if self.cfg.is_local_domain(to.domain()) {
             return Step::CheckRecipient(to);
         }
-        if !self.relay_allowed {
-            return self.error(reply(
-                550,
-                (5, 7, 1),
-                format!("<{to}>: Relay access denied"),
-            ));
+        if !self.relay_allowed() {
+            return self.error(reply(550, (5, 7, 1), format!("<{to}>: Relay access denied")));
         }
-        self.recipients.push(to);
+        let params = std::mem::take(&mut self.pending_params);
+        self.recipients.push(Rcpt { address: to, params });
         Step::Reply(reply(250, (2, 1, 5), "Ok"))
     }
 
     /// The driver's answer to [`Step::CheckRecipient`].
     pub fn recipient_checked(&mut self, to: Address, verdict: RecipientVerdict) -> Step {
+        let params = std::mem::take(&mut self.pending_params);
         match verdict {
             RecipientVerdict::Exists => {
-                self.recipients.push(to);
+                self.recipients.push(Rcpt { address: to, params });
                 Step::Reply(reply(250, (2, 1, 5), "Ok"))
             }
             RecipientVerdict::Unknown => self.error(reply(
@@ -315,25 +523,76 @@ impl Session {
                 Step::Data(Reply::plain(354, "End data with <CR><LF>.<CR><LF>"))
             }
             State::Mail => self.error(reply(503, (5, 5, 1), "Error: need RCPT command")),
+            State::Bdat => self.error(reply(503, (5, 5, 1), "Error: DATA after BDAT")),
             _ => self.error(reply(503, (5, 5, 1), "Error: need MAIL command")),
         }
     }
 
-    /// The message after `354` was received. `overflowed` says it was over
-    /// the size limit. Returns the envelope to queue, or the reply to send.
-    pub fn data_received(&mut self, overflowed: bool) -> Result<Envelope, Reply> {
-        debug_assert_eq!(self.state, State::Data);
-        if overflowed {
+    fn bdat(&mut self, size: u64, last: bool) -> Step {
+        let first = self.state == State::Mail;
+        self.chunk_refusal = match self.state {
+            State::Mail if !self.recipients.is_empty() => {
+                self.state = State::Bdat;
+                None
+            }
+            State::Bdat => None,
+            State::Mail => Some(reply(503, (5, 5, 1), "Error: need RCPT command")),
+            _ => Some(reply(503, (5, 5, 1), "Error: need MAIL command")),
+        };
+        // The chunk is read (and dropped) even when refused: the client
+        // sends it regardless (RFC 3030 §3).
+        Step::Chunk { size, last, first }
+    }
+
+    /// A BDAT chunk was read; `total` octets of message so far. Returns the
+    /// step to take, or (after the LAST chunk) the envelope to queue.
+    pub fn chunk_received(&mut self, total: u64, last: bool) -> Chunked {
+        if let Some(r) = self.chunk_refusal.take() {
+            return Chunked::Step(self.error(r));
+        }
+        if total > self.cfg.max_message_size as u64 {
             self.reset();
-            return Err(reply(552, (5, 3, 4), "Message size exceeds fixed limit"));
+            return Chunked::Step(self.error(reply(552, (5, 3, 4), "Message size exceeds fixed limit")));
+        }
+        if !last {
+            return Chunked::Step(Step::Reply(reply(250, (2, 0, 0), format!("{total} octets received"))));
         }
         self.state = State::Queuing;
-        Ok(Envelope {
+        Chunked::Queue(self.envelope())
+    }
+
+    fn envelope(&mut self) -> Envelope {
+        self.transactions += 1;
+        Envelope {
             helo: self.helo.clone(),
             from: self.from.clone(),
             params: self.params.clone(),
             recipients: self.recipients.clone(),
-        })
+            protocol: self.protocol(),
+            tls: self.tls.clone(),
+            user: self.user.clone(),
+        }
+    }
+
+    /// The message after `354` was received. Returns the envelope to queue,
+    /// or the reply to send.
+    pub fn data_received(&mut self, body: BodyReport) -> Result<Envelope, Reply> {
+        debug_assert_eq!(self.state, State::Data);
+        let refusal = if body.overflowed {
+            Some(reply(552, (5, 3, 4), "Message size exceeds fixed limit"))
+        } else if self.cfg.reject_bare_line_ends && body.bare_line_ends > 0 {
+            Some(reply(550, (5, 5, 2), "Error: bare <CR> or <LF> received"))
+        } else if self.cfg.max_text_line > 0 && body.longest_line > self.cfg.max_text_line {
+            Some(reply(500, (5, 5, 2), "Error: line too long (RFC 5321 §4.5.3.1.6)"))
+        } else {
+            None
+        };
+        if let Some(r) = refusal {
+            self.reset();
+            return Err(r);
+        }
+        self.state = State::Queuing;
+        Ok(self.envelope())
     }
 
     /// The outcome of queuing the message: `Ok(queue id)` or why not.
@@ -341,8 +600,127 @@ impl Session {
         self.reset();
         match outcome {
             Ok(id) => reply(250, (2, 0, 0), format!("Ok: queued as {id}")),
-            Err(QueueFailure::Unavailable) => {
-                reply(451, (4, 3, 0), "Error: queue unavailable, try again later")
+            Err(QueueFailure::Unavailable) => reply(
+                451,
+                (4, 3, 0),
+                "Error: queue unavailable, try again later",
+            ),
+        }
+    }
+
+    fn starttls(&mut self) -> Step {
+        if !self.policy.tls_available {
+            return self.error(reply(502, (5, 5, 1), "Error: command not implemented"));
+        }
+        if self.tls.is_some() {
+            return self.error(reply(503, (5, 5, 1), "Error: TLS already active"));
+        }
+        match self.state {
+            State::Connected => self.error(reply(503, (5, 5, 1), "Error: send EHLO first")),
+            State::Ready => Step::StartTls(reply(220, (2, 0, 0), "Ready to start TLS")),
+            _ => self.error(reply(503, (5, 5, 1), "Error: MAIL transaction in progress")),
+        }
+    }
+
+    /// TLS is up. The client starts over with EHLO (RFC 3207 §4.2).
+    pub fn tls_started(&mut self, description: String) {
+        self.tls = Some(description);
+        self.state = State::Connected;
+        self.esmtp = false;
+        self.helo.clear();
+        self.reset();
+    }
+
+    fn auth(&mut self, mechanism: &str, initial: Option<String>) -> Step {
+        if !self.policy.auth_available {
+            return self.error(reply(503, (5, 5, 1), "Error: authentication not enabled"));
+        }
+        if self.tls.is_none() {
+            return self.error(reply(538, (5, 7, 11), "Encryption required for requested authentication mechanism"));
+        }
+        if self.user.is_some() {
+            return self.error(reply(503, (5, 5, 1), "Error: already authenticated"));
+        }
+        if self.state != State::Ready {
+            let why = if self.state == State::Connected { "send EHLO first" } else { "MAIL transaction in progress" };
+            return self.error(reply(503, (5, 5, 1), format!("Error: {why}")));
+        }
+        match (mechanism, initial) {
+            ("PLAIN", None) => {
+                self.state = State::Auth(AuthStep::Plain);
+                Step::Reply(Reply::plain(334, ""))
+            }
+            ("PLAIN", Some(resp)) => self.auth_response(AuthStep::Plain, resp.as_bytes()),
+            ("LOGIN", None) => {
+                self.state = State::Auth(AuthStep::LoginUser);
+                Step::Reply(Reply::plain(334, BASE64.encode("Username:")))
+            }
+            ("LOGIN", Some(resp)) => self.auth_response(AuthStep::LoginUser, resp.as_bytes()),
+            _ => self.error(reply(504, (5, 5, 4), "Unrecognized authentication type")),
+        }
+    }
+
+    fn auth_response(&mut self, step: AuthStep, line: &[u8]) -> Step {
+        self.state = State::Ready;
+        if line == b"*" {
+            return self.error(reply(501, (5, 0, 0), "Authentication cancelled"));
+        }
+        // RFC 4954 §4: "=" is an empty initial response.
+        let decoded = if line == b"=" { Ok(Vec::new()) } else { BASE64.decode(line) };
+        let Ok(decoded) = decoded else {
+            return self.error(reply(501, (5, 5, 2), "Invalid base64 data"));
+        };
+        match step {
+            AuthStep::Plain => {
+                // authzid NUL authcid NUL passwd (RFC 4616).
+                let parts: Vec<&[u8]> = decoded.split(|&b| b == 0).collect();
+                let [authz, user, pass] = parts.as_slice() else {
+                    return self.error(reply(501, (5, 5, 2), "Malformed PLAIN response"));
+                };
+                let (Ok(authz), Ok(user), Ok(pass)) = (
+                    std::str::from_utf8(authz),
+                    std::str::from_utf8(user),
+                    std::str::from_utf8(pass),
+                ) else {
+                    return self.error(reply(501, (5, 5, 2), "Credentials are not UTF-8"));
+                };
+                if !authz.is_empty() && authz != user {
+                    return self.error(reply(535, (5, 7, 8), "Authentication credentials invalid"));
+                }
+                Step::CheckCredentials {
+                    user: user.to_string(),
+                    password: Secret(pass.to_string()),
+                }
+            }
+            AuthStep::LoginUser => match String::from_utf8(decoded) {
+                Ok(user) => {
+                    self.state = State::Auth(AuthStep::LoginPassword(user));
+                    Step::Reply(Reply::plain(334, BASE64.encode("Password:")))
+                }
+                Err(_) => self.error(reply(501, (5, 5, 2), "Credentials are not UTF-8")),
+            },
+            AuthStep::LoginPassword(user) => match String::from_utf8(decoded) {
+                Ok(pass) => Step::CheckCredentials {
+                    user,
+                    password: Secret(pass),
+                },
+                Err(_) => self.error(reply(501, (5, 5, 2), "Credentials are not UTF-8")),
+            },
+        }
+    }
+
+    /// The driver's answer to [`Step::CheckCredentials`].
+    pub fn credentials_checked(&mut self, user: String, verdict: CredentialVerdict) -> Step {
+        match verdict {
+            CredentialVerdict::Valid => {
+                self.user = Some(user);
+                Step::Reply(reply(235, (2, 7, 0), "Authentication successful"))
+            }
+            CredentialVerdict::Invalid => {
+                self.error(reply(535, (5, 7, 8), "Authentication credentials invalid"))
+            }
+            CredentialVerdict::TryLater => {
+                self.error(reply(454, (4, 7, 0), "Temporary authentication failure"))
             }
         }
     }
@@ -350,10 +728,6 @@ impl Session {
     /// Whether the client said EHLO (and may use the extensions).
     pub fn is_esmtp(&self) -> bool {
         self.esmtp
-    }
-
-    pub fn helo(&self) -> &str {
-        &self.helo
     }
 }
 
@@ -453,6 +827,9 @@ mod tests {
             max_message_size: 1000,
             max_recipients: 2,
             max_errors: 10,
+            max_transactions: 3,
+            max_text_line: 1000,
+            reject_bare_line_ends: false,
         })
     }
 
@@ -462,6 +839,9 @@ mod tests {
                 String::from_utf8(r.to_bytes()).unwrap()
             }
             Step::CheckRecipient(a) => format!("check {a}"),
+            Step::Chunk { size, last, first } => format!("chunk {size} {last} {first}"),
+            Step::StartTls(r) => format!("starttls {}", String::from_utf8(r.to_bytes()).unwrap()),
+            Step::CheckCredentials { user, password } => format!("credentials {user} {}", password.0),
         }
     }
 
@@ -476,7 +856,7 @@ mod tests {
 
     #[test]
     fn seed_session() {
-        let mut s = Session::new(cfg(), false);
+        let mut s = Session::new(cfg(), Policy::mx(false));
         assert_eq!(s.greeting().to_bytes(), b"220 mx.test ESMTP Correu\r\n");
         run(
             &mut s,
@@ -492,7 +872,7 @@ mod tests {
             "250 2.1.5 Ok\r\n"
         );
         run(&mut s, &[("DATA", "354 ")]);
-        let env = s.data_received(false).unwrap();
+        let env = s.data_received(BodyReport::default()).unwrap();
         assert_eq!(env.from.as_string(), "jo@domini.com");
         assert_eq!(env.recipients.len(), 1);
         assert_eq!(
@@ -505,7 +885,7 @@ mod tests {
 
     #[test]
     fn order_and_relay_rules() {
-        let mut s = Session::new(cfg(), false);
+        let mut s = Session::new(cfg(), Policy::mx(false));
         run(
             &mut s,
             &[
@@ -528,13 +908,15 @@ mod tests {
                 ("NOOP", "250 2.0.0"),
                 ("VRFY x", "252 2.5.2"),
                 ("HELP", "214-2.0.0 "),
+                ("STARTTLS", "502 5.5.1"),
+                ("AUTH PLAIN", "503 5.5.1"),
             ],
         );
     }
 
     #[test]
     fn trusted_client_may_relay_up_to_the_recipient_limit() {
-        let mut s = Session::new(cfg(), true);
+        let mut s = Session::new(cfg(), Policy::mx(true));
         run(
             &mut s,
             &[
@@ -551,7 +933,7 @@ mod tests {
 
     #[test]
     fn unknown_user_and_lookup_failure() {
-        let mut s = Session::new(cfg(), false);
+        let mut s = Session::new(cfg(), Policy::mx(false));
         run(&mut s, &[("HELO c", "250"), ("MAIL FROM:<a@b.c>", "250")]);
         let to = Address::parse("nobody@localhost").unwrap();
         assert!(
@@ -570,7 +952,7 @@ mod tests {
             max_errors: 5,
             ..(*cfg()).clone()
         });
-        let mut s = Session::new(strict, false);
+        let mut s = Session::new(strict, Policy::mx(false));
         run(
             &mut s,
             &[
@@ -590,7 +972,7 @@ mod tests {
 
     #[test]
     fn oversized_message_and_queue_failure() {
-        let mut s = Session::new(cfg(), true);
+        let mut s = Session::new(cfg(), Policy::mx(true));
         run(
             &mut s,
             &[
@@ -601,8 +983,11 @@ mod tests {
             ],
         );
         assert!(
-            s.data_received(true)
-                .unwrap_err()
+            s.data_received(BodyReport {
+                overflowed: true,
+                ..BodyReport::default()
+            })
+            .unwrap_err()
                 .to_string()
                 .starts_with("552 5.3.4")
         );
@@ -614,7 +999,7 @@ mod tests {
                 ("DATA", "354"),
             ],
         );
-        s.data_received(false).unwrap();
+        s.data_received(BodyReport::default()).unwrap();
         assert!(
             s.queued(Err(QueueFailure::Unavailable))
                 .to_string()
@@ -659,5 +1044,148 @@ mod tests {
                 consumed: 6
             }
         );
+    }
+
+    fn tls_policy(role: Role) -> Policy {
+        Policy {
+            role,
+            tls_available: true,
+            tls_active: role == Role::Submissions,
+            auth_available: role != Role::Mx,
+            relay_allowed: false,
+        }
+    }
+
+    #[test]
+    fn starttls_then_ehlo_again_and_no_auth_in_the_clear() {
+        let mut s = Session::new(cfg(), tls_policy(Role::Submission));
+        run(&mut s, &[("STARTTLS", "503 5.5.1")]);
+        let ehlo = text(&s.command(b"EHLO c"));
+        assert!(ehlo.contains("STARTTLS") && !ehlo.contains("AUTH"), "{ehlo}");
+        run(
+            &mut s,
+            &[
+                ("AUTH PLAIN AGpvAHNlY3JldA==", "538 5.7.11"),
+                ("MAIL FROM:<jo@domini.com>", "530 5.7.0 Must issue a STARTTLS command first"),
+                ("STARTTLS", "starttls 220 2.0.0"),
+            ],
+        );
+        s.tls_started("TLSv1.3 with cipher TLS13_AES_128_GCM_SHA256".into());
+        // The old EHLO is forgotten (RFC 3207 §4.2).
+        run(&mut s, &[("MAIL FROM:<jo@domini.com>", "503 5.5.1 Error: send HELO/EHLO first")]);
+        let ehlo = text(&s.command(b"EHLO c"));
+        assert!(!ehlo.contains("STARTTLS") && ehlo.contains("AUTH PLAIN LOGIN"), "{ehlo}");
+        run(
+            &mut s,
+            &[
+                ("STARTTLS", "503 5.5.1 Error: TLS already active"),
+                ("MAIL FROM:<jo@domini.com>", "530 5.7.0 Authentication required"),
+                ("AUTH PLAIN AGpvAHNlY3JldA==", "credentials jo secret"),
+            ],
+        );
+        assert_eq!(text(&s.credentials_checked("jo".into(), CredentialVerdict::Valid)), "235 2.7.0 Authentication successful\r\n");
+        run(
+            &mut s,
+            &[
+                ("AUTH PLAIN AGpvAHNlY3JldA==", "503 5.5.1"),
+                ("MAIL FROM:<jo@domini.com>", "250 2.1.0"),
+                // Authenticated users may relay.
+                ("RCPT TO:<ana@elsewhere.org>", "250 2.1.5"),
+                ("DATA", "354"),
+            ],
+        );
+        let env = s.data_received(BodyReport::default()).unwrap();
+        assert_eq!(env.protocol, "ESMTPSA");
+        assert_eq!(env.user.as_deref(), Some("jo"));
+        assert!(env.tls.unwrap().starts_with("TLSv1.3"));
+    }
+
+    #[test]
+    fn auth_login_and_failures() {
+        let mut s = Session::new(cfg(), tls_policy(Role::Submissions));
+        run(
+            &mut s,
+            &[
+                ("EHLO c", "250-"),
+                ("AUTH CRAM-MD5", "504 5.5.4"),
+                ("AUTH LOGIN", "334 VXNlcm5hbWU6"),
+                ("am8=", "334 UGFzc3dvcmQ6"),
+                ("c2VjcmV0", "credentials jo secret"),
+            ],
+        );
+        assert!(text(&s.credentials_checked("jo".into(), CredentialVerdict::Invalid)).starts_with("535 5.7.8"));
+        run(&mut s, &[("AUTH LOGIN", "334"), ("*", "501 5.0.0"), ("AUTH PLAIN", "334 "), ("not base64!", "501 5.5.2")]);
+        run(&mut s, &[("AUTH PLAIN", "334 "), ("AGpv", "501 5.5.2 Malformed")]);
+        // Another identity than the one authenticated: refused.
+        run(&mut s, &[("AUTH PLAIN YW5uYQBqbwBzZWNyZXQ=", "535 5.7.8")]);
+        run(&mut s, &[("AUTH PLAIN AGpvAHNlY3JldA==", "credentials jo secret")]);
+        assert!(text(&s.credentials_checked("jo".into(), CredentialVerdict::TryLater)).starts_with("454 4.7.0"));
+        assert!(s.user().is_none());
+        // The MX role offers no AUTH at all.
+        let mut mx = Session::new(cfg(), tls_policy(Role::Mx));
+        mx.tls_started("TLS".into());
+        assert!(!text(&mx.command(b"EHLO c")).contains("AUTH"));
+        run(&mut mx, &[("AUTH PLAIN AGpvAHNlY3JldA==", "503 5.5.1")]);
+    }
+
+    #[test]
+    fn bdat_chunks_and_their_errors() {
+        let mut s = Session::new(cfg(), Policy::mx(true));
+        run(&mut s, &[("EHLO c", "250-"), ("BDAT 10", "chunk 10 false false")]);
+        assert!(matches!(s.chunk_received(10, false), Chunked::Step(Step::Reply(r)) if r.code == 503));
+        run(
+            &mut s,
+            &[
+                ("MAIL FROM:<a@b.c>", "250"),
+                ("RCPT TO:<x@y.z> NOTIFY=FAILURE ORCPT=rfc822;x@y.z", "250"),
+                ("BDAT 10", "chunk 10 false true"),
+            ],
+        );
+        assert_eq!(text(&match s.chunk_received(10, false) { Chunked::Step(st) => st, Chunked::Queue(_) => panic!() }), "250 2.0.0 10 octets received\r\n");
+        run(&mut s, &[("DATA", "503 5.5.1"), ("MAIL FROM:<a@b.c>", "503 5.5.1"), ("BDAT 5 LAST", "chunk 5 true false")]);
+        let Chunked::Queue(env) = s.chunk_received(15, true) else { panic!("queue") };
+        assert_eq!(env.recipients[0].params.notify.as_deref(), Some("FAILURE"));
+        assert_eq!(env.recipients[0].params.orcpt.as_deref(), Some("rfc822;x@y.z"));
+        s.queued(Ok("ID"));
+        run(&mut s, &[("MAIL FROM:<a@b.c>", "250"), ("RCPT TO:<x@y.z>", "250"), ("BDAT 2000 LAST", "chunk 2000 true true")]);
+        assert!(matches!(s.chunk_received(2000, true), Chunked::Step(Step::Reply(r)) if r.code == 552));
+    }
+
+    #[test]
+    fn smtputf8_is_needed_for_utf8_addresses() {
+        let mut s = Session::new(cfg(), Policy::mx(true));
+        run(
+            &mut s,
+            &[
+                ("EHLO c", "250-"),
+                ("MAIL FROM:<josé@exemple.cat>", "553 5.6.7"),
+                ("MAIL FROM:<jo@domini.com>", "250"),
+                ("RCPT TO:<ànna@exemple.cat>", "553 5.6.7"),
+                ("RSET", "250"),
+                ("MAIL FROM:<josé@exemple.cat> SMTPUTF8", "250"),
+                ("RCPT TO:<ànna@exemple.cat>", "250"),
+            ],
+        );
+    }
+
+    #[test]
+    fn message_checks_and_transaction_limit() {
+        let strict = Arc::new(SessionConfig {
+            reject_bare_line_ends: true,
+            ..(*cfg()).clone()
+        });
+        let mut s = Session::new(strict, Policy::mx(true));
+        let send = |s: &mut Session, body: BodyReport| {
+            run(s, &[("MAIL FROM:<a@b.c>", "250"), ("RCPT TO:<x@y.z>", "250"), ("DATA", "354")]);
+            s.data_received(body)
+        };
+        run(&mut s, &[("EHLO c", "250")]);
+        assert!(send(&mut s, BodyReport { bare_line_ends: 1, ..BodyReport::default() }).unwrap_err().to_string().starts_with("550 5.5.2"));
+        assert!(send(&mut s, BodyReport { longest_line: 1001, ..BodyReport::default() }).unwrap_err().to_string().starts_with("500 5.5.2"));
+        for _ in 0..3 {
+            send(&mut s, BodyReport::default()).unwrap();
+            s.queued(Ok("ID"));
+        }
+        assert!(matches!(s.command(b"MAIL FROM:<a@b.c>"), Step::Close(r) if r.to_string().starts_with("421 4.7.0")));
     }
 }
