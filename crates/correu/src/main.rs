@@ -42,6 +42,9 @@ enum Command {
         /// The file to check (with `CORREU_…` variables applied).
         file: PathBuf,
     },
+    /// Print an argon2 hash of a password read from standard input, for
+    /// the `smtp.auth_file` accounts (`address:HASH` lines).
+    HashPassword,
     /// Read mailboxes through the storage service.
     Mailbox {
         #[command(subcommand)]
@@ -66,6 +69,24 @@ fn main() -> ExitCode {
                 Err(e) => {
                     eprint!("{}: {e}", file.display());
                     ExitCode::from(EXIT_CONFIG)
+                }
+            }
+        }
+        Command::HashPassword => {
+            let mut password = String::new();
+            if let Err(e) = std::io::stdin().read_line(&mut password) {
+                eprintln!("cannot read the password: {e}");
+                return ExitCode::FAILURE;
+            }
+            let password = password.trim_end_matches(['\r', '\n']);
+            match correu_ingress::auth::hash_password(password) {
+                Ok(h) => {
+                    println!("{h}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("cannot hash: {e}");
+                    ExitCode::FAILURE
                 }
             }
         }

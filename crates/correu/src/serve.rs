@@ -13,6 +13,7 @@ use anyhow::Context;
 use correu_queue::Queue;
 use correu_runtime::Config;
 use correu_runtime::config::QueueBackend;
+use correu_smtp::session::Role;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -28,6 +29,14 @@ pub async fn serve(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<(
         .await
         .with_context(|| format!("cannot open the queue at {}", cfg.queue.spool.display()))?;
     let storage = correu_storage::client::connect(&cfg.storage, &format!("http://{storage_addr}"))?;
+
+    // Certificates and accounts are read now: a bad one stops the start.
+    let shared = Arc::new(correu_ingress::Shared::new(
+        &cfg,
+        queue.clone(),
+        storage.clone(),
+        shutdown.clone(),
+    )?);
 
     print_banner(&cfg, &smtp, storage_addr, backend)?;
 
@@ -46,12 +55,6 @@ pub async fn serve(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<(
         );
         tokio::spawn(async move { correu_delivery::run(&cfg, queue, storage, stop).await })
     };
-    let shared = Arc::new(correu_ingress::Shared::new(
-        &cfg,
-        queue,
-        storage,
-        shutdown.clone(),
-    ));
     let ingress_task = {
         let cfg = cfg.clone();
         tokio::spawn(async move { correu_ingress::run(&cfg, smtp, shared).await })
@@ -75,14 +78,19 @@ pub async fn serve(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<(
 
 fn print_banner(
     cfg: &Config,
-    smtp: &[TcpListener],
+    smtp: &[correu_ingress::Listener],
     storage: std::net::SocketAddr,
     backend: QueueBackend,
 ) -> anyhow::Result<()> {
     let domains = cfg.domains.join(", ");
     println!("Correu is running.");
     for l in smtp {
-        println!("  SMTP     {}  (mail for: {domains})", l.local_addr()?);
+        let what = match l.role {
+            Role::Mx => format!("mail for: {domains}"),
+            Role::Submission => "submission: STARTTLS, then AUTH".to_string(),
+            Role::Submissions => "submission over implicit TLS, then AUTH".to_string(),
+        };
+        println!("  SMTP     {}  ({what})", l.socket.local_addr()?);
     }
     println!("  storage  {storage}  (gRPC)");
     match backend {

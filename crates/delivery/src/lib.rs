@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use correu_proto::v1::{DeliverRequest, QueuedMessage, Recipient};
+use correu_proto::v1::{DeliverRequest, QueuedMessage};
 use correu_queue::{Delivery, Next, Queue, Schedule};
 use correu_runtime::Config;
 use correu_storage::client::Client as StorageClient;
@@ -234,9 +234,7 @@ impl Deliverer {
                 Outcome::Temporary(why) => {
                     tracing::info!(queue_id = %msg.queue_id, recipient = %r.address, reason = %why, "delivery deferred");
                     last_error = why.clone();
-                    pending.push(Recipient {
-                        address: r.address.clone(),
-                    });
+                    pending.push(r.clone());
                 }
             }
         }

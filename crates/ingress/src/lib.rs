@@ -1,16 +1,25 @@
 //! The ingress service: Correu's SMTP front end.
 //!
-//! It accepts connections, runs SMTP sessions, checks local recipients with
-//! storage over gRPC, refuses relaying for clients outside the trusted
-//! networks, and publishes each message to the queue, answering `250` only
-//! once the queue holds it durably.
+//! It accepts connections on three kinds of listener (MX, submission with
+//! STARTTLS, implicit-TLS submission), runs SMTP sessions, checks local
+//! recipients with storage over gRPC, authenticates submission users,
+//! refuses relaying for everyone else, and publishes each message to the
+//! queue, answering `250` only once the queue holds it durably.
 //!
 //! # Layout
-//! - [`run`]: listeners, the connection limit and graceful shutdown.
+//! - [`run`]: listeners, connection limits and graceful shutdown.
 //! - [`session`]: one SMTP session over any stream (TCP here, memory in tests).
+//! - [`tls`]: rustls configuration, reloading, the plain-or-TLS stream.
+//! - [`auth`]: credential checks (the password file for now).
+//! - [`proxy`]: the PROXY protocol v1/v2 parser.
+//! - [`limits`]: per-client connection counts and rates (Redis or local).
 #![forbid(unsafe_code)]
 
+pub mod auth;
+pub mod limits;
+pub mod proxy;
 pub mod session;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,8 +27,8 @@ use std::time::Duration;
 
 use correu_queue::Queue;
 use correu_runtime::Config;
-use correu_runtime::config::Network;
-use correu_smtp::session::SessionConfig;
+use correu_runtime::config::{Network, Rate};
+use correu_smtp::session::{Role, SessionConfig};
 use correu_storage::client::Client;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -27,57 +36,138 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::Authenticator;
+use crate::limits::{Concurrency, RateLimiter};
+use crate::tls::Tls;
+
 /// What every session of one ingress shares.
 pub struct Shared {
     pub session: Arc<SessionConfig>,
     pub trusted: Vec<Network>,
+    pub proxies: Vec<Network>,
     pub queue: Queue,
     pub storage: Client,
+    pub tls: Option<Arc<Tls>>,
+    pub auth: Option<Arc<dyn Authenticator>>,
+    pub per_client: Arc<Concurrency>,
+    pub rates: RateLimiter,
+    pub connection_rate: Rate,
+    pub message_rate: Rate,
+    pub user_message_rate: Rate,
     pub max_line: usize,
     pub command_timeout: Duration,
     pub data_timeout: Duration,
+    pub tls_handshake_timeout: Duration,
+    pub proxy_timeout: Duration,
+    pub max_session_time: Duration,
     pub recipient_check_timeout: Duration,
     /// Cancelled when the server stops: idle sessions get `421 4.3.2`.
     pub shutdown: CancellationToken,
 }
 
 impl Shared {
-    pub fn new(cfg: &Config, queue: Queue, storage: Client, shutdown: CancellationToken) -> Self {
-        Shared {
+    /// Everything a session needs, from the configuration. Fails when the
+    /// certificate or the accounts file cannot be read.
+    pub fn new(
+        cfg: &Config,
+        queue: Queue,
+        storage: Client,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Self> {
+        let s = &cfg.smtp;
+        let tls = match (&s.tls_certificate, &s.tls_key) {
+            (Some(cert), Some(key)) => Some(Tls::new(cert, key)?),
+            _ => None,
+        };
+        let auth: Option<Arc<dyn Authenticator>> = match &s.auth_file {
+            Some(path) => Some(Arc::new(Arc::new(auth::PasswordFile::open(path).map_err(
+                |e| anyhow::anyhow!("cannot read {} (smtp.auth_file): {e}", path.display()),
+            )?))),
+            None => None,
+        };
+        Ok(Shared {
             session: Arc::new(SessionConfig {
                 hostname: cfg.hostname.clone(),
                 local_domains: cfg.domains.iter().map(|d| d.to_lowercase()).collect(),
-                max_message_size: usize::try_from(cfg.smtp.max_message_size).unwrap_or(usize::MAX),
-                max_recipients: cfg.smtp.max_recipients,
-                max_errors: cfg.smtp.max_errors,
+                max_message_size: usize::try_from(s.max_message_size).unwrap_or(usize::MAX),
+                max_recipients: s.max_recipients,
+                max_errors: s.max_errors,
+                max_transactions: s.max_transactions,
+                max_text_line: s.max_text_line,
+                reject_bare_line_ends: s.reject_bare_line_ends,
             }),
-            trusted: cfg.smtp.trusted_networks.clone(),
+            trusted: s.trusted_networks.clone(),
+            proxies: s.proxy_networks.clone(),
             queue,
             storage,
-            max_line: cfg.smtp.max_line_length,
-            command_timeout: cfg.smtp.command_timeout.get(),
-            data_timeout: cfg.smtp.data_timeout.get(),
-            recipient_check_timeout: cfg.smtp.recipient_check_timeout.get(),
+            tls,
+            auth,
+            per_client: Concurrency::new(s.max_connections_per_client),
+            rates: RateLimiter::new(&cfg.redis)?,
+            connection_rate: s.connection_rate,
+            message_rate: s.message_rate,
+            user_message_rate: s.user_message_rate,
+            max_line: s.max_line_length,
+            command_timeout: s.command_timeout.get(),
+            data_timeout: s.data_timeout.get(),
+            tls_handshake_timeout: s.tls_handshake_timeout.get(),
+            proxy_timeout: s.proxy_timeout.get(),
+            max_session_time: s.max_session_time.get(),
+            recipient_check_timeout: s.recipient_check_timeout.get(),
             shutdown,
+        })
+    }
+}
+
+/// A bound listener and the role of its port.
+pub struct Listener {
+    pub socket: TcpListener,
+    pub role: Role,
+}
+
+/// Binds every configured listener, naming the one that fails.
+pub async fn bind(cfg: &Config) -> anyhow::Result<Vec<Listener>> {
+    let mut listeners = Vec::new();
+    let s = &cfg.smtp;
+    for (key, addrs, role) in [
+        ("smtp.listen", &s.listen, Role::Mx),
+        ("smtp.submission", &s.submission, Role::Submission),
+        ("smtp.submissions", &s.submissions, Role::Submissions),
+    ] {
+        for addr in addrs {
+            let socket = TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({key}): {e}"))?;
+            listeners.push(Listener { socket, role });
         }
     }
+    Ok(listeners)
 }
 
 /// Serves SMTP on `listeners` until `shutdown` is cancelled, then lets the
 /// sessions in progress finish for up to `smtp.shutdown_grace`.
 pub async fn run(
     cfg: &Config,
-    listeners: Vec<TcpListener>,
+    listeners: Vec<Listener>,
     shared: Arc<Shared>,
 ) -> anyhow::Result<()> {
     let limit = Arc::new(Semaphore::new(cfg.smtp.max_connections));
     let tracker = TaskTracker::new();
     let shutdown = shared.shutdown.clone();
-    for listener in listeners {
-        let addr = listener.local_addr()?;
-        tracing::info!(%addr, "SMTP listening");
+    if let Some(tls) = &shared.tls {
+        let watcher = tls.clone().watch(shutdown.clone());
+        tracker.spawn(async move {
+            if let Err(e) = watcher.await {
+                tracing::error!(error = %e, "certificate watcher failed");
+            }
+        });
+    }
+    for l in listeners {
+        let addr = l.socket.local_addr()?;
+        let role = format!("{:?}", l.role).to_lowercase();
+        tracing::info!(%addr, role, "SMTP listening");
         tracker.spawn(accept_loop(
-            listener,
+            l,
             shared.clone(),
             limit.clone(),
             tracker.clone(),
@@ -101,7 +191,7 @@ pub async fn run(
 }
 
 async fn accept_loop(
-    listener: TcpListener,
+    listener: Listener,
     shared: Arc<Shared>,
     limit: Arc<Semaphore>,
     tracker: TaskTracker,
@@ -109,7 +199,7 @@ async fn accept_loop(
     loop {
         let accepted = tokio::select! {
             _ = shared.shutdown.cancelled() => return,
-            a = listener.accept() => a,
+            a = listener.socket.accept() => a,
         };
         let (stream, peer) = match accepted {
             Ok(a) => a,
@@ -127,21 +217,25 @@ async fn accept_loop(
         match limit.clone().try_acquire_owned() {
             Ok(permit) => {
                 let shared = shared.clone();
+                let role = listener.role;
                 tracker.spawn(async move {
-                    serve(&shared, stream, peer).await;
+                    serve(&shared, stream, peer, role).await;
                     drop(permit);
                 });
             }
             Err(_) => {
-                tracker.spawn(refuse(stream, shared.session.hostname.clone()));
+                let reply = format!(
+                    "421 4.3.2 {} Too many connections, try again later\r\n",
+                    shared.session.hostname
+                );
+                tracker.spawn(refuse(stream, reply));
             }
         }
     }
 }
 
-/// Over the connection limit: say so (RFC 5321 §3.8) and close.
-async fn refuse(mut stream: TcpStream, host: String) {
-    let reply = format!("421 4.3.2 {host} Too many connections, try again later\r\n");
+/// Over a limit: say so (RFC 5321 §3.8) and close.
+async fn refuse(mut stream: TcpStream, reply: String) {
     let sent =
         tokio::time::timeout(Duration::from_secs(5), stream.write_all(reply.as_bytes())).await;
     if !matches!(sent, Ok(Ok(()))) {
@@ -149,26 +243,15 @@ async fn refuse(mut stream: TcpStream, host: String) {
     }
 }
 
-async fn serve(shared: &Shared, stream: TcpStream, peer: SocketAddr) {
+async fn serve(shared: &Shared, stream: TcpStream, peer: SocketAddr, role: Role) {
     let span = tracing::info_span!("smtp.session", client = %peer);
     let result =
-        tracing::Instrument::instrument(session::run_session(shared, stream, peer), span).await;
+        tracing::Instrument::instrument(session::run_session(shared, stream, peer, role), span)
+            .await;
     match result {
         Ok(end) => tracing::debug!(client = %peer, ?end, "session ended"),
         Err(e) => tracing::debug!(client = %peer, error = %e, "session failed"),
     }
-}
-
-/// Binds every `smtp.listen` address, naming the one that fails.
-pub async fn bind(cfg: &Config) -> anyhow::Result<Vec<TcpListener>> {
-    let mut listeners = Vec::new();
-    for addr in &cfg.smtp.listen {
-        let l = TcpListener::bind(addr)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (smtp.listen): {e}"))?;
-        listeners.push(l);
-    }
-    Ok(listeners)
 }
 
 /// The ingress service on its own: RabbitMQ (unless configured otherwise)
@@ -177,6 +260,6 @@ pub async fn standalone(cfg: Config, shutdown: CancellationToken) -> anyhow::Res
     let listeners = bind(&cfg).await?;
     let queue = correu_queue::open_for_service(&cfg.queue).await?;
     let storage = correu_storage::client::connect(&cfg.storage, &cfg.storage.endpoint)?;
-    let shared = Arc::new(Shared::new(&cfg, queue, storage, shutdown));
+    let shared = Arc::new(Shared::new(&cfg, queue, storage, shutdown)?);
     run(&cfg, listeners, shared).await
 }

@@ -1,26 +1,32 @@
 //! The SMTP session driver: reads bytes, runs [`correu_smtp::session::Session`],
-//! writes replies, checks recipients with storage and queues messages.
+//! writes replies, and does what the session asks of the world: recipient
+//! and credential checks, TLS, reading DATA and BDAT, queuing.
 //!
 //! Generic over the stream, so tests drive it in memory; replies to
 //! pipelined commands are gathered and written together just before the
-//! driver waits for more input (RFC 2920).
+//! driver waits for more input (RFC 2920), so a multi-line reply is one
+//! write.
 
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use correu_proto::v1::check_recipient_response::Status as RcptStatus;
 use correu_proto::v1::{CheckRecipientRequest, QueuedMessage, Recipient};
+use correu_smtp::command::Ret;
 use correu_smtp::data::{DataReceiver, Progress};
 use correu_smtp::headers::rfc5322_date;
 use correu_smtp::session::{
-    Envelope, Line, LineReader, QueueFailure, RecipientVerdict, Session, Step,
+    Chunked, CredentialVerdict, Envelope, Line, LineReader, Policy, QueueFailure, RecipientVerdict,
+    Role, Session, Step,
 };
 use correu_smtp::{Address, Reply};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::time::timeout;
+use tokio::time::{Instant, timeout};
 use tracing::Instrument;
 
 use crate::Shared;
+use crate::proxy::{self, Header};
+use crate::tls::{MaybeTls, describe};
 
 /// Bytes read at a time.
 const READ_CHUNK: usize = 16 * 1024;
@@ -32,13 +38,23 @@ pub enum End {
     ClientClosed,
     Timeout,
     Shutdown,
-    TooManyErrors,
+    /// Closed by the session: too many errors, messages, or a bad sequence.
+    Closed,
+    /// Refused before the greeting: a limit or a bad PROXY header.
+    Refused,
 }
 
 struct Conn<S> {
-    stream: S,
+    stream: MaybeTls<S>,
     rbuf: Vec<u8>,
     wbuf: Vec<u8>,
+}
+
+/// What a read found.
+enum Read {
+    Data,
+    Closed,
+    TimedOut,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
@@ -51,36 +67,113 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         Ok(())
     }
 
-    /// Reads more bytes; `Ok(false)` when the client closed.
-    async fn fill(&mut self) -> std::io::Result<bool> {
+    /// Reads more bytes within `wait`.
+    async fn fill(&mut self, wait: Duration) -> std::io::Result<Read> {
         self.rbuf.reserve(READ_CHUNK);
-        Ok(self.stream.read_buf(&mut self.rbuf).await? > 0)
+        match timeout(wait, self.stream.read_buf(&mut self.rbuf)).await {
+            Err(_) => Ok(Read::TimedOut),
+            Ok(Ok(0)) => Ok(Read::Closed),
+            Ok(Ok(_)) => Ok(Read::Data),
+            Ok(Err(e)) => Err(e),
+        }
     }
 
     fn reply(&mut self, r: &Reply) {
         r.write_to(&mut self.wbuf);
     }
+
+    async fn say_and_end(&mut self, r: &Reply, end: End) -> std::io::Result<End> {
+        self.reply(r);
+        self.flush().await?;
+        Ok(end)
+    }
 }
 
-/// Runs one session to its end.
-pub async fn run_session<S>(shared: &Shared, stream: S, peer: SocketAddr) -> std::io::Result<End>
+/// Runs one session to its end. `peer` is the TCP peer; when it is a
+/// configured proxy, the client's address comes from the PROXY header.
+pub async fn run_session<S>(
+    shared: &Shared,
+    stream: S,
+    peer: SocketAddr,
+    role: Role,
+) -> std::io::Result<End>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let relay_allowed = shared.trusted.iter().any(|n| n.contains(peer.ip()));
-    let mut session = Session::new(shared.session.clone(), relay_allowed);
+    let started = Instant::now();
+    let deadline = started + shared.max_session_time;
     let mut conn = Conn {
-        stream,
+        stream: MaybeTls::Plain(stream),
         rbuf: Vec::new(),
         wbuf: Vec::new(),
     };
+    let client = if shared.proxies.iter().any(|n| n.contains(peer.ip())) {
+        match read_proxy_header(shared, &mut conn).await? {
+            Some(Header::Proxied(addr)) => addr,
+            Some(Header::Local) => peer,
+            None => return Ok(End::Refused),
+        }
+    } else {
+        peer
+    };
+    let trusted = shared.trusted.iter().any(|n| n.contains(client.ip()));
+    // Limits apply to the real client, and never to trusted networks
+    // (Postfix's anvil exceptions).
+    let _slot = if trusted {
+        None
+    } else {
+        let probe = Session::new(shared.session.clone(), Policy::mx(false));
+        let Some(slot) = shared.per_client.enter(client.ip()) else {
+            return conn
+                .say_and_end(
+                    &probe.rate_limited("connections from your address"),
+                    End::Refused,
+                )
+                .await;
+        };
+        if !shared
+            .rates
+            .allow("conn", &client.ip().to_string(), shared.connection_rate)
+            .await
+        {
+            return conn
+                .say_and_end(&probe.rate_limited("connections"), End::Refused)
+                .await;
+        }
+        Some(slot)
+    };
+    if role == Role::Submissions {
+        conn = match start_tls(shared, conn).await? {
+            Some(c) => c,
+            None => return Ok(End::Closed),
+        };
+    }
+    let tls_desc = match &conn.stream {
+        MaybeTls::Tls(s) => Some(describe(s)),
+        MaybeTls::Plain(_) => None,
+    };
+    let policy = Policy {
+        role,
+        tls_available: shared.tls.is_some(),
+        tls_active: tls_desc.is_some(),
+        auth_available: shared.auth.is_some() && role != Role::Mx,
+        relay_allowed: trusted,
+    };
+    let mut session = Session::new(shared.session.clone(), policy);
+    if let Some(d) = tls_desc {
+        session.tls_started(d);
+    }
     if shared.shutdown.is_cancelled() {
-        conn.reply(&session.shutting_down());
-        conn.flush().await?;
-        return Ok(End::Shutdown);
+        return conn
+            .say_and_end(&session.shutting_down(), End::Shutdown)
+            .await;
     }
     conn.reply(&session.greeting());
     let mut lines = LineReader::new(shared.max_line);
+    // The BDAT body grows across chunks; `bdat_total` counts every octet,
+    // `body` keeps them only up to the size limit.
+    let mut body = Vec::new();
+    let mut bdat_total: u64 = 0;
     loop {
         let step = match lines.next_line(&conn.rbuf) {
             Line::Complete { len, consumed } => {
@@ -98,21 +191,24 @@ where
             }
             Line::NeedMore => {
                 conn.flush().await?;
+                let now = Instant::now();
+                if now >= deadline {
+                    return conn
+                        .say_and_end(&session.session_too_long(), End::Timeout)
+                        .await;
+                }
+                let wait = shared.command_timeout.min(deadline - now);
                 tokio::select! {
-                    r = timeout(shared.command_timeout, conn.fill()) => match r {
-                        Ok(Ok(true)) => continue,
-                        Ok(Ok(false)) => return Ok(End::ClientClosed),
-                        Ok(Err(e)) => return Err(e),
-                        Err(_) => {
-                            conn.reply(&session.timeout());
-                            conn.flush().await?;
-                            return Ok(End::Timeout);
+                    r = conn.fill(wait) => match r? {
+                        Read::Data => continue,
+                        Read::Closed => return Ok(End::ClientClosed),
+                        Read::TimedOut if Instant::now() >= deadline => {
+                            return conn.say_and_end(&session.session_too_long(), End::Timeout).await;
                         }
+                        Read::TimedOut => return conn.say_and_end(&session.timeout(), End::Timeout).await,
                     },
                     _ = shared.shutdown.cancelled() => {
-                        conn.reply(&session.shutting_down());
-                        conn.flush().await?;
-                        return Ok(End::Shutdown);
+                        return conn.say_and_end(&session.shutting_down(), End::Shutdown).await;
                     }
                 }
             }
@@ -125,39 +221,85 @@ where
                     step = session.recipient_checked(to, verdict);
                     continue;
                 }
+                Step::CheckCredentials { user, password } => {
+                    let verdict = match &shared.auth {
+                        Some(a) => a.check(&user, &password.0).await,
+                        None => CredentialVerdict::Invalid,
+                    };
+                    match verdict {
+                        CredentialVerdict::Valid => {
+                            tracing::info!(client = %client, user = %user, "authenticated")
+                        }
+                        v => {
+                            tracing::warn!(client = %client, user = %user, verdict = ?v, "authentication failed")
+                        }
+                    }
+                    step = session.credentials_checked(user, verdict);
+                    continue;
+                }
                 Step::Reply(r) => conn.reply(&r),
                 Step::Close(r) => {
-                    conn.reply(&r);
-                    conn.flush().await?;
                     let end = if r.code == 221 {
                         End::Quit
                     } else {
-                        End::TooManyErrors
+                        End::Closed
                     };
-                    return Ok(end);
+                    return conn.say_and_end(&r, end).await;
+                }
+                Step::StartTls(r) => {
+                    conn.reply(&r);
+                    conn.flush().await?;
+                    // Whatever the client pipelined after STARTTLS was sent
+                    // in the clear and is dropped (CVE-2011-0411).
+                    conn.rbuf.clear();
+                    conn = match start_tls(shared, conn).await? {
+                        Some(c) => c,
+                        None => return Ok(End::Closed),
+                    };
+                    if let MaybeTls::Tls(s) = &conn.stream {
+                        session.tls_started(describe(s));
+                    }
                 }
                 Step::Data(r) => {
                     conn.reply(&r);
                     conn.flush().await?;
-                    let reply = match receive_data(shared, &mut conn).await? {
+                    let reply = match receive_data(shared, &mut conn, deadline).await? {
                         None => return Ok(End::ClientClosed),
                         Some(Err(())) => {
-                            conn.reply(&session.timeout());
-                            conn.flush().await?;
-                            return Ok(End::Timeout);
+                            return conn.say_and_end(&session.timeout(), End::Timeout).await;
                         }
-                        Some(Ok((body, overflowed))) => match session.data_received(overflowed) {
+                        Some(Ok((data, report))) => match session.data_received(report) {
                             Err(r) => r,
-                            Ok(env) => {
-                                let outcome =
-                                    queue_message(shared, &session, env, body, peer).await;
-                                session.queued(
-                                    outcome.as_deref().map_err(|_| QueueFailure::Unavailable),
-                                )
-                            }
+                            Ok(env) => deliver(shared, &mut session, env, data, client).await,
                         },
                     };
                     conn.reply(&reply);
+                }
+                Step::Chunk { size, last, first } => {
+                    if first {
+                        body.clear();
+                        bdat_total = 0;
+                    }
+                    let max = shared.session.max_message_size;
+                    match read_chunk(shared, &mut conn, size, &mut body, max, deadline).await? {
+                        ChunkRead::Done => {}
+                        ChunkRead::Closed => return Ok(End::ClientClosed),
+                        ChunkRead::TimedOut => {
+                            return conn.say_and_end(&session.timeout(), End::Timeout).await;
+                        }
+                    }
+                    bdat_total = bdat_total.saturating_add(size);
+                    match session.chunk_received(bdat_total, last) {
+                        Chunked::Step(s) => {
+                            step = s;
+                            continue;
+                        }
+                        Chunked::Queue(env) => {
+                            let data = std::mem::take(&mut body);
+                            let reply = deliver(shared, &mut session, env, data, client).await;
+                            conn.reply(&reply);
+                        }
+                    }
                 }
             }
             break;
@@ -165,27 +307,120 @@ where
     }
 }
 
+/// Reads and parses the PROXY header; `None` (connection dropped) when it
+/// is missing, malformed or late.
+async fn read_proxy_header<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Shared,
+    conn: &mut Conn<S>,
+) -> std::io::Result<Option<Header>> {
+    let deadline = Instant::now() + shared.proxy_timeout;
+    loop {
+        match proxy::parse(&conn.rbuf) {
+            Ok(Some((header, used))) => {
+                conn.rbuf.drain(..used);
+                return Ok(Some(header));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "bad PROXY header from a proxy; closing");
+                return Ok(None);
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match conn.fill(left).await? {
+            Read::Data => {}
+            Read::Closed | Read::TimedOut => return Ok(None),
+        }
+    }
+}
+
+/// The TLS handshake on a plain connection; `None` when it fails.
+async fn start_tls<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Shared,
+    conn: Conn<S>,
+) -> std::io::Result<Option<Conn<S>>> {
+    let (Some(tls), MaybeTls::Plain(plain)) = (&shared.tls, conn.stream) else {
+        return Ok(None);
+    };
+    match timeout(shared.tls_handshake_timeout, tls.acceptor().accept(plain)).await {
+        Ok(Ok(s)) => Ok(Some(Conn {
+            stream: MaybeTls::Tls(Box::new(s)),
+            rbuf: Vec::new(),
+            wbuf: Vec::new(),
+        })),
+        Ok(Err(e)) => {
+            tracing::info!(error = %e, "TLS handshake failed");
+            Ok(None)
+        }
+        Err(_) => {
+            tracing::info!("TLS handshake timed out");
+            Ok(None)
+        }
+    }
+}
+
+/// The wait for the next read: the phase timeout, cut by the session deadline.
+fn wait_for(phase: Duration, deadline: Instant) -> Duration {
+    phase.min(deadline.saturating_duration_since(Instant::now()))
+}
+
 /// Reads the message after `354`. `None`: the client closed; `Some(Err)`:
 /// it stalled past the DATA timeout.
 async fn receive_data<S: AsyncRead + AsyncWrite + Unpin>(
     shared: &Shared,
     conn: &mut Conn<S>,
-) -> std::io::Result<Option<Result<(Vec<u8>, bool), ()>>> {
+    deadline: Instant,
+) -> std::io::Result<Option<Result<(Vec<u8>, correu_smtp::session::BodyReport), ()>>> {
     let mut rx = DataReceiver::new(shared.session.max_message_size);
     let mut body = Vec::new();
     loop {
         match rx.feed(&conn.rbuf, &mut body) {
             Progress::Done(n) => {
                 conn.rbuf.drain(..n);
-                return Ok(Some(Ok((body, rx.overflowed()))));
+                return Ok(Some(Ok((body, rx.report()))));
             }
             Progress::More => conn.rbuf.clear(),
         }
-        match timeout(shared.data_timeout, conn.fill()).await {
-            Ok(Ok(true)) => {}
-            Ok(Ok(false)) => return Ok(None),
-            Ok(Err(e)) => return Err(e),
-            Err(_) => return Ok(Some(Err(()))),
+        match conn.fill(wait_for(shared.data_timeout, deadline)).await? {
+            Read::Data => {}
+            Read::Closed => return Ok(None),
+            Read::TimedOut => return Ok(Some(Err(()))),
+        }
+    }
+}
+
+enum ChunkRead {
+    Done,
+    Closed,
+    TimedOut,
+}
+
+/// Reads exactly `size` octets of a BDAT chunk, keeping them in `body`
+/// while it is within `max` (the rest is read and dropped).
+async fn read_chunk<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Shared,
+    conn: &mut Conn<S>,
+    size: u64,
+    body: &mut Vec<u8>,
+    max: usize,
+    deadline: Instant,
+) -> std::io::Result<ChunkRead> {
+    let mut left = size;
+    loop {
+        let take = usize::try_from(left)
+            .unwrap_or(usize::MAX)
+            .min(conn.rbuf.len());
+        let room = (max + 1).saturating_sub(body.len());
+        body.extend_from_slice(&conn.rbuf[..take.min(room)]);
+        conn.rbuf.drain(..take);
+        left -= take as u64;
+        if left == 0 {
+            return Ok(ChunkRead::Done);
+        }
+        match conn.fill(wait_for(shared.data_timeout, deadline)).await? {
+            Read::Data => {}
+            Read::Closed => return Ok(ChunkRead::Closed),
+            Read::TimedOut => return Ok(ChunkRead::TimedOut),
         }
     }
 }
@@ -219,12 +454,12 @@ fn unix_micros() -> i64 {
         .as_micros() as i64
 }
 
-/// The trace header every SMTP server adds (RFC 5321 §4.4).
+/// The trace header every SMTP server adds (RFC 5321 §4.4), with the TLS
+/// in use and the protocol name of RFC 3848.
 fn received_header(
     shared: &Shared,
-    session: &Session,
     env: &Envelope,
-    peer: SocketAddr,
+    client: SocketAddr,
     id: &str,
     now_secs: i64,
 ) -> String {
@@ -233,31 +468,70 @@ fn received_header(
     } else {
         env.helo.as_str()
     };
-    let proto = if session.is_esmtp() { "ESMTP" } else { "SMTP" };
+    let tls = match &env.tls {
+        Some(t) => format!("\r\n\t(using {t})"),
+        None => String::new(),
+    };
+    let user = match &env.user {
+        Some(u) => format!("\r\n\t(Authenticated sender: {u})"),
+        None => String::new(),
+    };
     let rcpt = match env.recipients.as_slice() {
-        [one] => format!("\r\n\tfor <{one}>"),
+        [one] => format!("\r\n\tfor <{}>", one.address),
         _ => String::new(),
     };
     format!(
-        "Received: from {helo} ([{ip}])\r\n\tby {host} (Correu) with {proto} id {id}{rcpt};\r\n\t{date}\r\n",
-        ip = peer.ip(),
+        "Received: from {helo} ([{ip}]){tls}{user}\r\n\tby {host} (Correu) with {proto} id {id}{rcpt};\r\n\t{date}\r\n",
+        ip = client.ip(),
         host = shared.session.hostname,
+        proto = env.protocol,
         date = rfc5322_date(now_secs),
     )
+}
+
+/// Checks the message rates, queues the message, and returns the reply.
+async fn deliver(
+    shared: &Shared,
+    session: &mut Session,
+    env: Envelope,
+    body: Vec<u8>,
+    client: SocketAddr,
+) -> Reply {
+    let trusted = shared.trusted.iter().any(|n| n.contains(client.ip()));
+    let over = if let Some(user) = &env.user {
+        !shared
+            .rates
+            .allow("user-msg", user, shared.user_message_rate)
+            .await
+    } else {
+        !trusted
+            && !shared
+                .rates
+                .allow("msg", &client.ip().to_string(), shared.message_rate)
+                .await
+    };
+    if over {
+        session.queued(Err(QueueFailure::Unavailable));
+        return Reply::new(
+            450,
+            correu_smtp::Enhanced(4, 7, 1),
+            "Error: too many messages, slow down",
+        );
+    }
+    let outcome = queue_message(shared, env, body, client).await;
+    session.queued(outcome.as_deref().map_err(|_| QueueFailure::Unavailable))
 }
 
 /// Publishes the message; `Ok(queue id)` once it is durable.
 async fn queue_message(
     shared: &Shared,
-    session: &Session,
     env: Envelope,
     body: Vec<u8>,
-    peer: SocketAddr,
+    client: SocketAddr,
 ) -> Result<String, ()> {
     let id = correu_queue::new_queue_id();
     let now = unix_micros();
-    let mut content =
-        received_header(shared, session, &env, peer, &id, now / 1_000_000).into_bytes();
+    let mut content = received_header(shared, &env, client, &id, now / 1_000_000).into_bytes();
     content.extend_from_slice(&body);
     drop(body);
     let size = content.len();
@@ -268,21 +542,31 @@ async fn queue_message(
             .recipients
             .iter()
             .map(|r| Recipient {
-                address: r.to_string(),
+                address: r.address.to_string(),
+                notify: r.params.notify.clone().unwrap_or_default(),
+                orcpt: r.params.orcpt.clone().unwrap_or_default(),
             })
             .collect(),
         received_at_unix_micros: now,
         content,
         attempt: 0,
-        client_address: peer.to_string(),
+        client_address: client.to_string(),
         helo: env.helo.clone(),
         traceparent: String::new(),
         last_error: String::new(),
+        dsn_ret: match env.params.ret {
+            Some(Ret::Full) => "FULL".into(),
+            Some(Ret::Headers) => "HDRS".into(),
+            None => String::new(),
+        },
+        dsn_envid: env.params.envid.clone().unwrap_or_default(),
+        smtputf8: env.params.smtputf8,
+        authenticated_user: env.user.clone().unwrap_or_default(),
     };
     let span = tracing::info_span!("queue.publish", queue_id = %id);
     match shared.queue.publish(&msg).instrument(span).await {
         Ok(()) => {
-            tracing::info!(queue_id = %id, from = %msg.sender, recipients = msg.recipients.len(), size, client = %peer, "queued");
+            tracing::info!(queue_id = %id, from = %msg.sender, recipients = msg.recipients.len(), size, client = %client, "queued");
             Ok(id)
         }
         Err(e) => {

@@ -63,9 +63,12 @@ fn message(n: usize) -> QueuedMessage {
         recipients: vec![
             Recipient {
                 address: format!("a{n}@localhost"),
+                ..Recipient::default()
             },
             Recipient {
                 address: format!("b{n}@remote.test"),
+                notify: "FAILURE,DELAY".into(),
+                orcpt: "rfc822;b{n}@remote.test".into(),
             },
         ],
         received_at_unix_micros: 1_700_000_000_000_000 + n as i64,

@@ -20,7 +20,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 /// The sections a `CORREU_<SECTION>_<KEY>` variable may name.
-const SECTIONS: [&str; 4] = ["smtp", "queue", "storage", "delivery"];
+const SECTIONS: [&str; 5] = ["smtp", "queue", "storage", "delivery", "redis"];
 /// Variables that are not configuration keys.
 const NOT_KEYS: [&str; 3] = ["CORREU_LOG", "CORREU_LOG_FORMAT", "CORREU_CONFIG"];
 
@@ -36,6 +36,7 @@ pub struct Config {
     pub queue: QueueConfig,
     pub storage: StorageConfig,
     pub delivery: DeliveryConfig,
+    pub redis: RedisConfig,
 }
 
 impl Default for Config {
@@ -47,6 +48,32 @@ impl Default for Config {
             queue: QueueConfig::default(),
             storage: StorageConfig::default(),
             delivery: DeliveryConfig::default(),
+            redis: RedisConfig::default(),
+        }
+    }
+}
+
+/// Redis, shared by replicas for rate limits; optional.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct RedisConfig {
+    /// `redis://host:port/db`; unset: limits are kept in each process.
+    pub url: Option<String>,
+    /// Prefix of every key Correu writes.
+    pub prefix: String,
+    /// Deadline of every Redis call (and of getting a connection).
+    pub timeout: Dur,
+    /// Connections per process.
+    pub pool_size: usize,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: None,
+            prefix: "correu".into(),
+            timeout: Dur(Duration::from_millis(250)),
+            pool_size: 16,
         }
     }
 }
@@ -79,6 +106,49 @@ pub struct SmtpConfig {
     pub recipient_check_timeout: Dur,
     /// Time sessions in progress get to finish when the server stops.
     pub shutdown_grace: Dur,
+    /// Submission listeners (port 587, RFC 6409): STARTTLS, then AUTH,
+    /// before MAIL; authenticated users may relay.
+    #[serde(deserialize_with = "one_or_many")]
+    pub submission: Vec<SocketAddr>,
+    /// Implicit-TLS submission listeners (port 465, RFC 8314).
+    #[serde(deserialize_with = "one_or_many")]
+    pub submissions: Vec<SocketAddr>,
+    /// Certificate chain (PEM) for STARTTLS and implicit TLS; reloaded
+    /// when the file changes.
+    pub tls_certificate: Option<PathBuf>,
+    /// Private key (PEM) of the certificate.
+    pub tls_key: Option<PathBuf>,
+    /// Time for a TLS handshake.
+    pub tls_handshake_timeout: Dur,
+    /// Accounts for AUTH: lines `address:ARGON2-HASH` (Dovecot passwd-file
+    /// style; `correu hash-password` makes the hash); reloaded on change.
+    pub auth_file: Option<PathBuf>,
+    /// Load balancers that speak the PROXY protocol (v1 or v2): a
+    /// connection from one of these must start with a PROXY header, and the
+    /// address in it is the client's.
+    #[serde(deserialize_with = "one_or_many")]
+    pub proxy_networks: Vec<Network>,
+    /// Time to wait for the PROXY header.
+    pub proxy_timeout: Dur,
+    /// Messages in one session before it is closed with `421 4.7.0`.
+    pub max_transactions: usize,
+    /// Longest text line in a message, CRLF included (RFC 5321
+    /// §4.5.3.1.6); 0 for no limit.
+    pub max_text_line: usize,
+    /// Refuse messages with a bare CR or LF (`550 5.5.2`) instead of storing
+    /// them as CRLF.
+    pub reject_bare_line_ends: bool,
+    /// Open connections from one client address (trusted networks exempt).
+    pub max_connections_per_client: usize,
+    /// Longest a session may last.
+    pub max_session_time: Dur,
+    /// New connections per client address (`N/DURATION`, `0` for no limit;
+    /// trusted networks exempt), shared across replicas through Redis.
+    pub connection_rate: Rate,
+    /// Messages per client address, likewise.
+    pub message_rate: Rate,
+    /// Messages per authenticated user.
+    pub user_message_rate: Rate,
 }
 
 impl Default for SmtpConfig {
@@ -95,6 +165,22 @@ impl Default for SmtpConfig {
             data_timeout: Dur::secs(180),
             recipient_check_timeout: Dur::secs(5),
             shutdown_grace: Dur::secs(25),
+            submission: Vec::new(),
+            submissions: Vec::new(),
+            tls_certificate: None,
+            tls_key: None,
+            tls_handshake_timeout: Dur::secs(30),
+            auth_file: None,
+            proxy_networks: Vec::new(),
+            proxy_timeout: Dur::secs(10),
+            max_transactions: 100,
+            max_text_line: 1000,
+            reject_bare_line_ends: false,
+            max_connections_per_client: 50,
+            max_session_time: Dur::secs(30 * 60),
+            connection_rate: Rate::per(120, 60),
+            message_rate: Rate::per(600, 60),
+            user_message_rate: Rate::per(1000, 3600),
         }
     }
 }
@@ -210,6 +296,65 @@ impl Default for DeliveryConfig {
             connect_timeout: Dur::secs(30),
             command_timeout: Dur::secs(300),
             data_timeout: Dur::secs(600),
+        }
+    }
+}
+
+/// A rate `N/DURATION` (`120/1m`), or `0` for no limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub count: u64,
+    pub per: Duration,
+}
+
+impl Rate {
+    pub const fn per(count: u64, secs: u64) -> Rate {
+        Rate {
+            count,
+            per: Duration::from_secs(secs),
+        }
+    }
+
+    pub fn is_unlimited(&self) -> bool {
+        self.count == 0
+    }
+}
+
+impl FromStr for Rate {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s == "0" || s.eq_ignore_ascii_case("unlimited") {
+            return Ok(Rate::per(0, 1));
+        }
+        let bad = || format!("`{s}` is not a rate like 120/1m (or 0 for no limit)");
+        let (n, d) = s.split_once('/').ok_or_else(bad)?;
+        let count = n.trim().parse().map_err(|_| bad())?;
+        let per: Dur = d.parse().map_err(|_| bad())?;
+        if per.get().is_zero() {
+            return Err(bad());
+        }
+        Ok(Rate {
+            count,
+            per: per.get(),
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Zero(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Zero(0) => Ok(Rate::per(0, 1)),
+            Raw::Zero(n) => Err(serde::de::Error::custom(format!(
+                "`{n}`: write a rate like {n}/1m"
+            ))),
+            Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
         }
     }
 }
@@ -546,6 +691,51 @@ impl Config {
         if s.max_connections == 0 {
             e.push(err("smtp.max_connections", "must be more than 0"));
         }
+        if s.max_transactions == 0 {
+            e.push(err("smtp.max_transactions", "must be more than 0"));
+        }
+        if s.max_connections_per_client == 0 {
+            e.push(err(
+                "smtp.max_connections_per_client",
+                "must be more than 0",
+            ));
+        }
+        if s.max_text_line != 0 && s.max_text_line < 1000 {
+            e.push(err(
+                "smtp.max_text_line",
+                "must be 0 (no limit) or at least 1000 (RFC 5321 §4.5.3.1.6)",
+            ));
+        }
+        match (&s.tls_certificate, &s.tls_key) {
+            (Some(_), None) => e.push(err("smtp.tls_key", "needed with smtp.tls_certificate")),
+            (None, Some(_)) => e.push(err("smtp.tls_certificate", "needed with smtp.tls_key")),
+            _ => {}
+        }
+        for (key, addrs) in [
+            ("smtp.submission", &s.submission),
+            ("smtp.submissions", &s.submissions),
+        ] {
+            if !addrs.is_empty() && s.tls_certificate.is_none() {
+                e.push(err(
+                    key,
+                    "submission needs TLS: set smtp.tls_certificate and smtp.tls_key",
+                ));
+            }
+            if !addrs.is_empty() && s.auth_file.is_none() {
+                e.push(err(key, "submission needs accounts: set smtp.auth_file"));
+            }
+        }
+        for (key, path) in [
+            ("smtp.tls_certificate", &s.tls_certificate),
+            ("smtp.tls_key", &s.tls_key),
+            ("smtp.auth_file", &s.auth_file),
+        ] {
+            if let Some(p) = path
+                && !p.is_file()
+            {
+                e.push(err(key, format!("{} is not a readable file", p.display())));
+            }
+        }
         let q = &self.queue;
         if !(q.url.starts_with("amqp://") || q.url.starts_with("amqps://")) {
             e.push(err("queue.url", "must start with amqp:// or amqps://"));
@@ -587,6 +777,19 @@ impl Config {
                     format!("`{m}` is not an address in one of `domains`"),
                 )),
             }
+        }
+        if let Some(url) = &self.redis.url
+            && !(url.starts_with("redis://")
+                || url.starts_with("rediss://")
+                || url.starts_with("unix://"))
+        {
+            e.push(err(
+                "redis.url",
+                "must start with redis://, rediss:// or unix://",
+            ));
+        }
+        if self.redis.pool_size == 0 {
+            e.push(err("redis.pool_size", "must be more than 0"));
         }
         let d = &self.delivery;
         if d.concurrency == 0 {
@@ -720,6 +923,19 @@ mod tests {
     }
 
     #[test]
+    fn submission_needs_tls_and_accounts() {
+        let e = load(
+            "[smtp]\nsubmission = [\"127.0.0.1:587\"]\ntls_certificate = \"/nonexistent.pem\"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(
+            keys(e),
+            vec!["smtp.tls_key", "smtp.submission", "smtp.tls_certificate"]
+        );
+    }
+
+    #[test]
     fn every_error_names_its_key() {
         let e = load(
             "hostnme = \"x\"\n[smtp]\nmax_recipients = 0\nfoo = 1\n[storage]\nendpoint = \"storage:1\"\nmailboxes = [\"a@elsewhere.org\"]\n",
@@ -780,5 +996,9 @@ mod tests {
         assert!("5y".parse::<Dur>().is_err());
         assert_eq!(split_host_port("[::1]:25"), Some(("::1".into(), 25)));
         assert_eq!(split_host_port("mx:x"), None);
+        assert_eq!("120/1m".parse::<Rate>().unwrap(), Rate::per(120, 60));
+        assert!("0".parse::<Rate>().unwrap().is_unlimited());
+        assert!("120".parse::<Rate>().is_err());
+        assert!("1/0s".parse::<Rate>().is_err());
     }
 }

@@ -278,7 +278,9 @@ fn is_xtext(v: &str) -> bool {
         match b[i] {
             b'+' => {
                 let hex = |c: u8| c.is_ascii_digit() || (b'A'..=b'F').contains(&c);
-                if !(b.get(i + 1).copied().is_some_and(hex) && b.get(i + 2).copied().is_some_and(hex)) {
+                if !(b.get(i + 1).copied().is_some_and(hex)
+                    && b.get(i + 2).copied().is_some_and(hex))
+                {
                     return false;
                 }
                 i += 3;
@@ -294,7 +296,11 @@ fn parse_notify(v: &str) -> Result<String, CommandError> {
     let bad = || CommandError::ParameterValue(format!("NOTIFY={v}"));
     let words: Vec<String> = v.split(',').map(|w| w.to_ascii_uppercase()).collect();
     if words.iter().any(|w| w == "NEVER") {
-        return if words.len() == 1 { Ok("NEVER".into()) } else { Err(bad()) };
+        return if words.len() == 1 {
+            Ok("NEVER".into())
+        } else {
+            Err(bad())
+        };
     }
     let mut out = Vec::new();
     for want in ["SUCCESS", "FAILURE", "DELAY"] {
@@ -341,7 +347,9 @@ fn parse_rcpt(rest: &str) -> Result<Command, CommandError> {
             ("NOTIFY", Some(v)) => p.notify = Some(parse_notify(v)?),
             // addr-type ";" xtext (RFC 3461 §4.2); the address may be UTF-8
             // with SMTPUTF8 (RFC 6533), so only the shape is checked here.
-            ("ORCPT", Some(v)) if v.contains(';') && v.len() <= 500 => p.orcpt = Some(v.to_string()),
+            ("ORCPT", Some(v)) if v.contains(';') && v.len() <= 500 => {
+                p.orcpt = Some(v.to_string())
+            }
             ("ORCPT", Some(v)) => return Err(CommandError::ParameterValue(format!("ORCPT={v}"))),
             (k, _) => return Err(CommandError::Parameter(k.to_string())),
         }
@@ -447,8 +455,20 @@ mod tests {
                     },
                 },
             ),
-            ("BDAT 1000", Command::Bdat { size: 1000, last: false }),
-            ("bdat 0 last", Command::Bdat { size: 0, last: true }),
+            (
+                "BDAT 1000",
+                Command::Bdat {
+                    size: 1000,
+                    last: false,
+                },
+            ),
+            (
+                "bdat 0 last",
+                Command::Bdat {
+                    size: 0,
+                    last: true,
+                },
+            ),
             ("STARTTLS", Command::StartTls),
             (
                 "AUTH plain AGpvAHNlY3JldA==",
@@ -502,12 +522,30 @@ mod tests {
             ),
             (b"RCPT TO:<>", Syntax("RCPT TO:<address>")),
             (b"RCPT TO:<a@x.org> FOO=1", Parameter("FOO".into())),
-            (b"RCPT TO:<a@x.org> NOTIFY=NEVER,DELAY", ParameterValue("NOTIFY=NEVER,DELAY".into())),
-            (b"RCPT TO:<a@x.org> NOTIFY=SOMETIMES", ParameterValue("NOTIFY=SOMETIMES".into())),
-            (b"RCPT TO:<a@x.org> ORCPT=nosemicolon", ParameterValue("ORCPT=nosemicolon".into())),
-            (b"MAIL FROM:<a@x.org> RET=ALL", ParameterValue("RET=ALL".into())),
-            (b"MAIL FROM:<a@x.org> ENVID=a=b", ParameterValue("ENVID=a=b".into())),
-            (b"MAIL FROM:<a@x.org> ENVID=a+4", ParameterValue("ENVID=a+4".into())),
+            (
+                b"RCPT TO:<a@x.org> NOTIFY=NEVER,DELAY",
+                ParameterValue("NOTIFY=NEVER,DELAY".into()),
+            ),
+            (
+                b"RCPT TO:<a@x.org> NOTIFY=SOMETIMES",
+                ParameterValue("NOTIFY=SOMETIMES".into()),
+            ),
+            (
+                b"RCPT TO:<a@x.org> ORCPT=nosemicolon",
+                ParameterValue("ORCPT=nosemicolon".into()),
+            ),
+            (
+                b"MAIL FROM:<a@x.org> RET=ALL",
+                ParameterValue("RET=ALL".into()),
+            ),
+            (
+                b"MAIL FROM:<a@x.org> ENVID=a=b",
+                ParameterValue("ENVID=a=b".into()),
+            ),
+            (
+                b"MAIL FROM:<a@x.org> ENVID=a+4",
+                ParameterValue("ENVID=a+4".into()),
+            ),
             (b"BDAT", Syntax("BDAT size [LAST]")),
             (b"BDAT ten", Syntax("BDAT size [LAST]")),
             (b"BDAT 10 FIRST", Syntax("BDAT size [LAST]")),

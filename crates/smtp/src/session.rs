@@ -268,12 +268,20 @@ impl Session {
 
     /// The reply given to a client that sent nothing in time.
     pub fn timeout(&self) -> Reply {
-        reply(421, (4, 4, 2), format!("{} Error: timeout exceeded", self.cfg.hostname))
+        reply(
+            421,
+            (4, 4, 2),
+            format!("{} Error: timeout exceeded", self.cfg.hostname),
+        )
     }
 
     /// The reply given when a session has lasted longer than allowed.
     pub fn session_too_long(&self) -> Reply {
-        reply(421, (4, 4, 2), format!("{} Error: session time limit exceeded", self.cfg.hostname))
+        reply(
+            421,
+            (4, 4, 2),
+            format!("{} Error: session time limit exceeded", self.cfg.hostname),
+        )
     }
 
     /// The reply given to new or idle sessions while the server stops.
@@ -281,13 +289,20 @@ impl Session {
         reply(
             421,
             (4, 3, 2),
-            format!("{} Service shutting down, try again later", self.cfg.hostname),
+            format!(
+                "{} Service shutting down, try again later",
+                self.cfg.hostname
+            ),
         )
     }
 
     /// The reply to a client over its rate of connections or messages.
     pub fn rate_limited(&self, what: &str) -> Reply {
-        reply(421, (4, 7, 0), format!("{} Error: too many {what}, slow down", self.cfg.hostname))
+        reply(
+            421,
+            (4, 7, 0),
+            format!("{} Error: too many {what}, slow down", self.cfg.hostname),
+        )
     }
 
     /// Recipients accepted so far in this transaction.
@@ -448,7 +463,10 @@ impl Session {
             return Step::Close(reply(
                 421,
                 (4, 7, 0),
-                format!("{} Error: too many messages in one session", self.cfg.hostname),
+                format!(
+                    "{} Error: too many messages in one session",
+                    self.cfg.hostname
+                ),
             ));
         }
         if let Some(size) = params.size
@@ -460,7 +478,11 @@ impl Session {
             && a.is_utf8()
             && !params.smtputf8
         {
-            return self.error(reply(553, (5, 6, 7), "Non-ASCII sender address needs SMTPUTF8"));
+            return self.error(reply(
+                553,
+                (5, 6, 7),
+                "Non-ASCII sender address needs SMTPUTF8",
+            ));
         }
         self.state = State::Mail;
         self.from = from;
@@ -474,7 +496,11 @@ impl Session {
             return self.error(reply(503, (5, 5, 1), "Error: need MAIL command"));
         }
         if to.is_utf8() && !self.params.smtputf8 {
-            return self.error(reply(553, (5, 6, 7), "Non-ASCII recipient address needs SMTPUTF8"));
+            return self.error(reply(
+                553,
+                (5, 6, 7),
+                "Non-ASCII recipient address needs SMTPUTF8",
+            ));
         }
         if self.recipients.iter().any(|r| r.address == to) {
             // A repeated recipient gets one copy (RFC 5321 §3.3 allows this).
@@ -488,10 +514,17 @@ impl Session {
             return Step::CheckRecipient(to);
         }
         if !self.relay_allowed() {
-            return self.error(reply(550, (5, 7, 1), format!("<{to}>: Relay access denied")));
+            return self.error(reply(
+                550,
+                (5, 7, 1),
+                format!("<{to}>: Relay access denied"),
+            ));
         }
         let params = std::mem::take(&mut self.pending_params);
-        self.recipients.push(Rcpt { address: to, params });
+        self.recipients.push(Rcpt {
+            address: to,
+            params,
+        });
         Step::Reply(reply(250, (2, 1, 5), "Ok"))
     }
 
@@ -500,7 +533,10 @@ impl Session {
         let params = std::mem::take(&mut self.pending_params);
         match verdict {
             RecipientVerdict::Exists => {
-                self.recipients.push(Rcpt { address: to, params });
+                self.recipients.push(Rcpt {
+                    address: to,
+                    params,
+                });
                 Step::Reply(reply(250, (2, 1, 5), "Ok"))
             }
             RecipientVerdict::Unknown => self.error(reply(
@@ -552,10 +588,18 @@ impl Session {
         }
         if total > self.cfg.max_message_size as u64 {
             self.reset();
-            return Chunked::Step(self.error(reply(552, (5, 3, 4), "Message size exceeds fixed limit")));
+            return Chunked::Step(self.error(reply(
+                552,
+                (5, 3, 4),
+                "Message size exceeds fixed limit",
+            )));
         }
         if !last {
-            return Chunked::Step(Step::Reply(reply(250, (2, 0, 0), format!("{total} octets received"))));
+            return Chunked::Step(Step::Reply(reply(
+                250,
+                (2, 0, 0),
+                format!("{total} octets received"),
+            )));
         }
         self.state = State::Queuing;
         Chunked::Queue(self.envelope())
@@ -583,7 +627,11 @@ impl Session {
         } else if self.cfg.reject_bare_line_ends && body.bare_line_ends > 0 {
             Some(reply(550, (5, 5, 2), "Error: bare <CR> or <LF> received"))
         } else if self.cfg.max_text_line > 0 && body.longest_line > self.cfg.max_text_line {
-            Some(reply(500, (5, 5, 2), "Error: line too long (RFC 5321 §4.5.3.1.6)"))
+            Some(reply(
+                500,
+                (5, 5, 2),
+                "Error: line too long (RFC 5321 §4.5.3.1.6)",
+            ))
         } else {
             None
         };
@@ -600,11 +648,9 @@ impl Session {
         self.reset();
         match outcome {
             Ok(id) => reply(250, (2, 0, 0), format!("Ok: queued as {id}")),
-            Err(QueueFailure::Unavailable) => reply(
-                451,
-                (4, 3, 0),
-                "Error: queue unavailable, try again later",
-            ),
+            Err(QueueFailure::Unavailable) => {
+                reply(451, (4, 3, 0), "Error: queue unavailable, try again later")
+            }
         }
     }
 
@@ -636,13 +682,21 @@ impl Session {
             return self.error(reply(503, (5, 5, 1), "Error: authentication not enabled"));
         }
         if self.tls.is_none() {
-            return self.error(reply(538, (5, 7, 11), "Encryption required for requested authentication mechanism"));
+            return self.error(reply(
+                538,
+                (5, 7, 11),
+                "Encryption required for requested authentication mechanism",
+            ));
         }
         if self.user.is_some() {
             return self.error(reply(503, (5, 5, 1), "Error: already authenticated"));
         }
         if self.state != State::Ready {
-            let why = if self.state == State::Connected { "send EHLO first" } else { "MAIL transaction in progress" };
+            let why = if self.state == State::Connected {
+                "send EHLO first"
+            } else {
+                "MAIL transaction in progress"
+            };
             return self.error(reply(503, (5, 5, 1), format!("Error: {why}")));
         }
         match (mechanism, initial) {
@@ -666,7 +720,11 @@ impl Session {
             return self.error(reply(501, (5, 0, 0), "Authentication cancelled"));
         }
         // RFC 4954 §4: "=" is an empty initial response.
-        let decoded = if line == b"=" { Ok(Vec::new()) } else { BASE64.decode(line) };
+        let decoded = if line == b"=" {
+            Ok(Vec::new())
+        } else {
+            BASE64.decode(line)
+        };
         let Ok(decoded) = decoded else {
             return self.error(reply(501, (5, 5, 2), "Invalid base64 data"));
         };
@@ -841,7 +899,9 @@ mod tests {
             Step::CheckRecipient(a) => format!("check {a}"),
             Step::Chunk { size, last, first } => format!("chunk {size} {last} {first}"),
             Step::StartTls(r) => format!("starttls {}", String::from_utf8(r.to_bytes()).unwrap()),
-            Step::CheckCredentials { user, password } => format!("credentials {user} {}", password.0),
+            Step::CheckCredentials { user, password } => {
+                format!("credentials {user} {}", password.0)
+            }
         }
     }
 
@@ -988,8 +1048,8 @@ mod tests {
                 ..BodyReport::default()
             })
             .unwrap_err()
-                .to_string()
-                .starts_with("552 5.3.4")
+            .to_string()
+            .starts_with("552 5.3.4")
         );
         run(
             &mut s,
@@ -1061,29 +1121,50 @@ mod tests {
         let mut s = Session::new(cfg(), tls_policy(Role::Submission));
         run(&mut s, &[("STARTTLS", "503 5.5.1")]);
         let ehlo = text(&s.command(b"EHLO c"));
-        assert!(ehlo.contains("STARTTLS") && !ehlo.contains("AUTH"), "{ehlo}");
+        assert!(
+            ehlo.contains("STARTTLS") && !ehlo.contains("AUTH"),
+            "{ehlo}"
+        );
         run(
             &mut s,
             &[
                 ("AUTH PLAIN AGpvAHNlY3JldA==", "538 5.7.11"),
-                ("MAIL FROM:<jo@domini.com>", "530 5.7.0 Must issue a STARTTLS command first"),
+                (
+                    "MAIL FROM:<jo@domini.com>",
+                    "530 5.7.0 Must issue a STARTTLS command first",
+                ),
                 ("STARTTLS", "starttls 220 2.0.0"),
             ],
         );
         s.tls_started("TLSv1.3 with cipher TLS13_AES_128_GCM_SHA256".into());
         // The old EHLO is forgotten (RFC 3207 §4.2).
-        run(&mut s, &[("MAIL FROM:<jo@domini.com>", "503 5.5.1 Error: send HELO/EHLO first")]);
+        run(
+            &mut s,
+            &[(
+                "MAIL FROM:<jo@domini.com>",
+                "503 5.5.1 Error: send HELO/EHLO first",
+            )],
+        );
         let ehlo = text(&s.command(b"EHLO c"));
-        assert!(!ehlo.contains("STARTTLS") && ehlo.contains("AUTH PLAIN LOGIN"), "{ehlo}");
+        assert!(
+            !ehlo.contains("STARTTLS") && ehlo.contains("AUTH PLAIN LOGIN"),
+            "{ehlo}"
+        );
         run(
             &mut s,
             &[
                 ("STARTTLS", "503 5.5.1 Error: TLS already active"),
-                ("MAIL FROM:<jo@domini.com>", "530 5.7.0 Authentication required"),
+                (
+                    "MAIL FROM:<jo@domini.com>",
+                    "530 5.7.0 Authentication required",
+                ),
                 ("AUTH PLAIN AGpvAHNlY3JldA==", "credentials jo secret"),
             ],
         );
-        assert_eq!(text(&s.credentials_checked("jo".into(), CredentialVerdict::Valid)), "235 2.7.0 Authentication successful\r\n");
+        assert_eq!(
+            text(&s.credentials_checked("jo".into(), CredentialVerdict::Valid)),
+            "235 2.7.0 Authentication successful\r\n"
+        );
         run(
             &mut s,
             &[
@@ -1113,13 +1194,33 @@ mod tests {
                 ("c2VjcmV0", "credentials jo secret"),
             ],
         );
-        assert!(text(&s.credentials_checked("jo".into(), CredentialVerdict::Invalid)).starts_with("535 5.7.8"));
-        run(&mut s, &[("AUTH LOGIN", "334"), ("*", "501 5.0.0"), ("AUTH PLAIN", "334 "), ("not base64!", "501 5.5.2")]);
-        run(&mut s, &[("AUTH PLAIN", "334 "), ("AGpv", "501 5.5.2 Malformed")]);
+        assert!(
+            text(&s.credentials_checked("jo".into(), CredentialVerdict::Invalid))
+                .starts_with("535 5.7.8")
+        );
+        run(
+            &mut s,
+            &[
+                ("AUTH LOGIN", "334"),
+                ("*", "501 5.0.0"),
+                ("AUTH PLAIN", "334 "),
+                ("not base64!", "501 5.5.2"),
+            ],
+        );
+        run(
+            &mut s,
+            &[("AUTH PLAIN", "334 "), ("AGpv", "501 5.5.2 Malformed")],
+        );
         // Another identity than the one authenticated: refused.
         run(&mut s, &[("AUTH PLAIN YW5uYQBqbwBzZWNyZXQ=", "535 5.7.8")]);
-        run(&mut s, &[("AUTH PLAIN AGpvAHNlY3JldA==", "credentials jo secret")]);
-        assert!(text(&s.credentials_checked("jo".into(), CredentialVerdict::TryLater)).starts_with("454 4.7.0"));
+        run(
+            &mut s,
+            &[("AUTH PLAIN AGpvAHNlY3JldA==", "credentials jo secret")],
+        );
+        assert!(
+            text(&s.credentials_checked("jo".into(), CredentialVerdict::TryLater))
+                .starts_with("454 4.7.0")
+        );
         assert!(s.user().is_none());
         // The MX role offers no AUTH at all.
         let mut mx = Session::new(cfg(), tls_policy(Role::Mx));
@@ -1131,8 +1232,13 @@ mod tests {
     #[test]
     fn bdat_chunks_and_their_errors() {
         let mut s = Session::new(cfg(), Policy::mx(true));
-        run(&mut s, &[("EHLO c", "250-"), ("BDAT 10", "chunk 10 false false")]);
-        assert!(matches!(s.chunk_received(10, false), Chunked::Step(Step::Reply(r)) if r.code == 503));
+        run(
+            &mut s,
+            &[("EHLO c", "250-"), ("BDAT 10", "chunk 10 false false")],
+        );
+        assert!(
+            matches!(s.chunk_received(10, false), Chunked::Step(Step::Reply(r)) if r.code == 503)
+        );
         run(
             &mut s,
             &[
@@ -1141,14 +1247,41 @@ mod tests {
                 ("BDAT 10", "chunk 10 false true"),
             ],
         );
-        assert_eq!(text(&match s.chunk_received(10, false) { Chunked::Step(st) => st, Chunked::Queue(_) => panic!() }), "250 2.0.0 10 octets received\r\n");
-        run(&mut s, &[("DATA", "503 5.5.1"), ("MAIL FROM:<a@b.c>", "503 5.5.1"), ("BDAT 5 LAST", "chunk 5 true false")]);
-        let Chunked::Queue(env) = s.chunk_received(15, true) else { panic!("queue") };
+        assert_eq!(
+            text(&match s.chunk_received(10, false) {
+                Chunked::Step(st) => st,
+                Chunked::Queue(_) => panic!(),
+            }),
+            "250 2.0.0 10 octets received\r\n"
+        );
+        run(
+            &mut s,
+            &[
+                ("DATA", "503 5.5.1"),
+                ("MAIL FROM:<a@b.c>", "503 5.5.1"),
+                ("BDAT 5 LAST", "chunk 5 true false"),
+            ],
+        );
+        let Chunked::Queue(env) = s.chunk_received(15, true) else {
+            panic!("queue")
+        };
         assert_eq!(env.recipients[0].params.notify.as_deref(), Some("FAILURE"));
-        assert_eq!(env.recipients[0].params.orcpt.as_deref(), Some("rfc822;x@y.z"));
+        assert_eq!(
+            env.recipients[0].params.orcpt.as_deref(),
+            Some("rfc822;x@y.z")
+        );
         s.queued(Ok("ID"));
-        run(&mut s, &[("MAIL FROM:<a@b.c>", "250"), ("RCPT TO:<x@y.z>", "250"), ("BDAT 2000 LAST", "chunk 2000 true true")]);
-        assert!(matches!(s.chunk_received(2000, true), Chunked::Step(Step::Reply(r)) if r.code == 552));
+        run(
+            &mut s,
+            &[
+                ("MAIL FROM:<a@b.c>", "250"),
+                ("RCPT TO:<x@y.z>", "250"),
+                ("BDAT 2000 LAST", "chunk 2000 true true"),
+            ],
+        );
+        assert!(
+            matches!(s.chunk_received(2000, true), Chunked::Step(Step::Reply(r)) if r.code == 552)
+        );
     }
 
     #[test]
@@ -1176,16 +1309,47 @@ mod tests {
         });
         let mut s = Session::new(strict, Policy::mx(true));
         let send = |s: &mut Session, body: BodyReport| {
-            run(s, &[("MAIL FROM:<a@b.c>", "250"), ("RCPT TO:<x@y.z>", "250"), ("DATA", "354")]);
+            run(
+                s,
+                &[
+                    ("MAIL FROM:<a@b.c>", "250"),
+                    ("RCPT TO:<x@y.z>", "250"),
+                    ("DATA", "354"),
+                ],
+            );
             s.data_received(body)
         };
         run(&mut s, &[("EHLO c", "250")]);
-        assert!(send(&mut s, BodyReport { bare_line_ends: 1, ..BodyReport::default() }).unwrap_err().to_string().starts_with("550 5.5.2"));
-        assert!(send(&mut s, BodyReport { longest_line: 1001, ..BodyReport::default() }).unwrap_err().to_string().starts_with("500 5.5.2"));
+        assert!(
+            send(
+                &mut s,
+                BodyReport {
+                    bare_line_ends: 1,
+                    ..BodyReport::default()
+                }
+            )
+            .unwrap_err()
+            .to_string()
+            .starts_with("550 5.5.2")
+        );
+        assert!(
+            send(
+                &mut s,
+                BodyReport {
+                    longest_line: 1001,
+                    ..BodyReport::default()
+                }
+            )
+            .unwrap_err()
+            .to_string()
+            .starts_with("500 5.5.2")
+        );
         for _ in 0..3 {
             send(&mut s, BodyReport::default()).unwrap();
             s.queued(Ok("ID"));
         }
-        assert!(matches!(s.command(b"MAIL FROM:<a@b.c>"), Step::Close(r) if r.to_string().starts_with("421 4.7.0")));
+        assert!(
+            matches!(s.command(b"MAIL FROM:<a@b.c>"), Step::Close(r) if r.to_string().starts_with("421 4.7.0"))
+        );
     }
 }

@@ -11,7 +11,10 @@ fn body() -> impl Strategy<Value = Vec<u8>> {
         Just(b".".to_vec()),
         Just(b"..".to_vec()),
         Just(b".x".to_vec()),
-        prop::collection::vec(any::<u8>().prop_filter("no line ends", |b| *b != b'\r' && *b != b'\n'), 0..40),
+        prop::collection::vec(
+            any::<u8>().prop_filter("no line ends", |b| *b != b'\r' && *b != b'\n'),
+            0..40
+        ),
     ];
     prop::collection::vec(line, 0..30).prop_map(|lines| {
         let mut out = Vec::new();

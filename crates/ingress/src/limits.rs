@@ -1,0 +1,192 @@
+//! Limits per client: open connections (per process) and rates of
+//! connections and messages (shared across replicas through Redis, with an
+//! in-process fallback when Redis is absent or down: a limit may loosen for
+//! a while, mail keeps flowing).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use correu_runtime::config::{Rate, RedisConfig};
+use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
+
+/// Most windows kept in memory before old ones are dropped.
+const LOCAL_KEYS: usize = 100_000;
+/// At most one "Redis is down" warning per this long.
+const WARN_EVERY: Duration = Duration::from_secs(60);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Short critical sections on plain counters: a poisoned lock still
+    // holds consistent numbers.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Open connections per client address.
+pub struct Concurrency {
+    max: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One client connection counted; uncounted when dropped.
+pub struct Slot {
+    owner: Arc<Concurrency>,
+    ip: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = lock(&self.owner.open);
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl Concurrency {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Concurrency {
+            max,
+            open: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Counts a connection from `ip`, or `None` when it already has the most.
+    pub fn enter(self: &Arc<Self>, ip: IpAddr) -> Option<Slot> {
+        let mut open = lock(&self.open);
+        let n = open.entry(ip).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(Slot {
+            owner: self.clone(),
+            ip,
+        })
+    }
+}
+
+/// Fixed-window rate counters.
+pub struct RateLimiter {
+    redis: Option<Pool>,
+    prefix: String,
+    timeout: Duration,
+    local: Mutex<HashMap<String, u64>>,
+    last_warning: Mutex<Option<Instant>>,
+}
+
+impl RateLimiter {
+    /// A limiter on Redis when `cfg.url` is set (every pool timeout set),
+    /// else in this process only.
+    pub fn new(cfg: &RedisConfig) -> anyhow::Result<RateLimiter> {
+        let redis = match &cfg.url {
+            None => None,
+            Some(url) => {
+                let t = Some(cfg.timeout.get());
+                let mut pool_cfg = deadpool_redis::Config::from_url(url.as_str());
+                pool_cfg.pool = Some(PoolConfig {
+                    max_size: cfg.pool_size,
+                    timeouts: Timeouts {
+                        wait: t,
+                        create: t,
+                        recycle: t,
+                    },
+                    ..PoolConfig::default()
+                });
+                Some(pool_cfg.create_pool(Some(Runtime::Tokio1))?)
+            }
+        };
+        Ok(RateLimiter {
+            redis,
+            prefix: cfg.prefix.clone(),
+            timeout: cfg.timeout.get(),
+            local: Mutex::new(HashMap::new()),
+            last_warning: Mutex::new(None),
+        })
+    }
+
+    /// Counts one event of `kind` for `id`; false when over `rate`.
+    pub async fn allow(&self, kind: &str, id: &str, rate: Rate) -> bool {
+        if rate.is_unlimited() {
+            return true;
+        }
+        let per = rate.per.as_secs().max(1);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let key = format!("{}:rate:{kind}:{id}:{}", self.prefix, now / per);
+        if let Some(pool) = &self.redis {
+            match tokio::time::timeout(self.timeout, incr(pool, &key, per * 2)).await {
+                Ok(Ok(n)) => return n <= rate.count,
+                Ok(Err(e)) => self.warn(&e.to_string()),
+                Err(_) => self.warn("timed out"),
+            }
+        }
+        let mut local = lock(&self.local);
+        if local.len() >= LOCAL_KEYS {
+            // Windows are short: forgetting them all costs at most one
+            // window of leniency.
+            local.clear();
+        }
+        let n = local.entry(key).or_insert(0);
+        *n += 1;
+        *n <= rate.count
+    }
+
+    fn warn(&self, why: &str) {
+        let mut last = lock(&self.last_warning);
+        if last.is_none_or(|t| t.elapsed() > WARN_EVERY) {
+            *last = Some(Instant::now());
+            tracing::warn!(
+                error = why,
+                "Redis unavailable: rate limits are per process until it is back"
+            );
+        }
+    }
+}
+
+async fn incr(pool: &Pool, key: &str, ttl_secs: u64) -> anyhow::Result<u64> {
+    let mut conn = pool.get().await?;
+    let (n,): (u64,) = deadpool_redis::redis::pipe()
+        .atomic()
+        .incr(key, 1u64)
+        .expire(key, ttl_secs as i64)
+        .ignore()
+        .query_async(&mut conn)
+        .await?;
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_connections_per_address() {
+        let c = Concurrency::new(2);
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let a = c.enter(ip).unwrap();
+        let _b = c.enter(ip).unwrap();
+        assert!(c.enter(ip).is_none());
+        assert!(c.enter("192.0.2.2".parse().unwrap()).is_some());
+        drop(a);
+        assert!(c.enter(ip).is_some());
+    }
+
+    #[tokio::test]
+    async fn local_rates_without_redis() {
+        let r = RateLimiter::new(&RedisConfig::default()).unwrap();
+        let rate = Rate::per(3, 3600);
+        let mut allowed = 0;
+        for _ in 0..5 {
+            allowed += usize::from(r.allow("conn", "192.0.2.1", rate).await);
+        }
+        assert_eq!(allowed, 3);
+        assert!(r.allow("conn", "192.0.2.2", rate).await);
+        assert!(r.allow("conn", "192.0.2.1", Rate::per(0, 1)).await);
+    }
+}
