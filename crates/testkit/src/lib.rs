@@ -125,6 +125,21 @@ impl Proc {
         line.split_whitespace().nth(1).unwrap().parse().unwrap()
     }
 
+    /// Every SMTP listener in `correu serve`'s banner, with its description.
+    pub fn serve_listeners(&mut self) -> Vec<(SocketAddr, String)> {
+        self.wait_for("Stop with Ctrl-C.", Duration::from_secs(30));
+        std::fs::read_to_string(&self.stdout)
+            .unwrap()
+            .lines()
+            .filter(|l| l.starts_with("  SMTP "))
+            .map(|l| {
+                let mut words = l.split_whitespace().skip(1);
+                let addr = words.next().unwrap().parse().unwrap();
+                (addr, words.collect::<Vec<_>>().join(" "))
+            })
+            .collect()
+    }
+
     pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
         let deadline = Instant::now() + within;
         loop {
@@ -545,6 +560,37 @@ fn free_udp_port() -> u16 {
             return port;
         }
     }
+}
+
+/// A self-signed ECDSA certificate for `localhost` and 127.0.0.1, made
+/// with the openssl command; returns (certificate, key) PEM paths.
+pub fn test_cert(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let cert = dir.join(format!("{name}.crt"));
+    let key = dir.join(format!("{name}.key"));
+    let (status, out, err) = run(
+        "openssl",
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            key.to_str().unwrap(),
+            "-out",
+            cert.to_str().unwrap(),
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN=localhost/O={name}"),
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+    );
+    assert!(status.success(), "openssl failed:\n{out}\n{err}");
+    (cert, key)
 }
 
 /// Reads a whole file as text (lossy).
