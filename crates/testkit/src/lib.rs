@@ -195,6 +195,17 @@ impl Smtp {
         }
     }
 
+    /// Wraps a connection already made (and its greeting already read).
+    pub fn from_stream(stream: TcpStream) -> Smtp {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        Smtp {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
     pub fn read(&mut self) -> Reply {
         loop {
             if let Some((r, used)) = parse_reply(&self.buf).expect("server sent a valid reply") {
@@ -222,10 +233,28 @@ impl Smtp {
         self.read()
     }
 
-    /// Whether the server closed the connection (reads EOF).
+    /// Whether the server closed the connection: EOF, or a reset (a close
+    /// with unread input in the server's buffer is sent as RST).
     pub fn closed(&mut self) -> bool {
         let mut b = [0u8; 1];
-        matches!(self.stream.read(&mut b), Ok(0))
+        match self.stream.read(&mut b) {
+            Ok(0) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+            Ok(_) => false,
+        }
+    }
+
+    /// Reads and drops whatever comes (a TLS alert, say) until the server
+    /// closes; false if it is still open after the read timeout.
+    pub fn drain_until_closed(&mut self) -> bool {
+        let mut b = [0u8; 4096];
+        loop {
+            match self.stream.read(&mut b) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) => return e.kind() == std::io::ErrorKind::ConnectionReset,
+            }
+        }
     }
 
     /// A whole transaction; returns the reply to the final dot.

@@ -1,0 +1,217 @@
+//! Hostile clients against `correu serve`: each offender gets a reply code
+//! or a closed connection, and everyone else keeps being served.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use correu_testkit::*;
+
+const CORREU: &str = env!("CARGO_BIN_EXE_correu");
+
+fn serve(dir: &Path, smtp: &str) -> (Proc, SocketAddr) {
+    let cfg = dir.join("correu.toml");
+    std::fs::write(
+        &cfg,
+        format!("[smtp]\nlisten = [\"0.0.0.0:0\"]\n{smtp}\n[storage]\nlisten = \"127.0.0.1:0\"\nroot = \"mail\"\n[queue]\nspool = \"queue\"\n"),
+    )
+    .unwrap();
+    let mut p = Proc::correu(CORREU, "serve", dir, &["serve"], &cfg);
+    let addr = p.serve_smtp_addr();
+    (p, SocketAddr::from(([127, 0, 0, 1], addr.port())))
+}
+
+/// Connects from a chosen loopback address (127.0.0.2 is another client).
+fn connect_from(src: [u8; 4], to: SocketAddr) -> TcpStream {
+    let sock = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5));
+    if src == [127, 0, 0, 1] {
+        return sock.unwrap();
+    }
+    // std cannot bind a client socket before connecting; tokio can.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind(SocketAddr::from((src, 0))).unwrap();
+        s.connect(to).await.unwrap().into_std().unwrap()
+    })
+}
+
+fn first_reply(s: &mut TcpStream) -> String {
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_nonblocking(false).unwrap();
+    let mut buf = [0u8; 512];
+    let n = s.read(&mut buf).unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+fn a_normal_client_is_served(addr: SocketAddr, src: [u8; 4]) {
+    let mut s = connect_from(src, addr);
+    assert!(first_reply(&mut s).starts_with("220 "));
+    s.write_all(
+        b"EHLO normal\r\nMAIL FROM:<jo@domini.com>\r\nRCPT TO:<pere@localhost>\r\nDATA\r\n",
+    )
+    .unwrap();
+    let mut c = Smtp::from_stream(s);
+    for want in [250, 250, 250, 354] {
+        assert_eq!(c.read().code, want);
+    }
+    c.send(b"Subject: still here\r\n\r\nok\r\n.\r\n");
+    assert_eq!(c.read().code, 250);
+}
+
+#[test]
+fn one_address_cannot_take_every_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_p, addr) = serve(
+        dir.path(),
+        "trusted_networks = []\nmax_connections_per_client = 5",
+    );
+    let mut idle: Vec<TcpStream> = (0..5)
+        .map(|_| {
+            let mut s = connect_from([127, 0, 0, 1], addr);
+            assert!(first_reply(&mut s).starts_with("220 "));
+            s
+        })
+        .collect();
+    let mut sixth = connect_from([127, 0, 0, 1], addr);
+    assert!(
+        first_reply(&mut sixth).starts_with("421 4.7.0"),
+        "the sixth is refused"
+    );
+    a_normal_client_is_served(addr, [127, 0, 0, 2]);
+    idle.truncate(4);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut again = connect_from([127, 0, 0, 1], addr);
+    assert!(
+        first_reply(&mut again).starts_with("220 "),
+        "a freed slot is usable"
+    );
+}
+
+#[test]
+fn slow_clients_meet_the_session_and_command_deadlines() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_p, addr) = serve(
+        dir.path(),
+        "command_timeout = \"1s\"\nmax_session_time = \"3s\"",
+    );
+    // Silent after the greeting: 421 4.4.2 after the command timeout.
+    let mut silent = connect_from([127, 0, 0, 1], addr);
+    first_reply(&mut silent);
+    let started = Instant::now();
+    let r = first_reply(&mut silent);
+    assert!(r.starts_with("421 4.4.2"), "{r}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // One byte every 300 ms never trips the command timeout, but the
+    // session deadline ends it.
+    let mut drip = connect_from([127, 0, 0, 1], addr);
+    first_reply(&mut drip);
+    drip.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let started = Instant::now();
+    let mut got = Vec::new();
+    while started.elapsed() < Duration::from_secs(8) {
+        if drip.write_all(b"N").is_err() {
+            break;
+        }
+        let mut buf = [0u8; 256];
+        match drip.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.contains("421 4.4.2") && text.contains("session time limit"),
+        "{text}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(6));
+}
+
+#[test]
+fn garbage_huge_lines_and_tls_floods_leave_the_server_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = test_cert(dir.path(), "c");
+    let (_p, addr) = serve(
+        dir.path(),
+        &format!(
+            "tls_certificate = \"{}\"\ntls_key = \"{}\"\ntls_handshake_timeout = \"2s\"",
+            cert.display(),
+            key.display()
+        ),
+    );
+    // A megabyte without a line end: one 500, then the session goes on.
+    let mut big = Smtp::connect(addr);
+    big.read();
+    big.send(&vec![b'A'; 1 << 20]);
+    big.send(b"\r\nNOOP\r\n");
+    assert!(big.read().to_string().starts_with("500 5.5.2"));
+    assert!(big.read().to_string().starts_with("250 2.0.0"));
+
+    // Random bytes and NULs: answered, then the door after 20 errors.
+    let mut noise = Smtp::connect(addr);
+    noise.read();
+    let mut x: u32 = 12345;
+    let junk: Vec<u8> = (0..65536)
+        .map(|i| {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            if i % 50 == 49 { b'\n' } else { (x >> 16) as u8 }
+        })
+        .collect();
+    noise.send(&junk);
+    let mut codes = Vec::new();
+    loop {
+        let r = noise.read();
+        codes.push(r.code);
+        if r.code == 421 {
+            break;
+        }
+        assert!(codes.len() < 100);
+    }
+    assert!(
+        codes[..codes.len() - 1]
+            .iter()
+            .all(|c| *c == 500 || *c == 501 || *c == 503),
+        "{codes:?}"
+    );
+    assert!(noise.closed());
+
+    // STARTTLS then garbage instead of a handshake, fifty times over.
+    for _ in 0..50 {
+        let mut t = Smtp::connect(addr);
+        t.read();
+        t.cmd("EHLO flood");
+        assert_eq!(t.cmd("STARTTLS").code, 220);
+        t.send(b"this is not a TLS ClientHello\r\n\r\n");
+        assert!(t.drain_until_closed());
+    }
+    // STARTTLS then nothing: the handshake times out and the slot frees.
+    let mut stuck = Smtp::connect(addr);
+    stuck.read();
+    stuck.cmd("EHLO stuck");
+    assert_eq!(stuck.cmd("STARTTLS").code, 220);
+    let started = Instant::now();
+    assert!(stuck.drain_until_closed());
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    a_normal_client_is_served(addr, [127, 0, 0, 1]);
+}
+
+#[test]
+fn hundreds_of_idle_connections_do_not_stall_a_working_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_p, addr) = serve(dir.path(), "max_connections = 2000");
+    let idle: Vec<TcpStream> = (0..600)
+        .map(|_| connect_from([127, 0, 0, 1], addr))
+        .collect();
+    a_normal_client_is_served(addr, [127, 0, 0, 1]);
+    drop(idle);
+}

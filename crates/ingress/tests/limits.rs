@@ -1,0 +1,97 @@
+//! Rate limits shared through the real Redis, and what happens without it.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use correu_ingress::limits::RateLimiter;
+use correu_runtime::config::{Dur, Rate, RedisConfig};
+
+fn redis(prefix: &str) -> RedisConfig {
+    RedisConfig {
+        url: Some("redis://127.0.0.1:6379".into()),
+        prefix: prefix.into(),
+        ..RedisConfig::default()
+    }
+}
+
+/// Deletes the test's keys (they expire anyway).
+fn cleanup(prefix: &str) {
+    let out = std::process::Command::new("redis-cli")
+        .args(["--scan", "--pattern", &format!("{prefix}:*")])
+        .output()
+        .expect("redis-cli (scripts/test installs it)");
+    for key in String::from_utf8_lossy(&out.stdout).lines() {
+        let _deleted = std::process::Command::new("redis-cli")
+            .args(["del", key])
+            .output();
+    }
+}
+
+#[tokio::test]
+async fn two_replicas_share_one_count_in_redis() {
+    let prefix = format!("correu-test-{}", std::process::id());
+    let a = RateLimiter::new(&redis(&prefix)).unwrap();
+    let b = RateLimiter::new(&redis(&prefix)).unwrap();
+    let rate = Rate::per(4, 3600);
+    let mut allowed = 0;
+    for i in 0..8 {
+        let r = if i % 2 == 0 { &a } else { &b };
+        allowed += usize::from(r.allow("conn", "192.0.2.1", rate).await);
+    }
+    assert_eq!(allowed, 4, "the limit holds across both replicas");
+    // The count is really in Redis.
+    let out = std::process::Command::new("redis-cli")
+        .args([
+            "--scan",
+            "--pattern",
+            &format!("{prefix}:rate:conn:192.0.2.1:*"),
+        ])
+        .output()
+        .unwrap();
+    let key = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .expect("a key in Redis")
+        .to_string();
+    let n = std::process::Command::new("redis-cli")
+        .args(["get", &key])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&n.stdout).trim(), "8");
+    let ttl = std::process::Command::new("redis-cli")
+        .args(["ttl", &key])
+        .output()
+        .unwrap();
+    let ttl: i64 = String::from_utf8_lossy(&ttl.stdout).trim().parse().unwrap();
+    assert!(ttl > 0 && ttl <= 7200, "keys expire: ttl {ttl}");
+    cleanup(&prefix);
+}
+
+#[tokio::test]
+async fn without_redis_the_limit_is_local_and_quick() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = RedisConfig {
+        url: Some(format!("redis://127.0.0.1:{port}")),
+        timeout: Dur(Duration::from_millis(200)),
+        ..RedisConfig::default()
+    };
+    let r = RateLimiter::new(&cfg).unwrap();
+    let rate = Rate::per(2, 3600);
+    let started = Instant::now();
+    let results = [
+        r.allow("msg", "192.0.2.9", rate).await,
+        r.allow("msg", "192.0.2.9", rate).await,
+        r.allow("msg", "192.0.2.9", rate).await,
+    ];
+    assert_eq!(results, [true, true, false], "local counting still limits");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "each call bounded by the Redis timeout"
+    );
+}
