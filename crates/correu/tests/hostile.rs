@@ -139,7 +139,7 @@ fn slow_clients_meet_the_session_and_command_deadlines() {
 #[test]
 fn garbage_huge_lines_and_tls_floods_leave_the_server_serving() {
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = test_cert(dir.path(), "c");
+    let TestCert { cert, key, .. } = test_cert(dir.path(), "c");
     let (_p, addr) = serve(
         dir.path(),
         &format!(

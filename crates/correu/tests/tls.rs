@@ -17,14 +17,17 @@ struct Server {
     mx: SocketAddr,
     submission: SocketAddr,
     submissions: SocketAddr,
+    /// The served certificate's file (replaced to test rotation) and the CA
+    /// that signed it.
     cert: PathBuf,
+    ca: PathBuf,
     mail: PathBuf,
 }
 
 /// `correu serve` with all three listeners, a certificate and one account
 /// (jo@localhost / secret); `extra_smtp` goes in `[smtp]`.
 fn server(dir: &Path, extra_smtp: &str) -> Server {
-    let (cert, key) = test_cert(dir, "first");
+    let TestCert { cert, key, ca } = test_cert(dir, "first");
     let (st, hash, err) = run_with_stdin(CORREU, &["hash-password"], "secret\n");
     assert!(st.success(), "{err}");
     let passwd = dir.join("passwd");
@@ -49,6 +52,7 @@ fn server(dir: &Path, extra_smtp: &str) -> Server {
         submissions: find("implicit TLS"),
         proc,
         cert,
+        ca,
         mail: dir.join("mail/localhost"),
     }
 }
@@ -303,7 +307,7 @@ assert code == 250 and b'queued as' in text, (code, text)
 print(text.decode().split()[-1])
 s.quit()
 "#,
-        cert = s.cert.to_str().unwrap(),
+        cert = s.ca.to_str().unwrap(),
         port = s.mx.port()
     );
     let bdat_id = py(&script).trim().to_string();
@@ -360,7 +364,7 @@ t.sendall(b'QUIT\r\n')
 print('ok')
 "#,
         port = s.mx.port(),
-        cert = s.cert.to_str().unwrap()
+        cert = s.ca.to_str().unwrap()
     );
     assert_eq!(py(&script).trim(), "ok");
     drop(s.proc);
@@ -381,10 +385,10 @@ import hashlib; print(hashlib.sha256(s.sock.getpeercert(True)).hexdigest()); s.q
         ))
     };
     let before = fetch(s.mx.port());
-    let (cert2, key2) = test_cert(dir.path(), "second");
+    let second = test_cert(dir.path(), "second");
     // Kubernetes swaps the files of a Secret in place.
-    std::fs::copy(&key2, dir.path().join("first.key")).unwrap();
-    std::fs::copy(&cert2, &s.cert).unwrap();
+    std::fs::copy(&second.key, dir.path().join("first.key")).unwrap();
+    std::fs::copy(&second.cert, &s.cert).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         let now = fetch(s.mx.port());
@@ -453,5 +457,69 @@ fn proxy_protocol_gives_the_real_client_address() {
         c.closed(),
         "a proxy connection without a PROXY header is dropped"
     );
+    drop(s.proc);
+}
+
+#[test]
+fn postfix_relays_into_correu_over_starttls() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path(), "");
+    let pf_dir = dir.path().join("postfix");
+    let postfix = Postfix::start(
+        &pf_dir,
+        &format!(
+            "relayhost = [127.0.0.1]:{}\nsmtp_tls_security_level = encrypt\nsmtp_tls_loglevel = 1\n",
+            s.mx.port()
+        ),
+    );
+    let server = format!("127.0.0.1:{}", postfix.port);
+    let (ok, out) = swaks(&[
+        "--server",
+        &server,
+        "--from",
+        "jo@domini.com",
+        "--to",
+        "pere@localhost",
+        "--header",
+        "Subject: via postfix",
+    ]);
+    assert!(ok, "postfix took the message: {out}");
+    let files = wait_maildir(&s.mail.join("pere"), 1, Duration::from_secs(60));
+    assert_eq!(files.len(), 1, "postfix relayed it into Correu");
+    let text = read(&files[0]);
+    assert!(text.contains("Subject: via postfix"), "{text}");
+    assert!(
+        text.contains("Received: from postfix.test ([127.0.0.1])\r\n\t(using TLSv1."),
+        "Correu saw Postfix over TLS: {text}"
+    );
+    assert!(text.contains("with ESMTPS id"), "{text}");
+    drop(postfix);
+    drop(s.proc);
+}
+
+#[test]
+fn sslyze_finds_the_mozilla_intermediate_profile() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path(), "");
+    let target = format!("127.0.0.1:{}", s.mx.port());
+    let (st, out, err) = run(
+        &python(),
+        &[
+            "-m",
+            "sslyze",
+            "--starttls",
+            "smtp",
+            "--mozilla_config",
+            "intermediate",
+            "--certinfo_ca_file",
+            s.ca.to_str().unwrap(),
+            &target,
+        ],
+    );
+    assert!(
+        st.success(),
+        "sslyze says the TLS setup is not Mozilla intermediate compliant:\n{out}\n{err}"
+    );
+    assert!(out.contains("OK - Compliant"), "{out}");
     drop(s.proc);
 }

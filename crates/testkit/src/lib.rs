@@ -591,35 +591,194 @@ fn free_udp_port() -> u16 {
     }
 }
 
-/// A self-signed ECDSA certificate for `localhost` and 127.0.0.1, made
-/// with the openssl command; returns (certificate, key) PEM paths.
-pub fn test_cert(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-    let cert = dir.join(format!("{name}.crt"));
-    let key = dir.join(format!("{name}.key"));
-    let (status, out, err) = run(
-        "openssl",
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            key.to_str().unwrap(),
+/// A test PKI: a CA and a server certificate it signed, for `localhost`
+/// and 127.0.0.1 (ECDSA P-256, two days), made with the openssl command.
+pub struct TestCert {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The CA to verify `cert` with.
+    pub ca: PathBuf,
+}
+
+pub fn test_cert(dir: &Path, name: &str) -> TestCert {
+    let p = |ext: &str| dir.join(format!("{name}{ext}"));
+    let s = |p: &PathBuf| p.to_str().unwrap().to_string();
+    let (ca, ca_key, csr, key, cert, ext) = (
+        p("-ca.crt"),
+        p("-ca.key"),
+        p(".csr"),
+        p(".key"),
+        p(".crt"),
+        p(".ext"),
+    );
+    std::fs::write(
+        &ext,
+        "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .unwrap();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let steps: Vec<Vec<String>> = vec![
+        [
+            &["req", "-x509"][..],
+            &ec[..],
+            &[
+                "-keyout",
+                &s(&ca_key),
+                "-out",
+                &s(&ca),
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN=Correu test CA {name}"),
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ],
+        ]
+        .concat()
+        .iter()
+        .map(|a| a.to_string())
+        .collect(),
+        [
+            &["req"][..],
+            &ec[..],
+            &[
+                "-keyout",
+                &s(&key),
+                "-out",
+                &s(&csr),
+                "-subj",
+                "/CN=localhost",
+            ],
+        ]
+        .concat()
+        .iter()
+        .map(|a| a.to_string())
+        .collect(),
+        [
+            "x509",
+            "-req",
+            "-in",
+            &s(&csr),
+            "-CA",
+            &s(&ca),
+            "-CAkey",
+            &s(&ca_key),
+            "-CAcreateserial",
             "-out",
-            cert.to_str().unwrap(),
+            &s(&cert),
             "-days",
             "2",
-            "-subj",
-            &format!("/CN=localhost/O={name}"),
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-        ],
-    );
-    assert!(status.success(), "openssl failed:\n{out}\n{err}");
-    (cert, key)
+            "-sha256",
+            "-extfile",
+            &s(&ext),
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect(),
+    ];
+    for args in steps {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (status, out, err) = run("openssl", &args);
+        assert!(status.success(), "openssl {args:?} failed:\n{out}\n{err}");
+    }
+    TestCert { cert, key, ca }
+}
+
+/// A private Postfix instance (Debian's postfix, run as
+/// `postfix -c DIR/etc`), listening on 127.0.0.1:`port`, stopped when
+/// dropped. `main_extra` is appended to its main.cf.
+pub struct Postfix {
+    etc: PathBuf,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+impl Postfix {
+    pub fn start(dir: &Path, main_extra: &str) -> Postfix {
+        let port = free_port();
+        let etc = dir.join("etc");
+        for sub in ["etc", "spool", "data"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        let (st, _, err) = run(
+            "chown",
+            &["postfix:postfix", dir.join("data").to_str().unwrap()],
+        );
+        assert!(
+            st.success(),
+            "chown: {err} (is postfix installed? scripts/test installs it)"
+        );
+        let d = dir.display();
+        std::fs::write(
+            etc.join("main.cf"),
+            format!(
+                "compatibility_level = 3.6\nconfig_directory = {d}/etc\nqueue_directory = {d}/spool\ndata_directory = {d}/data\n\
+                 maillog_file = {d}/maillog\nmaillog_file_prefixes = {d}\nmail_owner = postfix\nsetgid_group = postdrop\n\
+                 myhostname = postfix.test\nmydestination =\ninet_interfaces = 127.0.0.1\ninet_protocols = ipv4\n\
+                 mynetworks = 127.0.0.0/8\nbiff = no\nalias_maps =\nalias_database =\n\
+                 smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination\n{main_extra}\n"
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            etc.join("master.cf"),
+            format!(
+                "127.0.0.1:{port} inet n - n - - smtpd\npickup unix n - n 60 1 pickup\ncleanup unix n - n - 0 cleanup\n\
+                 qmgr unix n - n 300 1 qmgr\nrewrite unix - - n - - trivial-rewrite\nbounce unix - - n - 0 bounce\n\
+                 defer unix - - n - 0 bounce\ntrace unix - - n - 0 bounce\nverify unix - - n - 1 verify\n\
+                 flush unix n - n 1000? 0 flush\nproxymap unix - - n - - proxymap\nsmtp unix - - n - - smtp\n\
+                 relay unix - - n - - smtp\nshowq unix n - n - - showq\nerror unix - - n - - error\n\
+                 retry unix - - n - - error\ndiscard unix - - n - - discard\nanvil unix - - n - 1 anvil\n\
+                 scache unix - - n - 1 scache\npostlog unix-dgram n - n - 1 postlogd\ntlsmgr unix - - n 1000? 1 tlsmgr\n"
+            ),
+        )
+        .unwrap();
+        let (st, out, err) = run("postfix", &["-c", etc.to_str().unwrap(), "start"]);
+        if !st.success() {
+            let (_, why, _) = run(
+                "script",
+                &[
+                    "-qc",
+                    &format!("postfix -c {} check", etc.display()),
+                    "/dev/null",
+                ],
+            );
+            panic!("postfix start failed: {out}{err}{why}");
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "postfix never listened on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Postfix {
+            etc,
+            port,
+            log: dir.join("maillog"),
+        }
+    }
+}
+
+impl Drop for Postfix {
+    fn drop(&mut self) {
+        let _stopped = run("postfix", &["-c", self.etc.to_str().unwrap(), "stop"]);
+        if std::thread::panicking() {
+            eprintln!(
+                "--- postfix log ---\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+        }
+    }
 }
 
 /// Reads a whole file as text (lossy).
