@@ -4,10 +4,12 @@
 //!   embedded durable queue: nothing else to install.
 //! - `correu ingress|delivery|storage`: one service, as in Kubernetes.
 //! - `correu check-config FILE`: every configuration error, with its key.
+//! - `correu queue [status|list|retry|delete|requeue]`: where is my mail?
 //! - `correu mailbox list|show`: read mailboxes through storage's gRPC API.
 #![forbid(unsafe_code)]
 
 mod mailbox;
+mod queue;
 mod serve;
 
 use std::path::PathBuf;
@@ -45,6 +47,11 @@ enum Command {
     /// Print an argon2 hash of a password read from standard input, for
     /// the `smtp.auth_file` accounts (`address:HASH` lines).
     HashPassword,
+    /// Where is my mail: queue counts, deferred messages, and actions.
+    Queue {
+        #[command(subcommand)]
+        action: Option<queue::Action>,
+    },
     /// Read mailboxes through the storage service.
     Mailbox {
         #[command(subcommand)]
@@ -89,6 +96,9 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Command::Queue { action } => {
+            with_config(path, "correu", move |cfg, _| queue::run(cfg, action))
         }
         Command::Mailbox { action } => {
             with_config(path, "correu", move |cfg, _| mailbox::run(cfg, action))

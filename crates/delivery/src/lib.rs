@@ -41,7 +41,14 @@ use crate::route::Router;
 /// not settled by then goes back to the queue and is delivered again.
 const DRAIN: Duration = Duration::from_secs(30);
 
+/// A message on which the delivery code panicked this many times is parked.
+const MAX_PANICS: u32 = 3;
+
 pub struct Deliverer {
+    index: Option<correu_queue::index::DeferredIndex>,
+    /// Panics per queue id in this process (for parking poison messages).
+    panics: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+    attempt_timeout: Duration,
     hostname: String,
     domains: Vec<String>,
     storage: StorageClient,
@@ -56,6 +63,9 @@ impl Deliverer {
     pub fn new(cfg: &Config, storage: StorageClient) -> anyhow::Result<Self> {
         let resolver = route::resolver(cfg.delivery.dns_server)?;
         Ok(Deliverer {
+            index: correu_queue::index::DeferredIndex::new(&cfg.redis)?,
+            panics: std::sync::Mutex::new(std::collections::HashMap::new()),
+            attempt_timeout: cfg.delivery.attempt_timeout.get(),
             hostname: cfg.hostname.clone(),
             domains: cfg.domains.iter().map(|d| d.to_lowercase()).collect(),
             storage,
@@ -79,6 +89,11 @@ impl Deliverer {
             .is_some_and(|(_, d)| self.domains.iter().any(|l| l.eq_ignore_ascii_case(d)))
     }
 
+    fn panics(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, u32>> {
+        // A counter map: consistent even if a holder panicked.
+        self.panics.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Delivers one queued message and settles it.
     pub async fn handle(&self, delivery: Delivery) {
         let Some(msg) = delivery.message.clone() else {
@@ -91,19 +106,61 @@ impl Deliverer {
             }
             return;
         };
+        let panicked = self.panics().get(&msg.queue_id).copied().unwrap_or(0);
+        if panicked >= MAX_PANICS {
+            tracing::error!(queue_id = %msg.queue_id, panicked, "delivery keeps failing on this message; parking it");
+            let why = format!("delivery panicked on it {panicked} times");
+            match delivery.park(&why).await {
+                Ok(()) => {
+                    self.panics().remove(&msg.queue_id);
+                }
+                Err(e) => {
+                    tracing::error!(queue_id = %msg.queue_id, error = %e, "cannot park message")
+                }
+            }
+            return;
+        }
         let span = tracing::info_span!("delivery.message", queue_id = %msg.queue_id, attempt = msg.attempt + 1);
-        let outcomes = self.deliver_all(&msg).instrument(span).await;
-        self.settle(delivery, msg, outcomes).await;
+        let work = std::panic::AssertUnwindSafe(self.deliver_all(&msg).instrument(span));
+        match futures_util::FutureExt::catch_unwind(work).await {
+            Ok(outcomes) => {
+                self.panics().remove(&msg.queue_id);
+                self.settle(delivery, msg, outcomes).await;
+            }
+            Err(_) => {
+                let n = {
+                    let mut p = self.panics();
+                    let n = p.entry(msg.queue_id.clone()).or_insert(0);
+                    *n += 1;
+                    *n
+                };
+                tracing::error!(queue_id = %msg.queue_id, panics = n, "delivery panicked; the message goes back to the queue");
+                if let Err(e) = delivery.release().await {
+                    tracing::error!(queue_id = %msg.queue_id, error = %e, "cannot give the message back; it returns on reconnection");
+                }
+            }
+        }
     }
 
-    /// Every recipient's outcome, in the order of `msg.recipients`.
+    /// Every recipient's outcome, in the order of `msg.recipients`. Work
+    /// not finished within `delivery.attempt_timeout` is a temporary failure.
     async fn deliver_all(&self, msg: &QueuedMessage) -> Vec<Outcome> {
+        let deadline = tokio::time::Instant::now() + self.attempt_timeout;
+        let late = || {
+            Outcome::Temporary(format!(
+                "4.4.7 attempt took longer than {:?}",
+                self.attempt_timeout
+            ))
+        };
         let mut outcomes = vec![Outcome::Temporary("not attempted".into()); msg.recipients.len()];
         // Remote recipients grouped by domain: one connection per domain.
         let mut remote: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         for (i, r) in msg.recipients.iter().enumerate() {
             if self.is_local(&r.address) {
-                outcomes[i] = self.deliver_local(msg, &r.address).await;
+                outcomes[i] =
+                    tokio::time::timeout_at(deadline, self.deliver_local(msg, &r.address))
+                        .await
+                        .unwrap_or_else(|_| late());
             } else {
                 let domain = r
                     .address
@@ -118,7 +175,9 @@ impl Deliverer {
                 .iter()
                 .map(|&i| msg.recipients[i].address.clone())
                 .collect();
-            let got = self.deliver_remote(msg, &domain, &rcpts).await;
+            let got = tokio::time::timeout_at(deadline, self.deliver_remote(msg, &domain, &rcpts))
+                .await
+                .unwrap_or_else(|_| vec![late(); rcpts.len()]);
             for (k, &i) in idx.iter().enumerate() {
                 outcomes[i] = got[k].clone();
             }
@@ -224,7 +283,7 @@ impl Deliverer {
         for (r, o) in msg.recipients.iter().zip(&outcomes) {
             match o {
                 Outcome::Delivered => {
-                    tracing::info!(queue_id = %msg.queue_id, recipient = %r.address, "delivered");
+                    tracing::info!(queue_id = %msg.queue_id, recipient = %r.address, attempt = msg.attempt + 1, "delivered");
                 }
                 Outcome::Permanent(why) => {
                     // DSN bounces come with the delivery issue; until then the
@@ -239,6 +298,7 @@ impl Deliverer {
             }
         }
         let id = msg.queue_id.clone();
+        let was_deferred = msg.attempt > 0;
         let result = if pending.is_empty() {
             delivery.ack().await
         } else {
@@ -253,7 +313,19 @@ impl Deliverer {
                         last_error,
                         ..msg
                     };
-                    delivery.retry(&updated, tier, delay).await
+                    let r = delivery.retry(&updated, tier, delay).await;
+                    if r.is_ok()
+                        && let Some(index) = &self.index
+                    {
+                        let entry = correu_queue::admin::Deferred::from_message(
+                            &updated,
+                            correu_queue::index::due_in(delay),
+                        );
+                        if let Err(e) = index.record(&entry, delay).await {
+                            tracing::debug!(queue_id = %id, error = %e, "deferred index not updated");
+                        }
+                    }
+                    return self.log_settle(&id, r);
                 }
                 Next::GiveUp => {
                     tracing::warn!(queue_id = %id, attempts, ?age, "maximum age reached; giving up");
@@ -261,6 +333,17 @@ impl Deliverer {
                 }
             }
         };
+        if result.is_ok()
+            && was_deferred
+            && let Some(index) = &self.index
+            && let Err(e) = index.remove(&id).await
+        {
+            tracing::debug!(queue_id = %id, error = %e, "deferred index not updated");
+        }
+        self.log_settle(&id, result);
+    }
+
+    fn log_settle(&self, id: &str, result: Result<(), correu_queue::QueueError>) {
         if let Err(e) = result {
             tracing::error!(queue_id = %id, error = %e, "cannot settle message; it will be delivered again");
         }

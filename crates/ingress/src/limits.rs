@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use correu_runtime::config::{Rate, RedisConfig};
-use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
+use deadpool_redis::Pool;
 
 /// Most windows kept in memory before old ones are dropped.
 const LOCAL_KEYS: usize = 100_000;
@@ -82,23 +82,7 @@ impl RateLimiter {
     /// A limiter on Redis when `cfg.url` is set (every pool timeout set),
     /// else in this process only.
     pub fn new(cfg: &RedisConfig) -> anyhow::Result<RateLimiter> {
-        let redis = match &cfg.url {
-            None => None,
-            Some(url) => {
-                let t = Some(cfg.timeout.get());
-                let mut pool_cfg = deadpool_redis::Config::from_url(url.as_str());
-                pool_cfg.pool = Some(PoolConfig {
-                    max_size: cfg.pool_size,
-                    timeouts: Timeouts {
-                        wait: t,
-                        create: t,
-                        recycle: t,
-                    },
-                    ..PoolConfig::default()
-                });
-                Some(pool_cfg.create_pool(Some(Runtime::Tokio1))?)
-            }
-        };
+        let redis = correu_runtime::redis::pool(cfg)?;
         Ok(RateLimiter {
             redis,
             prefix: cfg.prefix.clone(),

@@ -324,6 +324,109 @@ impl AmqpQueue {
             .await
     }
 
+    /// Messages per queue, from passive declares.
+    pub async fn counts(&self) -> Result<Vec<crate::admin::QueueCount>, QueueError> {
+        let conn = {
+            let mut link = self.link.lock().await;
+            self.connection(&mut link).await?
+        };
+        let ch = conn.create_channel().await?;
+        let t = &self.topology;
+        let mut names = vec![t.delivery_queue.clone()];
+        names.extend(t.retry_queues.iter().map(|(n, _)| n.clone()));
+        names.push(t.parked_queue.clone());
+        let mut out = Vec::new();
+        for name in names {
+            let q = ch
+                .queue_declare(
+                    name.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await?;
+            out.push(crate::admin::QueueCount {
+                name,
+                messages: u64::from(q.message_count()),
+            });
+        }
+        ch.close(200, "counted".into()).await?;
+        Ok(out)
+    }
+
+    /// Takes the messages of `queue` that `which` picks: republished to the
+    /// work exchange (confirmed) when `republish`, else dropped; the others
+    /// go back to the queue when the channel closes. Returns how many.
+    pub async fn sweep(
+        &self,
+        queue: &str,
+        which: crate::admin::Which<'_>,
+        republish: bool,
+    ) -> Result<usize, QueueError> {
+        let conn = {
+            let mut link = self.link.lock().await;
+            self.connection(&mut link).await?
+        };
+        let ch = conn.create_channel().await?;
+        let total = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?
+            .message_count();
+        let mut moved = 0;
+        if total > 0 {
+            ch.basic_qos(
+                total.min(u32::from(u16::MAX)) as u16,
+                BasicQosOptions::default(),
+            )
+            .await?;
+            let mut consumer = ch
+                .basic_consume(
+                    queue.into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            for _ in 0..total {
+                let Ok(Some(Ok(d))) = timeout(crate::admin::SWEEP_IDLE, consumer.next()).await
+                else {
+                    break;
+                };
+                let header_id = d
+                    .properties
+                    .headers()
+                    .as_ref()
+                    .and_then(|h| h.inner().get("x-correu-queue-id").cloned())
+                    .and_then(|v| match v {
+                        AMQPValue::LongString(s) => Some(s.to_string()),
+                        _ => None,
+                    });
+                if !which.matches_raw(&d.data, header_id.as_deref()) {
+                    continue;
+                }
+                if republish {
+                    let props = d.properties.clone();
+                    self.publish(&self.topology.work_exchange, ROUTING_KEY, &d.data, props)
+                        .await?;
+                }
+                d.acker.ack(BasicAckOptions::default()).await?;
+                moved += 1;
+            }
+        }
+        // Unacked messages go back to the queue.
+        ch.close(200, "swept".into()).await?;
+        Ok(moved)
+    }
+
     /// Opens a consuming channel on the delivery queue.
     async fn open_consumer(&self) -> Result<lapin::Consumer, QueueError> {
         let conn = {
@@ -481,7 +584,7 @@ impl AmqpHandle {
         }
     }
 
-    async fn requeue(self) -> Result<(), QueueError> {
+    pub(crate) async fn requeue(self) -> Result<(), QueueError> {
         self.acker
             .nack(BasicNackOptions {
                 requeue: true,

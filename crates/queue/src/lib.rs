@@ -13,10 +13,14 @@
 //!
 //! # Layout
 //! - [`id`]: queue ids. [`schedule`]: the retry schedule, a pure function.
+//! - [`admin`]: counts, the deferred list and operator actions;
+//!   [`index`]: the informational Redis index of RabbitMQ's deferred messages.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod amqp;
 pub mod id;
+pub mod index;
 pub mod schedule;
 pub mod spool;
 
@@ -70,6 +74,20 @@ impl Queue {
         Ok(match backend {
             QueueBackend::Rabbitmq => Queue::Amqp(Arc::new(amqp::AmqpQueue::new(cfg))),
             QueueBackend::Embedded => Queue::Spool(Arc::new(spool::Spool::open(&cfg.spool).await?)),
+        })
+    }
+
+    /// The queue as the admin command sees it: RabbitMQ, or the spool of a
+    /// running `correu serve` (whose unfinished writes are left alone).
+    pub async fn open_for_admin(
+        cfg: &QueueConfig,
+        backend: QueueBackend,
+    ) -> Result<Queue, QueueError> {
+        Ok(match backend {
+            QueueBackend::Rabbitmq => Queue::Amqp(Arc::new(amqp::AmqpQueue::new(cfg))),
+            QueueBackend::Embedded => {
+                Queue::Spool(Arc::new(spool::Spool::open_for_admin(&cfg.spool).await?))
+            }
         })
     }
 
@@ -154,6 +172,18 @@ impl Delivery {
         match self.handle {
             Handle::Amqp(h) => h.retry(updated, tier).await,
             Handle::Spool(h) => h.retry(updated, delay).await,
+        }
+    }
+
+    /// Gives the message back unsettled, to be handed out again soon (after
+    /// a failure of the consumer itself, not of the delivery).
+    pub async fn release(self) -> Result<(), QueueError> {
+        match self.handle {
+            Handle::Amqp(h) => h.requeue().await,
+            Handle::Spool(h) => {
+                h.release();
+                Ok(())
+            }
         }
     }
 

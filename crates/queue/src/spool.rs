@@ -73,16 +73,35 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Spool {
-    /// Opens (creating) the spool and clears `tmp/` of unfinished writes.
+    /// Opens (creating) the spool and clears `tmp/` of unfinished writes:
+    /// for the one process that serves it.
     pub async fn open(root: &Path) -> std::io::Result<Spool> {
+        Self::open_inner(root, true).await
+    }
+
+    /// Opens the spool of a running server, for the admin command: `tmp/`
+    /// is the server's and is left alone.
+    pub async fn open_for_admin(root: &Path) -> std::io::Result<Spool> {
+        if !root.join("active").is_dir() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("no spool at {} (queue.spool)", root.display()),
+            ));
+        }
+        Self::open_inner(root, false).await
+    }
+
+    async fn open_inner(root: &Path, owner: bool) -> std::io::Result<Spool> {
         let root = root.to_path_buf();
         let r = root.clone();
         tokio::task::spawn_blocking(move || {
             for d in ["tmp", "active", "deferred", "parked"] {
                 std::fs::create_dir_all(r.join(d))?;
             }
-            for e in std::fs::read_dir(r.join("tmp"))? {
-                std::fs::remove_file(e?.path())?;
+            if owner {
+                for e in std::fs::read_dir(r.join("tmp"))? {
+                    std::fs::remove_file(e?.path())?;
+                }
             }
             Ok::<_, std::io::Error>(())
         })
@@ -184,6 +203,95 @@ impl Spool {
     }
 }
 
+impl Spool {
+    /// The deferred messages, from their files.
+    pub fn deferred(&self) -> std::io::Result<Vec<crate::admin::Deferred>> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(self.root.join("deferred"))? {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some((due, id)) = name.split_once('-') else {
+                continue;
+            };
+            if !is_queue_id(id) {
+                continue;
+            }
+            let due: i64 = due.parse().unwrap_or(0);
+            match std::fs::read(e.path()).map(|raw| QueuedMessage::decode(raw.as_slice())) {
+                Ok(Ok(msg)) => out.push(crate::admin::Deferred::from_message(&msg, due)),
+                // Taken back by a consumer meanwhile, or unreadable: skip.
+                _ => continue,
+            }
+        }
+        Ok(out)
+    }
+
+    /// Moves deferred messages to `active/` now.
+    pub fn retry_now(&self, which: crate::admin::Which<'_>) -> std::io::Result<usize> {
+        let mut n = 0;
+        for e in std::fs::read_dir(self.root.join("deferred"))? {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some((_, id)) = name.split_once('-') else {
+                continue;
+            };
+            if is_queue_id(id) && which.matches(id) {
+                std::fs::rename(e.path(), self.root.join("active").join(id))?;
+                n += 1;
+            }
+        }
+        if n > 0 {
+            sync_dir(&self.root.join("active"))?;
+            self.notify.notify_one();
+        }
+        Ok(n)
+    }
+
+    /// Deletes a message wherever it waits (not one being delivered).
+    pub fn delete(&self, id: &str) -> std::io::Result<usize> {
+        if !is_queue_id(id) || lock(&self.inflight).contains(id) {
+            return Ok(0);
+        }
+        let mut n = 0;
+        for dir in ["active", "parked"] {
+            match std::fs::remove_file(self.root.join(dir).join(id)) {
+                Ok(()) => n += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let _reason = std::fs::remove_file(self.root.join("parked").join(format!("{id}.reason")));
+        for e in std::fs::read_dir(self.root.join("deferred"))? {
+            let e = e?;
+            if e.file_name().to_string_lossy().ends_with(&format!("-{id}")) {
+                std::fs::remove_file(e.path())?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Gives parked messages back to delivery.
+    pub fn requeue_parked(&self, which: crate::admin::Which<'_>) -> std::io::Result<usize> {
+        let mut n = 0;
+        for e in std::fs::read_dir(self.root.join("parked"))? {
+            let e = e?;
+            let id = e.file_name().to_string_lossy().into_owned();
+            if is_queue_id(&id) && which.matches(&id) {
+                std::fs::rename(e.path(), self.root.join("active").join(&id))?;
+                let _reason =
+                    std::fs::remove_file(self.root.join("parked").join(format!("{id}.reason")));
+                n += 1;
+            }
+        }
+        if n > 0 {
+            sync_dir(&self.root.join("active"))?;
+            self.notify.notify_one();
+        }
+        Ok(n)
+    }
+}
+
 /// How many messages wait where.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SpoolCounts {
@@ -263,6 +371,12 @@ pub(crate) struct SpoolHandle {
 impl SpoolHandle {
     fn active(&self) -> PathBuf {
         self.spool.root.join("active").join(&self.id)
+    }
+
+    /// Leaves the file in `active/` and lets the next scan hand it out again.
+    pub(crate) fn release(self) {
+        self.spool.settle(&self.id);
+        self.spool.notify.notify_one();
     }
 
     pub(crate) async fn ack(self) -> Result<(), QueueError> {

@@ -88,12 +88,29 @@ where
         match service(cfg, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                tracing::error!(error = format!("{e:#}"), "{name} failed");
-                eprintln!("{name}: {e:#}");
+                let why = describe(&e);
+                tracing::error!(error = %why, "{name} failed");
+                eprintln!("{name}: {why}");
                 ExitCode::FAILURE
             }
         }
     })
+}
+
+/// An error with its causes, each said once: many error types already
+/// print their source in their own message.
+pub fn describe(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -102,6 +119,19 @@ mod tests {
 
     fn args(a: &[&str]) -> Vec<String> {
         a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn causes_are_said_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("spool: {0}")]
+        struct Spool(#[from] std::io::Error);
+        let e = anyhow::Error::from(Spool(std::io::Error::other("no spool at queue")))
+            .context("cannot open the queue");
+        assert_eq!(
+            describe(&e),
+            "cannot open the queue: spool: no spool at queue"
+        );
     }
 
     #[test]

@@ -284,6 +284,11 @@ pub struct DeliveryConfig {
     pub command_timeout: Dur,
     /// Time for the reply after the final dot (RFC 5321 §4.5.3.2.6: 10 minutes).
     pub data_timeout: Dur,
+    /// Longest one delivery attempt of a message may take; recipients not
+    /// done by then are retried. Keep it under RabbitMQ's
+    /// `consumer_timeout` (30 minutes by default), which closes consumers
+    /// that hold a message longer.
+    pub attempt_timeout: Dur,
 }
 
 impl Default for DeliveryConfig {
@@ -296,6 +301,7 @@ impl Default for DeliveryConfig {
             connect_timeout: Dur::secs(30),
             command_timeout: Dur::secs(300),
             data_timeout: Dur::secs(600),
+            attempt_timeout: Dur::secs(15 * 60),
         }
     }
 }
@@ -794,6 +800,12 @@ impl Config {
         let d = &self.delivery;
         if d.concurrency == 0 {
             e.push(err("delivery.concurrency", "must be more than 0"));
+        }
+        if d.attempt_timeout.get().is_zero() || d.attempt_timeout > Dur::secs(25 * 60) {
+            e.push(err(
+                "delivery.attempt_timeout",
+                "must be more than 0 and at most 25m (RabbitMQ closes consumers that hold a message 30m)",
+            ));
         }
         for (domain, target) in &d.routes {
             if domain != "*" && !is_domain(domain) {

@@ -6,6 +6,7 @@
 //! - [`telemetry`]: logging set-up from `CORREU_LOG`/`RUST_LOG`.
 //! - [`lifecycle`]: the shutdown token cancelled on SIGTERM or Ctrl-C.
 //! - [`backoff`]: the one exponential backoff used for reconnecting.
+//! - [`redis`]: the Redis pool, every timeout set.
 //! - [`cli`]: the start of every binary: config, logging, runtime, signals.
 #![forbid(unsafe_code)]
 
@@ -13,6 +14,7 @@ pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod lifecycle;
+pub mod redis;
 pub mod telemetry;
 
 pub use config::Config;

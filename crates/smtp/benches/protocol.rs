@@ -69,7 +69,12 @@ fn whole_session(c: &mut Criterion) {
             body.clear();
             let mut s = Session::new(cfg.clone(), Policy::mx(false));
             s.greeting().write_to(&mut replies);
-            for line in [&b"EHLO client.example.net"[..], b"MAIL FROM:<jo@example.net> SIZE=4200", b"RCPT TO:<pere@example.org>", b"DATA"] {
+            for line in [
+                &b"EHLO client.example.net"[..],
+                b"MAIL FROM:<jo@example.net> SIZE=4200",
+                b"RCPT TO:<pere@example.org>",
+                b"DATA",
+            ] {
                 let step = match s.command(line) {
                     Step::CheckRecipient(to) => s.recipient_checked(to, RecipientVerdict::Exists),
                     other => other,
@@ -83,8 +88,12 @@ fn whole_session(c: &mut Criterion) {
                 rx.feed(chunk, &mut body);
             }
             let env = s.data_received(rx.report());
-            s.queued(env.as_ref().map(|_| "1K1AH7X1HXN6Q0Y23").map_err(|_| correu_smtp::session::QueueFailure::Unavailable))
-                .write_to(&mut replies);
+            s.queued(
+                env.as_ref()
+                    .map(|_| "1K1AH7X1HXN6Q0Y23")
+                    .map_err(|_| correu_smtp::session::QueueFailure::Unavailable),
+            )
+            .write_to(&mut replies);
             if let Step::Close(r) = s.command(b"QUIT") {
                 r.write_to(&mut replies);
             }

@@ -541,6 +541,51 @@ pub fn aiosmtpd(dir: &Path, maildir: &Path) -> (Proc, u16) {
     (p, port)
 }
 
+/// aiosmtpd that answers the first `failures` messages with
+/// `451 4.3.0` and stores the rest in the Maildir `maildir`.
+pub fn flaky_mx(dir: &Path, maildir: &Path, failures: u32) -> (Proc, u16) {
+    std::fs::write(
+        dir.join("flaky.py"),
+        "from aiosmtpd.handlers import Mailbox\n\
+         class Flaky(Mailbox):\n\
+         \x20   def __init__(self, path, fails):\n\
+         \x20       super().__init__(path)\n\
+         \x20       self.left = int(fails)\n\
+         \x20   async def handle_DATA(self, server, session, envelope):\n\
+         \x20       if self.left > 0:\n\
+         \x20           self.left -= 1\n\
+         \x20           return '451 4.3.0 Try again later'\n\
+         \x20       return await super().handle_DATA(server, session, envelope)\n\
+         \x20   @classmethod\n\
+         \x20   def from_cli(cls, parser, *args):\n\
+         \x20       return cls(args[0], args[1])\n",
+    )
+    .unwrap();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let fails = failures.to_string();
+    let pythonpath = dir.to_str().unwrap().to_string();
+    let p = Proc::spawn(
+        "flaky-mx",
+        dir,
+        &python(),
+        &[
+            "-m",
+            "aiosmtpd",
+            "-n",
+            "-l",
+            &listen,
+            "-c",
+            "flaky.Flaky",
+            maildir.to_str().unwrap(),
+            &fails,
+        ],
+        &[("PYTHONPATH", &pythonpath)],
+    );
+    wait_port(port, Duration::from_secs(20), &p);
+    (p, port)
+}
+
 pub fn wait_port(port: u16, within: Duration, p: &Proc) {
     let deadline = Instant::now() + within;
     while TcpStream::connect(("127.0.0.1", port)).is_err() {

@@ -1,0 +1,337 @@
+//! The queue's promise under failure: every message that got a `250` is
+//! delivered exactly once. Exact counts, real RabbitMQ, real processes
+//! killed with SIGKILL.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use correu_testkit::*;
+
+const CORREU: &str = env!("CARGO_BIN_EXE_correu");
+
+/// Queue ids of the messages in a Maildir's `new/`.
+fn ids_in(maildir: &Path) -> Vec<String> {
+    std::fs::read_dir(maildir.join("new"))
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    // TIME.QUEUEID_HASH.HOST,S=SIZE
+                    name.split('.')
+                        .nth(1)
+                        .and_then(|u| u.split('_').next())
+                        .map(str::to_string)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn wait_for_count(maildir: &Path, n: usize, within: Duration) -> Vec<String> {
+    let deadline = Instant::now() + within;
+    loop {
+        let ids = ids_in(maildir);
+        if ids.len() >= n || Instant::now() > deadline {
+            return ids;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Sends `n` messages to `pere@localhost` over `threads` connections;
+/// returns the queue ids of those that got a 250 (and stops a connection
+/// at the first failure).
+fn send_many(addr: SocketAddr, n: usize, threads: usize) -> Vec<String> {
+    let per = n / threads;
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let mut ids = Vec::new();
+                let connect = || {
+                    let stream = std::net::TcpStream::connect(addr).ok()?;
+                    let mut c = Smtp::from_stream(stream);
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        c.read();
+                        c.cmd("EHLO load");
+                    }))
+                    .ok()?;
+                    Some(c)
+                };
+                let Some(mut c) = connect() else { return ids };
+                for i in 0..per {
+                    // A new session every 50 messages (smtp.max_transactions).
+                    if i > 0 && i % 50 == 0 {
+                        c.cmd("QUIT");
+                        match connect() {
+                            Some(n) => c = n,
+                            None => break,
+                        }
+                    }
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        c.send_mail(
+                            "jo@domini.com",
+                            &["pere@localhost"],
+                            &format!("Subject: {t}-{i}\r\n\r\nbody\r\n"),
+                        )
+                    }));
+                    match r {
+                        Ok(r) if r.code == 250 => ids.push(queue_id(&r)),
+                        _ => break,
+                    }
+                }
+                ids
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect()
+}
+
+fn write(path: &Path, text: &str) -> PathBuf {
+    std::fs::write(path, text).unwrap();
+    path.to_path_buf()
+}
+
+#[test]
+fn delivery_killed_mid_batch_delivers_every_message_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let vhost = Vhost::create("kill-delivery");
+    let base = format!(
+        "[smtp]\nlisten = [\"127.0.0.1:0\"]\n[storage]\nlisten = \"127.0.0.1:0\"\nroot = \"{}\"\n[queue]\nbackend = \"rabbitmq\"\nurl = \"{}\"\nprefetch = 64\n",
+        dir.path().join("mail").display(),
+        vhost.url(RABBITMQ.parse().unwrap())
+    );
+    let mut storage = Proc::correu(
+        CORREU,
+        "storage",
+        dir.path(),
+        &["storage"],
+        &write(&dir.path().join("s.toml"), &base),
+    );
+    let storage_addr = storage.listening("storage listening");
+    let with_storage = base.replace(
+        "[storage]\n",
+        &format!("[storage]\nendpoint = \"http://{storage_addr}\"\n"),
+    );
+    let svc_cfg = write(&dir.path().join("svc.toml"), &with_storage);
+    let mut ingress = Proc::correu(CORREU, "ingress", dir.path(), &["ingress"], &svc_cfg);
+    let smtp = ingress.listening("SMTP listening");
+
+    // The batch waits in RabbitMQ first.
+    let accepted = send_many(smtp, 2000, 4);
+    assert_eq!(accepted.len(), 2000, "every message accepted");
+    let pere = dir.path().join("mail/localhost/pere");
+
+    let mut delivery = Proc::correu(CORREU, "delivery", dir.path(), &["delivery"], &svc_cfg);
+    let partial = wait_for_count(&pere, 300, Duration::from_secs(60));
+    assert!(
+        partial.len() >= 300 && partial.len() < 2000,
+        "killed in the middle: {}",
+        partial.len()
+    );
+    delivery.signal("KILL");
+    delivery.wait_exit(Duration::from_secs(10));
+    let at_kill = ids_in(&pere).len();
+
+    let _delivery = Proc::correu(
+        CORREU,
+        "delivery-again",
+        dir.path(),
+        &["delivery"],
+        &svc_cfg,
+    );
+    let ids = wait_for_count(&pere, 2000, Duration::from_secs(120));
+    std::thread::sleep(Duration::from_secs(1));
+    let ids = if ids.len() == 2000 {
+        ids_in(&pere)
+    } else {
+        ids
+    };
+    assert_eq!(
+        ids.len(),
+        2000,
+        "exactly one copy of each (killed at {at_kill})"
+    );
+    let unique: HashSet<&String> = ids.iter().collect();
+    assert_eq!(unique.len(), 2000);
+    assert_eq!(
+        unique,
+        accepted.iter().collect::<HashSet<_>>(),
+        "the mailbox holds exactly the accepted messages"
+    );
+    assert_eq!(
+        vhost.wait_queue_len("correu.delivery", 0, Duration::from_secs(10)),
+        0
+    );
+}
+
+#[test]
+fn serve_killed_under_load_delivers_every_accepted_message_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(
+        &dir.path().join("correu.toml"),
+        "[smtp]\nlisten = [\"127.0.0.1:0\"]\n[storage]\nlisten = \"127.0.0.1:0\"\nroot = \"mail\"\n[queue]\nspool = \"queue\"\n",
+    );
+    let mut serve = Proc::correu(CORREU, "serve", dir.path(), &["serve"], &cfg);
+    let addr = serve.serve_smtp_addr();
+    let sender = std::thread::spawn(move || send_many(addr, 4000, 4));
+    let pere = dir.path().join("mail/localhost/pere");
+    wait_for_count(&pere, 200, Duration::from_secs(60));
+    serve.signal("KILL");
+    serve.wait_exit(Duration::from_secs(10));
+    let accepted = sender.join().unwrap();
+    assert!(
+        !accepted.is_empty() && accepted.len() < 4000,
+        "killed under load: {} accepted",
+        accepted.len()
+    );
+
+    let _again = Proc::correu(CORREU, "serve-again", dir.path(), &["serve"], &cfg);
+    let ids = wait_for_count(&pere, accepted.len(), Duration::from_secs(120));
+    std::thread::sleep(Duration::from_secs(1));
+    let ids: HashSet<String> = ids_in(&pere).into_iter().chain(ids).collect();
+    let accepted: HashSet<String> = accepted.into_iter().collect();
+    let missing: Vec<_> = accepted.difference(&ids).collect();
+    assert!(
+        missing.is_empty(),
+        "accepted but not delivered: {missing:?}"
+    );
+    // A message may have been stored while its client was cut off before
+    // the 250: stored, never acknowledged, so not a duplicate either.
+    assert_eq!(ids_in(&pere).len(), ids.len(), "no message stored twice");
+}
+
+#[test]
+fn a_temporary_failure_is_retried_through_the_tiers_and_listed_meanwhile() {
+    let dir = tempfile::tempdir().unwrap();
+    let vhost = Vhost::create("retry");
+    let remote = dir.path().join("remote");
+    let (_mx, mx_port) = flaky_mx(dir.path(), &remote, 2);
+    let prefix = format!("correu-retry-{}", std::process::id());
+    let cfg = write(
+        &dir.path().join("correu.toml"),
+        &format!(
+            "[smtp]\nlisten = [\"127.0.0.1:0\"]\n[storage]\nlisten = \"127.0.0.1:0\"\nroot = \"mail\"\n[queue]\nbackend = \"rabbitmq\"\nurl = \"{}\"\nretry_delays = [\"3s\"]\n[redis]\nurl = \"redis://127.0.0.1:6379\"\nprefix = \"{prefix}\"\n[delivery.routes]\n\"remote.test\" = \"127.0.0.1:{mx_port}\"\n",
+            vhost.url(RABBITMQ.parse().unwrap())
+        ),
+    );
+    let mut serve = Proc::correu(CORREU, "serve", dir.path(), &["serve"], &cfg);
+    let addr = serve.serve_smtp_addr();
+    let mut c = Smtp::connect(addr);
+    c.read();
+    c.cmd("EHLO client");
+    let id = queue_id(&c.send_mail(
+        "jo@domini.com",
+        &["ana@remote.test"],
+        "Subject: flaky\r\n\r\nx\r\n",
+    ));
+
+    // While it waits, the operator sees it, with the MX's answer.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let listing = loop {
+        let (st, out, err) = run(
+            CORREU,
+            &["queue", "--config", cfg.to_str().unwrap(), "list"],
+        );
+        assert!(st.success(), "{out}{err}");
+        if out.contains(&id) {
+            break out;
+        }
+        assert!(Instant::now() < deadline, "never listed as deferred: {out}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(listing.contains("451 4.3.0"), "{listing}");
+    let (_, status, _) = run(CORREU, &["queue", "--config", cfg.to_str().unwrap()]);
+    assert!(status.contains("correu.retry.3s"), "{status}");
+
+    let delivered = serve.wait_for("\"message\":\"delivered\"", Duration::from_secs(60));
+    assert!(
+        delivered.contains(&id) && delivered.contains("\"attempt\":3"),
+        "third attempt: {delivered}"
+    );
+    let files = wait_maildir(&remote, 1, Duration::from_secs(10));
+    assert_eq!(files.len(), 1, "one copy at the remote MX");
+    // Settled: gone from the index.
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, out, _) = run(
+        CORREU,
+        &["queue", "--config", cfg.to_str().unwrap(), "list"],
+    );
+    assert!(!out.contains(&id), "{out}");
+}
+
+#[test]
+fn undecodable_messages_are_parked_and_shown() {
+    // The spool: a broken file in active/.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(
+        &dir.path().join("correu.toml"),
+        &format!(
+            "[smtp]\nlisten = [\"127.0.0.1:0\"]\n[storage]\nlisten = \"127.0.0.1:0\"\nroot = \"mail\"\n[queue]\nspool = \"{}\"\n",
+            dir.path().join("queue").display()
+        ),
+    );
+    let mut serve = Proc::correu(CORREU, "serve", dir.path(), &["serve"], &cfg);
+    serve.serve_smtp_addr();
+    std::fs::write(
+        dir.path().join("queue/active/1K1AH7X1HXN6Q0Y23"),
+        b"\xff\xfe not a protobuf",
+    )
+    .unwrap();
+    serve.wait_for("undecodable queue message", Duration::from_secs(20));
+    let (st, out, err) = run(CORREU, &["queue", "--config", cfg.to_str().unwrap()]);
+    assert!(st.success(), "{err}");
+    assert!(
+        out.lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["parked", "1"]),
+        "{out}"
+    );
+    assert!(
+        std::fs::read_to_string(dir.path().join("queue/parked/1K1AH7X1HXN6Q0Y23.reason"))
+            .unwrap()
+            .contains("does not decode")
+    );
+
+    // RabbitMQ: raw bytes on the work exchange.
+    let vhost = Vhost::create("park");
+    let amqp_cfg = write(
+        &dir.path().join("amqp.toml"),
+        &format!(
+            "[smtp]\nlisten = [\"127.0.0.1:0\"]\n[storage]\nlisten = \"127.0.0.1:0\"\nroot = \"mail2\"\n[queue]\nbackend = \"rabbitmq\"\nurl = \"{}\"\n",
+            vhost.url(RABBITMQ.parse().unwrap())
+        ),
+    );
+    let mut amqp_serve = Proc::correu(CORREU, "serve-amqp", dir.path(), &["serve"], &amqp_cfg);
+    amqp_serve.serve_smtp_addr();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let qcfg = correu_runtime::config::QueueConfig {
+            url: vhost.url(RABBITMQ.parse().unwrap()),
+            ..Default::default()
+        };
+        let q = correu_queue::amqp::AmqpQueue::new(&qcfg);
+        q.publish_raw(b"\xff\xfe not a protobuf").await.unwrap();
+    });
+    amqp_serve.wait_for("undecodable queue message", Duration::from_secs(20));
+    assert_eq!(
+        vhost.wait_queue_len("correu.parked", 1, Duration::from_secs(10)),
+        1
+    );
+    let (st, out, err) = run(CORREU, &["queue", "--config", amqp_cfg.to_str().unwrap()]);
+    assert!(st.success(), "{err}");
+    assert!(
+        out.lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["correu.parked", "1"]),
+        "{out}"
+    );
+}
