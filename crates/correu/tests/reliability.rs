@@ -335,3 +335,89 @@ fn undecodable_messages_are_parked_and_shown() {
         "{out}"
     );
 }
+
+#[test]
+fn rabbitmq_restarted_while_clients_send_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let rabbit = PrivateRabbit::start(&dir.path().join("rabbit"));
+    let cfg = write(
+        &dir.path().join("correu.toml"),
+        &format!(
+            "[smtp]\nlisten = [\"127.0.0.1:0\"]\nmax_transactions = 100000\n[storage]\nlisten = \"127.0.0.1:0\"\nroot = \"mail\"\n[queue]\nbackend = \"rabbitmq\"\nurl = \"{}\"\npublish_timeout = \"3s\"\nconnect_timeout = \"2s\"\n",
+            rabbit.url()
+        ),
+    );
+    let mut serve = Proc::correu(CORREU, "serve", dir.path(), &["serve"], &cfg);
+    let addr = serve.serve_smtp_addr();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Two clients keep sending, and keep count of 250s and 451s; no reply
+    // may take longer than the publish timeout and a margin (no hang).
+    let clients: Vec<_> = (0..2)
+        .map(|t| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut ok = Vec::new();
+                let mut deferred = 0;
+                let mut slowest = Duration::ZERO;
+                let mut c = Smtp::connect(addr);
+                c.read();
+                c.cmd("EHLO load");
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    i += 1;
+                    let started = Instant::now();
+                    let r = c.send_mail(
+                        "jo@domini.com",
+                        &["pere@localhost"],
+                        &format!("Subject: {t}-{i}\r\n\r\nx\r\n"),
+                    );
+                    slowest = slowest.max(started.elapsed());
+                    match r.code {
+                        250 => ok.push(queue_id(&r)),
+                        451 => {
+                            deferred += 1;
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                        other => panic!("unexpected {other}: {r}"),
+                    }
+                }
+                (ok, deferred, slowest)
+            })
+        })
+        .collect();
+    let pere = dir.path().join("mail/localhost/pere");
+    wait_for_count(&pere, 50, Duration::from_secs(60));
+    rabbit.stop_app();
+    std::thread::sleep(Duration::from_secs(3));
+    rabbit.start_app();
+    // Accepted again after the broker is back.
+    let before = ids_in(&pere).len();
+    wait_for_count(&pere, before + 50, Duration::from_secs(90));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut accepted = Vec::new();
+    let mut deferred = 0;
+    for c in clients {
+        let (ok, d, slowest) = c.join().unwrap();
+        assert!(
+            slowest < Duration::from_secs(10),
+            "a client waited {slowest:?}: a hang, not a 451"
+        );
+        accepted.extend(ok);
+        deferred += d;
+    }
+    assert!(
+        deferred > 0,
+        "clients were told 451 while the broker was down"
+    );
+    let ids = wait_for_count(&pere, accepted.len(), Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(1));
+    let ids: HashSet<String> = ids_in(&pere).into_iter().chain(ids).collect();
+    let accepted: HashSet<String> = accepted.into_iter().collect();
+    let missing: Vec<_> = accepted.difference(&ids).collect();
+    assert!(
+        missing.is_empty(),
+        "accepted but lost across the restart: {missing:?}"
+    );
+    assert_eq!(ids_in(&pere).len(), ids.len(), "no duplicates");
+    drop(serve);
+}

@@ -250,3 +250,74 @@ async fn rabbitmq_unreachable_publish_fails_fast() {
     );
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+/// The operator's actions: a message deferred for a minute is tried now,
+/// another is deleted, a parked one is requeued.
+async fn admin_actions(b: Backend) {
+    use correu_queue::admin::Which;
+    let (a, d) = (message(1), message(2));
+    b.queue.publish(&a).await.unwrap();
+    b.queue.publish(&d).await.unwrap();
+    let mut c = b.queue.consumer();
+    for _ in 0..2 {
+        let got = next(&mut c, Duration::from_secs(10)).await.unwrap();
+        let m = got.message.clone().unwrap();
+        // Tier 1 waits a minute.
+        got.retry(
+            &QueuedMessage { attempt: 1, ..m },
+            1,
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    }
+    assert!(
+        next(&mut c, Duration::from_millis(1500)).await.is_none(),
+        "both wait their minute"
+    );
+    let counts = b.queue.counts().await.unwrap();
+    let deferred: u64 = counts
+        .iter()
+        .filter(|c| c.name.contains("retry") || c.name == "deferred")
+        .map(|c| c.messages)
+        .sum();
+    assert_eq!(deferred, 2, "{counts:?}");
+
+    assert_eq!(b.queue.delete(&d.queue_id).await.unwrap(), 1);
+    assert_eq!(b.queue.retry_now(Which::Id(&a.queue_id)).await.unwrap(), 1);
+    let back = next(&mut c, Duration::from_secs(10))
+        .await
+        .expect("retried now");
+    assert_eq!(back.message.as_ref().unwrap().queue_id, a.queue_id);
+    back.park("operator test").await.unwrap();
+    assert!(
+        next(&mut c, Duration::from_millis(1500)).await.is_none(),
+        "the deleted one is gone"
+    );
+
+    assert_eq!(b.queue.requeue_parked(Which::All).await.unwrap(), 1);
+    let again = next(&mut c, Duration::from_secs(10))
+        .await
+        .expect("requeued from parking");
+    assert_eq!(again.message.as_ref().unwrap().queue_id, a.queue_id);
+    again.ack().await.unwrap();
+    let left: u64 = b
+        .queue
+        .counts()
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.messages)
+        .sum();
+    assert_eq!(left, 0);
+}
+
+#[tokio::test]
+async fn spool_admin_actions() {
+    admin_actions(spool().await).await;
+}
+
+#[tokio::test]
+async fn rabbitmq_admin_actions() {
+    admin_actions(rabbitmq("q-admin").await).await;
+}
