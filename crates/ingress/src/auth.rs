@@ -27,8 +27,12 @@ pub trait Authenticator: Send + Sync {
 /// line is logged with its number and skipped.
 pub struct PasswordFile {
     path: PathBuf,
-    state: RwLock<(Option<SystemTime>, Arc<HashMap<String, String>>)>,
+    /// The file's modification time when read, and its accounts.
+    state: RwLock<(Option<SystemTime>, Accounts)>,
 }
+
+/// Lower-cased address to argon2 hash.
+type Accounts = Arc<HashMap<String, String>>;
 
 /// Parses the file's text; returns the accounts and the bad lines' errors.
 pub fn parse(text: &str) -> (HashMap<String, String>, Vec<String>) {
@@ -78,7 +82,7 @@ impl PasswordFile {
     }
 
     /// Rereads the file if it changed since the last read.
-    fn refresh(&self) -> std::io::Result<Arc<HashMap<String, String>>> {
+    fn refresh(&self) -> std::io::Result<Accounts> {
         let mtime = std::fs::metadata(&self.path)?.modified().ok();
         {
             let state = self.state.read().unwrap_or_else(|p| p.into_inner());

@@ -143,7 +143,8 @@ mod tests {
         v6.extend_from_slice(&[0; 16]);
         v6.extend_from_slice(&5555u16.to_be_bytes());
         v6.extend_from_slice(&25u16.to_be_bytes());
-        let cases: Vec<(Vec<u8>, Result<Option<(Header, usize)>, ProxyError>)> = vec![
+        type Parsed = Result<Option<(Header, usize)>, ProxyError>;
+        let cases: Vec<(Vec<u8>, Parsed)> = vec![
             (
                 b"PROXY TCP4 192.0.2.7 10.0.0.1 40000 25\r\nEHLO".to_vec(),
                 Ok(Some((addr("192.0.2.7:40000"), 40))),
