@@ -312,12 +312,34 @@ s.quit()
     );
     let bdat_id = py(&script).trim().to_string();
 
+    // smtplib's AUTH on the submission port, after STARTTLS.
+    let login = format!(
+        r#"
+import smtplib, ssl
+ctx = ssl.create_default_context(cafile={ca:?})
+s = smtplib.SMTP('127.0.0.1', {port})
+s.starttls(context=ctx)
+try:
+    s.login('jo@localhost', 'wrong')
+    raise SystemExit('a wrong password was accepted')
+except smtplib.SMTPAuthenticationError as e:
+    assert e.smtp_code == 535, e
+s.login('jo@localhost', 'secret')
+s.sendmail('jo@localhost', ['marc@localhost'], b'Subject: smtplib auth\r\n\r\nlogged in\r\n')
+s.quit()
+"#,
+        ca = s.ca.to_str().unwrap(),
+        port = s.submission.port()
+    );
+    py(&login);
+
     let anna = wait_maildir(&s.mail.join("%C3%A0nna"), 1, Duration::from_secs(20));
     assert_eq!(anna.len(), 1, "the UTF-8 mailbox got its message");
     assert!(read(&anna[0]).contains("Bon dia, Ànna!"));
     assert!(read(&anna[0]).starts_with("Return-Path: <josé@exemple.cat>"));
-    let marc = wait_maildir(&s.mail.join("marc"), 3, Duration::from_secs(20));
-    assert_eq!(marc.len(), 3);
+    let marc = wait_maildir(&s.mail.join("marc"), 4, Duration::from_secs(20));
+    assert_eq!(marc.len(), 4);
+    assert!(marc.iter().any(|f| read(f).contains("(Authenticated sender: jo@localhost)") && read(f).contains("logged in")));
     let bdat = marc
         .iter()
         .find(|f| f.to_string_lossy().contains(&bdat_id))
