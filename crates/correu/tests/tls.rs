@@ -130,59 +130,33 @@ fn submission_needs_starttls_then_auth_and_then_relays() {
     );
 
     // STARTTLS and AUTH PLAIN, then LOGIN: delivered.
-    let (ok, out) = swaks(
-        &[
-            &common[..],
+    let auth = |mech: &str, password: &str, subject: &str| {
+        let header = format!("Subject: {subject}");
+        swaks(
             &[
-                "--tls",
-                "--auth",
-                "PLAIN",
-                "--auth-user",
-                "jo@localhost",
-                "--auth-password",
-                "secret",
-                "--header",
-                "Subject: plain",
-            ],
-        ]
-        .concat(),
-    );
+                &common[..],
+                &[
+                    "--tls",
+                    "--auth",
+                    mech,
+                    "--auth-user",
+                    "jo@localhost",
+                    "--auth-password",
+                    password,
+                    "--header",
+                    &header,
+                ],
+            ]
+            .concat(),
+        )
+    };
+    let (ok, out) = auth("PLAIN", "secret", "plain");
     assert!(ok, "{out}");
     assert!(out.contains("250 2.0.0 Ok: queued as"), "{out}");
-    let (ok, out) = swaks(
-        &[
-            &common[..],
-            &[
-                "--tls",
-                "--auth",
-                "LOGIN",
-                "--auth-user",
-                "jo@localhost",
-                "--auth-password",
-                "secret",
-                "--header",
-                "Subject: login",
-            ],
-        ]
-        .concat(),
-    );
+    let (ok, out) = auth("LOGIN", "secret", "login");
     assert!(ok, "{out}");
     // A wrong password is refused with 535 5.7.8.
-    let (ok, out) = swaks(
-        &[
-            &common[..],
-            &[
-                "--tls",
-                "--auth",
-                "PLAIN",
-                "--auth-user",
-                "jo@localhost",
-                "--auth-password",
-                "wrong",
-            ],
-        ]
-        .concat(),
-    );
+    let (ok, out) = auth("PLAIN", "wrong", "refused");
     assert!(!ok && out.contains("535 5.7.8"), "{out}");
 
     // An authenticated user may relay; an unauthenticated MX client may not.
@@ -339,7 +313,11 @@ s.quit()
     assert!(read(&anna[0]).starts_with("Return-Path: <josé@exemple.cat>"));
     let marc = wait_maildir(&s.mail.join("marc"), 4, Duration::from_secs(20));
     assert_eq!(marc.len(), 4);
-    assert!(marc.iter().any(|f| read(f).contains("(Authenticated sender: jo@localhost)") && read(f).contains("logged in")));
+    assert!(
+        marc.iter()
+            .any(|f| read(f).contains("(Authenticated sender: jo@localhost)")
+                && read(f).contains("logged in"))
+    );
     let bdat = marc
         .iter()
         .find(|f| f.to_string_lossy().contains(&bdat_id))

@@ -293,6 +293,52 @@ pub fn wait_maildir(dir: &Path, count: usize, within: Duration) -> Vec<PathBuf> 
     }
 }
 
+/// Queue ids of the messages in a Maildir's `new/`, from the names
+/// Correu gives them (`TIME.QUEUEID_HASH.HOST,S=SIZE`).
+pub fn ids_in(maildir: &Path) -> Vec<String> {
+    std::fs::read_dir(maildir.join("new"))
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    name.split('.')
+                        .nth(1)
+                        .and_then(|u| u.split('_').next())
+                        .map(str::to_string)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits until every accepted queue id is in the Maildir, then checks
+/// that nothing is there twice.
+pub fn assert_delivered_once(maildir: &Path, accepted: &[String], within: Duration) {
+    let deadline = Instant::now() + within;
+    let want: std::collections::HashSet<&String> = accepted.iter().collect();
+    loop {
+        let ids = ids_in(maildir);
+        let have: std::collections::HashSet<&String> = ids.iter().collect();
+        let missing: Vec<_> = want.difference(&have).collect();
+        if missing.is_empty() {
+            // Settle: a late duplicate would show now.
+            std::thread::sleep(Duration::from_secs(1));
+            let ids = ids_in(maildir);
+            let unique: std::collections::HashSet<&String> = ids.iter().collect();
+            assert_eq!(ids.len(), unique.len(), "a message stored twice");
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "accepted but not delivered: {} of {}, e.g. {:?}",
+            missing.len(),
+            want.len(),
+            missing.first()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A port free right now on 127.0.0.1.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -519,26 +565,12 @@ pub fn python() -> String {
 /// aiosmtpd as a remote MX on 127.0.0.1:PORT, writing what it receives
 /// into the Maildir `dir`.
 pub fn aiosmtpd(dir: &Path, maildir: &Path) -> (Proc, u16) {
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let p = Proc::spawn(
-        "aiosmtpd",
+    run_aiosmtpd(
         dir,
-        &python(),
-        &[
-            "-m",
-            "aiosmtpd",
-            "-n",
-            "-l",
-            &listen,
-            "-c",
-            "aiosmtpd.handlers.Mailbox",
-            maildir.to_str().unwrap(),
-        ],
-        &[],
-    );
-    wait_port(port, Duration::from_secs(20), &p);
-    (p, port)
+        "aiosmtpd",
+        "aiosmtpd.handlers.Mailbox",
+        &[maildir.to_str().unwrap()],
+    )
 }
 
 /// aiosmtpd that answers the first `failures` messages with
@@ -561,27 +593,23 @@ pub fn flaky_mx(dir: &Path, maildir: &Path, failures: u32) -> (Proc, u16) {
          \x20       return cls(args[0], args[1])\n",
     )
     .unwrap();
+    run_aiosmtpd(
+        dir,
+        "flaky-mx",
+        "flaky.Flaky",
+        &[maildir.to_str().unwrap(), &failures.to_string()],
+    )
+}
+
+/// `python -m aiosmtpd` with a handler class (importable from `dir`) and
+/// its arguments, on a free port.
+fn run_aiosmtpd(dir: &Path, name: &str, class: &str, args: &[&str]) -> (Proc, u16) {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let fails = failures.to_string();
+    let mut all = vec!["-m", "aiosmtpd", "-n", "-l", &listen, "-c", class];
+    all.extend_from_slice(args);
     let pythonpath = dir.to_str().unwrap().to_string();
-    let p = Proc::spawn(
-        "flaky-mx",
-        dir,
-        &python(),
-        &[
-            "-m",
-            "aiosmtpd",
-            "-n",
-            "-l",
-            &listen,
-            "-c",
-            "flaky.Flaky",
-            maildir.to_str().unwrap(),
-            &fails,
-        ],
-        &[("PYTHONPATH", &pythonpath)],
-    );
+    let p = Proc::spawn(name, dir, &python(), &all, &[("PYTHONPATH", &pythonpath)]);
     wait_port(port, Duration::from_secs(20), &p);
     (p, port)
 }
