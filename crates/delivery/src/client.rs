@@ -1,17 +1,23 @@
 //! The SMTP client that hands a message to the next hop (RFC 5321 §3, §4).
 //!
-//! One transaction per connection for now: greeting, EHLO (HELO when EHLO
-//! is refused), MAIL, one RCPT per recipient, DATA with dot-stuffing, QUIT.
-//! Every wait has its own deadline (RFC 5321 §4.5.3.2).
+//! Greeting, EHLO (HELO when EHLO is refused), STARTTLS when offered (or
+//! required by the route), AUTH for smarthosts, then one transaction: MAIL,
+//! a RCPT per recipient and DATA, pipelined when the server offers
+//! PIPELINING (RFC 2920), the body dot-stuffed. SIZE is checked before
+//! sending and SMTPUTF8 negotiated. Every wait has its own deadline
+//! (RFC 5321 §4.5.3.2).
 
 use std::time::Duration;
 
+use base64::Engine;
 use correu_smtp::data::dot_stuff;
 use correu_smtp::reply::{Reply, parse_reply};
+use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::timeout;
 
 use crate::outcome::{Outcome, from_reply};
+use crate::tls::TlsPolicy;
 
 /// Deadlines for each phase.
 #[derive(Debug, Clone, Copy)]
@@ -34,35 +40,58 @@ pub enum SessionError {
     /// The server refused the session (greeting or EHLO/HELO not 2xx).
     #[error("{0}")]
     Refused(Reply),
+    /// TLS was required and is not possible with this server.
+    #[error("TLS required: {0}")]
+    TlsRequired(String),
+    #[error("authentication with the relay failed: {0}")]
+    Auth(Reply),
 }
 
 /// Most bytes a reply may take; a server sending more is broken.
 const MAX_REPLY_BYTES: usize = 64 * 1024;
 
-pub struct Client<S> {
-    stream: S,
+/// Any byte stream: TCP, TLS over TCP, or memory in tests.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+pub struct Client {
+    stream: Box<dyn Io>,
     buf: Vec<u8>,
     host: String,
     timeouts: Timeouts,
-    /// Extensions from the EHLO reply, upper-cased keywords with their arguments.
+    /// Extensions from the EHLO reply, upper-cased, with their arguments.
     extensions: Vec<String>,
+    /// The TLS in use, for logs ("TLSv1.3 with cipher …").
+    pub tls: Option<String>,
 }
 
-/// The message to send.
+/// The message to send, with the DSN parameters to pass on.
 pub struct Transaction<'a> {
     pub sender: &'a str,
-    pub recipients: &'a [String],
+    pub recipients: &'a [RcptParams<'a>],
     pub content: &'a [u8],
+    /// The message needs SMTPUTF8 (RFC 6531) at the next hop.
+    pub smtputf8: bool,
+    pub ret: &'a str,
+    pub envid: &'a str,
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
-    pub fn new(stream: S, host: &str, timeouts: Timeouts) -> Self {
+/// One recipient with its DSN parameters (RFC 3461).
+pub struct RcptParams<'a> {
+    pub address: &'a str,
+    pub notify: &'a str,
+    pub orcpt: &'a str,
+}
+
+impl Client {
+    pub fn new(stream: impl Io + 'static, host: &str, timeouts: Timeouts) -> Self {
         Client {
-            stream,
+            stream: Box::new(stream),
             buf: Vec::new(),
             host: host.to_string(),
             timeouts,
             extensions: Vec::new(),
+            tls: None,
         }
     }
 
@@ -86,7 +115,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     }
 
     async fn send(&mut self, bytes: &[u8], wait: Duration) -> Result<(), SessionError> {
-        match timeout(wait, self.stream.write_all(bytes)).await {
+        match timeout(wait, async {
+            self.stream.write_all(bytes).await?;
+            self.stream.flush().await
+        })
+        .await
+        {
             Err(_) => Err(SessionError::Timeout(wait)),
             Ok(r) => Ok(r?),
         }
@@ -98,20 +132,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         self.read_reply(wait).await
     }
 
-    fn has(&self, keyword: &str) -> bool {
-        self.extensions.iter().any(|e| {
-            e.split(' ')
-                .next()
-                .is_some_and(|k| k.eq_ignore_ascii_case(keyword))
+    /// The arguments of an EHLO keyword, if the server offered it.
+    fn extension(&self, keyword: &str) -> Option<&str> {
+        self.extensions.iter().find_map(|e| {
+            let (k, args) = e.split_once(' ').unwrap_or((e.as_str(), ""));
+            k.eq_ignore_ascii_case(keyword).then_some(args)
         })
     }
 
-    /// Reads the greeting and says EHLO (or HELO).
-    pub async fn hello(&mut self, helo_name: &str) -> Result<(), SessionError> {
-        let greeting = self.read_reply(self.timeouts.command).await?;
-        if greeting.code != 220 {
-            return Err(SessionError::Refused(greeting));
-        }
+    fn has(&self, keyword: &str) -> bool {
+        self.extension(keyword).is_some()
+    }
+
+    async fn ehlo(&mut self, helo_name: &str) -> Result<(), SessionError> {
         let ehlo = self.command(&format!("EHLO {helo_name}")).await?;
         if ehlo.code == 250 {
             self.extensions = ehlo
@@ -122,6 +155,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 .collect();
             return Ok(());
         }
+        self.extensions.clear();
         let helo = self.command(&format!("HELO {helo_name}")).await?;
         if helo.code != 250 {
             return Err(SessionError::Refused(helo));
@@ -129,8 +163,100 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         Ok(())
     }
 
+    /// Reads the greeting, says EHLO (or HELO), and starts TLS as `policy`
+    /// asks: whenever offered, or required (and verified) for this hop.
+    pub async fn hello(&mut self, helo_name: &str, policy: &TlsPolicy) -> Result<(), SessionError> {
+        let greeting = self.read_reply(self.timeouts.command).await?;
+        if greeting.code != 220 {
+            return Err(SessionError::Refused(greeting));
+        }
+        self.ehlo(helo_name).await?;
+        let Some(connector) = policy.connector() else {
+            return Ok(());
+        };
+        if !self.has("STARTTLS") {
+            if policy.required() {
+                return Err(SessionError::TlsRequired(format!(
+                    "{} does not offer STARTTLS",
+                    self.host
+                )));
+            }
+            return Ok(());
+        }
+        let r = self.command("STARTTLS").await?;
+        if r.code != 220 {
+            if policy.required() {
+                return Err(SessionError::TlsRequired(format!(
+                    "{} refused STARTTLS: {r}",
+                    self.host
+                )));
+            }
+            return Ok(());
+        }
+        let name = ServerName::try_from(self.host.clone()).map_err(|_| {
+            SessionError::TlsRequired(format!("{} is not a name TLS can check", self.host))
+        })?;
+        let plain = std::mem::replace(&mut self.stream, Box::new(tokio::io::duplex(1).0));
+        self.buf.clear();
+        let tls = match timeout(self.timeouts.command, connector.connect(name, plain)).await {
+            Err(_) => return Err(SessionError::Timeout(self.timeouts.command)),
+            Ok(Err(e)) if policy.required() => {
+                return Err(SessionError::TlsRequired(format!("{}: {e}", self.host)));
+            }
+            Ok(Err(e)) => return Err(SessionError::Io(e)),
+            Ok(Ok(s)) => s,
+        };
+        self.tls = Some(crate::tls::describe(&tls));
+        self.stream = Box::new(tls);
+        // RFC 3207 §4.2: everything learnt before TLS is forgotten.
+        self.ehlo(helo_name).await
+    }
+
+    /// AUTH PLAIN (RFC 4954, RFC 4616) with a relay that asks for it.
+    pub async fn authenticate(&mut self, user: &str, password: &str) -> Result<(), SessionError> {
+        let token =
+            base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
+        let r = self.command(&format!("AUTH PLAIN {token}")).await?;
+        if r.code != 235 {
+            return Err(SessionError::Auth(r));
+        }
+        Ok(())
+    }
+
     /// Runs one mail transaction; every recipient gets an outcome.
     pub async fn deliver(&mut self, t: &Transaction<'_>) -> Result<Vec<Outcome>, SessionError> {
+        let n = t.recipients.len();
+        // RFC 1870: a message larger than the server takes is refused here.
+        if let Some(limit) = self
+            .extension("SIZE")
+            .and_then(|a| a.trim().parse::<usize>().ok())
+            && limit > 0
+            && t.content.len() > limit
+        {
+            let o = Outcome::perm(
+                "5.3.4",
+                format!(
+                    "message of {} octets is larger than {} takes ({limit})",
+                    t.content.len(),
+                    self.host
+                ),
+            );
+            return Ok(vec![o; n]);
+        }
+        let needs_utf8 = t.smtputf8
+            || !t.sender.is_ascii()
+            || t.recipients.iter().any(|r| !r.address.is_ascii());
+        if needs_utf8 && !self.has("SMTPUTF8") {
+            let o = Outcome::perm(
+                "5.6.7",
+                format!(
+                    "{} does not support SMTPUTF8, which the message needs",
+                    self.host
+                ),
+            );
+            return Ok(vec![o; n]);
+        }
+        let dsn = self.has("DSN");
         let mut mail = format!("MAIL FROM:<{}>", t.sender);
         if self.has("SIZE") {
             mail.push_str(&format!(" SIZE={}", t.content.len()));
@@ -138,30 +264,83 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         if self.has("8BITMIME") && !t.content.is_ascii() {
             mail.push_str(" BODY=8BITMIME");
         }
-        let r = self.command(&mail).await?;
-        if r.code != 250 {
-            let o = from_reply(&r, &self.host);
-            let _reset = self.command("RSET").await;
-            return Ok(vec![o; t.recipients.len()]);
+        if needs_utf8 {
+            mail.push_str(" SMTPUTF8");
         }
-        let mut outcomes = Vec::with_capacity(t.recipients.len());
-        for rcpt in t.recipients {
-            let r = self.command(&format!("RCPT TO:<{rcpt}>")).await?;
-            outcomes.push(from_reply(&r, &self.host));
+        if dsn && !t.ret.is_empty() {
+            mail.push_str(&format!(" RET={}", t.ret));
         }
-        if !outcomes.contains(&Outcome::Delivered) {
-            let _reset = self.command("RSET").await;
+        if dsn && !t.envid.is_empty() {
+            mail.push_str(&format!(" ENVID={}", t.envid));
+        }
+        let rcpt_lines: Vec<String> = t
+            .recipients
+            .iter()
+            .map(|r| {
+                let mut line = format!("RCPT TO:<{}>", r.address);
+                if dsn && !r.notify.is_empty() {
+                    line.push_str(&format!(" NOTIFY={}", r.notify));
+                }
+                if dsn && !r.orcpt.is_empty() {
+                    line.push_str(&format!(" ORCPT={}", r.orcpt));
+                }
+                line
+            })
+            .collect();
+
+        let (mail_reply, rcpt_replies, data_reply) = if self.has("PIPELINING") {
+            // MAIL, every RCPT and DATA in one write (RFC 2920 §3.1).
+            let mut batch = format!("{mail}\r\n");
+            for l in &rcpt_lines {
+                batch.push_str(l);
+                batch.push_str("\r\n");
+            }
+            batch.push_str("DATA\r\n");
+            let wait = self.timeouts.command;
+            self.send(batch.as_bytes(), wait).await?;
+            let m = self.read_reply(wait).await?;
+            let mut rs = Vec::with_capacity(n);
+            for _ in 0..n {
+                rs.push(self.read_reply(wait).await?);
+            }
+            let d = self.read_reply(wait).await?;
+            (m, rs, Some(d))
+        } else {
+            let m = self.command(&mail).await?;
+            let mut rs = Vec::with_capacity(n);
+            if m.code == 250 {
+                for l in &rcpt_lines {
+                    rs.push(self.command(l).await?);
+                }
+            }
+            (m, rs, None)
+        };
+        if mail_reply.code != 250 {
+            let o = from_reply(&mail_reply, &self.host);
+            self.abandon(data_reply.as_ref()).await?;
+            return Ok(vec![o; n]);
+        }
+        let mut outcomes: Vec<Outcome> = rcpt_replies
+            .iter()
+            .map(|r| from_reply(r, &self.host))
+            .collect();
+        if !outcomes.iter().any(Outcome::is_delivered) {
+            self.abandon(data_reply.as_ref()).await?;
             return Ok(outcomes);
         }
-        let r = self.command("DATA").await?;
-        if r.code != 354 {
-            let o = from_reply(&r, &self.host);
-            let o = if o == Outcome::Delivered {
-                Outcome::Temporary(format!("{} answered DATA with {r}", self.host))
-            } else {
-                o
+        let data_reply = match data_reply {
+            Some(d) => d,
+            None => self.command("DATA").await?,
+        };
+        if data_reply.code != 354 {
+            let o = match from_reply(&data_reply, &self.host) {
+                Outcome::Delivered { .. } => Outcome::temp(
+                    "4.5.0",
+                    format!("{} answered DATA with {data_reply}", self.host),
+                ),
+                other => other,
             };
-            for out in outcomes.iter_mut().filter(|x| **x == Outcome::Delivered) {
+            for out in outcomes.iter_mut().filter(|x| x.is_delivered()) {
                 *out = o.clone();
             }
             return Ok(outcomes);
@@ -172,10 +351,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         // RFC 5321 §4.5.3.2.6: up to 10 minutes for the final reply.
         let r = self.read_reply(self.timeouts.data).await?;
         let o = from_reply(&r, &self.host);
-        for out in outcomes.iter_mut().filter(|x| **x == Outcome::Delivered) {
+        for out in outcomes.iter_mut().filter(|x| x.is_delivered()) {
             *out = o.clone();
         }
         Ok(outcomes)
+    }
+
+    /// Ends a transaction that will not send a message: a pipelined DATA
+    /// that got 354 anyway receives an empty message's end; then RSET.
+    async fn abandon(&mut self, data_reply: Option<&Reply>) -> Result<(), SessionError> {
+        if data_reply.is_some_and(|d| d.code == 354) {
+            self.send(b".\r\n", self.timeouts.command).await?;
+            self.read_reply(self.timeouts.data).await?;
+        }
+        let _reset = self.command("RSET").await?;
+        Ok(())
     }
 
     /// Says QUIT; the message is already settled, so errors are only logged.
@@ -190,12 +380,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
 mod tests {
     use super::*;
 
-    /// Plays a server from a script of (expected client line prefix, reply)
-    /// over an in-memory pipe.
+    /// Plays a server from a script of (expected client text, reply) over
+    /// an in-memory pipe; returns the outcomes and what the client sent.
     async fn scripted(
+        greeting_ehlo: &'static str,
         script: Vec<(&'static str, &'static str)>,
         recipients: &[&str],
-    ) -> (Result<Vec<Outcome>, String>, Vec<u8>) {
+        content: &'static [u8],
+        smtputf8: bool,
+    ) -> (Result<Vec<Outcome>, String>, String) {
         let (client_end, mut server_end) = tokio::io::duplex(1 << 16);
         let server = tokio::spawn(async move {
             let mut seen = Vec::new();
@@ -204,22 +397,22 @@ mod tests {
                 .write_all(b"220 mx.test ESMTP\r\n")
                 .await
                 .unwrap();
+            let mut script = script;
+            script.insert(0, ("EHLO correu.test\r\n", greeting_ehlo));
             for (expect, reply) in script {
-                // Read until the expected text has arrived.
                 loop {
-                    let text = String::from_utf8_lossy(&seen).to_string();
-                    if text.contains(expect) {
+                    if String::from_utf8_lossy(&seen).contains(expect) {
                         break;
                     }
                     let n = server_end.read(&mut buf).await.unwrap();
                     if n == 0 {
-                        return seen;
+                        return String::from_utf8_lossy(&seen).into_owned();
                     }
                     seen.extend_from_slice(&buf[..n]);
                 }
                 server_end.write_all(reply.as_bytes()).await.unwrap();
             }
-            seen
+            String::from_utf8_lossy(&seen).into_owned()
         });
         let mut c = Client::new(
             client_end,
@@ -229,13 +422,25 @@ mod tests {
                 data: Duration::from_secs(5),
             },
         );
-        let rcpts: Vec<String> = recipients.iter().map(|s| s.to_string()).collect();
+        let rcpts: Vec<RcptParams> = recipients
+            .iter()
+            .map(|a| RcptParams {
+                address: a,
+                notify: "",
+                orcpt: "",
+            })
+            .collect();
         let result = async {
-            c.hello("correu.test").await.map_err(|e| e.to_string())?;
+            c.hello("correu.test", &TlsPolicy::None)
+                .await
+                .map_err(|e| e.to_string())?;
             c.deliver(&Transaction {
                 sender: "jo@domini.com",
                 recipients: &rcpts,
-                content: b"Subject: hi\r\n\r\n.dot line\r\n",
+                content,
+                smtputf8,
+                ret: "",
+                envid: "",
             })
             .await
             .map_err(|e| e.to_string())
@@ -246,35 +451,33 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn sends_a_message_with_per_recipient_outcomes() {
+    async fn pipelines_and_reports_per_recipient() {
         let (result, seen) = scripted(
+            "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 1000000\r\n250 8BITMIME\r\n",
             vec![
                 (
-                    "EHLO correu.test\r\n",
-                    "250-mx.test\r\n250-SIZE 1000000\r\n250 8BITMIME\r\n",
+                    "MAIL FROM:<jo@domini.com> SIZE=26\r\nRCPT TO:<a@remote.test>\r\nRCPT TO:<b@remote.test>\r\nRCPT TO:<c@remote.test>\r\nDATA\r\n",
+                    "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n550 5.1.1 No such user\r\n451 4.3.0 Later\r\n354 Go ahead\r\n",
                 ),
-                ("MAIL FROM:<jo@domini.com> SIZE=26\r\n", "250 2.1.0 Ok\r\n"),
-                ("RCPT TO:<a@remote.test>\r\n", "250 2.1.5 Ok\r\n"),
-                ("RCPT TO:<b@remote.test>\r\n", "550 5.1.1 No such user\r\n"),
-                ("RCPT TO:<c@remote.test>\r\n", "451 4.3.0 Later\r\n"),
-                ("DATA\r\n", "354 Go ahead\r\n"),
                 ("\r\n..dot line\r\n.\r\n", "250 2.0.0 Ok: queued\r\n"),
             ],
             &["a@remote.test", "b@remote.test", "c@remote.test"],
+            b"Subject: hi\r\n\r\n.dot line\r\n",
+            false,
         )
         .await;
         let outcomes = result.unwrap();
-        assert_eq!(outcomes[0], Outcome::Delivered);
-        assert!(matches!(&outcomes[1], Outcome::Permanent(t) if t.contains("550 5.1.1")));
+        assert!(outcomes[0].is_delivered());
+        assert!(matches!(&outcomes[1], Outcome::Permanent(f) if f.status == "5.1.1"));
         assert!(outcomes[2].is_temporary());
-        assert!(String::from_utf8_lossy(&seen).contains("Subject: hi\r\n\r\n..dot line\r\n.\r\n"));
+        assert!(seen.contains("Subject: hi\r\n\r\n..dot line\r\n.\r\n"));
     }
 
     #[tokio::test]
     async fn falls_back_to_helo_and_applies_the_final_reply() {
         let (result, _) = scripted(
+            "502 5.5.1 No EHLO here\r\n",
             vec![
-                ("EHLO correu.test\r\n", "502 5.5.1 No EHLO here\r\n"),
                 ("HELO correu.test\r\n", "250 mx.test\r\n"),
                 ("MAIL FROM:<jo@domini.com>\r\n", "250 Ok\r\n"),
                 ("RCPT TO:<a@remote.test>\r\n", "250 Ok\r\n"),
@@ -282,17 +485,18 @@ mod tests {
                 ("\r\n.\r\n", "452 4.3.1 Out of space\r\n"),
             ],
             &["a@remote.test"],
+            b"x\r\n",
+            false,
         )
         .await;
-        let outcomes = result.unwrap();
-        assert!(matches!(&outcomes[0], Outcome::Temporary(t) if t.contains("452 4.3.1")));
+        assert!(matches!(&result.unwrap()[0], Outcome::Temporary(f) if f.status == "4.3.1"));
     }
 
     #[tokio::test]
     async fn a_refused_sender_answers_for_every_recipient() {
         let (result, _) = scripted(
+            "250 mx.test\r\n",
             vec![
-                ("EHLO correu.test\r\n", "250 mx.test\r\n"),
                 (
                     "MAIL FROM:<jo@domini.com>\r\n",
                     "553 5.7.1 Sender rejected\r\n",
@@ -300,6 +504,8 @@ mod tests {
                 ("RSET\r\n", "250 Ok\r\n"),
             ],
             &["a@remote.test", "b@remote.test"],
+            b"x\r\n",
+            false,
         )
         .await;
         let outcomes = result.unwrap();
@@ -308,10 +514,50 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn size_and_smtputf8_are_checked_before_sending() {
+        let (result, seen) = scripted(
+            "250-mx.test\r\n250 SIZE 10\r\n",
+            vec![],
+            &["a@remote.test"],
+            b"more than ten octets\r\n",
+            false,
+        )
+        .await;
+        assert!(matches!(&result.unwrap()[0], Outcome::Permanent(f) if f.status == "5.3.4"));
+        assert!(!seen.contains("MAIL FROM"), "nothing sent: {seen}");
+        let (result, _) = scripted(
+            "250 mx.test\r\n",
+            vec![],
+            &["ànna@remote.test"],
+            b"x\r\n",
+            true,
+        )
+        .await;
+        assert!(matches!(&result.unwrap()[0], Outcome::Permanent(f) if f.status == "5.6.7"));
+        let (result, seen) = scripted(
+            "250-mx.test\r\n250 SMTPUTF8\r\n",
+            vec![
+                ("MAIL FROM:<jo@domini.com> SMTPUTF8\r\n", "250 Ok\r\n"),
+                ("RCPT TO:<ànna@remote.test>\r\n", "250 Ok\r\n"),
+                ("DATA\r\n", "354 Go\r\n"),
+                ("\r\n.\r\n", "250 Ok\r\n"),
+            ],
+            &["ànna@remote.test"],
+            b"x\r\n",
+            true,
+        )
+        .await;
+        assert!(result.unwrap()[0].is_delivered(), "{seen}");
+    }
+
+    #[tokio::test]
     async fn a_server_that_hangs_up_is_a_session_error() {
         let (result, _) = scripted(
-            vec![("EHLO correu.test\r\n", "421 4.3.2 Going away\r\n")],
+            "421 4.3.2 Going away\r\n",
+            vec![],
             &["a@remote.test"],
+            b"x\r\n",
+            false,
         )
         .await;
         let e = result.unwrap_err();

@@ -11,12 +11,15 @@
 //! - [`run`]: the consumer loop, bounded by `delivery.concurrency`.
 //! - [`outcome`]: delivered / temporary / permanent, decided in one place.
 //! - [`route`]: routes, MX lookup, addresses.
-//! - [`client`]: the SMTP client.
+//! - [`client`]: the SMTP client; [`tls`]: opportunistic and verified TLS.
+//! - [`dsn`]: bounces and success reports (RFC 3464).
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod dsn;
 pub mod outcome;
 pub mod route;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -25,6 +28,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use correu_proto::v1::{DeliverRequest, QueuedMessage};
 use correu_queue::{Delivery, Next, Queue, Schedule};
 use correu_runtime::Config;
+use correu_runtime::config::OutboundTls;
 use correu_storage::client::Client as StorageClient;
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
@@ -45,6 +49,12 @@ const DRAIN: Duration = Duration::from_secs(30);
 const MAX_PANICS: u32 = 3;
 
 pub struct Deliverer {
+    queue: Queue,
+    bounces: bool,
+    /// TLS for hops without a route of their own, and the connectors.
+    tls_default: OutboundTls,
+    opportunistic: tls::TlsPolicy,
+    required: tls::TlsPolicy,
     index: Option<correu_queue::index::DeferredIndex>,
     /// Panics per queue id in this process (for parking poison messages).
     panics: std::sync::Mutex<std::collections::HashMap<String, u32>>,
@@ -60,9 +70,14 @@ pub struct Deliverer {
 }
 
 impl Deliverer {
-    pub fn new(cfg: &Config, storage: StorageClient) -> anyhow::Result<Self> {
+    pub fn new(cfg: &Config, queue: Queue, storage: StorageClient) -> anyhow::Result<Self> {
         let resolver = route::resolver(cfg.delivery.dns_server)?;
         Ok(Deliverer {
+            queue,
+            bounces: cfg.delivery.bounces,
+            tls_default: cfg.delivery.tls,
+            opportunistic: tls::TlsPolicy::Opportunistic(tls::opportunistic()?),
+            required: tls::TlsPolicy::Required(tls::verified(cfg.delivery.tls_ca_file.as_deref())?),
             index: correu_queue::index::DeferredIndex::new(&cfg.redis)?,
             panics: std::sync::Mutex::new(std::collections::HashMap::new()),
             attempt_timeout: cfg.delivery.attempt_timeout.get(),
@@ -147,12 +162,12 @@ impl Deliverer {
     async fn deliver_all(&self, msg: &QueuedMessage) -> Vec<Outcome> {
         let deadline = tokio::time::Instant::now() + self.attempt_timeout;
         let late = || {
-            Outcome::Temporary(format!(
-                "4.4.7 attempt took longer than {:?}",
-                self.attempt_timeout
-            ))
+            Outcome::temp(
+                "4.4.7",
+                format!("attempt took longer than {:?}", self.attempt_timeout),
+            )
         };
-        let mut outcomes = vec![Outcome::Temporary("not attempted".into()); msg.recipients.len()];
+        let mut outcomes = vec![Outcome::temp("4.4.7", "not attempted"); msg.recipients.len()];
         // Remote recipients grouped by domain: one connection per domain.
         let mut remote: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         for (i, r) in msg.recipients.iter().enumerate() {
@@ -171,13 +186,9 @@ impl Deliverer {
             }
         }
         for (domain, idx) in remote {
-            let rcpts: Vec<String> = idx
-                .iter()
-                .map(|&i| msg.recipients[i].address.clone())
-                .collect();
-            let got = tokio::time::timeout_at(deadline, self.deliver_remote(msg, &domain, &rcpts))
+            let got = tokio::time::timeout_at(deadline, self.deliver_remote(msg, &domain, &idx))
                 .await
-                .unwrap_or_else(|_| vec![late(); rcpts.len()]);
+                .unwrap_or_else(|_| vec![late(); idx.len()]);
             for (k, &i) in idx.iter().enumerate() {
                 outcomes[i] = got[k].clone();
             }
@@ -199,51 +210,54 @@ impl Deliverer {
             .instrument(span)
             .await
         {
-            Ok(Ok(_)) => Outcome::Delivered,
+            Ok(Ok(_)) => Outcome::LOCAL,
             Ok(Err(status)) => outcome::from_status(&status),
-            Err(_) => Outcome::Temporary(format!(
-                "storage did not answer within {:?}",
-                self.storage_timeout
-            )),
+            Err(_) => Outcome::temp(
+                "4.3.0",
+                format!("storage did not answer within {:?}", self.storage_timeout),
+            ),
         }
     }
 
     /// Tries the domain's hops in order until one gives every recipient an
     /// answer.
+    /// Tries the domain's hops in order until one gives every recipient an
+    /// answer. `rcpts` are indexes into `msg.recipients`.
     async fn deliver_remote(
         &self,
         msg: &QueuedMessage,
         domain: &str,
-        rcpts: &[String],
+        rcpts: &[usize],
     ) -> Vec<Outcome> {
         let hops = match self.router.hops(domain).await {
             Ok(h) => h,
             Err(o) => return vec![o; rcpts.len()],
         };
-        let mut last = Outcome::Temporary(format!("4.4.4 no host to deliver to for {domain}"));
+        let mut last = Outcome::temp("4.4.4", format!("no host to deliver to for {domain}"));
         for hop in hops {
             let addrs = match self.router.addresses(&hop).await {
                 Ok(a) if !a.is_empty() => a,
                 Ok(_) => {
-                    last = Outcome::Temporary(format!("4.4.4 {} has no address", hop.host));
+                    last = Outcome::temp("4.4.4", format!("{} has no address", hop.host));
                     continue;
                 }
                 Err(e) => {
-                    last = Outcome::Temporary(format!("4.4.4 {e}"));
+                    last = Outcome::temp("4.4.4", e);
                     continue;
                 }
             };
             for addr in addrs {
                 let span = tracing::info_span!("delivery.attempt", queue_id = %msg.queue_id, mx = %hop.host, %addr);
-                match self
-                    .try_host(msg, &hop.host, addr, rcpts)
-                    .instrument(span)
-                    .await
-                {
+                match self.try_host(msg, &hop, addr, rcpts).instrument(span).await {
                     Ok(outcomes) => return outcomes,
                     Err(e) => {
                         tracing::info!(queue_id = %msg.queue_id, mx = %hop.host, %addr, error = %e, "next hop failed; trying the next");
-                        last = Outcome::Temporary(format!("4.4.1 {} ({addr}): {e}", hop.host));
+                        let status = match e {
+                            client::SessionError::TlsRequired(_) => "4.7.5",
+                            client::SessionError::Auth(_) => "4.7.8",
+                            _ => "4.4.1",
+                        };
+                        last = Outcome::temp(status, format!("{} ({addr}): {e}", hop.host));
                     }
                 }
             }
@@ -251,25 +265,62 @@ impl Deliverer {
         vec![last; rcpts.len()]
     }
 
+    fn policy(&self, hop: &route::Hop) -> &tls::TlsPolicy {
+        match hop
+            .route
+            .as_ref()
+            .and_then(|r| r.tls)
+            .unwrap_or(self.tls_default)
+        {
+            OutboundTls::None => &tls::TlsPolicy::None,
+            OutboundTls::Opportunistic => &self.opportunistic,
+            OutboundTls::Required => &self.required,
+        }
+    }
+
     async fn try_host(
         &self,
         msg: &QueuedMessage,
-        host: &str,
+        hop: &route::Hop,
         addr: std::net::SocketAddr,
-        rcpts: &[String],
+        rcpts: &[usize],
     ) -> Result<Vec<Outcome>, client::SessionError> {
         let stream = match timeout(self.connect_timeout, TcpStream::connect(addr)).await {
             Err(_) => return Err(client::SessionError::Timeout(self.connect_timeout)),
             Ok(r) => r?,
         };
         stream.set_nodelay(true)?;
-        let mut c = Client::new(stream, host, self.timeouts);
-        c.hello(&self.hostname).await?;
+        let mut c = Client::new(stream, &hop.host, self.timeouts);
+        c.hello(&self.hostname, self.policy(hop)).await?;
+        if let Some(route) = &hop.route
+            && let (Some(user), Some(file)) = (&route.auth_user, &route.auth_password_file)
+        {
+            let password = tokio::fs::read_to_string(file).await?;
+            c.authenticate(user, password.trim_end_matches(['\r', '\n']))
+                .await?;
+        }
+        if let Some(t) = &c.tls {
+            tracing::debug!(queue_id = %msg.queue_id, mx = %hop.host, tls = %t, "TLS on");
+        }
+        let params: Vec<client::RcptParams> = rcpts
+            .iter()
+            .map(|&i| {
+                let r = &msg.recipients[i];
+                client::RcptParams {
+                    address: &r.address,
+                    notify: &r.notify,
+                    orcpt: &r.orcpt,
+                }
+            })
+            .collect();
         let outcomes = c
             .deliver(&Transaction {
                 sender: &msg.sender,
-                recipients: rcpts,
+                recipients: &params,
                 content: &msg.content,
+                smtputf8: msg.smtputf8,
+                ret: &msg.dsn_ret,
+                envid: &msg.dsn_envid,
             })
             .await?;
         c.quit().await;
@@ -278,60 +329,88 @@ impl Deliverer {
 
     /// Acks, retries what is pending, or gives up past the maximum age.
     async fn settle(&self, delivery: Delivery, msg: QueuedMessage, outcomes: Vec<Outcome>) {
+        let id = msg.queue_id.clone();
+        let attempts = msg.attempt + 1;
+        let age = age_of(msg.received_at_unix_micros);
+        let pending_any = outcomes.iter().any(Outcome::is_temporary);
+        let next = if pending_any {
+            Some(self.schedule.next(attempts, age))
+        } else {
+            None
+        };
+        let giving_up = next == Some(Next::GiveUp);
         let mut pending = Vec::new();
         let mut last_error = String::new();
+        let mut reports: Vec<(&correu_proto::v1::Recipient, dsn::Action)> = Vec::new();
         for (r, o) in msg.recipients.iter().zip(&outcomes) {
             match o {
-                Outcome::Delivered => {
-                    tracing::info!(queue_id = %msg.queue_id, recipient = %r.address, attempt = msg.attempt + 1, "delivered");
+                Outcome::Delivered { remote_mta } => {
+                    tracing::info!(queue_id = %id, recipient = %r.address, attempt = attempts, "delivered");
+                    let action = match remote_mta {
+                        Some(m) => dsn::Action::Relayed {
+                            remote_mta: m.clone(),
+                        },
+                        None => dsn::Action::Delivered,
+                    };
+                    reports.push((r, action));
                 }
-                Outcome::Permanent(why) => {
-                    // DSN bounces come with the delivery issue; until then the
-                    // failure is logged for the operator.
-                    tracing::warn!(queue_id = %msg.queue_id, recipient = %r.address, reason = %why, "delivery failed permanently");
+                Outcome::Permanent(f) => {
+                    tracing::warn!(queue_id = %id, recipient = %r.address, reason = %f, "delivery failed permanently");
+                    reports.push((r, dsn::Action::Failed(f.clone())));
                 }
-                Outcome::Temporary(why) => {
-                    tracing::info!(queue_id = %msg.queue_id, recipient = %r.address, reason = %why, "delivery deferred");
-                    last_error = why.clone();
+                Outcome::Temporary(f) if giving_up => {
+                    tracing::warn!(queue_id = %id, recipient = %r.address, reason = %f, attempts, ?age, "maximum age reached; giving up");
+                    reports.push((r, dsn::Action::Failed(f.clone())));
+                }
+                Outcome::Temporary(f) => {
+                    tracing::info!(queue_id = %id, recipient = %r.address, reason = %f, "delivery deferred");
+                    last_error = f.to_string();
                     pending.push(r.clone());
                 }
             }
         }
-        let id = msg.queue_id.clone();
-        let was_deferred = msg.attempt > 0;
-        let result = if pending.is_empty() {
-            delivery.ack().await
-        } else {
-            let attempts = msg.attempt + 1;
-            let age = age_of(msg.received_at_unix_micros);
-            match self.schedule.next(attempts, age) {
-                Next::RetryIn { tier, delay } => {
-                    tracing::info!(queue_id = %id, attempts, retry_in = ?delay, pending = pending.len(), "retry scheduled");
-                    let updated = QueuedMessage {
-                        recipients: pending,
-                        attempt: attempts,
-                        last_error,
-                        ..msg
-                    };
-                    let r = delivery.retry(&updated, tier, delay).await;
-                    if r.is_ok()
-                        && let Some(index) = &self.index
-                    {
-                        let entry = correu_queue::admin::Deferred::from_message(
-                            &updated,
-                            correu_queue::index::due_in(delay),
-                        );
-                        if let Err(e) = index.record(&entry, delay).await {
-                            tracing::debug!(queue_id = %id, error = %e, "deferred index not updated");
-                        }
+        // The report is queued (durably) before the message is settled.
+        if self.bounces {
+            let dsn_id = correu_queue::new_queue_id();
+            let now = age_of(0).as_micros() as i64;
+            if let Some(report) = dsn::build(&self.hostname, &msg, &reports, &dsn_id, now) {
+                match self.queue.publish(&report).await {
+                    Ok(()) => {
+                        tracing::info!(queue_id = %id, dsn = %dsn_id, to = %msg.sender, "delivery status notification queued")
                     }
-                    return self.log_settle(&id, r);
-                }
-                Next::GiveUp => {
-                    tracing::warn!(queue_id = %id, attempts, ?age, "maximum age reached; giving up");
-                    delivery.ack().await
+                    Err(e) => {
+                        tracing::error!(queue_id = %id, error = %e, "cannot queue the DSN; the message goes back to the queue");
+                        return self.log_settle(&id, delivery.release().await);
+                    }
                 }
             }
+        }
+        drop(reports);
+        let was_deferred = msg.attempt > 0;
+        let result = match next {
+            Some(Next::RetryIn { tier, delay }) if !pending.is_empty() => {
+                tracing::info!(queue_id = %id, attempts, retry_in = ?delay, pending = pending.len(), "retry scheduled");
+                let updated = QueuedMessage {
+                    recipients: pending,
+                    attempt: attempts,
+                    last_error,
+                    ..msg
+                };
+                let r = delivery.retry(&updated, tier, delay).await;
+                if r.is_ok()
+                    && let Some(index) = &self.index
+                {
+                    let entry = correu_queue::admin::Deferred::from_message(
+                        &updated,
+                        correu_queue::index::due_in(delay),
+                    );
+                    if let Err(e) = index.record(&entry, delay).await {
+                        tracing::debug!(queue_id = %id, error = %e, "deferred index not updated");
+                    }
+                }
+                return self.log_settle(&id, r);
+            }
+            _ => delivery.ack().await,
         };
         if result.is_ok()
             && was_deferred
@@ -366,7 +445,7 @@ pub async fn run(
     storage: StorageClient,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let deliverer = Arc::new(Deliverer::new(cfg, storage)?);
+    let deliverer = Arc::new(Deliverer::new(cfg, queue.clone(), storage)?);
     let mut consumer = queue.consumer();
     let slots = Arc::new(Semaphore::new(cfg.delivery.concurrency));
     let tracker = TaskTracker::new();

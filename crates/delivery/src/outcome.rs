@@ -1,34 +1,99 @@
-//! What happened to one recipient, decided in one place.
+//! What happened to one recipient, decided in one place, with what a
+//! delivery status notification needs to say about it (RFC 3464).
+
+use std::fmt;
 
 use correu_smtp::Reply;
+
+/// Why a recipient was not delivered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// The enhanced status code (RFC 3463), like `5.1.1`.
+    pub status: String,
+    /// What went wrong, for logs and the human part of a bounce.
+    pub text: String,
+    /// The host that answered, when one did.
+    pub remote_mta: Option<String>,
+    /// The SMTP reply as received, for the bounce's Diagnostic-Code.
+    pub smtp_reply: Option<String>,
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.status, self.text)
+    }
+}
 
 /// The outcome of one delivery attempt for one recipient.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// Stored in a mailbox or accepted by the next hop with a 2xx.
-    Delivered,
+    /// Stored in a mailbox, or accepted by the next hop with a 2xx.
+    Delivered { remote_mta: Option<String> },
     /// Try again later (4xx, network and DNS trouble, storage unavailable).
-    Temporary(String),
+    Temporary(Failure),
     /// Give up and bounce (5xx, unknown mailbox, null MX).
-    Permanent(String),
+    Permanent(Failure),
 }
 
 impl Outcome {
+    pub const LOCAL: Outcome = Outcome::Delivered { remote_mta: None };
+
     pub fn is_temporary(&self) -> bool {
         matches!(self, Outcome::Temporary(_))
+    }
+
+    pub fn is_delivered(&self) -> bool {
+        matches!(self, Outcome::Delivered { .. })
+    }
+
+    /// A temporary failure found here, not reported by a remote server.
+    pub fn temp(status: &str, text: impl Into<String>) -> Outcome {
+        Outcome::Temporary(Failure {
+            status: status.into(),
+            text: text.into(),
+            remote_mta: None,
+            smtp_reply: None,
+        })
+    }
+
+    /// A permanent failure found here.
+    pub fn perm(status: &str, text: impl Into<String>) -> Outcome {
+        Outcome::Permanent(Failure {
+            status: status.into(),
+            text: text.into(),
+            remote_mta: None,
+            smtp_reply: None,
+        })
     }
 }
 
 /// A remote server's reply (RFC 5321 §4.2.1): 2xx done, 4xx temporary,
 /// 5xx permanent. Anything else (a 3xx where a final reply was due) is a
-/// protocol error, which is temporary.
+/// protocol error, which is temporary. Without an enhanced code the
+/// status is the class's generic one (`4.0.0`, `5.0.0`).
 pub fn from_reply(r: &Reply, host: &str) -> Outcome {
-    let text = format!("{host} said: {r}");
+    let status = |class: u8| match r.enhanced {
+        Some(e) if e.0 == class => e.to_string(),
+        _ => format!("{class}.0.0"),
+    };
+    let failure = |class: u8| Failure {
+        status: status(class),
+        text: format!("{host} said: {r}"),
+        remote_mta: Some(host.to_string()),
+        smtp_reply: Some(r.to_string()),
+    };
     match r.code {
-        200..=299 => Outcome::Delivered,
-        400..=499 => Outcome::Temporary(text),
-        500..=599 => Outcome::Permanent(text),
-        _ => Outcome::Temporary(format!("{host} gave an unexpected reply: {r}")),
+        200..=299 => Outcome::Delivered {
+            remote_mta: Some(host.to_string()),
+        },
+        400..=499 => Outcome::Temporary(failure(4)),
+        500..=599 => Outcome::Permanent(failure(5)),
+        _ => Outcome::Temporary(Failure {
+            status: "4.5.0".into(),
+            text: format!("{host} gave an unexpected reply: {r}"),
+            remote_mta: Some(host.to_string()),
+            smtp_reply: Some(r.to_string()),
+        }),
     }
 }
 
@@ -38,11 +103,12 @@ pub fn from_status(s: &tonic::Status) -> Outcome {
     use tonic::Code;
     let text = format!("storage: {:?}: {}", s.code(), s.message());
     match s.code() {
-        Code::NotFound
-        | Code::InvalidArgument
-        | Code::FailedPrecondition
-        | Code::PermissionDenied => Outcome::Permanent(text),
-        _ => Outcome::Temporary(text),
+        Code::NotFound => Outcome::perm("5.1.1", text),
+        Code::InvalidArgument | Code::FailedPrecondition | Code::PermissionDenied => {
+            Outcome::perm("5.3.0", text)
+        }
+        Code::ResourceExhausted => Outcome::temp("4.2.2", text),
+        _ => Outcome::temp("4.3.0", text),
     }
 }
 
@@ -53,35 +119,41 @@ mod tests {
 
     #[test]
     fn classifies_replies_table() {
-        let cases = [
-            (250, Outcome::Delivered),
-            (251, Outcome::Delivered),
-            (421, Outcome::Temporary(String::new())),
-            (450, Outcome::Temporary(String::new())),
-            (452, Outcome::Temporary(String::new())),
-            (354, Outcome::Temporary(String::new())),
-            (550, Outcome::Permanent(String::new())),
-            (554, Outcome::Permanent(String::new())),
+        let cases: &[(u16, Option<Enhanced>, &str, &str)] = &[
+            (250, None, "delivered", ""),
+            (251, None, "delivered", ""),
+            (421, Some(Enhanced(4, 3, 2)), "temporary", "4.3.2"),
+            (450, None, "temporary", "4.0.0"),
+            (452, Some(Enhanced(4, 2, 2)), "temporary", "4.2.2"),
+            (354, None, "temporary", "4.5.0"),
+            (550, Some(Enhanced(5, 1, 1)), "permanent", "5.1.1"),
+            (554, None, "permanent", "5.0.0"),
         ];
-        for (code, want) in cases {
-            let got = from_reply(
-                &Reply::new(code, Enhanced((code / 100) as u8, 0, 0), "x"),
-                "mx.test",
-            );
-            assert_eq!(
-                std::mem::discriminant(&got),
-                std::mem::discriminant(&want),
-                "{code}"
-            );
+        for (code, enh, kind, status) in cases {
+            let r = Reply {
+                code: *code,
+                enhanced: *enh,
+                lines: vec!["x".into()],
+            };
+            let got = from_reply(&r, "mx.test");
+            match (&got, *kind) {
+                (Outcome::Delivered { remote_mta }, "delivered") => {
+                    assert_eq!(remote_mta.as_deref(), Some("mx.test"))
+                }
+                (Outcome::Temporary(f), "temporary") | (Outcome::Permanent(f), "permanent") => {
+                    assert_eq!(f.status, *status, "{code}");
+                    assert_eq!(f.remote_mta.as_deref(), Some("mx.test"));
+                }
+                _ => panic!("{code}: {got:?}, want {kind}"),
+            }
         }
         let got = from_reply(
             &Reply::new(550, Enhanced(5, 1, 1), "no such user"),
             "mx.test",
         );
-        assert_eq!(
-            got,
-            Outcome::Permanent("mx.test said: 550 5.1.1 no such user".into())
-        );
+        let Outcome::Permanent(f) = got else { panic!() };
+        assert_eq!(f.text, "mx.test said: 550 5.1.1 no such user");
+        assert_eq!(f.smtp_reply.as_deref(), Some("550 5.1.1 no such user"));
     }
 
     #[test]

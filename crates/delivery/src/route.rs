@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
-use correu_runtime::config::split_host_port;
+use correu_runtime::config::Route;
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
@@ -13,16 +13,18 @@ use rand::seq::SliceRandom;
 
 use crate::outcome::Outcome;
 
-/// One host to try, in order.
+/// One host to try, in order; a configured route brings its TLS policy
+/// and credentials along.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hop {
     pub host: String,
     pub port: u16,
+    pub route: Option<Route>,
 }
 
 pub struct Router {
     resolver: TokioResolver,
-    routes: BTreeMap<String, Hop>,
+    routes: BTreeMap<String, Route>,
     mx_port: u16,
 }
 
@@ -60,12 +62,10 @@ pub fn order_mx(mut mx: Vec<(u16, String)>, rng: &mut impl rand::Rng) -> Vec<Str
 }
 
 impl Router {
-    pub fn new(resolver: TokioResolver, routes: &BTreeMap<String, String>, mx_port: u16) -> Self {
+    pub fn new(resolver: TokioResolver, routes: &BTreeMap<String, Route>, mx_port: u16) -> Self {
         let routes = routes
             .iter()
-            .filter_map(|(d, target)| {
-                split_host_port(target).map(|(host, port)| (d.to_lowercase(), Hop { host, port }))
-            })
+            .map(|(d, r)| (d.to_lowercase(), r.clone()))
             .collect();
         Router {
             resolver,
@@ -76,8 +76,12 @@ impl Router {
 
     /// The hops for `domain`, best first, or why there are none.
     pub async fn hops(&self, domain: &str) -> Result<Vec<Hop>, Outcome> {
-        if let Some(hop) = self.routes.get(domain).or_else(|| self.routes.get("*")) {
-            return Ok(vec![hop.clone()]);
+        if let Some(route) = self.routes.get(domain).or_else(|| self.routes.get("*")) {
+            return Ok(vec![Hop {
+                host: route.host.clone(),
+                port: route.port,
+                route: Some(route.clone()),
+            }]);
         }
         let fqdn = format!("{}.", domain.trim_end_matches('.'));
         match self.resolver.mx_lookup(fqdn.as_str()).await {
@@ -92,9 +96,10 @@ impl Router {
                     .collect();
                 // RFC 7505: a single MX of "." says the domain takes no mail.
                 if mx.len() == 1 && (mx[0].1 == "." || mx[0].1.is_empty()) {
-                    return Err(Outcome::Permanent(format!(
-                        "5.1.10 {domain} accepts no mail (null MX, RFC 7505)"
-                    )));
+                    return Err(Outcome::perm(
+                        "5.1.10",
+                        format!("{domain} accepts no mail (null MX, RFC 7505)"),
+                    ));
                 }
                 if mx.is_empty() {
                     return Ok(vec![self.implicit(domain)]);
@@ -106,17 +111,20 @@ impl Router {
                     .map(|h| Hop {
                         host: h.trim_end_matches('.').to_string(),
                         port: self.mx_port,
+                        route: None,
                     })
                     .collect())
             }
             // No MX: the domain's own address is the implicit MX (RFC 5321 §5.1).
-            Err(e) if e.is_nx_domain() => Err(Outcome::Permanent(format!(
-                "5.1.2 domain {domain} does not exist"
-            ))),
+            Err(e) if e.is_nx_domain() => Err(Outcome::perm(
+                "5.1.2",
+                format!("domain {domain} does not exist"),
+            )),
             Err(e) if e.is_no_records_found() => Ok(vec![self.implicit(domain)]),
-            Err(e) => Err(Outcome::Temporary(format!(
-                "4.4.3 MX lookup for {domain} failed: {e}"
-            ))),
+            Err(e) => Err(Outcome::temp(
+                "4.4.3",
+                format!("MX lookup for {domain} failed: {e}"),
+            )),
         }
     }
 
@@ -124,6 +132,7 @@ impl Router {
         Hop {
             host: domain.to_string(),
             port: self.mx_port,
+            route: None,
         }
     }
 

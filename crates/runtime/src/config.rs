@@ -276,8 +276,18 @@ pub struct DeliveryConfig {
     pub dns_server: Option<SocketAddr>,
     /// Port of remote MX hosts (25; another only for tests and labs).
     pub mx_port: u16,
-    /// Fixed next hops by domain (`"*"` for all), as `host:port`, instead of MX.
-    pub routes: BTreeMap<String, String>,
+    /// Fixed next hops by domain (`"*"` for all) instead of MX: `host:port`,
+    /// or a table with `host`, `port`, `tls`, `auth_user`,
+    /// `auth_password_file` (a smarthost).
+    pub routes: BTreeMap<String, Route>,
+    /// TLS to other servers: `opportunistic` (STARTTLS whenever offered,
+    /// certificate not checked), `required` (verified, else the message
+    /// waits) or `none`.
+    pub tls: OutboundTls,
+    /// More CA certificates (PEM) trusted for `required` TLS.
+    pub tls_ca_file: Option<PathBuf>,
+    /// Bounce messages (RFC 3464) for recipients that fail for good.
+    pub bounces: bool,
     /// Time to connect to a remote MX (RFC 5321 suggests at most minutes).
     pub connect_timeout: Dur,
     /// Time for each reply of the remote MX (RFC 5321 §4.5.3.2: 5 minutes).
@@ -298,10 +308,78 @@ impl Default for DeliveryConfig {
             dns_server: None,
             mx_port: 25,
             routes: BTreeMap::new(),
+            tls: OutboundTls::Opportunistic,
+            tls_ca_file: None,
+            bounces: true,
             connect_timeout: Dur::secs(30),
             command_timeout: Dur::secs(300),
             data_timeout: Dur::secs(600),
             attempt_timeout: Dur::secs(15 * 60),
+        }
+    }
+}
+
+/// How a next hop is encrypted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutboundTls {
+    None,
+    Opportunistic,
+    Required,
+}
+
+/// A fixed next hop for a domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub host: String,
+    pub port: u16,
+    /// Overrides `delivery.tls` for this hop.
+    pub tls: Option<OutboundTls>,
+    /// AUTH PLAIN with the relay (after TLS).
+    pub auth_user: Option<String>,
+    pub auth_password_file: Option<PathBuf>,
+}
+
+impl<'de> Deserialize<'de> for Route {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Table {
+            host: String,
+            #[serde(default = "smtp_port")]
+            port: u16,
+            tls: Option<OutboundTls>,
+            auth_user: Option<String>,
+            auth_password_file: Option<PathBuf>,
+        }
+        fn smtp_port() -> u16 {
+            25
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Text(String),
+            Table(Table),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Text(t) => {
+                let (host, port) = split_host_port(&t)
+                    .ok_or_else(|| serde::de::Error::custom(format!("`{t}` is not host:port")))?;
+                Ok(Route {
+                    host,
+                    port,
+                    tls: None,
+                    auth_user: None,
+                    auth_password_file: None,
+                })
+            }
+            Raw::Table(t) => Ok(Route {
+                host: t.host,
+                port: t.port,
+                tls: t.tls,
+                auth_user: t.auth_user,
+                auth_password_file: t.auth_password_file,
+            }),
         }
     }
 }
@@ -807,19 +885,43 @@ impl Config {
                 "must be more than 0 and at most 25m (RabbitMQ closes consumers that hold a message 30m)",
             ));
         }
-        for (domain, target) in &d.routes {
+        for (domain, route) in &d.routes {
+            let key = format!("delivery.routes.{domain}");
             if domain != "*" && !is_domain(domain) {
+                e.push(err(&key, "key must be a domain or \"*\""));
+            }
+            if route.host.is_empty() {
+                e.push(err(format!("{key}.host"), "must not be empty"));
+            }
+            match (&route.auth_user, &route.auth_password_file) {
+                (Some(_), None) => e.push(err(
+                    format!("{key}.auth_password_file"),
+                    "needed with auth_user",
+                )),
+                (None, Some(_)) => e.push(err(
+                    format!("{key}.auth_user"),
+                    "needed with auth_password_file",
+                )),
+                (Some(_), Some(p)) if !p.is_file() => e.push(err(
+                    format!("{key}.auth_password_file"),
+                    format!("{} is not a readable file", p.display()),
+                )),
+                _ => {}
+            }
+            if route.auth_user.is_some() && route.tls.unwrap_or(d.tls) == OutboundTls::None {
                 e.push(err(
-                    format!("delivery.routes.{domain}"),
-                    "key must be a domain or \"*\"",
+                    format!("{key}.tls"),
+                    "AUTH needs TLS: passwords are never sent in the clear",
                 ));
             }
-            if split_host_port(target).is_none() {
-                e.push(err(
-                    format!("delivery.routes.{domain}"),
-                    format!("`{target}` is not host:port"),
-                ));
-            }
+        }
+        if let Some(p) = &d.tls_ca_file
+            && !p.is_file()
+        {
+            e.push(err(
+                "delivery.tls_ca_file",
+                format!("{} is not a readable file", p.display()),
+            ));
         }
         e
     }
@@ -931,7 +1033,32 @@ mod tests {
         assert_eq!(c.smtp.max_message_size, 1000);
         assert_eq!(c.queue.backend, Some(QueueBackend::Rabbitmq));
         assert_eq!(c.delivery.mx_port, 2500);
-        assert_eq!(c.delivery.routes["*"], "smarthost:587");
+        assert_eq!(c.delivery.routes["*"].host, "smarthost");
+        assert_eq!(c.delivery.routes["*"].port, 587);
+    }
+
+    #[test]
+    fn routes_as_strings_or_tables() {
+        let c = load(
+            "[delivery]\ntls = \"required\"\n[delivery.routes]\n\"a.org\" = \"mx.a.org:2525\"\n\"*\" = { host = \"relay.example\", port = 587, tls = \"opportunistic\" }\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.delivery.tls, OutboundTls::Required);
+        assert_eq!(c.delivery.routes["a.org"].port, 2525);
+        assert_eq!(c.delivery.routes["*"].tls, Some(OutboundTls::Opportunistic));
+        let e = load(
+            "[delivery.routes]\n\"*\" = { host = \"r\", auth_user = \"u\", tls = \"none\" }\n",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(
+            keys(e),
+            vec![
+                "delivery.routes.*.auth_password_file",
+                "delivery.routes.*.tls"
+            ]
+        );
     }
 
     #[test]
