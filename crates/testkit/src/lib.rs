@@ -901,23 +901,38 @@ pub struct Postfix {
     etc: PathBuf,
     pub port: u16,
     pub log: PathBuf,
+    /// Where `virtual_mailbox_base` should point for Maildir delivery.
+    pub vmail: PathBuf,
 }
 
 impl Postfix {
     pub fn start(dir: &Path, main_extra: &str) -> Postfix {
-        let port = free_port();
+        Self::start_on(dir, free_port(), main_extra)
+    }
+
+    /// Postfix on a chosen port (`main_extra` may use `{VMAIL}` for its
+    /// Maildir base).
+    pub fn start_on(dir: &Path, port: u16, main_extra: &str) -> Postfix {
+        let main_extra = main_extra.replace("{VMAIL}", &dir.join("vmail").to_string_lossy());
         let etc = dir.join("etc");
-        for sub in ["etc", "spool", "data"] {
+        for sub in ["etc", "spool", "data", "vmail"] {
             std::fs::create_dir_all(dir.join(sub)).unwrap();
         }
-        let (st, _, err) = run(
-            "chown",
-            &["postfix:postfix", dir.join("data").to_str().unwrap()],
-        );
-        assert!(
-            st.success(),
-            "chown: {err} (is postfix installed? scripts/test installs it)"
-        );
+        let chown = |owner: &str, sub: &str| {
+            let (st, _, err) = run("chown", &[owner, dir.join(sub).to_str().unwrap()]);
+            assert!(
+                st.success(),
+                "chown: {err} (is postfix installed? scripts/test installs it)"
+            );
+        };
+        chown("postfix:postfix", "data");
+        // virtual(8) writes mailboxes as nobody, who must reach the folder
+        // (temporary directories are private to root).
+        chown("65534:65534", "vmail");
+        for d in dir.ancestors().take(2) {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
         let d = dir.display();
         std::fs::write(
             etc.join("main.cf"),
@@ -937,7 +952,7 @@ impl Postfix {
                  qmgr unix n - n 300 1 qmgr\nrewrite unix - - n - - trivial-rewrite\nbounce unix - - n - 0 bounce\n\
                  defer unix - - n - 0 bounce\ntrace unix - - n - 0 bounce\nverify unix - - n - 1 verify\n\
                  flush unix n - n 1000? 0 flush\nproxymap unix - - n - - proxymap\nsmtp unix - - n - - smtp\n\
-                 relay unix - - n - - smtp\nshowq unix n - n - - showq\nerror unix - - n - - error\n\
+                 relay unix - - n - - smtp\nvirtual unix - n n - - virtual\nshowq unix n - n - - showq\nerror unix - - n - - error\n\
                  retry unix - - n - - error\ndiscard unix - - n - - discard\nanvil unix - - n - 1 anvil\n\
                  scache unix - - n - 1 scache\npostlog unix-dgram n - n - 1 postlogd\ntlsmgr unix - - n 1000? 1 tlsmgr\n"
             ),
@@ -967,6 +982,7 @@ impl Postfix {
             etc,
             port,
             log: dir.join("maillog"),
+            vmail: dir.join("vmail"),
         }
     }
 }

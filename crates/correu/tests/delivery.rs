@@ -1,0 +1,233 @@
+//! Delivery to the world: a private Postfix as the remote MX, found through
+//! dnsmasq; TLS policies; bounces; a Correu smarthost with AUTH.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use correu_testkit::*;
+
+const CORREU: &str = env!("CARGO_BIN_EXE_correu");
+
+/// Postfix as the MX of remote.test: it knows ana@remote.test only, offers
+/// STARTTLS with a certificate for localhost signed by the test CA.
+fn remote_postfix(dir: &Path, cert: &TestCert) -> Postfix {
+    Postfix::start(
+        &dir.join("postfix"),
+        &format!(
+            "virtual_mailbox_domains = remote.test\nvirtual_mailbox_base = {{VMAIL}}\nvirtual_mailbox_maps = inline:{{ana@remote.test=ana/}}\nvirtual_uid_maps = static:65534\nvirtual_gid_maps = static:65534\nvirtual_transport = virtual\nsmtpd_tls_cert_file = {}\nsmtpd_tls_key_file = {}\nsmtpd_tls_security_level = may\nsmtpd_tls_received_header = yes\n",
+            cert.cert.display(),
+            cert.key.display()
+        ),
+    )
+}
+
+fn serve(dir: &Path, name: &str, extra: &str) -> (Proc, SocketAddr) {
+    let cfg = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "[smtp]\nlisten = [\"127.0.0.1:0\"]\n[storage]\nlisten = \"127.0.0.1:0\"\nroot = \"{name}-mail\"\n[queue]\nspool = \"{name}-queue\"\nretry_delays = [\"1m\"]\n{extra}\n"
+        ),
+    )
+    .unwrap();
+    let mut p = Proc::correu(CORREU, name, dir, &["serve"], &cfg);
+    let addr = p.serve_smtp_addr();
+    (p, addr)
+}
+
+fn send(addr: SocketAddr, to: &[&str], subject: &str) -> String {
+    let mut c = Smtp::connect(addr);
+    c.read();
+    c.cmd("EHLO client.example");
+    let id = queue_id(&c.send_mail(
+        "jo@localhost",
+        to,
+        &format!("Subject: {subject}\r\n\r\nbody of {subject}\r\n"),
+    ));
+    c.cmd("QUIT");
+    id
+}
+
+fn only_file(dir: &Path, within: Duration) -> String {
+    let files = wait_maildir(dir, 1, within);
+    assert_eq!(files.len(), 1, "one message in {}", dir.display());
+    read(&files[0])
+}
+
+fn maildir(dir: &Path, name: &str, user: &str) -> PathBuf {
+    dir.join(format!("{name}-mail/localhost/{user}"))
+}
+
+#[test]
+fn mx_fallback_tls_partial_success_and_the_bounce() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = test_cert(dir.path(), "mx");
+    let postfix = remote_postfix(dir.path(), &cert);
+    // mx1 (preference 10) is 127.0.0.2, where nothing listens: refused.
+    let (_dns, dns_port) = dnsmasq(
+        dir.path(),
+        &[
+            "mx-host=remote.test,mx1.remote.test,10",
+            "mx-host=remote.test,mx2.remote.test,20",
+            "address=/mx1.remote.test/127.0.0.2",
+            "address=/mx2.remote.test/127.0.0.1",
+        ],
+    );
+    let (mut serve, addr) = serve(
+        dir.path(),
+        "a",
+        &format!(
+            "[delivery]\ndns_server = \"127.0.0.1:{dns_port}\"\nmx_port = {}\n",
+            postfix.port
+        ),
+    );
+    let id = send(addr, &["ana@remote.test", "nobody@remote.test"], "partial");
+
+    // ana: at Postfix, received over TLS (opportunistic: the certificate is
+    // not checked).
+    let at_postfix = only_file(&postfix.vmail.join("ana"), Duration::from_secs(60));
+    assert!(
+        at_postfix.contains("Subject: partial") && at_postfix.contains(&format!("id {id}")),
+        "{at_postfix}"
+    );
+    assert!(
+        at_postfix.contains("(using TLSv1.3"),
+        "Postfix saw TLS: {at_postfix}"
+    );
+    serve.wait_for("mx1.remote.test", Duration::from_secs(5));
+
+    // nobody: refused by Postfix with 550 5.1.1, bounced to jo@localhost.
+    let dsn = only_file(&maildir(dir.path(), "a", "jo"), Duration::from_secs(30));
+    for want in [
+        "Return-Path: <>\r\n",
+        "From: Mail Delivery System <MAILER-DAEMON@localhost>",
+        "Content-Type: multipart/report; report-type=delivery-status;",
+        &format!("X-Correu-Queue-ID: {id}\r\n"),
+        "Final-Recipient: rfc822; nobody@remote.test\r\nAction: failed\r\nStatus: 5.1.1\r\nRemote-MTA: dns; mx2.remote.test\r\nDiagnostic-Code: smtp; 550 5.1.1",
+        "Content-Type: message/rfc822\r\n\r\nReceived: from client.example",
+        "body of partial",
+    ] {
+        assert!(dsn.contains(want), "missing {want:?} in the bounce:\n{dsn}");
+    }
+    assert!(
+        !dsn.contains("Final-Recipient: rfc822; ana@remote.test"),
+        "ana succeeded: no report without NOTIFY=SUCCESS"
+    );
+}
+
+#[test]
+fn a_null_mx_bounces_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_dns, dns_port) = dnsmasq(dir.path(), &["mx-host=nullmx.test,.,0"]);
+    let (_serve, addr) = serve(
+        dir.path(),
+        "a",
+        &format!("[delivery]\ndns_server = \"127.0.0.1:{dns_port}\"\n"),
+    );
+    send(addr, &["x@nullmx.test"], "nowhere");
+    let dsn = only_file(&maildir(dir.path(), "a", "jo"), Duration::from_secs(30));
+    assert!(
+        dsn.contains(
+            "Final-Recipient: rfc822; x@nullmx.test\r\nAction: failed\r\nStatus: 5.1.10\r\n"
+        ),
+        "{dsn}"
+    );
+    assert!(dsn.contains("null MX"), "{dsn}");
+}
+
+#[test]
+fn required_tls_waits_for_a_certificate_it_can_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = test_cert(dir.path(), "mx");
+    let postfix = remote_postfix(dir.path(), &cert);
+    let route = format!(
+        "[delivery.routes]\n\"remote.test\" = {{ host = \"localhost\", port = {}, tls = \"required\" }}\n",
+        postfix.port
+    );
+    // Without the test CA the certificate does not verify: deferred.
+    let (mut strict, addr) = serve(dir.path(), "strict", &route);
+    let id = send(addr, &["ana@remote.test"], "unverified");
+    let deferred = strict.wait_for("\"message\":\"delivery deferred\"", Duration::from_secs(30));
+    assert!(
+        deferred.contains(&id) && deferred.contains("4.7.5"),
+        "{deferred}"
+    );
+    assert!(wait_maildir(&postfix.vmail.join("ana"), 1, Duration::from_secs(2)).is_empty());
+    drop(strict);
+    // With it: delivered over verified TLS.
+    let (_trusting, addr) = serve(
+        dir.path(),
+        "trusting",
+        &format!(
+            "[delivery]\ntls_ca_file = \"{}\"\n{route}",
+            cert.ca.display()
+        ),
+    );
+    send(addr, &["ana@remote.test"], "verified");
+    let got = only_file(&postfix.vmail.join("ana"), Duration::from_secs(30));
+    assert!(
+        got.contains("Subject: verified") && got.contains("(using TLSv1.3"),
+        "{got}"
+    );
+}
+
+#[test]
+fn a_smarthost_with_auth() {
+    let dir = tempfile::tempdir().unwrap();
+    // The smarthost: another Correu, submission with TLS and one account.
+    let cert = test_cert(dir.path(), "relay");
+    let (st, hash, _) = run(
+        "sh",
+        &["-c", &format!("echo relaypass | {CORREU} hash-password")],
+    );
+    assert!(st.success());
+    let accounts = dir.path().join("accounts");
+    std::fs::write(&accounts, format!("sender@localhost:{}\n", hash.trim())).unwrap();
+    let relay_cfg = dir.path().join("relay.toml");
+    std::fs::write(
+        &relay_cfg,
+        format!(
+            "domains = [\"remote.test\"]\n[smtp]\nlisten = [\"127.0.0.1:0\"]\nsubmission = [\"127.0.0.1:0\"]\ntrusted_networks = []\ntls_certificate = \"{}\"\ntls_key = \"{}\"\nauth_file = \"{}\"\n[storage]\nlisten = \"127.0.0.1:0\"\nroot = \"relay-mail\"\n[queue]\nspool = \"relay-queue\"\n",
+            cert.cert.display(),
+            cert.key.display(),
+            accounts.display()
+        ),
+    )
+    .unwrap();
+    let mut relay = Proc::correu(CORREU, "relay", dir.path(), &["serve"], &relay_cfg);
+    let submission = relay
+        .serve_listeners()
+        .into_iter()
+        .find(|(_, d)| d.contains("STARTTLS, then AUTH"))
+        .unwrap()
+        .0;
+    let password = dir.path().join("relay-password");
+    std::fs::write(&password, "relaypass\n").unwrap();
+    let (_serve, addr) = serve(
+        dir.path(),
+        "a",
+        &format!(
+            "[delivery]\ntls_ca_file = \"{}\"\n[delivery.routes]\n\"*\" = {{ host = \"localhost\", port = {}, tls = \"required\", auth_user = \"sender@localhost\", auth_password_file = \"{}\" }}\n",
+            cert.ca.display(),
+            submission.port(),
+            password.display()
+        ),
+    );
+    let id = send(addr, &["ana@remote.test"], "via smarthost");
+    let got = only_file(
+        &dir.path().join("relay-mail/remote.test/ana"),
+        Duration::from_secs(30),
+    );
+    assert!(
+        got.contains("Subject: via smarthost") && got.contains(&format!("id {id}")),
+        "{got}"
+    );
+    assert!(
+        got.contains("(Authenticated sender: sender@localhost)") && got.contains("with ESMTPSA"),
+        "{got}"
+    );
+}
