@@ -231,3 +231,33 @@ fn a_smarthost_with_auth() {
         "{got}"
     );
 }
+
+#[test]
+fn a_destination_over_its_rate_waits_and_others_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let remote = dir.path().join("remote");
+    let (_mx, mx_port) = aiosmtpd(dir.path(), &remote);
+    let (mut serve, addr) = serve(
+        dir.path(),
+        "a",
+        &format!(
+            "[delivery]\ndomain_rate = \"1/1h\"\n[delivery.routes]\n\"remote.test\" = \"127.0.0.1:{mx_port}\"\n\"other.test\" = \"127.0.0.1:{mx_port}\"\n"
+        ),
+    );
+    send(addr, &["ana@remote.test"], "first");
+    assert_eq!(wait_maildir(&remote, 1, Duration::from_secs(30)).len(), 1);
+    let second = send(addr, &["ana@remote.test"], "second");
+    let deferred = serve.wait_for("\"message\":\"delivery deferred\"", Duration::from_secs(30));
+    assert!(
+        deferred.contains(&second) && deferred.contains("4.4.5"),
+        "{deferred}"
+    );
+    send(addr, &["pau@other.test"], "elsewhere");
+    let files = wait_maildir(&remote, 2, Duration::from_secs(30));
+    assert_eq!(files.len(), 2, "another domain is not held up");
+    assert!(files.iter().any(|f| read(f).contains("Subject: elsewhere")));
+    assert!(
+        !files.iter().any(|f| read(f).contains("Subject: second")),
+        "the second waits for its window"
+    );
+}

@@ -50,6 +50,10 @@ const MAX_PANICS: u32 = 3;
 
 pub struct Deliverer {
     queue: Queue,
+    leases: correu_runtime::limits::Leases,
+    rates: correu_runtime::limits::RateLimiter,
+    max_per_host: usize,
+    domain_rate: correu_runtime::config::Rate,
     bounces: bool,
     /// TLS for hops without a route of their own, and the connectors.
     tls_default: OutboundTls,
@@ -74,6 +78,14 @@ impl Deliverer {
         let resolver = route::resolver(cfg.delivery.dns_server)?;
         Ok(Deliverer {
             queue,
+            // A lease outlives no attempt: it expires with the attempt deadline.
+            leases: correu_runtime::limits::Leases::new(
+                &cfg.redis,
+                cfg.delivery.attempt_timeout.get(),
+            )?,
+            rates: correu_runtime::limits::RateLimiter::new(&cfg.redis)?,
+            max_per_host: cfg.delivery.max_connections_per_host,
+            domain_rate: cfg.delivery.domain_rate,
             bounces: cfg.delivery.bounces,
             tls_default: cfg.delivery.tls,
             opportunistic: tls::TlsPolicy::Opportunistic(tls::opportunistic()?),
@@ -233,6 +245,14 @@ impl Deliverer {
             Ok(h) => h,
             Err(o) => return vec![o; rcpts.len()],
         };
+        if !self
+            .rates
+            .allow("domain-msg", domain, self.domain_rate)
+            .await
+        {
+            let o = Outcome::temp("4.4.5", format!("{domain} is at its message rate; waiting"));
+            return vec![o; rcpts.len()];
+        }
         let mut last = Outcome::temp("4.4.4", format!("no host to deliver to for {domain}"));
         for hop in hops {
             let addrs = match self.router.addresses(&hop).await {
@@ -247,8 +267,23 @@ impl Deliverer {
                 }
             };
             for addr in addrs {
+                // Connections per host are shared by every delivery pod; a
+                // busy host is passed over, and if all are, the message waits.
+                let Some(lease) = self
+                    .leases
+                    .acquire("conn", &hop.host, self.max_per_host)
+                    .await
+                else {
+                    last = Outcome::temp(
+                        "4.4.5",
+                        format!("{} is at its connection limit; waiting", hop.host),
+                    );
+                    continue;
+                };
                 let span = tracing::info_span!("delivery.attempt", queue_id = %msg.queue_id, mx = %hop.host, %addr);
-                match self.try_host(msg, &hop, addr, rcpts).instrument(span).await {
+                let tried = self.try_host(msg, &hop, addr, rcpts).instrument(span).await;
+                self.leases.release(lease).await;
+                match tried {
                     Ok(outcomes) => return outcomes,
                     Err(e) => {
                         tracing::info!(queue_id = %msg.queue_id, mx = %hop.host, %addr, error = %e, "next hop failed; trying the next");

@@ -12,11 +12,9 @@
 //! - [`tls`]: rustls configuration, reloading, the plain-or-TLS stream.
 //! - [`auth`]: credential checks (the password file for now).
 //! - [`proxy`]: the PROXY protocol v1/v2 parser.
-//! - [`limits`]: per-client connection counts and rates (Redis or local).
 #![forbid(unsafe_code)]
 
 pub mod auth;
-pub mod limits;
 pub mod proxy;
 pub mod session;
 pub mod tls;
@@ -37,8 +35,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
-use crate::limits::{Concurrency, RateLimiter};
 use crate::tls::Tls;
+use correu_runtime::limits::{Concurrency, RateLimiter};
 
 /// What every session of one ingress shares.
 pub struct Shared {

@@ -288,6 +288,13 @@ pub struct DeliveryConfig {
     pub tls_ca_file: Option<PathBuf>,
     /// Bounce messages (RFC 3464) for recipients that fail for good.
     pub bounces: bool,
+    /// Connections open at once to one destination host, shared by every
+    /// delivery process through Redis. A host at its limit is passed over;
+    /// when all are, the message waits in the retry tiers.
+    pub max_connections_per_host: usize,
+    /// Messages per destination domain (`N/DURATION`, `0` for no limit),
+    /// shared likewise.
+    pub domain_rate: Rate,
     /// Time to connect to a remote MX (RFC 5321 suggests at most minutes).
     pub connect_timeout: Dur,
     /// Time for each reply of the remote MX (RFC 5321 §4.5.3.2: 5 minutes).
@@ -311,6 +318,8 @@ impl Default for DeliveryConfig {
             tls: OutboundTls::Opportunistic,
             tls_ca_file: None,
             bounces: true,
+            max_connections_per_host: 10,
+            domain_rate: Rate::per(0, 1),
             connect_timeout: Dur::secs(30),
             command_timeout: Dur::secs(300),
             data_timeout: Dur::secs(600),
@@ -878,6 +887,12 @@ impl Config {
         let d = &self.delivery;
         if d.concurrency == 0 {
             e.push(err("delivery.concurrency", "must be more than 0"));
+        }
+        if d.max_connections_per_host == 0 {
+            e.push(err(
+                "delivery.max_connections_per_host",
+                "must be more than 0",
+            ));
         }
         if d.attempt_timeout.get().is_zero() || d.attempt_timeout > Dur::secs(25 * 60) {
             e.push(err(

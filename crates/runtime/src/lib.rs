@@ -7,6 +7,7 @@
 //! - [`lifecycle`]: the shutdown token cancelled on SIGTERM or Ctrl-C.
 //! - [`backoff`]: the one exponential backoff used for reconnecting.
 //! - [`redis`]: the Redis pool, every timeout set.
+//! - [`limits`]: rates and leases shared through Redis, with a local fallback.
 //! - [`cli`]: the start of every binary: config, logging, runtime, signals.
 #![forbid(unsafe_code)]
 
@@ -14,6 +15,7 @@ pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod lifecycle;
+pub mod limits;
 pub mod redis;
 pub mod telemetry;
 

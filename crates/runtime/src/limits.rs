@@ -1,15 +1,16 @@
-//! Limits per client: open connections (per process) and rates of
-//! connections and messages (shared across replicas through Redis, with an
-//! in-process fallback when Redis is absent or down: a limit may loosen for
-//! a while, mail keeps flowing).
+//! Limits shared by replicas: open connections per client (per process),
+//! rates (fixed windows) and leases (concurrent connections per
+//! destination host), kept in Redis with an in-process fallback when Redis
+//! is absent or down: a limit may loosen for a while, mail keeps flowing.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use correu_runtime::config::{Rate, RedisConfig};
 use deadpool_redis::Pool;
+
+use crate::config::{Rate, RedisConfig};
 
 /// Most windows kept in memory before old ones are dropped.
 const LOCAL_KEYS: usize = 100_000;
@@ -82,7 +83,7 @@ impl RateLimiter {
     /// A limiter on Redis when `cfg.url` is set (every pool timeout set),
     /// else in this process only.
     pub fn new(cfg: &RedisConfig) -> anyhow::Result<RateLimiter> {
-        let redis = correu_runtime::redis::pool(cfg)?;
+        let redis = crate::redis::pool(cfg)?;
         Ok(RateLimiter {
             redis,
             prefix: cfg.prefix.clone(),
@@ -130,6 +131,139 @@ impl RateLimiter {
                 "Redis unavailable: rate limits are per process until it is back"
             );
         }
+    }
+}
+
+/// Takes a lease if fewer than `max` live ones exist; expired leases (a
+/// holder that died) are dropped first.
+const LEASE_SCRIPT: &str = r"
+local now = tonumber(ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[3]) then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[4])
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+";
+
+/// At most `max` holders at once per key, across every replica sharing
+/// Redis (delivery: connections per destination host).
+pub struct Leases {
+    redis: Option<Pool>,
+    prefix: String,
+    timeout: Duration,
+    /// How long a lease lives if its holder never gives it back.
+    ttl: Duration,
+    local: Mutex<HashMap<String, usize>>,
+    last_warning: Mutex<Option<Instant>>,
+}
+
+/// A lease held; give it back with [`Leases::release`].
+#[derive(Debug)]
+pub struct Lease {
+    key: String,
+    token: String,
+    /// Taken from the in-process table (Redis was unavailable).
+    local: bool,
+}
+
+impl Leases {
+    pub fn new(cfg: &RedisConfig, ttl: Duration) -> anyhow::Result<Leases> {
+        Ok(Leases {
+            redis: crate::redis::pool(cfg)?,
+            prefix: cfg.prefix.clone(),
+            timeout: cfg.timeout.get(),
+            ttl,
+            local: Mutex::new(HashMap::new()),
+            last_warning: Mutex::new(None),
+        })
+    }
+
+    /// A lease on `kind`/`id` if fewer than `max` are out.
+    pub async fn acquire(&self, kind: &str, id: &str, max: usize) -> Option<Lease> {
+        let key = format!("{}:lease:{kind}:{id}", self.prefix);
+        let token = format!("{}-{:x}", std::process::id(), rand::random::<u64>());
+        if let Some(pool) = &self.redis {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            let work = async {
+                let mut c = pool.get().await?;
+                let got: i64 = deadpool_redis::redis::cmd("EVAL")
+                    .arg(LEASE_SCRIPT)
+                    .arg(1)
+                    .arg(&key)
+                    .arg(now)
+                    .arg(self.ttl.as_millis() as u64)
+                    .arg(max)
+                    .arg(&token)
+                    .query_async(&mut c)
+                    .await?;
+                Ok::<_, anyhow::Error>(got == 1)
+            };
+            match tokio::time::timeout(self.timeout, work).await {
+                Ok(Ok(true)) => {
+                    return Some(Lease {
+                        key,
+                        token,
+                        local: false,
+                    });
+                }
+                Ok(Ok(false)) => return None,
+                Ok(Err(e)) => warn_redis(&self.last_warning, &e.to_string()),
+                Err(_) => warn_redis(&self.last_warning, "timed out"),
+            }
+        }
+        let mut local = lock(&self.local);
+        let n = local.entry(key.clone()).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Lease {
+            key,
+            token,
+            local: true,
+        })
+    }
+
+    /// Gives a lease back.
+    pub async fn release(&self, lease: Lease) {
+        if lease.local {
+            let mut local = lock(&self.local);
+            if let Some(n) = local.get_mut(&lease.key) {
+                *n = n.saturating_sub(1);
+            }
+            return;
+        }
+        if let Some(pool) = &self.redis {
+            let work = async {
+                let mut c = pool.get().await?;
+                deadpool_redis::redis::cmd("ZREM")
+                    .arg(&lease.key)
+                    .arg(&lease.token)
+                    .query_async::<i64>(&mut c)
+                    .await?;
+                Ok::<_, anyhow::Error>(())
+            };
+            // A lease not given back expires with its TTL.
+            if !matches!(tokio::time::timeout(self.timeout, work).await, Ok(Ok(()))) {
+                warn_redis(&self.last_warning, "lease not released; it will expire");
+            }
+        }
+    }
+}
+
+fn warn_redis(last: &Mutex<Option<Instant>>, why: &str) {
+    let mut last = lock(last);
+    if last.is_none_or(|t| t.elapsed() > WARN_EVERY) {
+        *last = Some(Instant::now());
+        tracing::warn!(
+            error = why,
+            "Redis unavailable: limits are per process until it is back"
+        );
     }
 }
 

@@ -1,12 +1,13 @@
-//! Rate limits shared through the real Redis, and what happens without it.
+//! Rates and leases shared through the real Redis, and what happens
+//! without it.
 
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
 
 use std::time::{Duration, Instant};
 
-use correu_ingress::limits::RateLimiter;
 use correu_runtime::config::{Dur, Rate, RedisConfig};
+use correu_runtime::limits::{Leases, RateLimiter};
 
 fn redis(prefix: &str) -> RedisConfig {
     RedisConfig {
@@ -94,4 +95,48 @@ async fn without_redis_the_limit_is_local_and_quick() {
         started.elapsed() < Duration::from_secs(3),
         "each call bounded by the Redis timeout"
     );
+}
+
+#[tokio::test]
+async fn leases_hold_across_two_processes_sharing_redis() {
+    let prefix = format!("correu-lease-{}", std::process::id());
+    // Two limiters with pools of their own: two delivery pods.
+    let a = Leases::new(&redis(&prefix), Duration::from_secs(60)).unwrap();
+    let b = Leases::new(&redis(&prefix), Duration::from_secs(60)).unwrap();
+    let first = a
+        .acquire("conn", "mx.remote.test", 2)
+        .await
+        .expect("a lease");
+    let second = b
+        .acquire("conn", "mx.remote.test", 2)
+        .await
+        .expect("a second lease");
+    assert!(
+        a.acquire("conn", "mx.remote.test", 2).await.is_none(),
+        "the limit holds across pods"
+    );
+    assert!(
+        b.acquire("conn", "mx.other.test", 2).await.is_some(),
+        "another host is not blocked"
+    );
+    b.release(second).await;
+    let third = a
+        .acquire("conn", "mx.remote.test", 2)
+        .await
+        .expect("freed by the other pod");
+    a.release(first).await;
+    a.release(third).await;
+    // A holder that dies: its lease expires.
+    let short = Leases::new(&redis(&prefix), Duration::from_millis(300)).unwrap();
+    let _lost = short
+        .acquire("conn", "mx.dying.test", 1)
+        .await
+        .expect("a lease");
+    assert!(short.acquire("conn", "mx.dying.test", 1).await.is_none());
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        short.acquire("conn", "mx.dying.test", 1).await.is_some(),
+        "expired leases free their slot"
+    );
+    cleanup(&prefix);
 }
