@@ -30,6 +30,23 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum DkimAction {
+    /// Make a key pair: the private key goes to FILE (PEM), the TXT record
+    /// to publish at SELECTOR._domainkey.DOMAIN is printed.
+    Keygen {
+        #[arg(long)]
+        domain: String,
+        #[arg(long, default_value = "correu")]
+        selector: String,
+        /// rsa-sha256 (2048 bits) or ed25519-sha256.
+        #[arg(long, default_value = "rsa-sha256")]
+        algorithm: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Run everything in one process (SMTP on 127.0.0.1:2525 by default).
     Serve,
@@ -51,6 +68,11 @@ enum Command {
     Queue {
         #[command(subcommand)]
         action: Option<queue::Action>,
+    },
+    /// DKIM keys: `correu dkim keygen` prints a private key and the DNS record.
+    Dkim {
+        #[command(subcommand)]
+        action: DkimAction,
     },
     /// Read mailboxes through the storage service.
     Mailbox {
@@ -100,6 +122,15 @@ fn main() -> ExitCode {
         Command::Queue { action } => {
             with_config(path, "correu", move |cfg, _| queue::run(cfg, action))
         }
+        Command::Dkim {
+            action:
+                DkimAction::Keygen {
+                    domain,
+                    selector,
+                    algorithm,
+                    out,
+                },
+        } => dkim_keygen(&domain, &selector, &algorithm, &out),
         Command::Mailbox { action } => {
             with_config(path, "correu", move |cfg, _| mailbox::run(cfg, action))
         }
@@ -116,4 +147,37 @@ where
         Ok(cfg) => run_with(name, cfg, f),
         Err(code) => code,
     }
+}
+
+fn dkim_keygen(domain: &str, selector: &str, algorithm: &str, out: &std::path::Path) -> ExitCode {
+    use correu_runtime::config::DkimAlgorithm;
+    let alg = match algorithm {
+        "rsa-sha256" => DkimAlgorithm::RsaSha256,
+        "ed25519-sha256" => DkimAlgorithm::Ed25519Sha256,
+        other => {
+            eprintln!("--algorithm must be rsa-sha256 or ed25519-sha256, not {other:?}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let (pem, txt) = match correu_delivery::dkim::keygen(alg) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("cannot make a key: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(e) = std::fs::write(out, pem) {
+        eprintln!("cannot write {}: {e}", out.display());
+        return ExitCode::FAILURE;
+    }
+    println!(
+        "private key written to {}; publish this TXT record:",
+        out.display()
+    );
+    println!("{selector}._domainkey.{domain}. IN TXT \"{txt}\"");
+    println!(
+        "and configure:\n[delivery.dkim.\"{domain}\"]\nselector = \"{selector}\"\nkey_file = \"{}\"\nalgorithm = \"{algorithm}\"",
+        out.display()
+    );
+    ExitCode::SUCCESS
 }

@@ -261,3 +261,92 @@ fn a_destination_over_its_rate_waits_and_others_go_on() {
         "the second waits for its window"
     );
 }
+
+#[test]
+fn outbound_mail_is_dkim_signed_and_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("dkim.pem");
+    let (st, out, err) = run(
+        CORREU,
+        &[
+            "dkim",
+            "keygen",
+            "--domain",
+            "signer.test",
+            "--selector",
+            "s1",
+            "--algorithm",
+            "ed25519-sha256",
+            "--out",
+            key.to_str().unwrap(),
+        ],
+    );
+    assert!(st.success(), "{err}");
+    let txt = out
+        .split('"')
+        .nth(1)
+        .expect("the TXT record in quotes")
+        .to_string();
+    assert!(txt.starts_with("v=DKIM1; k=ed25519; p="), "{txt}");
+    let (_dns, dns_port) = dnsmasq(
+        dir.path(),
+        &[&format!("txt-record=s1._domainkey.signer.test,\"{txt}\"")],
+    );
+    // The receiving side: another Correu that owns remote.test.
+    let receiver_cfg = dir.path().join("receiver.toml");
+    std::fs::write(
+        &receiver_cfg,
+        "domains = [\"remote.test\"]\n[smtp]\nlisten = [\"127.0.0.1:0\"]\n[storage]\nlisten = \"127.0.0.1:0\"\nroot = \"receiver-mail\"\n[queue]\nspool = \"receiver-queue\"\n",
+    )
+    .unwrap();
+    let mut receiver = Proc::correu(CORREU, "receiver", dir.path(), &["serve"], &receiver_cfg);
+    let receiver_addr = receiver.serve_smtp_addr();
+    let (_signer, addr) = serve(
+        dir.path(),
+        "signer",
+        &format!(
+            "[delivery.routes]\n\"remote.test\" = \"{receiver_addr}\"\n[delivery.dkim.\"signer.test\"]\nselector = \"s1\"\nkey_file = \"{}\"\nalgorithm = \"ed25519-sha256\"\n",
+            key.display()
+        ),
+    );
+    let mut c = Smtp::connect(addr);
+    c.read();
+    c.cmd("EHLO client.example");
+    let r = c.send_mail(
+        "jo@signer.test",
+        &["ana@remote.test"],
+        "From: Jo <jo@signer.test>\r\nTo: ana@remote.test\r\nSubject: signed\r\n\r\nSigned and sealed.\r\n",
+    );
+    assert_eq!(r.code, 250);
+    let got = only_file(
+        &dir.path().join("receiver-mail/remote.test/ana"),
+        Duration::from_secs(30),
+    );
+    assert!(
+        got.contains("DKIM-Signature: v=1; a=ed25519-sha256"),
+        "{got}"
+    );
+    assert!(
+        got.contains("d=signer.test") && got.contains("s=s1"),
+        "{got}"
+    );
+
+    // mail-auth's verifier, asking dnsmasq for the key.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let results = rt.block_on(async {
+        let resolver =
+            correu_delivery::route::resolver(Some(SocketAddr::from(([127, 0, 0, 1], dns_port))))
+                .unwrap();
+        let auth = mail_auth::MessageAuthenticator(resolver);
+        let msg = mail_auth::AuthenticatedMessage::parse(got.as_bytes()).unwrap();
+        auth.verify_dkim(&msg)
+            .await
+            .iter()
+            .map(|o| format!("{:?}", o.result()))
+            .collect::<Vec<_>>()
+    });
+    assert_eq!(results, vec!["Pass".to_string()], "the signature verifies");
+}

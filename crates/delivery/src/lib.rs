@@ -12,10 +12,11 @@
 //! - [`outcome`]: delivered / temporary / permanent, decided in one place.
 //! - [`route`]: routes, MX lookup, addresses.
 //! - [`client`]: the SMTP client; [`tls`]: opportunistic and verified TLS.
-//! - [`dsn`]: bounces and success reports (RFC 3464).
+//! - [`dsn`]: bounces and success reports (RFC 3464); [`dkim`]: signing.
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod dkim;
 pub mod dsn;
 pub mod outcome;
 pub mod route;
@@ -50,6 +51,7 @@ const MAX_PANICS: u32 = 3;
 
 pub struct Deliverer {
     queue: Queue,
+    dkim: Arc<dkim::Dkim>,
     leases: correu_runtime::limits::Leases,
     rates: correu_runtime::limits::RateLimiter,
     max_per_host: usize,
@@ -78,6 +80,7 @@ impl Deliverer {
         let resolver = route::resolver(cfg.delivery.dns_server)?;
         Ok(Deliverer {
             queue,
+            dkim: Arc::new(dkim::Dkim::new(&cfg.delivery.dkim)?),
             // A lease outlives no attempt: it expires with the attempt deadline.
             leases: correu_runtime::limits::Leases::new(
                 &cfg.redis,
@@ -197,10 +200,17 @@ impl Deliverer {
                 remote.entry(domain).or_default().push(i);
             }
         }
+        let content = if remote.is_empty() {
+            None
+        } else {
+            self.signed(msg).await
+        };
+        let content = content.as_deref().unwrap_or(&msg.content);
         for (domain, idx) in remote {
-            let got = tokio::time::timeout_at(deadline, self.deliver_remote(msg, &domain, &idx))
-                .await
-                .unwrap_or_else(|_| vec![late(); idx.len()]);
+            let got =
+                tokio::time::timeout_at(deadline, self.deliver_remote(msg, content, &domain, &idx))
+                    .await
+                    .unwrap_or_else(|_| vec![late(); idx.len()]);
             for (k, &i) in idx.iter().enumerate() {
                 outcomes[i] = got[k].clone();
             }
@@ -231,13 +241,39 @@ impl Deliverer {
         }
     }
 
+    /// The message with a DKIM signature when its From: domain has a key
+    /// (signing runs on the blocking pool); `None` to send it as it is.
+    async fn signed(&self, msg: &QueuedMessage) -> Option<Vec<u8>> {
+        if self.dkim.is_empty() {
+            return None;
+        }
+        let (dkim, content) = (self.dkim.clone(), msg.content.clone());
+        let signed = tokio::task::spawn_blocking(move || {
+            let header = dkim.sign(&content)?;
+            Some(header.map(|h| [h.into_bytes(), content].concat()))
+        })
+        .await;
+        match signed {
+            Ok(Some(Ok(bytes))) => Some(bytes),
+            Ok(Some(Err(e))) => {
+                tracing::error!(queue_id = %msg.queue_id, error = %e, "DKIM signing failed; sending unsigned");
+                None
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::error!(queue_id = %msg.queue_id, error = %e, "DKIM signing task failed; sending unsigned");
+                None
+            }
+        }
+    }
+
     /// Tries the domain's hops in order until one gives every recipient an
-    /// answer.
-    /// Tries the domain's hops in order until one gives every recipient an
-    /// answer. `rcpts` are indexes into `msg.recipients`.
+    /// answer. `rcpts` are indexes into `msg.recipients`; `content` is the
+    /// message as it goes out (signed, when it is).
     async fn deliver_remote(
         &self,
         msg: &QueuedMessage,
+        content: &[u8],
         domain: &str,
         rcpts: &[usize],
     ) -> Vec<Outcome> {
@@ -281,7 +317,10 @@ impl Deliverer {
                     continue;
                 };
                 let span = tracing::info_span!("delivery.attempt", queue_id = %msg.queue_id, mx = %hop.host, %addr);
-                let tried = self.try_host(msg, &hop, addr, rcpts).instrument(span).await;
+                let tried = self
+                    .try_host(msg, content, &hop, addr, rcpts)
+                    .instrument(span)
+                    .await;
                 self.leases.release(lease).await;
                 match tried {
                     Ok(outcomes) => return outcomes,
@@ -316,6 +355,7 @@ impl Deliverer {
     async fn try_host(
         &self,
         msg: &QueuedMessage,
+        content: &[u8],
         hop: &route::Hop,
         addr: std::net::SocketAddr,
         rcpts: &[usize],
@@ -352,7 +392,7 @@ impl Deliverer {
             .deliver(&Transaction {
                 sender: &msg.sender,
                 recipients: &params,
-                content: &msg.content,
+                content,
                 smtputf8: msg.smtputf8,
                 ret: &msg.dsn_ret,
                 envid: &msg.dsn_envid,

@@ -295,6 +295,9 @@ pub struct DeliveryConfig {
     /// Messages per destination domain (`N/DURATION`, `0` for no limit),
     /// shared likewise.
     pub domain_rate: Rate,
+    /// DKIM keys by signing domain: outbound mail whose From: is in the
+    /// domain is signed (RFC 6376).
+    pub dkim: BTreeMap<String, DkimConfig>,
     /// Time to connect to a remote MX (RFC 5321 suggests at most minutes).
     pub connect_timeout: Dur,
     /// Time for each reply of the remote MX (RFC 5321 §4.5.3.2: 5 minutes).
@@ -320,11 +323,37 @@ impl Default for DeliveryConfig {
             bounces: true,
             max_connections_per_host: 10,
             domain_rate: Rate::per(0, 1),
+            dkim: BTreeMap::new(),
             connect_timeout: Dur::secs(30),
             command_timeout: Dur::secs(300),
             data_timeout: Dur::secs(600),
             attempt_timeout: Dur::secs(15 * 60),
         }
+    }
+}
+
+/// A DKIM signing key (`correu dkim keygen` makes one).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DkimConfig {
+    pub selector: String,
+    /// The private key, PEM: RSA (PKCS#1 or PKCS#8) or Ed25519 (PKCS#8).
+    pub key_file: PathBuf,
+    #[serde(default = "DkimAlgorithm::default_rsa")]
+    pub algorithm: DkimAlgorithm,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum DkimAlgorithm {
+    #[serde(rename = "rsa-sha256")]
+    RsaSha256,
+    #[serde(rename = "ed25519-sha256")]
+    Ed25519Sha256,
+}
+
+impl DkimAlgorithm {
+    fn default_rsa() -> Self {
+        DkimAlgorithm::RsaSha256
     }
 }
 
@@ -927,6 +956,31 @@ impl Config {
                 e.push(err(
                     format!("{key}.tls"),
                     "AUTH needs TLS: passwords are never sent in the clear",
+                ));
+            }
+        }
+        for (domain, k) in &d.dkim {
+            if !is_domain(domain) {
+                e.push(err(
+                    format!("delivery.dkim.{domain}"),
+                    "key must be a domain",
+                ));
+            }
+            if k.selector.is_empty()
+                || !k
+                    .selector
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
+            {
+                e.push(err(
+                    format!("delivery.dkim.{domain}.selector"),
+                    "letters, digits, '-', '_' and '.' only",
+                ));
+            }
+            if !k.key_file.is_file() {
+                e.push(err(
+                    format!("delivery.dkim.{domain}.key_file"),
+                    format!("{} is not a readable file", k.key_file.display()),
                 ));
             }
         }
