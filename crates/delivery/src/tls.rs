@@ -122,15 +122,5 @@ impl ServerCertVerifier for AnyCertificate {
 
 /// "TLSv1.3 with cipher TLS13_AES_256_GCM_SHA384", for logs.
 pub fn describe<S>(s: &TlsStream<S>) -> String {
-    let (_, conn) = s.get_ref();
-    let version = conn
-        .protocol_version()
-        .and_then(|v| v.as_str())
-        .unwrap_or("TLS")
-        .replace('_', ".");
-    let cipher = conn
-        .negotiated_cipher_suite()
-        .and_then(|c| c.suite().as_str())
-        .unwrap_or("unknown");
-    format!("{version} with cipher {cipher}")
+    correu_runtime::tls::describe(s.get_ref().1)
 }

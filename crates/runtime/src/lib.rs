@@ -8,6 +8,7 @@
 //! - [`backoff`]: the one exponential backoff used for reconnecting.
 //! - [`redis`]: the Redis pool, every timeout set.
 //! - [`limits`]: rates and leases shared through Redis, with a local fallback.
+//! - [`tls`]: how a TLS connection describes itself.
 //! - [`cli`]: the start of every binary: config, logging, runtime, signals.
 #![forbid(unsafe_code)]
 
@@ -18,5 +19,6 @@ pub mod lifecycle;
 pub mod limits;
 pub mod redis;
 pub mod telemetry;
+pub mod tls;
 
 pub use config::Config;
