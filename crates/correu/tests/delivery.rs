@@ -350,3 +350,38 @@ fn outbound_mail_is_dkim_signed_and_verifies() {
     });
     assert_eq!(results, vec!["Pass".to_string()], "the signature verifies");
 }
+
+#[test]
+fn one_connection_carries_several_messages_to_the_same_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = test_cert(dir.path(), "mx");
+    let postfix = remote_postfix(dir.path(), &cert);
+    let (_serve, addr) = serve(
+        dir.path(),
+        "a",
+        &format!(
+            "[delivery]\nconnection_idle = \"30s\"\n[delivery.routes]\n\"remote.test\" = \"127.0.0.1:{}\"\n",
+            postfix.port
+        ),
+    );
+    for n in 1..=3 {
+        send(addr, &["ana@remote.test"], &format!("message {n}"));
+        assert_eq!(
+            wait_maildir(&postfix.vmail.join("ana"), n, Duration::from_secs(30)).len(),
+            n
+        );
+    }
+    let log = std::fs::read_to_string(&postfix.log).unwrap();
+    let connects = log
+        .lines()
+        .filter(|l| l.contains("postfix/smtpd") && l.contains("]: connect from"))
+        .count();
+    // The test kit's readiness probe connects once and says nothing.
+    let probes = log.matches("lost connection after CONNECT").count();
+    assert_eq!(
+        connects - probes,
+        1,
+        "three messages over one connection:\n{log}"
+    );
+    assert_eq!(log.matches("client=localhost").count(), 3);
+}

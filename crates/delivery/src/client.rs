@@ -368,6 +368,15 @@ impl Client {
         Ok(())
     }
 
+    /// RSET after a transaction, so the connection can carry another.
+    pub async fn reset(&mut self) -> Result<(), SessionError> {
+        let r = self.command("RSET").await?;
+        if r.code != 250 {
+            return Err(SessionError::Refused(r));
+        }
+        Ok(())
+    }
+
     /// Says QUIT; the message is already settled, so errors are only logged.
     pub async fn quit(mut self) {
         if let Err(e) = self.command("QUIT").await {

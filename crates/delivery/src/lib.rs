@@ -10,7 +10,7 @@
 //! # Layout
 //! - [`run`]: the consumer loop, bounded by `delivery.concurrency`.
 //! - [`outcome`]: delivered / temporary / permanent, decided in one place.
-//! - [`route`]: routes, MX lookup, addresses.
+//! - [`route`]: routes, MX lookup, addresses. [`pool`]: kept connections.
 //! - [`client`]: the SMTP client; [`tls`]: opportunistic and verified TLS.
 //! - [`dsn`]: bounces and success reports (RFC 3464); [`dkim`]: signing.
 #![forbid(unsafe_code)]
@@ -19,6 +19,7 @@ pub mod client;
 pub mod dkim;
 pub mod dsn;
 pub mod outcome;
+pub mod pool;
 pub mod route;
 pub mod tls;
 
@@ -51,6 +52,7 @@ const MAX_PANICS: u32 = 3;
 
 pub struct Deliverer {
     queue: Queue,
+    pool: pool::Pool,
     dkim: Arc<dkim::Dkim>,
     leases: correu_runtime::limits::Leases,
     rates: correu_runtime::limits::RateLimiter,
@@ -80,6 +82,10 @@ impl Deliverer {
         let resolver = route::resolver(cfg.delivery.dns_server)?;
         Ok(Deliverer {
             queue,
+            pool: pool::Pool::new(
+                cfg.delivery.max_connections_per_host,
+                cfg.delivery.connection_idle.get(),
+            ),
             dkim: Arc::new(dkim::Dkim::new(&cfg.delivery.dkim)?),
             // A lease outlives no attempt: it expires with the attempt deadline.
             leases: correu_runtime::limits::Leases::new(
@@ -360,6 +366,43 @@ impl Deliverer {
         addr: std::net::SocketAddr,
         rcpts: &[usize],
     ) -> Result<Vec<Outcome>, client::SessionError> {
+        let params: Vec<client::RcptParams> = rcpts
+            .iter()
+            .map(|&i| {
+                let r = &msg.recipients[i];
+                client::RcptParams {
+                    address: &r.address,
+                    notify: &r.notify,
+                    orcpt: &r.orcpt,
+                }
+            })
+            .collect();
+        let t = Transaction {
+            sender: &msg.sender,
+            recipients: &params,
+            content,
+            smtputf8: msg.smtputf8,
+            ret: &msg.dsn_ret,
+            envid: &msg.dsn_envid,
+        };
+        let key = pool::Key {
+            addr,
+            host: hop.host.clone(),
+            route: hop.route.as_ref().map(|r| format!("{r:?}")),
+        };
+        // A connection kept from an earlier message, if one is fresh; one
+        // that fails before any reply is simply dropped for a new one.
+        if let Some(mut c) = self.pool.take(&key) {
+            match c.deliver(&t).await {
+                Ok(outcomes) => {
+                    self.keep_or_quit(key, c).await;
+                    return Ok(outcomes);
+                }
+                Err(e) => {
+                    tracing::debug!(mx = %hop.host, error = %e, "a kept connection had gone stale; reconnecting")
+                }
+            }
+        }
         let stream = match timeout(self.connect_timeout, TcpStream::connect(addr)).await {
             Err(_) => return Err(client::SessionError::Timeout(self.connect_timeout)),
             Ok(r) => r?,
@@ -374,32 +417,23 @@ impl Deliverer {
             c.authenticate(user, password.trim_end_matches(['\r', '\n']))
                 .await?;
         }
-        if let Some(t) = &c.tls {
-            tracing::debug!(queue_id = %msg.queue_id, mx = %hop.host, tls = %t, "TLS on");
+        if let Some(tls) = &c.tls {
+            tracing::debug!(queue_id = %msg.queue_id, mx = %hop.host, tls = %tls, "TLS on");
         }
-        let params: Vec<client::RcptParams> = rcpts
-            .iter()
-            .map(|&i| {
-                let r = &msg.recipients[i];
-                client::RcptParams {
-                    address: &r.address,
-                    notify: &r.notify,
-                    orcpt: &r.orcpt,
-                }
-            })
-            .collect();
-        let outcomes = c
-            .deliver(&Transaction {
-                sender: &msg.sender,
-                recipients: &params,
-                content,
-                smtputf8: msg.smtputf8,
-                ret: &msg.dsn_ret,
-                envid: &msg.dsn_envid,
-            })
-            .await?;
-        c.quit().await;
+        let outcomes = c.deliver(&t).await?;
+        self.keep_or_quit(key, c).await;
         Ok(outcomes)
+    }
+
+    /// After a transaction: RSET and keep the connection for the next
+    /// message to the same host, or QUIT when the pool is full.
+    async fn keep_or_quit(&self, key: pool::Key, mut c: Client) {
+        if c.reset().await.is_err() {
+            return;
+        }
+        if let Some(c) = self.pool.put(key, c) {
+            c.quit().await;
+        }
     }
 
     /// Acks, retries what is pending, or gives up past the maximum age.

@@ -295,6 +295,9 @@ pub struct DeliveryConfig {
     /// Messages per destination domain (`N/DURATION`, `0` for no limit),
     /// shared likewise.
     pub domain_rate: Rate,
+    /// How long a connection to a remote host is kept for the next message
+    /// to it (0 to close after each message).
+    pub connection_idle: Dur,
     /// DKIM keys by signing domain: outbound mail whose From: is in the
     /// domain is signed (RFC 6376).
     pub dkim: BTreeMap<String, DkimConfig>,
@@ -324,6 +327,7 @@ impl Default for DeliveryConfig {
             max_connections_per_host: 10,
             domain_rate: Rate::per(0, 1),
             dkim: BTreeMap::new(),
+            connection_idle: Dur::secs(10),
             connect_timeout: Dur::secs(30),
             command_timeout: Dur::secs(300),
             data_timeout: Dur::secs(600),
