@@ -50,7 +50,13 @@ const DRAIN: Duration = Duration::from_secs(30);
 /// A message on which the delivery code panicked this many times is parked.
 const MAX_PANICS: u32 = 3;
 
+/// How long a delivery waits for a connection lease to a busy host before
+/// the message goes to a retry tier, and how often it looks meanwhile.
+const LEASE_WAIT: Duration = Duration::from_secs(20);
+const LEASE_POLL: Duration = Duration::from_millis(200);
+
 pub struct Deliverer {
+    lease_freed: tokio::sync::Notify,
     queue: Queue,
     pool: pool::Pool,
     dkim: Arc<dkim::Dkim>,
@@ -81,6 +87,7 @@ impl Deliverer {
     pub fn new(cfg: &Config, queue: Queue, storage: StorageClient) -> anyhow::Result<Self> {
         let resolver = route::resolver(cfg.delivery.dns_server)?;
         Ok(Deliverer {
+            lease_freed: tokio::sync::Notify::new(),
             queue,
             pool: pool::Pool::new(
                 cfg.delivery.max_connections_per_host,
@@ -310,12 +317,9 @@ impl Deliverer {
             };
             for addr in addrs {
                 // Connections per host are shared by every delivery pod; a
-                // busy host is passed over, and if all are, the message waits.
-                let Some(lease) = self
-                    .leases
-                    .acquire("conn", &hop.host, self.max_per_host)
-                    .await
-                else {
+                // host that stays busy is passed over, and if all are, the
+                // message waits in a retry tier.
+                let Some(lease) = self.lease(&hop.host).await else {
                     last = Outcome::temp(
                         "4.4.5",
                         format!("{} is at its connection limit; waiting", hop.host),
@@ -327,7 +331,7 @@ impl Deliverer {
                     .try_host(msg, content, &hop, addr, rcpts)
                     .instrument(span)
                     .await;
-                self.leases.release(lease).await;
+                self.release(lease).await;
                 match tried {
                     Ok(outcomes) => return outcomes,
                     Err(e) => {
@@ -423,6 +427,33 @@ impl Deliverer {
         let outcomes = c.deliver(&t).await?;
         self.keep_or_quit(key, c).await;
         Ok(outcomes)
+    }
+
+    /// A connection lease for `host`, waiting up to `LEASE_WAIT` for one
+    /// to come free (a burst to one host queues here for seconds instead of
+    /// going to a retry tier for minutes). Releases in this process wake
+    /// the waiters at once; other pods' releases are seen on the next poll.
+    async fn lease(&self, host: &str) -> Option<correu_runtime::limits::Lease> {
+        let deadline = tokio::time::Instant::now() + LEASE_WAIT;
+        loop {
+            let freed = self.lease_freed.notified();
+            if let Some(l) = self.leases.acquire("conn", host, self.max_per_host).await {
+                return Some(l);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::select! {
+                _ = freed => {}
+                _ = tokio::time::sleep(LEASE_POLL) => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+        }
+    }
+
+    async fn release(&self, lease: correu_runtime::limits::Lease) {
+        self.leases.release(lease).await;
+        self.lease_freed.notify_waiters();
     }
 
     /// After a transaction: RSET and keep the connection for the next
