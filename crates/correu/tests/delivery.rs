@@ -30,7 +30,8 @@ fn serve(dir: &Path, name: &str, extra: &str) -> (Proc, SocketAddr) {
     std::fs::write(
         &cfg,
         format!(
-            "[smtp]\nlisten = [\"127.0.0.1:0\"]\n[storage]\nlisten = \"127.0.0.1:0\"\nroot = \"{name}-mail\"\n[queue]\nspool = \"{name}-queue\"\nretry_delays = [\"1m\"]\n{extra}\n"
+            "[smtp]\nlisten = [\"127.0.0.1:0\"]\n[storage]\nlisten = \"127.0.0.1:0\"\nroot = \"{name}-mail\"\n[queue]\nspool = \"{name}-queue\"\nretry_delays = [\"{retry}\"]\n{extra}\n",
+            retry = if extra.contains("delay_warning") { "1s" } else { "1m" }
         ),
     )
     .unwrap();
@@ -384,4 +385,35 @@ fn one_connection_carries_several_messages_to_the_same_host() {
         "three messages over one connection:\n{log}"
     );
     assert_eq!(log.matches("client=localhost").count(), 3);
+}
+
+#[test]
+fn a_delay_warning_is_sent_once_while_retries_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens on this port: every attempt fails for now.
+    let dead = free_port();
+    let (mut serve, addr) = serve(
+        dir.path(),
+        "a",
+        &format!(
+            "[delivery]\ndelay_warning = \"1s\"\n[delivery.routes]\n\"remote.test\" = \"127.0.0.1:{dead}\"\n"
+        ),
+    );
+    // (The helper retries every second when a delay warning is configured.)
+    let id = send(addr, &["ana@remote.test"], "slow");
+    let warning = only_file(&maildir(dir.path(), "a", "jo"), Duration::from_secs(60));
+    for want in [
+        "Subject: Delayed Mail (still being retried)",
+        "Final-Recipient: rfc822; ana@remote.test\r\nAction: delayed\r\nStatus: 4.4.1\r\n",
+        &format!("X-Correu-Queue-ID: {id}\r\n"),
+        "Content-Type: text/rfc822-headers",
+    ] {
+        assert!(warning.contains(want), "missing {want:?}:\n{warning}");
+    }
+    // Later attempts send no second warning.
+    let _third = serve.wait_for("\"attempt\":3", Duration::from_secs(30));
+    assert_eq!(
+        wait_maildir(&maildir(dir.path(), "a", "jo"), 2, Duration::from_secs(2)).len(),
+        1
+    );
 }

@@ -12,8 +12,12 @@ use crate::outcome::Failure;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     Failed(Failure),
+    /// Still being retried (a delay warning).
+    Delayed(Failure),
     Delivered,
-    Relayed { remote_mta: String },
+    Relayed {
+        remote_mta: String,
+    },
 }
 
 /// Whether the recipient's NOTIFY asks for a report of this action
@@ -22,6 +26,7 @@ pub fn wanted(notify: &str, action: &Action) -> bool {
     let has = |w: &str| notify.split(',').any(|n| n.eq_ignore_ascii_case(w));
     match action {
         Action::Failed(_) => notify.is_empty() || has("FAILURE"),
+        Action::Delayed(_) => notify.is_empty() || has("DELAY"),
         Action::Delivered | Action::Relayed { .. } => has("SUCCESS"),
     }
 }
@@ -71,10 +76,13 @@ pub fn build(
         return None;
     }
     let failed = reports.iter().any(|(_, a)| matches!(a, Action::Failed(_)));
+    let delayed = !failed && reports.iter().any(|(_, a)| matches!(a, Action::Delayed(_)));
     let now = now_unix_micros / 1_000_000;
     let boundary = format!("{new_id}/{reporting_mta}");
     let subject = if failed {
         "Undelivered Mail Returned to Sender"
+    } else if delayed {
+        "Delayed Mail (still being retried)"
     } else {
         "Successful Mail Delivery Report"
     };
@@ -91,12 +99,16 @@ pub fn build(
     ));
     if failed {
         m.push_str("Your message could not be delivered to one or more recipients.\r\nIt is attached below.\r\n\r\n");
+    } else if delayed {
+        m.push_str("Your message could not be delivered yet to the recipients below.\r\nIt will be tried again; you need not send it again.\r\n\r\n");
     } else {
         m.push_str("Your message was delivered to the recipients below, as you asked.\r\n\r\n");
     }
     for (r, a) in &reports {
         match a {
-            Action::Failed(f) => m.push_str(&format!("<{}>: {}\r\n", r.address, f.text)),
+            Action::Failed(f) | Action::Delayed(f) => {
+                m.push_str(&format!("<{}>: {}\r\n", r.address, f.text))
+            }
             Action::Delivered => {
                 m.push_str(&format!("<{}>: delivered to the mailbox\r\n", r.address))
             }
@@ -132,8 +144,13 @@ pub fn build(
             ));
         }
         match a {
-            Action::Failed(f) => {
-                m.push_str(&format!("Action: failed\r\nStatus: {}\r\n", f.status));
+            Action::Failed(f) | Action::Delayed(f) => {
+                let action = if matches!(a, Action::Failed(_)) {
+                    "failed"
+                } else {
+                    "delayed"
+                };
+                m.push_str(&format!("Action: {action}\r\nStatus: {}\r\n", f.status));
                 if let Some(mta) = &f.remote_mta {
                     m.push_str(&format!("Remote-MTA: dns; {mta}\r\n"));
                 }
@@ -150,7 +167,9 @@ pub fn build(
     }
     // The original: whole, or its headers (RET, RFC 3461 §4.3).
     let content = String::from_utf8_lossy(&original.content);
+    // A delay warning never returns the whole message: it is not lost.
     let headers_only = match original.dsn_ret.as_str() {
+        _ if delayed => true,
         "HDRS" => true,
         "FULL" => false,
         _ => !failed || original.content.len() > RETURN_WHOLE_UP_TO,
@@ -275,5 +294,18 @@ mod tests {
         let bounce = original("", "");
         assert!(build("mx", &bounce, &[(&rcpt("a@x.test", ""), failed())], "X", 0).is_none());
         assert_eq!(decode_xtext("a+2Bb+3Dc"), "a+b=c");
+        // Delay warnings: only for NOTIFY unset or with DELAY; headers only.
+        let delayed = Action::Delayed(Failure {
+            status: "4.4.1".into(),
+            text: "connection refused".into(),
+            remote_mta: None,
+            smtp_reply: None,
+        });
+        assert!(build("mx", &o, &[(&never, delayed.clone())], "X", 0).is_none());
+        let warning = build("mx", &o, &[(&delay, delayed)], "X", 0).unwrap();
+        let text = String::from_utf8(warning.content).unwrap();
+        assert!(text.contains("Subject: Delayed Mail (still being retried)"));
+        assert!(text.contains("Action: delayed\r\nStatus: 4.4.1\r\n"));
+        assert!(text.contains("Content-Type: text/rfc822-headers") && !text.contains("the body"));
     }
 }

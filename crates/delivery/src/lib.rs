@@ -56,6 +56,7 @@ const LEASE_WAIT: Duration = Duration::from_secs(20);
 const LEASE_POLL: Duration = Duration::from_millis(200);
 
 pub struct Deliverer {
+    delay_warning: Duration,
     lease_freed: tokio::sync::Notify,
     queue: Queue,
     pool: pool::Pool,
@@ -87,6 +88,7 @@ impl Deliverer {
     pub fn new(cfg: &Config, queue: Queue, storage: StorageClient) -> anyhow::Result<Self> {
         let resolver = route::resolver(cfg.delivery.dns_server)?;
         Ok(Deliverer {
+            delay_warning: cfg.delivery.delay_warning.get(),
             lease_freed: tokio::sync::Notify::new(),
             queue,
             pool: pool::Pool::new(
@@ -479,6 +481,12 @@ impl Deliverer {
             None
         };
         let giving_up = next == Some(Next::GiveUp);
+        // One delay warning per message, once it is old enough.
+        let warn_delay = pending_any
+            && !giving_up
+            && !self.delay_warning.is_zero()
+            && !msg.delay_warned
+            && age >= self.delay_warning;
         let mut pending = Vec::new();
         let mut last_error = String::new();
         let mut reports: Vec<(&correu_proto::v1::Recipient, dsn::Action)> = Vec::new();
@@ -506,6 +514,9 @@ impl Deliverer {
                     tracing::info!(queue_id = %id, recipient = %r.address, reason = %f, "delivery deferred");
                     last_error = f.to_string();
                     pending.push(r.clone());
+                    if warn_delay {
+                        reports.push((r, dsn::Action::Delayed(f.clone())));
+                    }
                 }
             }
         }
@@ -534,6 +545,7 @@ impl Deliverer {
                     recipients: pending,
                     attempt: attempts,
                     last_error,
+                    delay_warned: msg.delay_warned || warn_delay,
                     ..msg
                 };
                 let r = delivery.retry(&updated, tier, delay).await;

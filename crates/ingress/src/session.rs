@@ -562,6 +562,7 @@ async fn queue_message(
         dsn_envid: env.params.envid.clone().unwrap_or_default(),
         smtputf8: env.params.smtputf8,
         authenticated_user: env.user.clone().unwrap_or_default(),
+        delay_warned: false,
     };
     let span = tracing::info_span!("queue.publish", queue_id = %id);
     match shared.queue.publish(&msg).instrument(span).await {

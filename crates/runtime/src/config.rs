@@ -295,6 +295,10 @@ pub struct DeliveryConfig {
     /// Messages per destination domain (`N/DURATION`, `0` for no limit),
     /// shared likewise.
     pub domain_rate: Rate,
+    /// Warn the sender (a DSN with Action: delayed) once when a message is
+    /// still undelivered after this long; `0s` for never (Postfix's
+    /// `delay_warning_time`).
+    pub delay_warning: Dur,
     /// How long a connection to a remote host is kept for the next message
     /// to it (0 to close after each message).
     pub connection_idle: Dur,
@@ -328,6 +332,7 @@ impl Default for DeliveryConfig {
             domain_rate: Rate::per(0, 1),
             dkim: BTreeMap::new(),
             connection_idle: Dur::secs(10),
+            delay_warning: Dur::secs(0),
             connect_timeout: Dur::secs(30),
             command_timeout: Dur::secs(300),
             data_timeout: Dur::secs(600),
