@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used)]
 #![forbid(unsafe_code)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -1015,9 +1015,4 @@ pub fn run(program: &str, args: &[&str]) -> (std::process::ExitStatus, String, S
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-/// Lines of a reader, for tests that need them.
-pub fn lines(r: impl Read) -> Vec<String> {
-    BufReader::new(r).lines().map_while(Result::ok).collect()
 }
