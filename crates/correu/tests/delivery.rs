@@ -417,3 +417,99 @@ fn a_delay_warning_is_sent_once_while_retries_go_on() {
         1
     );
 }
+
+#[test]
+fn mta_sts_enforce_sends_only_to_named_mx_hosts_over_verified_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let domains = ["good.test", "bad.test", "badcert.test", "try.test"];
+    // One certificate names the good MX and every policy host; the MX of
+    // badcert.test is the same Postfix, so its name does not verify.
+    let mut names: Vec<String> = domains.iter().map(|d| format!("mta-sts.{d}")).collect();
+    names.push("mx.good.test".into());
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let cert = test_cert_for(dir.path(), "sts", &names);
+    let boxes: Vec<String> = domains
+        .iter()
+        .map(|d| format!("ana@{d}={}/", d.trim_end_matches(".test")))
+        .collect();
+    let postfix = Postfix::start(
+        &dir.path().join("postfix"),
+        &format!(
+            "virtual_mailbox_domains = {}\nvirtual_mailbox_base = {{VMAIL}}\nvirtual_mailbox_maps = inline:{{{}}}\nvirtual_uid_maps = static:65534\nvirtual_gid_maps = static:65534\nvirtual_transport = virtual\nsmtpd_tls_cert_file = {}\nsmtpd_tls_key_file = {}\nsmtpd_tls_security_level = may\nsmtpd_tls_received_header = yes\n",
+            domains.join(" "),
+            boxes.join(", "),
+            cert.cert.display(),
+            cert.key.display()
+        ),
+    );
+    let policy =
+        |mode: &str, mx: &str| format!("version: STSv1\nmode: {mode}\nmx: {mx}\nmax_age: 86400\n");
+    let (mut https, https_port) = mta_sts_server(
+        dir.path(),
+        &cert,
+        &[
+            ("mta-sts.good.test", &policy("enforce", "*.good.test")),
+            ("mta-sts.bad.test", &policy("enforce", "mail.bad.test")),
+            (
+                "mta-sts.badcert.test",
+                &policy("enforce", "mx.badcert.test"),
+            ),
+            ("mta-sts.try.test", &policy("testing", "mail.try.test")),
+        ],
+    );
+    let mut dns = Vec::new();
+    for d in domains {
+        dns.push(format!("mx-host={d},mx.{d},10"));
+        dns.push(format!("address=/mx.{d}/127.0.0.1"));
+        dns.push(format!("address=/mta-sts.{d}/127.0.0.1"));
+        dns.push(format!("txt-record=_mta-sts.{d},\"v=STSv1; id=20261128;\""));
+    }
+    let dns: Vec<&str> = dns.iter().map(String::as_str).collect();
+    let (_dns, dns_port) = dnsmasq(dir.path(), &dns);
+    let (mut serve, addr) = serve(
+        dir.path(),
+        "a",
+        &format!(
+            "[delivery]\ndns_server = \"127.0.0.1:{dns_port}\"\nmx_port = {}\nmta_sts_port = {https_port}\ntls_ca_file = \"{}\"\n",
+            postfix.port,
+            cert.ca.display()
+        ),
+    );
+    let ids: Vec<String> = domains
+        .iter()
+        .map(|d| send(addr, &[&format!("ana@{d}")], d))
+        .collect();
+
+    // enforce, MX named, certificate valid for it: delivered over TLS.
+    let good = only_file(&postfix.vmail.join("good"), Duration::from_secs(60));
+    assert!(
+        good.contains("Subject: good.test") && good.contains("(using TLSv1.3"),
+        "{good}"
+    );
+    https.wait_for(
+        "GET mta-sts.good.test /.well-known/mta-sts.txt",
+        Duration::from_secs(5),
+    );
+    // enforce, the MX is not in the policy: waits, never tried.
+    let bad = serve.wait_for_line(&["delivery deferred", &ids[1]], Duration::from_secs(30));
+    assert!(
+        bad.contains("4.7.5") && bad.contains("named in its MTA-STS policy"),
+        "{bad}"
+    );
+    // enforce, the MX is named but its certificate is not for it: waits.
+    let badcert = serve.wait_for_line(&["delivery deferred", &ids[2]], Duration::from_secs(30));
+    assert!(badcert.contains("4.7.5"), "{badcert}");
+    // testing: delivered anyway, and the mismatch is logged.
+    let tried = only_file(&postfix.vmail.join("try"), Duration::from_secs(30));
+    assert!(tried.contains("Subject: try.test"), "{tried}");
+    serve.wait_for_line(
+        &["MX not in the domain's MTA-STS policy", "mx.try.test"],
+        Duration::from_secs(5),
+    );
+    for d in ["bad", "badcert"] {
+        assert!(
+            wait_maildir(&postfix.vmail.join(d), 1, Duration::from_millis(200)).is_empty(),
+            "nothing reached {d}"
+        );
+    }
+}

@@ -250,3 +250,76 @@ fn rabbitmq_unreachable_or_silent_gives_451_and_recovers() {
     // was never acknowledged to the client, which retries (at least once).
     drop(c.ingress);
 }
+
+#[test]
+fn the_connection_limit_per_host_holds_across_two_delivery_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let vhost = Vhost::create("perhost");
+    let remote_box = dir.path().join("remote-mx");
+    // Each DATA is held 300 ms, so deliveries overlap and 16 delivery
+    // slots in two processes would open many connections at once.
+    let (mx, mx_port) = counting_mx(dir.path(), &remote_box, Duration::from_millis(300));
+    let prefix = format!("correu-perhost-{}", std::process::id());
+    let extra = format!(
+        "[redis]\nurl = \"redis://127.0.0.1:6379\"\nprefix = \"{prefix}\"\n[delivery]\nconcurrency = 8\nmax_connections_per_host = 2\nconnection_idle = \"1s\"\n[delivery.routes]\n\"remote.test\" = \"127.0.0.1:{mx_port}\"\n"
+    );
+    let c = cluster(dir.path(), &vhost, RABBITMQ.parse().unwrap(), &extra);
+    let mut second = Proc::correu(
+        CORREU,
+        "delivery-2",
+        dir.path(),
+        &["delivery"],
+        &dir.path().join("delivery.toml"),
+    );
+    second.wait_for("delivery consuming", Duration::from_secs(20));
+
+    let total = 24;
+    let senders: Vec<_> = (0..4)
+        .map(|t| {
+            let addr = c.smtp;
+            std::thread::spawn(move || {
+                let mut s = Smtp::connect(addr);
+                s.read();
+                s.cmd("EHLO client.example");
+                for i in (t..total).step_by(4) {
+                    let r = s.send_mail(
+                        "jo@domini.com",
+                        &["ana@remote.test"],
+                        &format!("Subject: n{i}\r\n\r\nbody\r\n"),
+                    );
+                    assert_eq!(r.code, 250, "{r:?}");
+                }
+                s.cmd("QUIT");
+            })
+        })
+        .collect();
+    for s in senders {
+        s.join().unwrap();
+    }
+
+    let files = wait_maildir(&remote_box, total, Duration::from_secs(120));
+    let mut subjects: Vec<String> = files
+        .iter()
+        .map(|f| {
+            read(f)
+                .lines()
+                .find_map(|l| l.strip_prefix("Subject: ").map(str::to_string))
+                .unwrap()
+        })
+        .collect();
+    subjects.sort();
+    let mut want: Vec<String> = (0..total).map(|i| format!("n{i}")).collect();
+    want.sort();
+    assert_eq!(subjects, want, "every message once at the remote MX");
+    let peak = counting_mx_peak(&mx);
+    assert_eq!(
+        peak, 2,
+        "at most max_connections_per_host connections at once, and the limit was reached"
+    );
+    let second_log = second.output();
+    assert!(
+        second_log.contains("\"message\":\"delivered\"")
+            || second_log.contains("at its connection limit"),
+        "the second delivery process took part:\n{second_log}"
+    );
+}

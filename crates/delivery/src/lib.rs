@@ -11,13 +11,15 @@
 //! - [`run`]: the consumer loop, bounded by `delivery.concurrency`.
 //! - [`outcome`]: delivered / temporary / permanent, decided in one place.
 //! - [`route`]: routes, MX lookup, addresses. [`pool`]: kept connections.
-//! - [`client`]: the SMTP client; [`tls`]: opportunistic and verified TLS.
+//! - [`client`]: the SMTP client; [`tls`]: opportunistic and verified TLS;
+//!   [`mta_sts`]: domains that require verified TLS (RFC 8461).
 //! - [`dsn`]: bounces and success reports (RFC 3464); [`dkim`]: signing.
 #![forbid(unsafe_code)]
 
 pub mod client;
 pub mod dkim;
 pub mod dsn;
+pub mod mta_sts;
 pub mod outcome;
 pub mod pool;
 pub mod route;
@@ -70,6 +72,7 @@ pub struct Deliverer {
     tls_default: OutboundTls,
     opportunistic: tls::TlsPolicy,
     required: tls::TlsPolicy,
+    mta_sts: Option<mta_sts::MtaSts>,
     index: Option<correu_queue::index::DeferredIndex>,
     /// Panics per queue id in this process (for parking poison messages).
     panics: std::sync::Mutex<std::collections::HashMap<String, u32>>,
@@ -87,6 +90,7 @@ pub struct Deliverer {
 impl Deliverer {
     pub fn new(cfg: &Config, queue: Queue, storage: StorageClient) -> anyhow::Result<Self> {
         let resolver = route::resolver(cfg.delivery.dns_server)?;
+        let verified = tls::verified(cfg.delivery.tls_ca_file.as_deref())?;
         Ok(Deliverer {
             delay_warning: cfg.delivery.delay_warning.get(),
             lease_freed: tokio::sync::Notify::new(),
@@ -107,7 +111,15 @@ impl Deliverer {
             bounces: cfg.delivery.bounces,
             tls_default: cfg.delivery.tls,
             opportunistic: tls::TlsPolicy::Opportunistic(tls::opportunistic()?),
-            required: tls::TlsPolicy::Required(tls::verified(cfg.delivery.tls_ca_file.as_deref())?),
+            mta_sts: cfg.delivery.mta_sts.then(|| {
+                mta_sts::MtaSts::new(
+                    resolver.clone(),
+                    verified.clone(),
+                    cfg.delivery.mta_sts_port,
+                    cfg.delivery.connect_timeout.get(),
+                )
+            }),
+            required: tls::TlsPolicy::Required(verified),
             index: correu_queue::index::DeferredIndex::new(&cfg.redis)?,
             panics: std::sync::Mutex::new(std::collections::HashMap::new()),
             attempt_timeout: cfg.delivery.attempt_timeout.get(),
@@ -296,6 +308,10 @@ impl Deliverer {
             Ok(h) => h,
             Err(o) => return vec![o; rcpts.len()],
         };
+        let hops = match self.apply_mta_sts(&msg.queue_id, domain, hops).await {
+            Ok(h) => h,
+            Err(o) => return vec![o; rcpts.len()],
+        };
         if !self
             .rates
             .allow("domain-msg", domain, self.domain_rate)
@@ -318,25 +334,23 @@ impl Deliverer {
                 }
             };
             for addr in addrs {
-                // Connections per host are shared by every delivery pod; a
-                // host that stays busy is passed over, and if all are, the
-                // message waits in a retry tier.
-                let Some(lease) = self.lease(&hop.host).await else {
-                    last = Outcome::temp(
-                        "4.4.5",
-                        format!("{} is at its connection limit; waiting", hop.host),
-                    );
-                    continue;
-                };
                 let span = tracing::info_span!("delivery.attempt", queue_id = %msg.queue_id, mx = %hop.host, %addr);
                 let tried = self
                     .try_host(msg, content, &hop, addr, rcpts)
                     .instrument(span)
                     .await;
-                self.release(lease).await;
                 match tried {
                     Ok(outcomes) => return outcomes,
-                    Err(e) => {
+                    // Connections per host are shared by every delivery
+                    // pod; a host that stays busy is passed over, and if
+                    // all are, the message waits in a retry tier.
+                    Err(HostError::Busy) => {
+                        last = Outcome::temp(
+                            "4.4.5",
+                            format!("{} is at its connection limit; waiting", hop.host),
+                        );
+                    }
+                    Err(HostError::Session(e)) => {
                         tracing::info!(queue_id = %msg.queue_id, mx = %hop.host, %addr, error = %e, "next hop failed; trying the next");
                         let status = match e {
                             client::SessionError::TlsRequired(_) => "4.7.5",
@@ -351,13 +365,50 @@ impl Deliverer {
         vec![last; rcpts.len()]
     }
 
+    /// MX hops of a domain with an MTA-STS policy: in `enforce` mode only
+    /// the hosts it names, each with verified TLS; in `testing` mode the
+    /// same hops, with the ones it would refuse logged. A configured route
+    /// is the operator's word and is left alone.
+    async fn apply_mta_sts(
+        &self,
+        queue_id: &str,
+        domain: &str,
+        mut hops: Vec<route::Hop>,
+    ) -> Result<Vec<route::Hop>, Outcome> {
+        let Some(sts) = &self.mta_sts else {
+            return Ok(hops);
+        };
+        if hops.iter().any(|h| h.route.is_some()) {
+            return Ok(hops);
+        }
+        let Some(policy) = sts.policy(domain).await else {
+            return Ok(hops);
+        };
+        match policy.mode {
+            mta_sts::Mode::None => {}
+            mta_sts::Mode::Testing => {
+                for h in hops.iter().filter(|h| !policy.names(&h.host)) {
+                    tracing::warn!(%queue_id, %domain, mx = %h.host, "MX not in the domain's MTA-STS policy (testing mode: delivering anyway)");
+                }
+            }
+            mta_sts::Mode::Enforce => {
+                hops.retain(|h| policy.names(&h.host));
+                if hops.is_empty() {
+                    return Err(Outcome::temp(
+                        "4.7.5",
+                        format!("no MX host of {domain} is named in its MTA-STS policy"),
+                    ));
+                }
+                for h in &mut hops {
+                    h.tls = Some(OutboundTls::Required);
+                }
+            }
+        }
+        Ok(hops)
+    }
+
     fn policy(&self, hop: &route::Hop) -> &tls::TlsPolicy {
-        match hop
-            .route
-            .as_ref()
-            .and_then(|r| r.tls)
-            .unwrap_or(self.tls_default)
-        {
+        match hop.tls.unwrap_or(self.tls_default) {
             OutboundTls::None => &tls::TlsPolicy::None,
             OutboundTls::Opportunistic => &self.opportunistic,
             OutboundTls::Required => &self.required,
@@ -371,7 +422,7 @@ impl Deliverer {
         hop: &route::Hop,
         addr: std::net::SocketAddr,
         rcpts: &[usize],
-    ) -> Result<Vec<Outcome>, client::SessionError> {
+    ) -> Result<Vec<Outcome>, HostError> {
         let params: Vec<client::RcptParams> = rcpts
             .iter()
             .map(|&i| {
@@ -395,20 +446,54 @@ impl Deliverer {
             addr,
             host: hop.host.clone(),
             route: hop.route.as_ref().map(|r| format!("{r:?}")),
+            tls: hop.tls,
         };
-        // A connection kept from an earlier message, if one is fresh; one
-        // that fails before any reply is simply dropped for a new one.
-        if let Some(mut c) = self.pool.take(&key) {
-            match c.deliver(&t).await {
-                Ok(outcomes) => {
-                    self.keep_or_quit(key, c).await;
-                    return Ok(outcomes);
-                }
-                Err(e) => {
-                    tracing::debug!(mx = %hop.host, error = %e, "a kept connection had gone stale; reconnecting")
+        // A connection kept from an earlier message, if one is fresh, with
+        // its lease; one that fails before any reply is simply dropped for
+        // a new one.
+        if let Some(mut kept) = self.pool.take(&key) {
+            if !self.leases.renew(&mut kept.lease).await {
+                tracing::debug!(mx = %hop.host, "a kept connection's lease had expired; closing it");
+                kept.client.quit().await;
+            } else {
+                match kept.client.deliver(&t).await {
+                    Ok(outcomes) => {
+                        self.keep_or_quit(key, kept).await;
+                        return Ok(outcomes);
+                    }
+                    Err(e) => {
+                        tracing::debug!(mx = %hop.host, error = %e, "a kept connection had gone stale; reconnecting");
+                        self.release(kept.lease).await;
+                    }
                 }
             }
         }
+        let lease = self.lease(&hop.host).await.ok_or(HostError::Busy)?;
+        match self.connect(hop, addr).await {
+            Ok(mut client) => match client.deliver(&t).await {
+                Ok(outcomes) => {
+                    self.keep_or_quit(key, pool::Kept { client, lease }).await;
+                    Ok(outcomes)
+                }
+                Err(e) => {
+                    self.release(lease).await;
+                    Err(e.into())
+                }
+            },
+            Err(e) => {
+                self.release(lease).await;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Opens a session with `hop` at `addr`: EHLO, STARTTLS as the hop's
+    /// policy says, AUTH when its route has credentials.
+    async fn connect(
+        &self,
+        hop: &route::Hop,
+        addr: std::net::SocketAddr,
+    ) -> Result<Client, client::SessionError> {
         let stream = match timeout(self.connect_timeout, TcpStream::connect(addr)).await {
             Err(_) => return Err(client::SessionError::Timeout(self.connect_timeout)),
             Ok(r) => r?,
@@ -424,11 +509,9 @@ impl Deliverer {
                 .await?;
         }
         if let Some(tls) = &c.tls {
-            tracing::debug!(queue_id = %msg.queue_id, mx = %hop.host, tls = %tls, "TLS on");
+            tracing::debug!(mx = %hop.host, tls = %tls, "TLS on");
         }
-        let outcomes = c.deliver(&t).await?;
-        self.keep_or_quit(key, c).await;
-        Ok(outcomes)
+        Ok(c)
     }
 
     /// A connection lease for `host`, waiting up to `LEASE_WAIT` for one
@@ -458,18 +541,33 @@ impl Deliverer {
         self.lease_freed.notify_waiters();
     }
 
-    /// After a transaction: RSET and keep the connection for the next
-    /// message to the same host, or QUIT when the pool is full.
-    async fn keep_or_quit(&self, key: pool::Key, mut c: Client) {
-        if c.reset().await.is_err() {
+    /// After a transaction: RSET and keep the connection, lease and all,
+    /// for the next message to the same host; QUIT when the pool is full.
+    async fn keep_or_quit(&self, key: pool::Key, mut k: pool::Kept) {
+        if k.client.reset().await.is_err() {
+            self.release(k.lease).await;
             return;
         }
-        if let Some(c) = self.pool.put(key, c) {
-            c.quit().await;
+        if let Some(k) = self.pool.put(key, k) {
+            k.client.quit().await;
+            self.release(k.lease).await;
         }
     }
 
-    /// Acks, retries what is pending, or gives up past the maximum age.
+    /// Closes kept connections idle past `connection_idle` (all of them
+    /// when `everything`), giving their leases back.
+    async fn close_kept(&self, everything: bool) {
+        let out = if everything {
+            self.pool.drain()
+        } else {
+            self.pool.sweep()
+        };
+        for k in out {
+            k.client.quit().await;
+            self.release(k.lease).await;
+        }
+    }
+
     async fn settle(&self, delivery: Delivery, msg: QueuedMessage, outcomes: Vec<Outcome>) {
         let id = msg.queue_id.clone();
         let attempts = msg.attempt + 1;
@@ -589,6 +687,19 @@ fn age_of(received_at_unix_micros: i64) -> Duration {
     Duration::from_micros(now.saturating_sub(received_at_unix_micros).max(0) as u64)
 }
 
+/// Why a host got no transaction.
+enum HostError {
+    /// At its connection limit.
+    Busy,
+    Session(client::SessionError),
+}
+
+impl From<client::SessionError> for HostError {
+    fn from(e: client::SessionError) -> Self {
+        HostError::Session(e)
+    }
+}
+
 /// Consumes `queue` and delivers until `shutdown`; then waits up to 30 s for
 /// deliveries in progress (what does not finish is redelivered later).
 pub async fn run(
@@ -601,6 +712,17 @@ pub async fn run(
     let mut consumer = queue.consumer();
     let slots = Arc::new(Semaphore::new(cfg.delivery.concurrency));
     let tracker = TaskTracker::new();
+    // Idle connections are closed, and their leases given back, within a
+    // second of passing `connection_idle`.
+    let sweeper = tokio::spawn({
+        let d = deliverer.clone();
+        async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                d.close_kept(false).await;
+            }
+        }
+    });
     tracing::info!(concurrency = cfg.delivery.concurrency, "delivery consuming");
     loop {
         let permit = tokio::select! {
@@ -620,6 +742,7 @@ pub async fn run(
         });
     }
     tracker.close();
+    sweeper.abort();
     tracing::info!(in_flight = tracker.len(), "delivery stopping");
     if timeout(DRAIN, tracker.wait()).await.is_err() {
         tracing::warn!(
@@ -627,6 +750,7 @@ pub async fn run(
             "deliveries still running at the deadline; they will be redelivered"
         );
     }
+    deliverer.close_kept(true).await;
     Ok(())
 }
 

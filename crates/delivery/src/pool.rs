@@ -9,6 +9,8 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use correu_runtime::limits::Lease;
+
 use crate::client::Client;
 
 /// Connections are interchangeable only for the same address, name (TLS),
@@ -18,12 +20,21 @@ pub struct Key {
     pub addr: SocketAddr,
     pub host: String,
     pub route: Option<String>,
+    /// A connection opened under one TLS policy serves no other.
+    pub tls: Option<correu_runtime::config::OutboundTls>,
+}
+
+/// A connection with the lease that counts it against its host's limit:
+/// the lease lives as long as the connection, kept or in use.
+pub struct Kept {
+    pub client: Client,
+    pub lease: Lease,
 }
 
 pub struct Pool {
     max_per_key: usize,
     idle: Duration,
-    kept: Mutex<HashMap<Key, Vec<(Client, Instant)>>>,
+    kept: Mutex<HashMap<Key, Vec<(Kept, Instant)>>>,
 }
 
 impl Pool {
@@ -35,38 +46,60 @@ impl Pool {
         }
     }
 
-    fn kept(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Vec<(Client, Instant)>>> {
+    fn kept(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Vec<(Kept, Instant)>>> {
         // Plain data; a holder that panicked left it consistent.
         self.kept.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A fresh kept connection for `key`, if any (stale ones are dropped,
-    /// which closes them).
-    pub fn take(&self, key: &Key) -> Option<Client> {
+    /// The freshest kept connection for `key`, if it has been idle less
+    /// than `connection_idle` (stale ones wait for [`Pool::sweep`]).
+    pub fn take(&self, key: &Key) -> Option<Kept> {
         let mut kept = self.kept();
         let list = kept.get_mut(key)?;
-        while let Some((c, since)) = list.pop() {
-            if since.elapsed() < self.idle {
-                return Some(c);
-            }
+        // Kept in the order they came back: the last is the freshest.
+        if list.last()?.1.elapsed() >= self.idle {
+            return None;
         }
-        kept.remove(key);
-        None
+        list.pop().map(|(k, _)| k)
     }
 
-    /// Keeps `c`; gives it back when the pool for its key is full or reuse
+    /// Keeps `k`; gives it back when the pool for its key is full or reuse
     /// is off.
-    pub fn put(&self, key: Key, c: Client) -> Option<Client> {
+    pub fn put(&self, key: Key, k: Kept) -> Option<Kept> {
         if self.idle.is_zero() {
-            return Some(c);
+            return Some(k);
         }
         let mut kept = self.kept();
         let list = kept.entry(key).or_default();
-        list.retain(|(_, since)| since.elapsed() < self.idle);
         if list.len() >= self.max_per_key {
-            return Some(c);
+            return Some(k);
         }
-        list.push((c, Instant::now()));
+        list.push((k, Instant::now()));
         None
+    }
+
+    /// Takes out every connection idle for `connection_idle` or longer,
+    /// to be closed and its lease given back.
+    pub fn sweep(&self) -> Vec<Kept> {
+        let mut out = Vec::new();
+        let mut kept = self.kept();
+        for list in kept.values_mut() {
+            let fresh = list.split_off(
+                list.iter()
+                    .position(|(_, since)| since.elapsed() < self.idle)
+                    .unwrap_or(list.len()),
+            );
+            out.extend(std::mem::replace(list, fresh).into_iter().map(|(k, _)| k));
+        }
+        kept.retain(|_, list| !list.is_empty());
+        out
+    }
+
+    /// Takes out every connection (shutdown).
+    pub fn drain(&self) -> Vec<Kept> {
+        self.kept()
+            .drain()
+            .flat_map(|(_, list)| list.into_iter().map(|(k, _)| k))
+            .collect()
     }
 }

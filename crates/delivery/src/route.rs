@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
-use correu_runtime::config::Route;
+use correu_runtime::config::{OutboundTls, Route};
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
@@ -20,6 +20,9 @@ pub struct Hop {
     pub host: String,
     pub port: u16,
     pub route: Option<Route>,
+    /// TLS for this hop when not `delivery.tls`: the route's, or required
+    /// by the domain's MTA-STS policy.
+    pub tls: Option<OutboundTls>,
 }
 
 pub struct Router {
@@ -80,6 +83,7 @@ impl Router {
             return Ok(vec![Hop {
                 host: route.host.clone(),
                 port: route.port,
+                tls: route.tls,
                 route: Some(route.clone()),
             }]);
         }
@@ -112,6 +116,7 @@ impl Router {
                         host: h.trim_end_matches('.').to_string(),
                         port: self.mx_port,
                         route: None,
+                        tls: None,
                     })
                     .collect())
             }
@@ -133,6 +138,7 @@ impl Router {
             host: domain.to_string(),
             port: self.mx_port,
             route: None,
+            tls: None,
         }
     }
 

@@ -286,6 +286,11 @@ pub struct DeliveryConfig {
     pub tls: OutboundTls,
     /// More CA certificates (PEM) trusted for `required` TLS.
     pub tls_ca_file: Option<PathBuf>,
+    /// Honour MTA-STS (RFC 8461): a domain that publishes an `enforce`
+    /// policy gets mail only at the MX hosts it names, over verified TLS.
+    pub mta_sts: bool,
+    /// HTTPS port of `mta-sts.DOMAIN` (443; another only for tests).
+    pub mta_sts_port: u16,
     /// Bounce messages (RFC 3464) for recipients that fail for good.
     pub bounces: bool,
     /// Connections open at once to one destination host, shared by every
@@ -327,6 +332,8 @@ impl Default for DeliveryConfig {
             routes: BTreeMap::new(),
             tls: OutboundTls::Opportunistic,
             tls_ca_file: None,
+            mta_sts: true,
+            mta_sts_port: 443,
             bounces: true,
             max_connections_per_host: 10,
             domain_rate: Rate::per(0, 1),
@@ -367,7 +374,7 @@ impl DkimAlgorithm {
 }
 
 /// How a next hop is encrypted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OutboundTls {
     None,

@@ -147,6 +147,24 @@ end
 return 0
 ";
 
+/// Pushes a held lease's expiry forward; 0 when it had already expired
+/// (and another holder may have taken its place).
+const RENEW_SCRIPT: &str = r"
+if redis.call('ZSCORE', KEYS[1], ARGV[3]) then
+  redis.call('ZADD', KEYS[1], 'XX', tonumber(ARGV[1]) + tonumber(ARGV[2]), ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+";
+
+fn now_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// At most `max` holders at once per key, across every replica sharing
 /// Redis (delivery: connections per destination host).
 pub struct Leases {
@@ -166,6 +184,8 @@ pub struct Lease {
     token: String,
     /// Taken from the in-process table (Redis was unavailable).
     local: bool,
+    /// When it was taken or last renewed.
+    since: Instant,
 }
 
 impl Leases {
@@ -185,10 +205,7 @@ impl Leases {
         let key = format!("{}:lease:{kind}:{id}", self.prefix);
         let token = format!("{}-{:x}", std::process::id(), rand::random::<u64>());
         if let Some(pool) = &self.redis {
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0);
+            let now = now_millis();
             let work = async {
                 let mut c = pool.get().await?;
                 let got: i64 = deadpool_redis::redis::cmd("EVAL")
@@ -209,6 +226,7 @@ impl Leases {
                         key,
                         token,
                         local: false,
+                        since: Instant::now(),
                     });
                 }
                 Ok(Ok(false)) => return None,
@@ -226,7 +244,48 @@ impl Leases {
             key,
             token,
             local: true,
+            since: Instant::now(),
         })
+    }
+
+    /// Keeps a lease held past its TTL (a kept connection that goes on
+    /// being used): renewed in Redis once half the TTL has passed. False
+    /// when the lease had expired: the holder must give up what it guards.
+    pub async fn renew(&self, lease: &mut Lease) -> bool {
+        if lease.local || lease.since.elapsed() < self.ttl / 2 {
+            return true;
+        }
+        let Some(pool) = &self.redis else {
+            return true;
+        };
+        let work = async {
+            let mut c = pool.get().await?;
+            let renewed: i64 = deadpool_redis::redis::cmd("EVAL")
+                .arg(RENEW_SCRIPT)
+                .arg(1)
+                .arg(&lease.key)
+                .arg(now_millis())
+                .arg(self.ttl.as_millis() as u64)
+                .arg(&lease.token)
+                .query_async(&mut c)
+                .await?;
+            Ok::<_, anyhow::Error>(renewed == 1)
+        };
+        match tokio::time::timeout(self.timeout, work).await {
+            Ok(Ok(renewed)) => {
+                lease.since = Instant::now();
+                renewed
+            }
+            // Redis is away: the lease stands until its TTL, as it would.
+            Ok(Err(e)) => {
+                warn_redis(&self.last_warning, &e.to_string());
+                true
+            }
+            Err(_) => {
+                warn_redis(&self.last_warning, "timed out");
+                true
+            }
+        }
     }
 
     /// Gives a lease back.

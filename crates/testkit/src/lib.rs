@@ -82,24 +82,29 @@ impl Proc {
 
     /// Waits until a line of stdout or stderr contains `needle`; returns it.
     pub fn wait_for(&mut self, needle: &str, within: Duration) -> String {
+        self.wait_for_line(&[needle], within)
+    }
+
+    /// Waits for a line of output holding every one of `needles`.
+    pub fn wait_for_line(&mut self, needles: &[&str], within: Duration) -> String {
         let deadline = Instant::now() + within;
         loop {
             for path in [&self.stdout, &self.stderr] {
                 let text = std::fs::read_to_string(path).unwrap_or_default();
-                if let Some(line) = text.lines().find(|l| l.contains(needle)) {
+                if let Some(line) = text.lines().find(|l| needles.iter().all(|n| l.contains(n))) {
                     return line.to_string();
                 }
             }
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!(
-                    "{} exited ({status}) before saying {needle:?}\n{}",
+                    "{} exited ({status}) before saying {needles:?}\n{}",
                     self.name,
                     self.output()
                 );
             }
             if Instant::now() > deadline {
                 panic!(
-                    "{} did not say {needle:?} within {within:?}\n{}",
+                    "{} did not say {needles:?} within {within:?}\n{}",
                     self.name,
                     self.output()
                 );
@@ -601,6 +606,71 @@ pub fn flaky_mx(dir: &Path, maildir: &Path, failures: u32) -> (Proc, u16) {
     )
 }
 
+/// aiosmtpd as a remote MX that holds each DATA for `hold` before storing
+/// it in `maildir`, and prints `open N peak M` whenever a connection opens
+/// or closes (M: the most connections it had at once).
+pub fn counting_mx(dir: &Path, maildir: &Path, hold: Duration) -> (Proc, u16) {
+    std::fs::write(
+        dir.join("counting_mx.py"),
+        "import asyncio, sys\n\
+         from aiosmtpd.smtp import SMTP\n\
+         from aiosmtpd.handlers import Mailbox\n\
+         state = {'open': 0, 'peak': 0}\n\
+         def show():\n\
+         \x20   print('open', state['open'], 'peak', state['peak'], flush=True)\n\
+         class Counting(SMTP):\n\
+         \x20   def connection_made(self, transport):\n\
+         \x20       state['open'] += 1\n\
+         \x20       state['peak'] = max(state['peak'], state['open'])\n\
+         \x20       show()\n\
+         \x20       super().connection_made(transport)\n\
+         \x20   def connection_lost(self, exc):\n\
+         \x20       state['open'] -= 1\n\
+         \x20       show()\n\
+         \x20       super().connection_lost(exc)\n\
+         class Slow(Mailbox):\n\
+         \x20   async def handle_DATA(self, server, session, envelope):\n\
+         \x20       await asyncio.sleep(float(sys.argv[3]))\n\
+         \x20       return await super().handle_DATA(server, session, envelope)\n\
+         async def main():\n\
+         \x20   handler = Slow(sys.argv[2])\n\
+         \x20   loop = asyncio.get_running_loop()\n\
+         \x20   srv = await loop.create_server(lambda: Counting(handler), '127.0.0.1', int(sys.argv[1]))\n\
+         \x20   await srv.serve_forever()\n\
+         asyncio.run(main())\n",
+    )
+    .unwrap();
+    let port = free_port();
+    let p = Proc::spawn(
+        "counting-mx",
+        dir,
+        &python(),
+        &[
+            "-u",
+            "counting_mx.py",
+            &port.to_string(),
+            maildir.to_str().unwrap(),
+            &hold.as_secs_f64().to_string(),
+        ],
+        &[],
+    );
+    wait_port(port, Duration::from_secs(20), &p);
+    (p, port)
+}
+
+/// The `peak` a [`counting_mx`] last printed.
+pub fn counting_mx_peak(p: &Proc) -> usize {
+    std::fs::read_to_string(&p.stdout)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            l.rsplit_once("peak ")
+                .and_then(|(_, n)| n.trim().parse().ok())
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 /// `python -m aiosmtpd` with a handler class (importable from `dir`) and
 /// its arguments, on a free port.
 fn run_aiosmtpd(dir: &Path, name: &str, class: &str, args: &[&str]) -> (Proc, u16) {
@@ -610,6 +680,61 @@ fn run_aiosmtpd(dir: &Path, name: &str, class: &str, args: &[&str]) -> (Proc, u1
     all.extend_from_slice(args);
     let pythonpath = dir.to_str().unwrap().to_string();
     let p = Proc::spawn(name, dir, &python(), &all, &[("PYTHONPATH", &pythonpath)]);
+    wait_port(port, Duration::from_secs(20), &p);
+    (p, port)
+}
+
+/// An HTTPS server (Python's http.server) on 127.0.0.1:PORT answering
+/// `GET /.well-known/mta-sts.txt` with the policy for the request's Host
+/// (`(host, policy)` pairs, as `text/plain`), 404 for anything else. It
+/// prints `GET HOST PATH` for each request.
+pub fn mta_sts_server(dir: &Path, cert: &TestCert, policies: &[(&str, &str)]) -> (Proc, u16) {
+    let port = free_port();
+    let table: Vec<String> = policies
+        .iter()
+        .map(|(h, p)| format!("{h:?}: {p:?}"))
+        .collect();
+    std::fs::write(
+        dir.join("mta_sts_server.py"),
+        format!(
+            "import http.server, ssl, sys\n\
+             POLICIES = {{{}}}\n\
+             class H(http.server.BaseHTTPRequestHandler):\n\
+             \x20   def do_GET(self):\n\
+             \x20       host = (self.headers.get('Host') or '').split(':')[0]\n\
+             \x20       print('GET', host, self.path, flush=True)\n\
+             \x20       body = POLICIES.get(host) if self.path == '/.well-known/mta-sts.txt' else None\n\
+             \x20       if body is None:\n\
+             \x20           self.send_error(404)\n\
+             \x20           return\n\
+             \x20       data = body.encode()\n\
+             \x20       self.send_response(200)\n\
+             \x20       self.send_header('Content-Type', 'text/plain')\n\
+             \x20       self.send_header('Content-Length', str(len(data)))\n\
+             \x20       self.end_headers()\n\
+             \x20       self.wfile.write(data)\n\
+             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)\n\
+             ctx.load_cert_chain(sys.argv[2], sys.argv[3])\n\
+             srv = http.server.ThreadingHTTPServer(('127.0.0.1', int(sys.argv[1])), H)\n\
+             srv.socket = ctx.wrap_socket(srv.socket, server_side=True)\n\
+             srv.serve_forever()\n",
+            table.join(", ")
+        ),
+    )
+    .unwrap();
+    let p = Proc::spawn(
+        "mta-sts",
+        dir,
+        &python(),
+        &[
+            "-u",
+            "mta_sts_server.py",
+            &port.to_string(),
+            cert.cert.to_str().unwrap(),
+            cert.key.to_str().unwrap(),
+        ],
+        &[],
+    );
     wait_port(port, Duration::from_secs(20), &p);
     (p, port)
 }
@@ -665,7 +790,7 @@ fn free_udp_port() -> u16 {
 }
 
 /// A test PKI: a CA and a server certificate it signed, for `localhost`
-/// and 127.0.0.1 (ECDSA P-256, two days), made with the openssl command.
+/// (or the names given to [`test_cert_for`]) and 127.0.0.1 (ECDSA P-256, two days), made with the openssl command.
 pub struct TestCert {
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -674,6 +799,11 @@ pub struct TestCert {
 }
 
 pub fn test_cert(dir: &Path, name: &str) -> TestCert {
+    test_cert_for(dir, name, &["localhost"])
+}
+
+/// A test PKI whose server certificate names `hosts` (and 127.0.0.1).
+pub fn test_cert_for(dir: &Path, name: &str, hosts: &[&str]) -> TestCert {
     let p = |ext: &str| dir.join(format!("{name}{ext}"));
     let s = |p: &PathBuf| p.to_str().unwrap().to_string();
     let (ca, ca_key, csr, key, cert, ext) = (
@@ -684,9 +814,13 @@ pub fn test_cert(dir: &Path, name: &str) -> TestCert {
         p(".crt"),
         p(".ext"),
     );
+    let sans: Vec<String> = hosts.iter().map(|h| format!("DNS:{h}")).collect();
     std::fs::write(
         &ext,
-        "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n",
+        format!(
+            "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\nsubjectAltName={},IP:127.0.0.1\n",
+            sans.join(",")
+        ),
     )
     .unwrap();
     let ec = [
