@@ -63,6 +63,9 @@ pub struct Client {
     extensions: Vec<String>,
     /// The TLS in use, for logs ("TLSv1.3 with cipher …").
     pub tls: Option<String>,
+    /// The current transaction's message text went out (the server may
+    /// have it even if its reply never came).
+    body_sent: bool,
 }
 
 /// The message to send, with the DSN parameters to pass on.
@@ -92,6 +95,7 @@ impl Client {
             timeouts,
             extensions: Vec::new(),
             tls: None,
+            body_sent: false,
         }
     }
 
@@ -226,6 +230,7 @@ impl Client {
     /// Runs one mail transaction; every recipient gets an outcome.
     pub async fn deliver(&mut self, t: &Transaction<'_>) -> Result<Vec<Outcome>, SessionError> {
         let n = t.recipients.len();
+        self.body_sent = false;
         // RFC 1870: a message larger than the server takes is refused here.
         if let Some(limit) = self
             .extension("SIZE")
@@ -347,6 +352,7 @@ impl Client {
         }
         let mut wire = Vec::with_capacity(t.content.len() + t.content.len() / 50 + 8);
         dot_stuff(t.content, &mut wire);
+        self.body_sent = true;
         self.send(&wire, self.timeouts.data).await?;
         // RFC 5321 §4.5.3.2.6: up to 10 minutes for the final reply.
         let r = self.read_reply(self.timeouts.data).await?;
@@ -366,6 +372,13 @@ impl Client {
         }
         let _reset = self.command("RSET").await?;
         Ok(())
+    }
+
+    /// Whether the last [`Client::deliver`] sent the message text: after a
+    /// failure, a server that got the final dot may have taken the message
+    /// (RFC 1047), so it is not sent again at once.
+    pub fn body_sent(&self) -> bool {
+        self.body_sent
     }
 
     /// RSET after a transaction, so the connection can carry another.

@@ -91,6 +91,8 @@ impl Deliverer {
     pub fn new(cfg: &Config, queue: Queue, storage: StorageClient) -> anyhow::Result<Self> {
         let resolver = route::resolver(cfg.delivery.dns_server)?;
         let verified = tls::verified(cfg.delivery.tls_ca_file.as_deref())?;
+        // One Redis pool for leases, rates and the deferred index.
+        let redis = correu_runtime::redis::pool(&cfg.redis)?;
         Ok(Deliverer {
             delay_warning: cfg.delivery.delay_warning.get(),
             lease_freed: tokio::sync::Notify::new(),
@@ -101,11 +103,12 @@ impl Deliverer {
             ),
             dkim: Arc::new(dkim::Dkim::new(&cfg.delivery.dkim)?),
             // A lease outlives no attempt: it expires with the attempt deadline.
-            leases: correu_runtime::limits::Leases::new(
+            leases: correu_runtime::limits::Leases::with_pool(
                 &cfg.redis,
+                redis.clone(),
                 cfg.delivery.attempt_timeout.get(),
-            )?,
-            rates: correu_runtime::limits::RateLimiter::new(&cfg.redis)?,
+            ),
+            rates: correu_runtime::limits::RateLimiter::with_pool(&cfg.redis, redis.clone()),
             max_per_host: cfg.delivery.max_connections_per_host,
             domain_rate: cfg.delivery.domain_rate,
             bounces: cfg.delivery.bounces,
@@ -120,7 +123,7 @@ impl Deliverer {
                 )
             }),
             required: tls::TlsPolicy::Required(verified),
-            index: correu_queue::index::DeferredIndex::new(&cfg.redis)?,
+            index: correu_queue::index::DeferredIndex::with_pool(&cfg.redis, redis),
             panics: std::sync::Mutex::new(std::collections::HashMap::new()),
             attempt_timeout: cfg.delivery.attempt_timeout.get(),
             hostname: cfg.hostname.clone(),
@@ -460,6 +463,12 @@ impl Deliverer {
                     Ok(outcomes) => {
                         self.keep_or_quit(key, kept).await;
                         return Ok(outcomes);
+                    }
+                    Err(e) if kept.client.body_sent() => {
+                        // The server may have the message: no second copy
+                        // now; the retry tiers decide.
+                        self.release(kept.lease).await;
+                        return Err(e.into());
                     }
                     Err(e) => {
                         tracing::debug!(mx = %hop.host, error = %e, "a kept connection had gone stale; reconnecting");

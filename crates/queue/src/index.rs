@@ -28,13 +28,22 @@ fn redis_error(e: impl std::fmt::Display) -> QueueError {
 impl DeferredIndex {
     /// The index, when `redis.url` is set.
     pub fn new(cfg: &RedisConfig) -> Result<Option<DeferredIndex>, QueueError> {
-        Ok(correu_runtime::redis::pool(cfg)
-            .map_err(redis_error)?
-            .map(|pool| DeferredIndex {
-                pool,
-                prefix: cfg.prefix.clone(),
-                timeout: cfg.timeout.get(),
-            }))
+        Ok(Self::with_pool(
+            cfg,
+            correu_runtime::redis::pool(cfg).map_err(redis_error)?,
+        ))
+    }
+
+    /// The same, on a pool the caller shares with others.
+    pub fn with_pool(
+        cfg: &RedisConfig,
+        pool: Option<deadpool_redis::Pool>,
+    ) -> Option<DeferredIndex> {
+        pool.map(|pool| DeferredIndex {
+            pool,
+            prefix: cfg.prefix.clone(),
+            timeout: cfg.timeout.get(),
+        })
     }
 
     fn key(&self, id: &str) -> String {

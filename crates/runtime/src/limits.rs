@@ -83,14 +83,18 @@ impl RateLimiter {
     /// A limiter on Redis when `cfg.url` is set (every pool timeout set),
     /// else in this process only.
     pub fn new(cfg: &RedisConfig) -> anyhow::Result<RateLimiter> {
-        let redis = crate::redis::pool(cfg)?;
-        Ok(RateLimiter {
+        Ok(Self::with_pool(cfg, crate::redis::pool(cfg)?))
+    }
+
+    /// The same, on a pool the caller shares with others.
+    pub fn with_pool(cfg: &RedisConfig, redis: Option<Pool>) -> RateLimiter {
+        RateLimiter {
             redis,
             prefix: cfg.prefix.clone(),
             timeout: cfg.timeout.get(),
             local: Mutex::new(HashMap::new()),
             last_warning: Mutex::new(None),
-        })
+        }
     }
 
     /// Counts one event of `kind` for `id`; false when over `rate`.
@@ -190,14 +194,19 @@ pub struct Lease {
 
 impl Leases {
     pub fn new(cfg: &RedisConfig, ttl: Duration) -> anyhow::Result<Leases> {
-        Ok(Leases {
-            redis: crate::redis::pool(cfg)?,
+        Ok(Self::with_pool(cfg, crate::redis::pool(cfg)?, ttl))
+    }
+
+    /// The same, on a pool the caller shares with others.
+    pub fn with_pool(cfg: &RedisConfig, redis: Option<Pool>, ttl: Duration) -> Leases {
+        Leases {
+            redis,
             prefix: cfg.prefix.clone(),
             timeout: cfg.timeout.get(),
             ttl,
             local: Mutex::new(HashMap::new()),
             last_warning: Mutex::new(None),
-        })
+        }
     }
 
     /// A lease on `kind`/`id` if fewer than `max` are out.
