@@ -3,7 +3,9 @@
 use std::io::Write;
 
 use clap::Subcommand;
-use correu_proto::v1::{GetMessageRequest, ListMessagesRequest};
+use correu_proto::v1::{
+    DeleteMessageRequest, GetMessageRequest, ListMessagesRequest, MailboxStatsRequest,
+};
 use correu_runtime::Config;
 
 #[derive(Subcommand)]
@@ -17,6 +19,10 @@ pub enum Action {
     },
     /// One message, as stored, to standard output.
     Show { address: String, id: String },
+    /// Remove one message.
+    Delete { address: String, id: String },
+    /// How many messages and bytes, and the quota.
+    Stats { address: String },
 }
 
 pub async fn run(cfg: Config, action: Action) -> anyhow::Result<()> {
@@ -57,6 +63,33 @@ pub async fn run(cfg: Config, action: Action) -> anyhow::Result<()> {
                 out.write_all(&chunk.data)?;
             }
             out.flush()?;
+        }
+        Action::Delete { address, id } => {
+            client
+                .delete_message(DeleteMessageRequest {
+                    address: address.clone(),
+                    id: id.clone(),
+                })
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+            println!("{address}: {id} deleted");
+        }
+        Action::Stats { address } => {
+            let s = client
+                .mailbox_stats(MailboxStatsRequest {
+                    address: address.clone(),
+                })
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                .into_inner();
+            let quota = match s.quota_bytes {
+                0 => "no quota".to_string(),
+                q => format!("quota {q} bytes"),
+            };
+            println!(
+                "{address}: {} messages, {} bytes, {quota}",
+                s.messages, s.bytes
+            );
         }
     }
     Ok(())

@@ -5,9 +5,11 @@
 //! - `correu ingress|delivery|storage`: one service, as in Kubernetes.
 //! - `correu check-config FILE`: every configuration error, with its key.
 //! - `correu queue [status|list|retry|delete|requeue]`: where is my mail?
-//! - `correu mailbox list|show`: read mailboxes through storage's gRPC API.
+//! - `correu mailbox list|show|delete|stats`: mailboxes through storage's gRPC API.
+//! - `correu account|alias`: edit storage's accounts and aliases files.
 #![forbid(unsafe_code)]
 
+mod account;
 mod mailbox;
 mod queue;
 mod serve;
@@ -61,8 +63,8 @@ enum Command {
         /// The file to check (with `CORREU_…` variables applied).
         file: PathBuf,
     },
-    /// Print an argon2 hash of a password read from standard input, for
-    /// the `smtp.auth_file` accounts (`address:HASH` lines).
+    /// Print an argon2 hash of a password read from standard input, for an
+    /// accounts file (`address:HASH` lines; `correu account add` does it all).
     HashPassword,
     /// Where is my mail: queue counts, deferred messages, and actions.
     Queue {
@@ -78,6 +80,16 @@ enum Command {
     Mailbox {
         #[command(subcommand)]
         action: mailbox::Action,
+    },
+    /// Accounts in storage.accounts_file: add, passwd, del, list.
+    Account {
+        #[command(subcommand)]
+        action: account::AccountAction,
+    },
+    /// Aliases in storage.aliases_file: add, del, list.
+    Alias {
+        #[command(subcommand)]
+        action: account::AliasAction,
     },
 }
 
@@ -133,6 +145,12 @@ fn main() -> ExitCode {
         } => dkim_keygen(&domain, &selector, &algorithm, &out),
         Command::Mailbox { action } => {
             with_config(path, "correu", move |cfg, _| mailbox::run(cfg, action))
+        }
+        Command::Account { action } => {
+            with_config(path, "correu", move |cfg, _| account::account(cfg, action))
+        }
+        Command::Alias { action } => {
+            with_config(path, "correu", move |cfg, _| account::alias(cfg, action))
         }
     }
 }

@@ -3,14 +3,13 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
-use std::time::SystemTime;
+use std::sync::Arc;
 
-use argon2::password_hash::{PasswordHash, PasswordVerifier};
-use argon2::{Argon2, PasswordHasher};
 use correu_smtp::session::CredentialVerdict;
+pub use correu_storage::accounts::hash_password;
+use correu_storage::accounts::{Account, Watched, parse_accounts, verify_password};
 
 /// Checks a user name and password.
 pub trait Authenticator: Send + Sync {
@@ -21,105 +20,28 @@ pub trait Authenticator: Send + Sync {
     ) -> Pin<Box<dyn Future<Output = CredentialVerdict> + Send + 'a>>;
 }
 
-/// Accounts from a file of `address:HASH` lines (Dovecot passwd-file
-/// style: extra `:`-fields are ignored, `{ARGON2ID}` scheme prefixes are
-/// allowed, `#` starts a comment). Reloaded when the file changes; a bad
-/// line is logged with its number and skipped.
+/// Accounts from a file in Dovecot's passwd-file format (the format of
+/// `storage.accounts_file`; see `correu_storage::accounts`), reread when
+/// it changes; a bad line is logged with its number and skipped.
 pub struct PasswordFile {
-    path: PathBuf,
-    /// The file's modification time when read, and its accounts.
-    state: RwLock<(Option<SystemTime>, Accounts)>,
-}
-
-/// Lower-cased address to argon2 hash.
-type Accounts = Arc<HashMap<String, String>>;
-
-/// Parses the file's text; returns the accounts and the bad lines' errors.
-pub fn parse(text: &str) -> (HashMap<String, String>, Vec<String>) {
-    let mut accounts = HashMap::new();
-    let mut errors = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let mut fields = line.split(':');
-        let (Some(user), Some(hash)) = (fields.next(), fields.next()) else {
-            errors.push(format!("line {}: expected address:hash", i + 1));
-            continue;
-        };
-        let hash = hash
-            .strip_prefix("{ARGON2ID}")
-            .or_else(|| hash.strip_prefix("{ARGON2I}"))
-            .unwrap_or(hash);
-        if user.is_empty() || PasswordHash::new(hash).is_err() {
-            errors.push(format!("line {}: not an argon2 hash for {user:?}", i + 1));
-            continue;
-        }
-        accounts.insert(user.to_lowercase(), hash.to_string());
-    }
-    (accounts, errors)
-}
-
-/// An argon2id hash of `password` in PHC form, for the password file.
-pub fn hash_password(password: &str) -> Result<String, argon2::password_hash::Error> {
-    let bytes: [u8; 16] = rand::random();
-    let salt = argon2::password_hash::SaltString::encode_b64(&bytes)?;
-    Ok(Argon2::default()
-        .hash_password(password.as_bytes(), &salt)?
-        .to_string())
+    accounts: Watched<HashMap<String, Account>>,
 }
 
 impl PasswordFile {
     /// Reads the file now; an unreadable file stops the start.
     pub fn open(path: &Path) -> std::io::Result<PasswordFile> {
-        let f = PasswordFile {
-            path: path.into(),
-            state: RwLock::new((None, Arc::new(HashMap::new()))),
-        };
-        f.refresh()?;
-        Ok(f)
-    }
-
-    /// Rereads the file if it changed since the last read.
-    fn refresh(&self) -> std::io::Result<Accounts> {
-        let mtime = std::fs::metadata(&self.path)?.modified().ok();
-        {
-            let state = self.state.read().unwrap_or_else(|p| p.into_inner());
-            if state.0.is_some() && state.0 == mtime {
-                return Ok(state.1.clone());
-            }
-        }
-        let text = std::fs::read_to_string(&self.path)?;
-        let (accounts, errors) = parse(&text);
-        for e in &errors {
-            tracing::warn!(file = %self.path.display(), "{e}");
-        }
-        tracing::info!(file = %self.path.display(), accounts = accounts.len(), "accounts loaded");
-        let accounts = Arc::new(accounts);
-        *self.state.write().unwrap_or_else(|p| p.into_inner()) = (mtime, accounts.clone());
-        Ok(accounts)
+        Ok(PasswordFile {
+            accounts: Watched::open(path, "accounts", parse_accounts)?,
+        })
     }
 
     fn verify(&self, user: &str, password: &str) -> CredentialVerdict {
-        let accounts = match self.refresh() {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::error!(file = %self.path.display(), error = %e, "cannot read accounts");
-                return CredentialVerdict::TryLater;
-            }
-        };
-        let Some(hash) = accounts.get(&user.to_lowercase()) else {
-            return CredentialVerdict::Invalid;
-        };
-        match PasswordHash::new(hash) {
-            Ok(parsed)
-                if Argon2::default()
-                    .verify_password(password.as_bytes(), &parsed)
-                    .is_ok() =>
-            {
-                CredentialVerdict::Valid
-            }
+        let accounts = self.accounts.get();
+        match accounts
+            .get(&user.to_lowercase())
+            .and_then(|a| a.hash.as_deref())
+        {
+            Some(hash) if verify_password(hash, password) => CredentialVerdict::Valid,
             _ => CredentialVerdict::Invalid,
         }
     }
@@ -142,6 +64,36 @@ impl Authenticator for Arc<PasswordFile> {
     }
 }
 
+/// Storage's accounts, through its `Authenticate` call (the default when
+/// `smtp.auth_file` is not set).
+pub struct StorageAccounts {
+    pub client: correu_storage::client::Client,
+}
+
+impl Authenticator for StorageAccounts {
+    fn check<'a>(
+        &'a self,
+        user: &'a str,
+        password: &'a str,
+    ) -> Pin<Box<dyn Future<Output = CredentialVerdict> + Send + 'a>> {
+        let mut client = self.client.clone();
+        Box::pin(async move {
+            let req = correu_proto::v1::AuthenticateRequest {
+                address: user.to_string(),
+                password: password.to_string(),
+            };
+            match client.authenticate(req).await {
+                Ok(r) if r.get_ref().ok => CredentialVerdict::Valid,
+                Ok(_) => CredentialVerdict::Invalid,
+                Err(status) => {
+                    tracing::warn!(code = ?status.code(), message = status.message(), "storage could not check a password");
+                    CredentialVerdict::TryLater
+                }
+            }
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,15 +104,6 @@ mod tests {
         let path = dir.path().join("passwd");
         let hash = hash_password("secret").unwrap();
         std::fs::write(&path, format!("# accounts\njo@domini.com:{{ARGON2ID}}{hash}::::\nbroken line\nanna@x.org:plaintext\n")).unwrap();
-        let (accounts, errors) = parse(&std::fs::read_to_string(&path).unwrap());
-        assert_eq!(accounts.len(), 1);
-        assert_eq!(
-            errors,
-            vec![
-                "line 3: expected address:hash",
-                "line 4: not an argon2 hash for \"anna@x.org\""
-            ]
-        );
         let f = Arc::new(PasswordFile::open(&path).unwrap());
         assert_eq!(
             f.check("JO@domini.com", "secret").await,
@@ -178,13 +121,14 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(20));
         let anna = hash_password("pw").unwrap();
         std::fs::write(&path, format!("anna@x.org:{anna}\n")).unwrap();
-        let later = SystemTime::now() + std::time::Duration::from_secs(2);
+        let later = std::time::SystemTime::now() + std::time::Duration::from_secs(2);
         std::fs::File::options()
             .write(true)
             .open(&path)
             .unwrap()
             .set_modified(later)
             .unwrap();
+        f.accounts.reload_if_changed();
         assert_eq!(f.check("anna@x.org", "pw").await, CredentialVerdict::Valid);
         assert_eq!(
             f.check("jo@domini.com", "secret").await,

@@ -77,11 +77,15 @@ impl Shared {
             (Some(cert), Some(key)) => Some(Tls::new(cert, key)?),
             _ => None,
         };
+        // AUTH checks the password file when one is set, else storage's
+        // accounts (storage.accounts_file) through its Authenticate call.
         let auth: Option<Arc<dyn Authenticator>> = match &s.auth_file {
             Some(path) => Some(Arc::new(Arc::new(auth::PasswordFile::open(path).map_err(
                 |e| anyhow::anyhow!("cannot read {} (smtp.auth_file): {e}", path.display()),
             )?))),
-            None => None,
+            None => Some(Arc::new(auth::StorageAccounts {
+                client: storage.clone(),
+            })),
         };
         Ok(Shared {
             session: Arc::new(SessionConfig {

@@ -434,6 +434,7 @@ async fn check_recipient(shared: &Shared, to: &Address) -> RecipientVerdict {
         Ok(Ok(resp)) => match resp.into_inner().status() {
             RcptStatus::Exists => RecipientVerdict::Exists,
             RcptStatus::Unknown => RecipientVerdict::Unknown,
+            RcptStatus::OverQuota => RecipientVerdict::OverQuota,
             RcptStatus::Unspecified => RecipientVerdict::TryLater,
         },
         Ok(Err(status)) => {

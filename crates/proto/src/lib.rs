@@ -10,3 +10,7 @@ pub mod v1 {
 }
 
 pub use prost::Message;
+
+/// The encoded descriptors of every Correu proto, for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/correu_descriptor.bin"));

@@ -122,6 +122,7 @@ pub struct SmtpConfig {
     pub tls_handshake_timeout: Dur,
     /// Accounts for AUTH: lines `address:ARGON2-HASH` (Dovecot passwd-file
     /// style; `correu hash-password` makes the hash); reloaded on change.
+    /// Unset: storage's accounts (`storage.accounts_file`) are asked.
     pub auth_file: Option<PathBuf>,
     /// Load balancers that speak the PROXY protocol (v1 or v2): a
     /// connection from one of these must start with a PROXY header, and the
@@ -251,6 +252,13 @@ pub struct StorageConfig {
     /// domain is accepted (catch-all).
     #[serde(deserialize_with = "one_or_many")]
     pub mailboxes: Vec<String>,
+    /// Accounts in Dovecot's passwd-file format (`address:argon2-hash`,
+    /// quota in the extra fields), reread when it changes.
+    pub accounts_file: Option<PathBuf>,
+    /// Aliases: `address: target, target`; `@domain: target` for a catch-all.
+    pub aliases_file: Option<PathBuf>,
+    /// Quota of a mailbox whose account sets none (`0`: none).
+    pub default_quota: Size,
     /// Deadline of each gRPC call to storage.
     pub request_timeout: Dur,
 }
@@ -262,6 +270,9 @@ impl Default for StorageConfig {
             endpoint: "http://127.0.0.1:2526".into(),
             root: PathBuf::from("data/mail"),
             mailboxes: Vec::new(),
+            accounts_file: None,
+            aliases_file: None,
+            default_quota: Size(0),
             request_timeout: Dur::secs(10),
         }
     }
@@ -541,6 +552,48 @@ impl<'de> Deserialize<'de> for Dur {
         }
         match Raw::deserialize(d)? {
             Raw::Secs(s) => Ok(Dur::secs(s)),
+            Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// A size in bytes, written as a number or `512k`, `100M`, `1G`, `2T`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Size(pub u64);
+
+impl FromStr for Size {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("`{s}` is not a size like 1024, 512k, 100M or 1G"))?;
+        let mult: u64 = match unit.to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" => 1 << 10,
+            "m" | "mb" => 1 << 20,
+            "g" | "gb" => 1 << 30,
+            "t" | "tb" => 1 << 40,
+            _ => return Err(format!("`{s}`: unit must be k, M, G or T")),
+        };
+        n.checked_mul(mult)
+            .map(Size)
+            .ok_or_else(|| format!("`{s}` is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bytes(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bytes(b) => Ok(Size(b)),
             Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
         }
     }
@@ -859,9 +912,6 @@ impl Config {
                     "submission needs TLS: set smtp.tls_certificate and smtp.tls_key",
                 ));
             }
-            if !addrs.is_empty() && s.auth_file.is_none() {
-                e.push(err(key, "submission needs accounts: set smtp.auth_file"));
-            }
         }
         for (key, path) in [
             ("smtp.tls_certificate", &s.tls_certificate),
@@ -1147,16 +1197,13 @@ mod tests {
     }
 
     #[test]
-    fn submission_needs_tls_and_accounts() {
+    fn submission_needs_tls() {
         let e = load(
             "[smtp]\nsubmission = [\"127.0.0.1:587\"]\ntls_certificate = \"/nonexistent.pem\"\n",
             &[],
         )
         .unwrap_err();
-        assert_eq!(
-            keys(e),
-            vec!["smtp.tls_key", "smtp.submission", "smtp.tls_certificate"]
-        );
+        assert_eq!(keys(e), vec!["smtp.tls_key", "smtp.tls_certificate"]);
     }
 
     #[test]

@@ -125,6 +125,8 @@ pub enum Step {
 pub enum RecipientVerdict {
     Exists,
     Unknown,
+    /// The mailbox is full (RFC 3463 4.2.2: worth trying later).
+    OverQuota,
     /// The lookup could not be done now (storage unreachable, timeout).
     TryLater,
 }
@@ -543,6 +545,11 @@ impl Session {
                 550,
                 (5, 1, 1),
                 format!("<{to}>: Recipient address rejected: User unknown"),
+            )),
+            RecipientVerdict::OverQuota => self.error(reply(
+                452,
+                (4, 2, 2),
+                format!("<{to}>: Recipient address rejected: Mailbox full"),
             )),
             RecipientVerdict::TryLater => self.error(reply(
                 451,

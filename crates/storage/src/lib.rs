@@ -6,11 +6,14 @@
 //! over the same volume.
 //!
 //! # Layout
-//! - [`maildir`]: the mailboxes on disk, and who has one.
+//! - [`accounts`]: accounts, aliases and catch-alls, from files reread
+//!   when they change.
+//! - [`maildir`]: the mailboxes on disk (Dovecot's Maildir, Maildir++ quota).
 //! - [`service`]: the tonic service and the error-to-status mapping.
 //! - [`client`]: how the other services connect to storage.
 #![forbid(unsafe_code)]
 
+pub mod accounts;
 pub mod client;
 pub mod maildir;
 pub mod service;
@@ -24,14 +27,34 @@ use tokio_util::sync::CancellationToken;
 
 pub use maildir::Mailboxes;
 
-/// The mailboxes the configuration describes.
-pub fn mailboxes(cfg: &Config) -> Mailboxes {
-    Mailboxes::new(
-        &cfg.storage.root,
-        &cfg.hostname,
+/// The mailboxes the configuration describes; fails when the accounts or
+/// aliases file cannot be read (naming its setting).
+pub fn mailboxes(cfg: &Config) -> anyhow::Result<Mailboxes> {
+    let st = &cfg.storage;
+    let accounts = match &st.accounts_file {
+        Some(p) => Some(
+            accounts::Watched::open(p, "accounts", accounts::parse_accounts).map_err(|e| {
+                anyhow::anyhow!("storage.accounts_file: cannot read {}: {e}", p.display())
+            })?,
+        ),
+        None => None,
+    };
+    let aliases = match &st.aliases_file {
+        Some(p) => Some(
+            accounts::Watched::open(p, "aliases", accounts::parse_aliases).map_err(|e| {
+                anyhow::anyhow!("storage.aliases_file: cannot read {}: {e}", p.display())
+            })?,
+        ),
+        None => None,
+    };
+    let directory = accounts::Directory::new(
         &cfg.domains,
-        &cfg.storage.mailboxes,
-    )
+        accounts,
+        aliases,
+        &st.mailboxes,
+        st.default_quota.0,
+    );
+    Ok(Mailboxes::new(&st.root, &cfg.hostname, directory))
 }
 
 /// Serves the storage API on `listener` until `shutdown` is cancelled;
@@ -41,12 +64,31 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let boxes = Arc::new(mailboxes(cfg));
+    let boxes = Arc::new(mailboxes(cfg)?);
     std::fs::create_dir_all(boxes.root())?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, root = %boxes.root().display(), "storage listening");
+    // The standard health protocol (grpc.health.v1) and server reflection,
+    // so grpcurl and Kubernetes' gRPC probes work without a .proto file.
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<StorageServer<service::StorageService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(correu_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let draining = shutdown.clone();
+    tokio::spawn(async move {
+        draining.cancelled().await;
+        health_reporter
+            .set_not_serving::<StorageServer<service::StorageService>>()
+            .await;
+    });
     tonic::transport::Server::builder()
         .timeout(cfg.storage.request_timeout.get())
+        .add_service(health)
+        .add_service(reflection)
         .add_service(
             StorageServer::new(service::StorageService::new(boxes))
                 // A Deliver carries a whole message: allow the largest one

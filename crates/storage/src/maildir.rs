@@ -14,6 +14,8 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use crate::accounts::{Directory, Resolved};
+
 /// Why a mailbox operation failed; mapped to gRPC codes in one place
 /// ([`crate::service`]).
 #[derive(Debug, thiserror::Error)]
@@ -24,11 +26,13 @@ pub enum MailboxError {
     Invalid(String),
     #[error("no such message: {0}")]
     NoMessage(String),
+    #[error("mailbox {0} is over its quota")]
+    OverQuota(String),
     #[error("mailbox I/O: {0}")]
     Io(#[from] std::io::Error),
 }
 
-/// The outcome of a delivery.
+/// The outcome of a delivery to one mailbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivered {
     pub mailbox: String,
@@ -45,14 +49,26 @@ pub struct Listed {
     pub flags: String,
 }
 
+/// What a mailbox holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub messages: u64,
+    pub bytes: u64,
+}
+
+/// How a recipient stands, for `CheckRecipient`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Standing {
+    Exists(Vec<String>),
+    OverQuota(Vec<String>),
+    Unknown,
+}
+
 /// The mailboxes under one root, and who has one.
-#[derive(Debug, Clone)]
 pub struct Mailboxes {
     root: PathBuf,
     host: String,
-    domains: Vec<String>,
-    /// Lower-cased addresses with a mailbox; `None` accepts every local-part.
-    accounts: Option<Vec<String>>,
+    directory: Directory,
 }
 
 /// FNV-1a, 64 bits: a stable hash of the recipient for file names (not a
@@ -94,16 +110,25 @@ fn valid_id(id: &str) -> bool {
         && !id.contains(['/', '\\', ':', '\0'])
 }
 
+/// The size a Maildir name carries (`,S=1234`), Dovecot's way.
+fn size_in_name(name: &str) -> Option<u64> {
+    let (_, s) = name.split_once(",S=")?;
+    s.split([',', ':']).next()?.parse().ok()
+}
+
+/// Maildir++ (and Dovecot) recalculate `maildirsize` past this size.
+const MAILDIRSIZE_MAX: u64 = 5120;
+
+/// The standard Maildir flags, in the order they are written.
+const FLAGS: &str = "DFPRST";
+
 impl Mailboxes {
-    /// `accounts` empty means catch-all.
-    pub fn new(root: &Path, host: &str, domains: &[String], accounts: &[String]) -> Self {
+    pub fn new(root: &Path, host: &str, directory: Directory) -> Self {
         Mailboxes {
             root: root.to_path_buf(),
             // The host part of a Maildir name may not hold '/' or ':'.
             host: host.replace(['/', ':'], "_"),
-            domains: domains.iter().map(|d| d.to_lowercase()).collect(),
-            accounts: (!accounts.is_empty())
-                .then(|| accounts.iter().map(|a| a.to_lowercase()).collect()),
+            directory,
         }
     }
 
@@ -111,30 +136,66 @@ impl Mailboxes {
         &self.root
     }
 
-    /// The mailbox directory of `address`, when it has one here.
-    pub fn resolve(&self, address: &str) -> Result<PathBuf, MailboxError> {
+    pub fn directory(&self) -> &Directory {
+        &self.directory
+    }
+
+    fn split(address: &str) -> Result<(String, String), MailboxError> {
         let (local, domain) = address
             .rsplit_once('@')
             .filter(|(l, d)| !l.is_empty() && !d.is_empty())
             .ok_or_else(|| MailboxError::Invalid(format!("not an address: {address:?}")))?;
-        let domain = domain.to_lowercase();
-        let unknown = || MailboxError::UnknownRecipient(address.to_string());
-        if !self.domains.contains(&domain)
-            || domain.contains(['/', '\\'])
-            || domain.starts_with('.')
-        {
-            return Err(unknown());
-        }
-        if let Some(accounts) = &self.accounts
-            && !accounts.contains(&format!("{}@{domain}", local.to_lowercase()))
-        {
-            return Err(unknown());
-        }
-        Ok(self.root.join(domain).join(encode_local(local)))
+        Ok((local.to_lowercase(), domain.to_lowercase()))
     }
 
-    /// Stores `content` for `recipient`, once per (queue id, recipient).
-    /// Blocking: call it from `spawn_blocking`.
+    /// The directory of a mailbox (an address that has one).
+    fn dir_of(&self, mailbox: &str) -> Result<PathBuf, MailboxError> {
+        let (local, domain) = Self::split(mailbox)?;
+        if domain.contains(['/', '\\', '\0']) || domain.starts_with('.') {
+            return Err(MailboxError::UnknownRecipient(mailbox.to_string()));
+        }
+        Ok(self.root.join(domain).join(encode_local(&local)))
+    }
+
+    /// The mailbox directory of `address`, which must have a mailbox of
+    /// its own (not only an alias).
+    pub fn resolve(&self, address: &str) -> Result<PathBuf, MailboxError> {
+        let (local, domain) = Self::split(address)?;
+        let address = format!("{local}@{domain}");
+        if !self.directory.is_mailbox(&address) {
+            return Err(MailboxError::UnknownRecipient(address));
+        }
+        self.dir_of(&address)
+    }
+
+    /// The mailboxes a recipient leads to.
+    pub fn mailboxes_of(&self, recipient: &str) -> Result<Vec<String>, MailboxError> {
+        Self::split(recipient)?;
+        match self.directory.resolve(recipient) {
+            Resolved::Mailboxes(m) => Ok(m),
+            Resolved::Unknown => Err(MailboxError::UnknownRecipient(recipient.to_string())),
+        }
+    }
+
+    /// Whether mail for `recipient` can be taken now: it leads to a
+    /// mailbox, and not every one it leads to is full.
+    pub fn standing(&self, recipient: &str) -> Result<Standing, MailboxError> {
+        let boxes = match self.mailboxes_of(recipient) {
+            Ok(b) => b,
+            Err(MailboxError::UnknownRecipient(_)) => return Ok(Standing::Unknown),
+            Err(e) => return Err(e),
+        };
+        for b in &boxes {
+            let quota = self.directory.quota(b);
+            if quota == 0 || self.usage_of(&self.dir_of(b)?, quota)?.bytes < quota {
+                return Ok(Standing::Exists(boxes));
+            }
+        }
+        Ok(Standing::OverQuota(boxes))
+    }
+
+    /// Stores `content` for `recipient` in every mailbox it leads to, once
+    /// per (queue id, mailbox). Blocking: call it from `spawn_blocking`.
     pub fn deliver(
         &self,
         queue_id: &str,
@@ -142,12 +203,27 @@ impl Mailboxes {
         recipient: &str,
         content: &[u8],
         received_at_unix_micros: i64,
-    ) -> Result<Delivered, MailboxError> {
+    ) -> Result<Vec<Delivered>, MailboxError> {
         if !valid_id(queue_id) || queue_id.contains('.') {
             return Err(MailboxError::Invalid(format!("bad queue id {queue_id:?}")));
         }
-        let dir = self.resolve(recipient)?;
-        let key = format!("{queue_id}_{:016x}", fnv1a(&recipient.to_lowercase()));
+        let boxes = self.mailboxes_of(recipient)?;
+        boxes
+            .iter()
+            .map(|b| self.deliver_to(queue_id, sender, b, content, received_at_unix_micros))
+            .collect()
+    }
+
+    fn deliver_to(
+        &self,
+        queue_id: &str,
+        sender: &str,
+        mailbox: &str,
+        content: &[u8],
+        received_at_unix_micros: i64,
+    ) -> Result<Delivered, MailboxError> {
+        let dir = self.dir_of(mailbox)?;
+        let key = format!("{queue_id}_{:016x}", fnv1a(mailbox));
         let marker_dir = self
             .root
             .join(".correu")
@@ -156,7 +232,7 @@ impl Mailboxes {
         let marker = marker_dir.join(&key);
         if let Ok(id) = std::fs::read_to_string(&marker) {
             return Ok(Delivered {
-                mailbox: recipient.to_lowercase(),
+                mailbox: mailbox.to_string(),
                 message_id: id,
                 duplicate: true,
             });
@@ -166,9 +242,13 @@ impl Mailboxes {
         }
         // Return-Path and Delivered-To (RFC 5321 §4.4, RFC 9228) come first.
         let mut head =
-            format!("Return-Path: <{sender}>\r\nDelivered-To: {recipient}\r\n").into_bytes();
+            format!("Return-Path: <{sender}>\r\nDelivered-To: {mailbox}\r\n").into_bytes();
         head.reserve(content.len());
         let size = head.len() + content.len();
+        let quota = self.directory.quota(mailbox);
+        if quota > 0 && self.usage_of(&dir, quota)?.bytes + size as u64 > quota {
+            return Err(MailboxError::OverQuota(mailbox.to_string()));
+        }
         let secs = received_at_unix_micros.div_euclid(1_000_000);
         let name = format!("{secs}.{key}.{},S={size}", self.host);
         let tmp = dir
@@ -191,13 +271,102 @@ impl Mailboxes {
         };
         std::fs::remove_file(&tmp)?;
         sync_dir(&dir.join("new"))?;
+        if !duplicate && quota > 0 {
+            self.count(&dir, size as i64, 1)?;
+        }
         std::fs::create_dir_all(&marker_dir)?;
         std::fs::write(&marker, &name)?;
         Ok(Delivered {
-            mailbox: recipient.to_lowercase(),
+            mailbox: mailbox.to_string(),
             message_id: name,
             duplicate,
         })
+    }
+
+    /// Appends a change to `maildirsize` when the mailbox keeps one
+    /// (Maildir++: one short line per change, appended in one write).
+    fn count(&self, dir: &Path, bytes: i64, messages: i64) -> std::io::Result<()> {
+        let path = dir.join("maildirsize");
+        match std::fs::OpenOptions::new().append(true).open(&path) {
+            Ok(mut f) => f.write_all(format!("{bytes} {messages}\n").as_bytes()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Counts what the Maildir's `new/` and `cur/` hold.
+    fn scan(dir: &Path) -> std::io::Result<Usage> {
+        let mut u = Usage {
+            messages: 0,
+            bytes: 0,
+        };
+        for sub in ["new", "cur"] {
+            let entries = match std::fs::read_dir(dir.join(sub)) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            for e in entries {
+                let e = e?;
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                if name.starts_with('.') {
+                    continue;
+                }
+                u.messages += 1;
+                u.bytes += match size_in_name(&name) {
+                    Some(s) => s,
+                    None => e.metadata()?.len(),
+                };
+            }
+        }
+        Ok(u)
+    }
+
+    /// A mailbox's usage: from Maildir++ `maildirsize` when it is there,
+    /// short and for this quota; else counted and `maildirsize` rewritten
+    /// (when there is a quota to keep).
+    fn usage_of(&self, dir: &Path, quota: u64) -> Result<Usage, MailboxError> {
+        let path = dir.join("maildirsize");
+        if quota > 0
+            && let Ok(text) = std::fs::read_to_string(&path)
+            && (text.len() as u64) <= MAILDIRSIZE_MAX
+            && let Some((first, rest)) = text.split_once('\n')
+            && first.split(',').any(|f| f == format!("{quota}S"))
+        {
+            let (mut bytes, mut messages) = (0i64, 0i64);
+            for line in rest.lines() {
+                let mut it = line.split_whitespace();
+                if let (Some(b), Some(m)) = (it.next(), it.next())
+                    && let (Ok(b), Ok(m)) = (b.parse::<i64>(), m.parse::<i64>())
+                {
+                    bytes += b;
+                    messages += m;
+                }
+            }
+            return Ok(Usage {
+                messages: messages.max(0) as u64,
+                bytes: bytes.max(0) as u64,
+            });
+        }
+        let u = Self::scan(dir)?;
+        if quota > 0 && dir.exists() {
+            let tmp = dir.join(format!("tmp/maildirsize.{}", std::process::id()));
+            std::fs::create_dir_all(dir.join("tmp"))?;
+            std::fs::write(&tmp, format!("{quota}S\n{} {}\n", u.bytes, u.messages))?;
+            std::fs::rename(&tmp, &path)?;
+        }
+        Ok(u)
+    }
+
+    /// Count, bytes and quota of the mailbox of `address`.
+    pub fn stats(&self, address: &str) -> Result<(Usage, u64), MailboxError> {
+        let dir = self.resolve(address)?;
+        let mailbox = address.to_lowercase();
+        let quota = self.directory.quota(&mailbox);
+        // The count of messages is always exact: from the directories.
+        let scanned = Self::scan(&dir)?;
+        Ok((scanned, quota))
     }
 
     /// The messages of a mailbox, newest first, from `offset`, at most `limit`.
@@ -226,11 +395,7 @@ impl Mailboxes {
                     Some((id, f)) => (id.to_string(), f.to_string()),
                     None => (name.clone(), String::new()),
                 };
-                let size = match id.split_once(",S=") {
-                    Some((_, s)) => s.split(',').next().and_then(|s| s.parse().ok()),
-                    None => None,
-                };
-                let size = match size {
+                let size = match size_in_name(&id) {
                     Some(s) => s,
                     None => e.metadata()?.len(),
                 };
@@ -247,7 +412,7 @@ impl Mailboxes {
                 });
             }
         }
-        all.sort_by(|a, b| {
+        all.sort_unstable_by(|a, b| {
             b.received_at_unix_micros
                 .cmp(&a.received_at_unix_micros)
                 .then_with(|| b.id.cmp(&a.id))
@@ -269,14 +434,58 @@ impl Mailboxes {
         let prefix = format!("{id}:2,");
         if let Ok(entries) = std::fs::read_dir(dir.join("cur")) {
             for e in entries.flatten() {
-                if e.file_name().to_string_lossy().starts_with(&prefix)
-                    || e.file_name().to_string_lossy() == id
-                {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                if name.starts_with(&prefix) || name == id {
                     return Ok(e.path());
                 }
             }
         }
         Err(MailboxError::NoMessage(id.to_string()))
+    }
+
+    /// Removes message `id`.
+    pub fn delete(&self, address: &str, id: &str) -> Result<(), MailboxError> {
+        let path = self.find(address, id)?;
+        let size =
+            size_in_name(id).map_or_else(|| std::fs::metadata(&path).map(|m| m.len()), Ok)?;
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            // Removed meanwhile (another replica, or Dovecot): done.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(MailboxError::NoMessage(id.to_string()));
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let dir = self.resolve(address)?;
+        if let Some(parent) = path.parent() {
+            sync_dir(parent)?;
+        }
+        self.count(&dir, -(size as i64), -1)?;
+        Ok(())
+    }
+
+    /// Gives message `id` exactly `flags` (standard Maildir flags, any
+    /// order); the message moves to `cur/`. Returns the flags as written.
+    pub fn set_flags(&self, address: &str, id: &str, flags: &str) -> Result<String, MailboxError> {
+        if let Some(bad) = flags.chars().find(|c| !FLAGS.contains(*c)) {
+            return Err(MailboxError::Invalid(format!(
+                "unknown flag {bad:?} (flags are {FLAGS})"
+            )));
+        }
+        let sorted: String = FLAGS.chars().filter(|c| flags.contains(*c)).collect();
+        let from = self.find(address, id)?;
+        let dir = self.resolve(address)?;
+        std::fs::create_dir_all(dir.join("cur"))?;
+        let to = dir.join("cur").join(format!("{id}:2,{sorted}"));
+        if from != to {
+            std::fs::rename(&from, &to).map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => MailboxError::NoMessage(id.to_string()),
+                _ => e.into(),
+            })?;
+            sync_dir(&dir.join("cur"))?;
+        }
+        Ok(sorted)
     }
 }
 
@@ -286,7 +495,11 @@ mod tests {
 
     fn boxes(root: &Path, accounts: &[&str]) -> Mailboxes {
         let accounts: Vec<String> = accounts.iter().map(|s| s.to_string()).collect();
-        Mailboxes::new(root, "mx.test", &["localhost".into()], &accounts)
+        Mailboxes::new(
+            root,
+            "mx.test",
+            Directory::new(&["localhost".into()], None, None, &accounts, 0),
+        )
     }
 
     #[test]
@@ -301,7 +514,8 @@ mod tests {
                 b"Subject: x\r\n\r\nhi\r\n",
                 1_700_000_000_000_000,
             )
-            .unwrap();
+            .unwrap()
+            .remove(0);
         assert!(!first.duplicate);
         let again = m
             .deliver(
@@ -311,7 +525,8 @@ mod tests {
                 b"Subject: x\r\n\r\nhi\r\n",
                 1_700_000_000_000_000,
             )
-            .unwrap();
+            .unwrap()
+            .remove(0);
         assert!(again.duplicate);
         assert_eq!(again.message_id, first.message_id);
         let other = m
@@ -322,7 +537,8 @@ mod tests {
                 b"x\r\n",
                 1_700_000_001_000_000,
             )
-            .unwrap();
+            .unwrap()
+            .remove(0);
         assert!(!other.duplicate);
         let files: Vec<_> = std::fs::read_dir(dir.path().join("localhost/pere/new"))
             .unwrap()
@@ -356,7 +572,8 @@ mod tests {
         let m = boxes(dir.path(), &[]);
         let d = m
             .deliver("0ABC", "", "pere@localhost", b"x\r\n", 0)
-            .unwrap();
+            .unwrap()
+            .remove(0);
         let mbox = dir.path().join("localhost/pere");
         std::fs::rename(
             mbox.join("new").join(&d.message_id),
@@ -365,7 +582,7 @@ mod tests {
         .unwrap();
         assert!(
             m.deliver("0ABC", "", "pere@localhost", b"x\r\n", 0)
-                .unwrap()
+                .unwrap()[0]
                 .duplicate
         );
         let (list, more) = m.list("pere@localhost", 0, 10).unwrap();

@@ -7,15 +7,17 @@ use std::sync::Arc;
 use correu_proto::v1::check_recipient_response::Status as RcptStatus;
 use correu_proto::v1::storage_server::Storage;
 use correu_proto::v1::{
-    CheckRecipientRequest, CheckRecipientResponse, DeliverRequest, DeliverResponse,
-    GetMessageRequest, ListMessagesRequest, ListMessagesResponse, MessageChunk, MessageInfo,
+    AuthenticateRequest, AuthenticateResponse, CheckRecipientRequest, CheckRecipientResponse,
+    DeleteMessageRequest, DeleteMessageResponse, DeliverRequest, DeliverResponse,
+    GetMessageRequest, ListMessagesRequest, ListMessagesResponse, MailboxStatsRequest,
+    MailboxStatsResponse, MessageChunk, MessageInfo, SetFlagsRequest, SetFlagsResponse, StoredCopy,
 };
 use futures_util::Stream;
 use tokio::io::AsyncReadExt;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::maildir::{MailboxError, Mailboxes};
+use crate::maildir::{MailboxError, Mailboxes, Standing};
 
 /// Chunk size of `GetMessage` streams.
 const CHUNK: usize = 64 * 1024;
@@ -23,9 +25,11 @@ const CHUNK: usize = 64 * 1024;
 const MAX_PAGE: u32 = 1000;
 
 /// The one place mailbox errors become gRPC codes. Delivery reads
-/// `NOT_FOUND` and `INVALID_ARGUMENT` as permanent, the rest as temporary.
+/// `NOT_FOUND` and `INVALID_ARGUMENT` as permanent, `RESOURCE_EXHAUSTED` as
+/// a full mailbox (4.2.2), the rest as temporary.
 fn status(e: MailboxError) -> Status {
     match e {
+        MailboxError::OverQuota(m) => Status::resource_exhausted(format!("mailbox {m} is full")),
         MailboxError::UnknownRecipient(a) => Status::not_found(format!("no mailbox for {a}")),
         MailboxError::NoMessage(id) => Status::not_found(format!("no message {id}")),
         MailboxError::Invalid(m) => Status::invalid_argument(m),
@@ -62,18 +66,18 @@ impl Storage for StorageService {
         req: Request<CheckRecipientRequest>,
     ) -> Result<Response<CheckRecipientResponse>, Status> {
         let address = req.into_inner().address;
-        let reply = match self.boxes.resolve(&address) {
-            Ok(_) => CheckRecipientResponse {
-                status: RcptStatus::Exists as i32,
-                mailbox: address.to_lowercase(),
-            },
-            Err(MailboxError::UnknownRecipient(_)) => CheckRecipientResponse {
-                status: RcptStatus::Unknown as i32,
-                mailbox: String::new(),
-            },
-            Err(e) => return Err(status(e)),
+        let boxes = self.boxes.clone();
+        let standing = blocking(move || boxes.standing(&address)).await?;
+        let (status, mailboxes) = match standing {
+            Standing::Exists(m) => (RcptStatus::Exists, m),
+            Standing::OverQuota(m) => (RcptStatus::OverQuota, m),
+            Standing::Unknown => (RcptStatus::Unknown, Vec::new()),
         };
-        Ok(Response::new(reply))
+        Ok(Response::new(CheckRecipientResponse {
+            status: status as i32,
+            mailbox: mailboxes.first().cloned().unwrap_or_default(),
+            mailboxes,
+        }))
     }
 
     async fn deliver(
@@ -84,7 +88,7 @@ impl Storage for StorageService {
         let boxes = self.boxes.clone();
         let span = tracing::info_span!("storage.deliver", queue_id = %r.queue_id);
         let queue_id = r.queue_id.clone();
-        let d = blocking(move || {
+        let copies = blocking(move || {
             boxes.deliver(
                 &r.queue_id,
                 &r.sender,
@@ -95,11 +99,25 @@ impl Storage for StorageService {
         })
         .instrument(span)
         .await?;
-        tracing::info!(queue_id = %queue_id, mailbox = %d.mailbox, message_id = %d.message_id, duplicate = d.duplicate, "stored");
+        for d in &copies {
+            tracing::info!(queue_id = %queue_id, mailbox = %d.mailbox, message_id = %d.message_id, duplicate = d.duplicate, "stored");
+        }
+        let first = copies.first().cloned();
         Ok(Response::new(DeliverResponse {
-            mailbox: d.mailbox,
-            message_id: d.message_id,
-            duplicate: d.duplicate,
+            mailbox: first
+                .as_ref()
+                .map(|d| d.mailbox.clone())
+                .unwrap_or_default(),
+            message_id: first.map(|d| d.message_id).unwrap_or_default(),
+            duplicate: copies.iter().all(|d| d.duplicate),
+            copies: copies
+                .into_iter()
+                .map(|d| StoredCopy {
+                    mailbox: d.mailbox,
+                    message_id: d.message_id,
+                    duplicate: d.duplicate,
+                })
+                .collect(),
         }))
     }
 
@@ -165,5 +183,54 @@ impl Storage for StorageService {
             }
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn delete_message(
+        &self,
+        req: Request<DeleteMessageRequest>,
+    ) -> Result<Response<DeleteMessageResponse>, Status> {
+        let r = req.into_inner();
+        let boxes = self.boxes.clone();
+        blocking(move || boxes.delete(&r.address, &r.id)).await?;
+        Ok(Response::new(DeleteMessageResponse {}))
+    }
+
+    async fn set_flags(
+        &self,
+        req: Request<SetFlagsRequest>,
+    ) -> Result<Response<SetFlagsResponse>, Status> {
+        let r = req.into_inner();
+        let boxes = self.boxes.clone();
+        let flags = blocking(move || boxes.set_flags(&r.address, &r.id, &r.flags)).await?;
+        Ok(Response::new(SetFlagsResponse { flags }))
+    }
+
+    async fn mailbox_stats(
+        &self,
+        req: Request<MailboxStatsRequest>,
+    ) -> Result<Response<MailboxStatsResponse>, Status> {
+        let address = req.into_inner().address;
+        let boxes = self.boxes.clone();
+        let (usage, quota) = blocking(move || boxes.stats(&address)).await?;
+        Ok(Response::new(MailboxStatsResponse {
+            messages: usage.messages,
+            bytes: usage.bytes,
+            quota_bytes: quota,
+        }))
+    }
+
+    async fn authenticate(
+        &self,
+        req: Request<AuthenticateRequest>,
+    ) -> Result<Response<AuthenticateResponse>, Status> {
+        let r = req.into_inner();
+        let boxes = self.boxes.clone();
+        // argon2 is slow on purpose: off the async threads.
+        let account =
+            blocking(move || Ok(boxes.directory().authenticate(&r.address, &r.password))).await?;
+        Ok(Response::new(AuthenticateResponse {
+            ok: account.is_some(),
+            account: account.unwrap_or_default(),
+        }))
     }
 }

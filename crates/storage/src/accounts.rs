@@ -1,0 +1,611 @@
+//! Who has a mailbox: accounts, aliases and catch-alls, from files an
+//! operator (or a Kubernetes Secret or ConfigMap) provides, reread when
+//! they change.
+//!
+//! The accounts file is Dovecot's passwd-file format, so one file can
+//! serve Correu and a Dovecot beside it:
+//!
+//! ```text
+//! # address:password:uid:gid:gecos:home:shell:extra fields
+//! pere@example.org:{ARGON2ID}$argon2id$v=19$...::::::userdb_quota_rule=*:storage=1G
+//! ana@example.org:{ARGON2ID}$argon2id$v=19$...
+//! ```
+//!
+//! The password is an argon2 hash in PHC form (`correu account add` makes
+//! one), or empty for an address that receives mail but cannot log in.
+//! Of the extra fields, `userdb_quota_rule=*:storage=SIZE` (or
+//! `quota=SIZE`) sets the mailbox's quota.
+//!
+//! The aliases file has one `address: target, target` per line; `@domain:
+//! target` catches every address of a domain without a mailbox of its own.
+//!
+//! A malformed line is reported with its number and skipped; the others
+//! stand.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use argon2::password_hash::{PasswordHash, PasswordVerifier};
+use argon2::{Argon2, PasswordHasher};
+
+/// An account of the accounts file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    /// Lower-cased.
+    pub address: String,
+    /// argon2 in PHC form, without Dovecot's `{SCHEME}` prefix; `None`: no login.
+    pub hash: Option<String>,
+    /// Bytes; `None` for the default.
+    pub quota: Option<u64>,
+}
+
+/// A size as Dovecot writes quotas: `1024`, `512k`, `100M`, `1G`, `2T`.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    let mult: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1 << 10,
+        "m" | "mb" => 1 << 20,
+        "g" | "gb" => 1 << 30,
+        "t" | "tb" => 1 << 40,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+fn is_address(a: &str) -> bool {
+    a.rsplit_once('@').is_some_and(|(l, d)| {
+        !l.is_empty() && !d.is_empty() && !a.contains([' ', '\t', ':', ',', '/'])
+    })
+}
+
+/// The accounts file's text: the accounts by lower-cased address, and one
+/// error per bad line ("line N: …").
+pub fn parse_accounts(text: &str) -> (HashMap<String, Account>, Vec<String>) {
+    let mut accounts = HashMap::new();
+    let mut errors = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let n = i + 1;
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        // Seven fields, then the extra fields (which may hold colons).
+        let fields: Vec<&str> = line.splitn(8, ':').collect();
+        let user = fields[0].to_lowercase();
+        if !is_address(&user) {
+            errors.push(format!("line {n}: {user:?} is not an address"));
+            continue;
+        }
+        let password = fields.get(1).copied().unwrap_or("");
+        let hash = match password {
+            "" => None,
+            p => {
+                let bare = p
+                    .strip_prefix("{ARGON2ID}")
+                    .or_else(|| p.strip_prefix("{ARGON2I}"))
+                    .unwrap_or(p);
+                if PasswordHash::new(bare).is_err() {
+                    errors.push(format!(
+                        "line {n}: the password of {user} is not an argon2 hash"
+                    ));
+                    continue;
+                }
+                Some(bare.to_string())
+            }
+        };
+        let mut quota = None;
+        let mut bad = None;
+        for field in fields.get(7).copied().unwrap_or("").split_whitespace() {
+            let value = field
+                .strip_prefix("userdb_quota_rule=*:storage=")
+                .or_else(|| field.strip_prefix("quota_rule=*:storage="))
+                .or_else(|| field.strip_prefix("quota="));
+            if let Some(v) = value {
+                match parse_size(v) {
+                    Some(q) => quota = Some(q),
+                    None => bad = Some(format!("line {n}: bad quota {v:?} for {user}")),
+                }
+            }
+        }
+        if let Some(e) = bad {
+            errors.push(e);
+            continue;
+        }
+        if accounts.contains_key(&user) {
+            errors.push(format!(
+                "line {n}: {user} is listed twice; the first stands"
+            ));
+            continue;
+        }
+        accounts.insert(
+            user.clone(),
+            Account {
+                address: user,
+                hash,
+                quota,
+            },
+        );
+    }
+    (accounts, errors)
+}
+
+/// The aliases file: `address: target, target`; `@domain: target`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Aliases {
+    /// Lower-cased address to its targets.
+    pub aliases: HashMap<String, Vec<String>>,
+    /// Lower-cased domain to the target of its catch-all.
+    pub catch_all: HashMap<String, Vec<String>>,
+}
+
+pub fn parse_aliases(text: &str) -> (Aliases, Vec<String>) {
+    let mut out = Aliases::default();
+    let mut errors = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let n = i + 1;
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some((from, to)) = line.split_once(':') else {
+            errors.push(format!("line {n}: expected `address: target, …`"));
+            continue;
+        };
+        let from = from.trim().to_lowercase();
+        let targets: Vec<String> = to
+            .split(',')
+            .map(|t| t.trim().to_lowercase())
+            .filter(|t| !t.is_empty())
+            .collect();
+        if targets.is_empty() {
+            errors.push(format!("line {n}: {from} has no target"));
+            continue;
+        }
+        if let Some(t) = targets.iter().find(|t| !is_address(t)) {
+            errors.push(format!("line {n}: target {t:?} is not an address"));
+            continue;
+        }
+        let table = match from.strip_prefix('@') {
+            Some(domain) if !domain.is_empty() && !domain.contains('@') => {
+                out.catch_all.entry(domain.to_string())
+            }
+            _ if is_address(&from) => out.aliases.entry(from.clone()),
+            _ => {
+                errors.push(format!("line {n}: {from:?} is not an address or @domain"));
+                continue;
+            }
+        };
+        match table {
+            std::collections::hash_map::Entry::Occupied(_) => {
+                errors.push(format!(
+                    "line {n}: {from} is listed twice; the first stands"
+                ));
+            }
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(targets);
+            }
+        }
+    }
+    (out, errors)
+}
+
+/// An argon2id hash of `password` in PHC form, for the accounts file.
+pub fn hash_password(password: &str) -> Result<String, argon2::password_hash::Error> {
+    let bytes: [u8; 16] = rand::random();
+    let salt = argon2::password_hash::SaltString::encode_b64(&bytes)?;
+    Ok(Argon2::default()
+        .hash_password(password.as_bytes(), &salt)?
+        .to_string())
+}
+
+/// Whether `password` matches the PHC `hash` (slow on purpose: call it off
+/// the async threads).
+pub fn verify_password(hash: &str, password: &str) -> bool {
+    PasswordHash::new(hash).is_ok_and(|parsed| {
+        Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok()
+    })
+}
+
+/// How often a watched file's modification time is looked at.
+const RECHECK: Duration = Duration::from_secs(1);
+
+/// A file parsed into `T`, reread when its modification time changes
+/// (looked at no more than once a second). A file that cannot be read
+/// keeps the last good contents in force.
+pub struct Watched<T> {
+    path: PathBuf,
+    what: &'static str,
+    parse: fn(&str) -> (T, Vec<String>),
+    state: RwLock<(Option<SystemTime>, Arc<T>)>,
+    checked: Mutex<Instant>,
+}
+
+impl<T: Send + Sync> Watched<T> {
+    /// Reads the file now; one that cannot be read stops the start.
+    pub fn open(
+        path: &Path,
+        what: &'static str,
+        parse: fn(&str) -> (T, Vec<String>),
+    ) -> std::io::Result<Watched<T>> {
+        let mtime = std::fs::metadata(path)?.modified().ok();
+        let value = Self::load(path, what, parse)?;
+        Ok(Watched {
+            path: path.into(),
+            what,
+            parse,
+            state: RwLock::new((mtime, Arc::new(value))),
+            checked: Mutex::new(Instant::now()),
+        })
+    }
+
+    fn load(
+        path: &Path,
+        what: &'static str,
+        parse: fn(&str) -> (T, Vec<String>),
+    ) -> std::io::Result<T> {
+        let text = std::fs::read_to_string(path)?;
+        let (value, errors) = parse(&text);
+        for e in &errors {
+            tracing::warn!(file = %path.display(), "{what}: {e}");
+        }
+        tracing::info!(file = %path.display(), errors = errors.len(), "{what} loaded");
+        Ok(value)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The contents in force, reread first if the file changed.
+    pub fn get(&self) -> Arc<T> {
+        let due = {
+            let mut checked = self.checked.lock().unwrap_or_else(|p| p.into_inner());
+            let due = checked.elapsed() >= RECHECK;
+            if due {
+                *checked = Instant::now();
+            }
+            due
+        };
+        if due {
+            self.reload_if_changed();
+        }
+        self.state
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+            .clone()
+    }
+
+    /// Rereads the file if its modification time moved.
+    pub fn reload_if_changed(&self) {
+        let mtime = match std::fs::metadata(&self.path) {
+            Ok(m) => m.modified().ok(),
+            Err(e) => {
+                tracing::error!(file = %self.path.display(), error = %e, "{}: cannot read; keeping the last contents", self.what);
+                return;
+            }
+        };
+        if self.state.read().unwrap_or_else(|p| p.into_inner()).0 == mtime {
+            return;
+        }
+        match Self::load(&self.path, self.what, self.parse) {
+            Ok(value) => {
+                *self.state.write().unwrap_or_else(|p| p.into_inner()) = (mtime, Arc::new(value));
+            }
+            Err(e) => {
+                tracing::error!(file = %self.path.display(), error = %e, "{}: cannot read; keeping the last contents", self.what);
+            }
+        }
+    }
+}
+
+/// Where mail for an address goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolved {
+    /// These mailboxes (lower-cased addresses), one or more.
+    Mailboxes(Vec<String>),
+    Unknown,
+}
+
+/// Accounts, aliases and catch-alls together.
+pub struct Directory {
+    domains: Vec<String>,
+    accounts: Option<Watched<HashMap<String, Account>>>,
+    aliases: Option<Watched<Aliases>>,
+    /// Addresses from `storage.mailboxes` (no password, default quota).
+    listed: Vec<String>,
+    default_quota: u64,
+}
+
+/// Aliases lead to aliases at most this deep (a loop ends here too).
+const MAX_ALIAS_DEPTH: usize = 8;
+
+impl Directory {
+    pub fn new(
+        domains: &[String],
+        accounts: Option<Watched<HashMap<String, Account>>>,
+        aliases: Option<Watched<Aliases>>,
+        listed: &[String],
+        default_quota: u64,
+    ) -> Directory {
+        Directory {
+            domains: domains.iter().map(|d| d.to_lowercase()).collect(),
+            accounts,
+            aliases,
+            listed: listed.iter().map(|a| a.to_lowercase()).collect(),
+            default_quota,
+        }
+    }
+
+    /// Every local-part of every local domain has a mailbox: no accounts
+    /// file and no `storage.mailboxes` (the embedded default).
+    fn open_mode(&self) -> bool {
+        self.accounts.is_none() && self.listed.is_empty()
+    }
+
+    fn is_local(&self, address: &str) -> bool {
+        address
+            .rsplit_once('@')
+            .is_some_and(|(_, d)| self.domains.iter().any(|x| x == d))
+    }
+
+    /// Whether `address` (lower-cased) has a mailbox of its own.
+    pub fn is_mailbox(&self, address: &str) -> bool {
+        let accounts = self.accounts.as_ref().map(Watched::get);
+        self.has_mailbox(address, accounts.as_deref())
+    }
+
+    fn has_mailbox(&self, address: &str, accounts: Option<&HashMap<String, Account>>) -> bool {
+        self.is_local(address)
+            && (self.open_mode()
+                || self.listed.iter().any(|a| a == address)
+                || accounts.is_some_and(|a| a.contains_key(address)))
+    }
+
+    /// The mailboxes `address` leads to: an alias's targets (aliases of
+    /// aliases followed), the address's own mailbox, or its domain's
+    /// catch-all. Targets without a mailbox here are dropped with a warning.
+    pub fn resolve(&self, address: &str) -> Resolved {
+        let address = address.to_lowercase();
+        let accounts = self.accounts.as_ref().map(Watched::get);
+        let aliases = self.aliases.as_ref().map(Watched::get);
+        let mut out: Vec<String> = Vec::new();
+        let mut todo = vec![(address.clone(), 0usize)];
+        while let Some((a, depth)) = todo.pop() {
+            let expansion = aliases.as_ref().and_then(|al| al.aliases.get(&a));
+            match expansion {
+                Some(targets) if depth < MAX_ALIAS_DEPTH => {
+                    for t in targets.iter().rev() {
+                        // An alias may name itself to keep a copy.
+                        if *t == a {
+                            if self.has_mailbox(t, accounts.as_deref()) && !out.contains(t) {
+                                out.push(t.clone());
+                            }
+                        } else {
+                            todo.push((t.clone(), depth + 1));
+                        }
+                    }
+                }
+                Some(_) => {
+                    tracing::warn!(alias = %address, "aliases nest too deep (a loop?); stopping");
+                }
+                None if self.has_mailbox(&a, accounts.as_deref()) => {
+                    if !out.contains(&a) {
+                        out.push(a);
+                    }
+                }
+                None if depth == 0 => {
+                    let domain = a.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
+                    if let Some(targets) = aliases.as_ref().and_then(|al| al.catch_all.get(domain))
+                        && self.is_local(&a)
+                    {
+                        for t in targets {
+                            todo.push((t.clone(), depth + 1));
+                        }
+                    }
+                }
+                None => {
+                    tracing::warn!(alias = %address, target = %a, "alias target has no mailbox here; skipped");
+                }
+            }
+        }
+        if out.is_empty() {
+            Resolved::Unknown
+        } else {
+            Resolved::Mailboxes(out)
+        }
+    }
+
+    /// The quota of a mailbox in bytes; 0 for none.
+    pub fn quota(&self, mailbox: &str) -> u64 {
+        self.accounts
+            .as_ref()
+            .and_then(|w| w.get().get(mailbox).and_then(|a| a.quota))
+            .unwrap_or(self.default_quota)
+    }
+
+    /// The account `address` logs in as, when `password` is its password.
+    /// Blocking (argon2): call it from `spawn_blocking`.
+    pub fn authenticate(&self, address: &str, password: &str) -> Option<String> {
+        let accounts = self.accounts.as_ref()?.get();
+        let account = accounts.get(&address.to_lowercase())?;
+        let hash = account.hash.as_deref()?;
+        verify_password(hash, password).then(|| account.address.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        for (s, want) in [
+            ("0", Some(0)),
+            ("1024", Some(1024)),
+            ("512k", Some(512 << 10)),
+            ("100M", Some(100 << 20)),
+            ("1G", Some(1 << 30)),
+            ("2T", Some(2 << 40)),
+            ("1X", None),
+            ("", None),
+            ("-1", None),
+        ] {
+            assert_eq!(parse_size(s), want, "{s}");
+        }
+    }
+
+    #[test]
+    fn accounts_file_lines() {
+        let hash = hash_password("secret").unwrap();
+        let text = format!(
+            "# accounts\n\
+             Pere@Example.org:{{ARGON2ID}}{hash}::::::userdb_quota_rule=*:storage=1M\n\
+             ana@example.org:{hash}\n\
+             robot@example.org:\n\
+             broken line\n\
+             x@example.org:plaintext\n\
+             y@example.org:{hash}::::::quota=lots\n\
+             ana@example.org:{hash}\n"
+        );
+        let (accounts, errors) = parse_accounts(&text);
+        assert_eq!(accounts.len(), 3, "{accounts:?}");
+        assert_eq!(accounts["pere@example.org"].quota, Some(1 << 20));
+        assert_eq!(
+            accounts["pere@example.org"].hash.as_deref(),
+            Some(hash.as_str())
+        );
+        assert_eq!(accounts["ana@example.org"].quota, None);
+        assert_eq!(accounts["robot@example.org"].hash, None);
+        assert_eq!(
+            errors,
+            vec![
+                "line 5: \"broken line\" is not an address",
+                "line 6: the password of x@example.org is not an argon2 hash",
+                "line 7: bad quota \"lots\" for y@example.org",
+                "line 8: ana@example.org is listed twice; the first stands",
+            ]
+        );
+        assert!(verify_password(&hash, "secret"));
+        assert!(!verify_password(&hash, "Secret"));
+    }
+
+    #[test]
+    fn aliases_file_lines() {
+        let (a, errors) = parse_aliases(
+            "postmaster@example.org: pere@example.org\n\
+             team@example.org: pere@example.org, ana@example.org\n\
+             @example.org: pere@example.org\n\
+             nothing@example.org:\n\
+             bad@example.org: not an address\n\
+             no colon\n",
+        );
+        assert_eq!(a.aliases["team@example.org"].len(), 2);
+        assert_eq!(a.catch_all["example.org"], vec!["pere@example.org"]);
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        assert!(errors[0].starts_with("line 4:"));
+        assert!(errors[1].starts_with("line 5:"));
+        assert!(errors[2].starts_with("line 6:"));
+    }
+
+    fn watched<T: Send + Sync>(
+        dir: &Path,
+        name: &str,
+        text: &str,
+        what: &'static str,
+        parse: fn(&str) -> (T, Vec<String>),
+    ) -> Watched<T> {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        Watched::open(&path, what, parse).unwrap()
+    }
+
+    #[test]
+    fn resolution_aliases_catch_all_and_loops() {
+        let dir = tempfile::tempdir().unwrap();
+        let accounts = watched(
+            dir.path(),
+            "accounts",
+            "pere@example.org:\nana@example.org:\n",
+            "accounts",
+            parse_accounts,
+        );
+        let aliases = watched(
+            dir.path(),
+            "aliases",
+            "team@example.org: pere@example.org, ana@example.org, ghost@example.org\n\
+             all@example.org: team@example.org, pere@example.org\n\
+             self@example.org: self@example.org\n\
+             loop1@example.org: loop2@example.org\n\
+             loop2@example.org: loop1@example.org\n\
+             pere@example.org: pere@example.org, ana@example.org\n\
+             @example.org: ana@example.org\n",
+            "aliases",
+            parse_aliases,
+        );
+        let d = Directory::new(
+            &["example.org".into()],
+            Some(accounts),
+            Some(aliases),
+            &[],
+            0,
+        );
+        let boxes = |a: &str| match d.resolve(a) {
+            Resolved::Mailboxes(m) => m,
+            Resolved::Unknown => vec![],
+        };
+        assert_eq!(boxes("ANA@example.org"), ["ana@example.org"]);
+        // An alias that names itself keeps a copy.
+        assert_eq!(
+            boxes("pere@example.org"),
+            ["pere@example.org", "ana@example.org"]
+        );
+        assert_eq!(
+            boxes("team@example.org"),
+            ["pere@example.org", "ana@example.org"]
+        );
+        assert_eq!(
+            boxes("all@example.org"),
+            ["pere@example.org", "ana@example.org"]
+        );
+        // The catch-all takes what nothing else does.
+        assert_eq!(boxes("whoever@example.org"), ["ana@example.org"]);
+        assert_eq!(boxes("loop1@example.org"), Vec::<String>::new());
+        assert_eq!(d.resolve("x@elsewhere.org"), Resolved::Unknown);
+    }
+
+    #[test]
+    fn a_changed_file_is_reread_and_a_vanished_one_keeps_the_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = watched(
+            dir.path(),
+            "accounts",
+            "pere@example.org:\n",
+            "accounts",
+            parse_accounts,
+        );
+        assert!(w.get().contains_key("pere@example.org"));
+        std::fs::write(w.path(), "ana@example.org:\n").unwrap();
+        let later = SystemTime::now() + Duration::from_secs(5);
+        std::fs::File::options()
+            .write(true)
+            .open(w.path())
+            .unwrap()
+            .set_modified(later)
+            .unwrap();
+        w.reload_if_changed();
+        assert!(w.get().contains_key("ana@example.org"));
+        assert!(!w.get().contains_key("pere@example.org"));
+        std::fs::remove_file(w.path()).unwrap();
+        w.reload_if_changed();
+        assert!(w.get().contains_key("ana@example.org"));
+    }
+}
