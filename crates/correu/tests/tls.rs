@@ -57,33 +57,6 @@ fn server(dir: &Path, extra_smtp: &str) -> Server {
     }
 }
 
-fn run_with_stdin(
-    program: &str,
-    args: &[&str],
-    input: &str,
-) -> (std::process::ExitStatus, String, String) {
-    use std::io::Write;
-    let mut child = std::process::Command::new(program)
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status,
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 fn swaks(args: &[&str]) -> (bool, String) {
     let (st, out, err) = run("swaks", args);
     (st.success(), format!("{out}\n{err}"))

@@ -116,6 +116,14 @@ fn size_in_name(name: &str) -> Option<u64> {
     s.split([',', ':']).next()?.parse().ok()
 }
 
+/// A name no other writer uses at the same time: this process's id and a
+/// counter, so two threads (or replicas) never share a file in `tmp/`.
+fn unique(base: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{base}.{}_{n}", std::process::id())
+}
+
 /// Maildir++ (and Dovecot) recalculate `maildirsize` past this size.
 const MAILDIRSIZE_MAX: u64 = 5120;
 
@@ -251,9 +259,7 @@ impl Mailboxes {
         }
         let secs = received_at_unix_micros.div_euclid(1_000_000);
         let name = format!("{secs}.{key}.{},S={size}", self.host);
-        let tmp = dir
-            .join("tmp")
-            .join(format!("{name}.{}", std::process::id()));
+        let tmp = dir.join("tmp").join(unique(&name));
         {
             let mut f = File::create(&tmp)?;
             f.write_all(&head)?;
@@ -328,8 +334,13 @@ impl Mailboxes {
     /// (when there is a quota to keep).
     fn usage_of(&self, dir: &Path, quota: u64) -> Result<Usage, MailboxError> {
         let path = dir.join("maildirsize");
-        if quota > 0
-            && let Ok(text) = std::fs::read_to_string(&path)
+        let read = if quota > 0 {
+            std::fs::read_to_string(&path)
+        } else {
+            Err(std::io::ErrorKind::Unsupported.into())
+        };
+        let missing = matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::NotFound);
+        if let Ok(text) = &read
             && (text.len() as u64) <= MAILDIRSIZE_MAX
             && let Some((first, rest)) = text.split_once('\n')
             && first.split(',').any(|f| f == format!("{quota}S"))
@@ -351,10 +362,29 @@ impl Mailboxes {
         }
         let u = Self::scan(dir)?;
         if quota > 0 && dir.exists() {
-            let tmp = dir.join(format!("tmp/maildirsize.{}", std::process::id()));
+            let line = format!("{quota}S\n{} {}\n", u.bytes, u.messages);
+            let tmp = dir.join("tmp").join(unique("maildirsize"));
             std::fs::create_dir_all(dir.join("tmp"))?;
-            std::fs::write(&tmp, format!("{quota}S\n{} {}\n", u.bytes, u.messages))?;
-            std::fs::rename(&tmp, &path)?;
+            std::fs::write(&tmp, line)?;
+            if !missing {
+                // Stale (too long, or for another quota): recalculated, as
+                // Maildir++ does.
+                std::fs::rename(&tmp, &path)?;
+            } else {
+                // Linked in whole, and only if absent: the first one made
+                // wins and the others count from it (a delivery appends
+                // only once the file exists, so no change falls between
+                // the count and the file).
+                let linked = std::fs::hard_link(&tmp, &path);
+                std::fs::remove_file(&tmp)?;
+                match linked {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                        return self.usage_of(dir, quota);
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
         }
         Ok(u)
     }

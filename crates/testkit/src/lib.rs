@@ -1139,6 +1139,89 @@ pub fn read(path: &Path) -> String {
 }
 
 /// Runs a command to completion, returning (status, stdout, stderr).
+/// Runs `program` with `input` on its standard input.
+pub fn run_with_stdin(
+    program: &str,
+    args: &[&str],
+    input: &str,
+) -> (std::process::ExitStatus, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    // A program that exits without reading its input closes the pipe:
+    // that is its business, not the test's.
+    let _unread = child.stdin.take().unwrap().write_all(input.as_bytes());
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A private Dovecot (Debian's dovecot-imapd) serving IMAP on 127.0.0.1
+/// without TLS: users and passwords from `accounts` (passwd-file, argon2),
+/// each user's Maildir at `root/DOMAIN/LOCALPART`, accessed as `nobody`.
+pub fn dovecot(dir: &Path, accounts: &Path, root: &Path) -> (Proc, u16) {
+    let port = free_port();
+    let home = dir.join("dovecot");
+    for sub in ["run", "state"] {
+        std::fs::create_dir_all(home.join(sub)).unwrap();
+    }
+    let conf = home.join("dovecot.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "protocols = imap
+             listen = 127.0.0.1
+             base_dir = {run}
+             state_dir = {state}
+             log_path = /dev/stderr
+             ssl = no
+             disable_plaintext_auth = no
+             auth_mechanisms = plain login
+             mail_location = maildir:~
+             passdb {{
+  driver = passwd-file
+  args = scheme=ARGON2ID username_format=%Lu {accounts}
+}}
+             userdb {{
+  driver = static
+  args = uid=65534 gid=65534 home={root}/%Ld/%Ln
+}}
+             service imap-login {{
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {port}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+}}
+",
+            run = home.join("run").display(),
+            state = home.join("state").display(),
+            accounts = accounts.display(),
+            root = root.display(),
+        ),
+    )
+    .unwrap();
+    let p = Proc::spawn(
+        "dovecot",
+        dir,
+        "/usr/sbin/dovecot",
+        &["-F", "-c", conf.to_str().unwrap()],
+        &[],
+    );
+    wait_port(port, Duration::from_secs(20), &p);
+    (p, port)
+}
+
 pub fn run(program: &str, args: &[&str]) -> (std::process::ExitStatus, String, String) {
     let out = Command::new(program)
         .args(args)
