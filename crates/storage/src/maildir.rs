@@ -408,8 +408,12 @@ impl Mailboxes {
         limit: usize,
     ) -> Result<(Vec<Listed>, bool), MailboxError> {
         let dir = self.resolve(address)?;
-        let mut all = Vec::new();
-        for sub in ["new", "cur"] {
+        // Names only (the time leads each name), then only the page is
+        // parsed further: a mailbox of 100,000 costs one pass and a
+        // partial selection, not a full sort.
+        let subs = ["new", "cur"];
+        let mut all: Vec<(i64, String, usize)> = Vec::new();
+        for (n, sub) in subs.iter().enumerate() {
             let entries = match std::fs::read_dir(dir.join(sub)) {
                 Ok(e) => e,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
@@ -417,38 +421,48 @@ impl Mailboxes {
             };
             for e in entries {
                 let e = e?;
-                let name = e.file_name().to_string_lossy().into_owned();
+                let Ok(name) = e.file_name().into_string() else {
+                    continue;
+                };
                 if name.starts_with('.') {
                     continue;
                 }
-                let (id, flags) = match name.split_once(":2,") {
-                    Some((id, f)) => (id.to_string(), f.to_string()),
-                    None => (name.clone(), String::new()),
-                };
-                let size = match size_in_name(&id) {
-                    Some(s) => s,
-                    None => e.metadata()?.len(),
-                };
-                let secs: i64 = id
+                let secs: i64 = name
                     .split('.')
                     .next()
                     .and_then(|s| s.parse().ok())
                     .unwrap_or(0);
-                all.push(Listed {
-                    id,
-                    size,
-                    received_at_unix_micros: secs * 1_000_000,
-                    flags,
-                });
+                all.push((secs, name, n));
             }
         }
-        all.sort_unstable_by(|a, b| {
-            b.received_at_unix_micros
-                .cmp(&a.received_at_unix_micros)
-                .then_with(|| b.id.cmp(&a.id))
-        });
+        let newest_first = |a: &(i64, String, usize), b: &(i64, String, usize)| {
+            b.0.cmp(&a.0).then_with(|| b.1.cmp(&a.1))
+        };
         let more = all.len() > offset + limit;
-        Ok((all.into_iter().skip(offset).take(limit).collect(), more))
+        let wanted = (offset + limit).min(all.len());
+        if wanted < all.len() && wanted > 0 {
+            all.select_nth_unstable_by(wanted - 1, newest_first);
+            all.truncate(wanted);
+        }
+        all.sort_unstable_by(newest_first);
+        let mut page = Vec::with_capacity(limit.min(all.len()));
+        for (secs, name, sub) in all.into_iter().skip(offset).take(limit) {
+            let (id, flags) = match name.split_once(":2,") {
+                Some((id, f)) => (id.to_string(), f.to_string()),
+                None => (name.clone(), String::new()),
+            };
+            let size = match size_in_name(&id) {
+                Some(s) => s,
+                None => std::fs::metadata(dir.join(subs[sub]).join(&name)).map_or(0, |m| m.len()),
+            };
+            page.push(Listed {
+                id,
+                size,
+                received_at_unix_micros: secs * 1_000_000,
+                flags,
+            });
+        }
+        Ok((page, more))
     }
 
     /// The path of message `id` in the mailbox of `address`.
