@@ -5,8 +5,10 @@
 //! 2. `ListMessages` (first page of 50) latency for a mailbox of 100,000
 //!    messages.
 //!
-//!     cargo bench -p correu-storage --bench storage
-//!     cargo bench -p correu-storage --bench storage -- 5000 100000
+//! ```text
+//! cargo bench -p correu-storage --bench storage
+//! cargo bench -p correu-storage --bench storage -- 5000 100000
+//! ```
 //!
 //! The arguments: how many Deliver calls, how many messages in the big
 //! mailbox. The working directory is under `target/`, on the same disk as
