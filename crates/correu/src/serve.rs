@@ -38,7 +38,15 @@ pub async fn serve(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<(
         shutdown.clone(),
     )?);
 
-    print_banner(&cfg, &smtp, storage_addr, backend)?;
+    let health = correu_runtime::health::Health::new(shutdown.clone())
+        .check("queue", correu_queue::ready_check(queue.clone()))
+        .check(
+            "storage",
+            correu_storage::client::ready_check(storage.clone()),
+        );
+    let (probes, health_addr) = correu_runtime::health::start(&cfg, health).await?;
+
+    print_banner(&cfg, &smtp, storage_addr, health_addr, backend)?;
 
     let storage_stop = CancellationToken::new();
     let delivery_stop = CancellationToken::new();
@@ -72,6 +80,7 @@ pub async fn serve(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<(
     let delivery_result = watch("delivery", delivery_task.await);
     storage_stop.cancel();
     let storage_result = watch("storage", storage_task.await);
+    probes.cancel();
     println!("Correu stopped.");
     ingress_result.and(delivery_result).and(storage_result)
 }
@@ -80,6 +89,7 @@ fn print_banner(
     cfg: &Config,
     smtp: &[correu_ingress::Listener],
     storage: std::net::SocketAddr,
+    health: std::net::SocketAddr,
     backend: QueueBackend,
 ) -> anyhow::Result<()> {
     let domains = cfg.domains.join(", ");
@@ -93,6 +103,7 @@ fn print_banner(
         println!("  SMTP     {}  ({what})", l.socket.local_addr()?);
     }
     println!("  storage  {storage}  (gRPC)");
+    println!("  health   http://{health}/readyz  (and /livez, /metrics)");
     match backend {
         QueueBackend::Embedded => {
             println!("  queue    {}  (embedded spool)", cfg.queue.spool.display())

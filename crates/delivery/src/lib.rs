@@ -19,6 +19,7 @@
 pub mod client;
 pub mod dkim;
 pub mod dsn;
+pub mod metrics;
 pub mod mta_sts;
 pub mod outcome;
 pub mod pool;
@@ -34,6 +35,7 @@ use correu_queue::{Delivery, Next, Queue, Schedule};
 use correu_runtime::Config;
 use correu_runtime::config::OutboundTls;
 use correu_storage::client::Client as StorageClient;
+use opentelemetry::KeyValue;
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio::time::timeout;
@@ -180,12 +182,33 @@ impl Deliverer {
             }
             return;
         }
-        let span = tracing::info_span!("delivery.message", queue_id = %msg.queue_id, attempt = msg.attempt + 1);
-        let work = std::panic::AssertUnwindSafe(self.deliver_all(&msg).instrument(span));
+        // The message's trace goes on: ingress's publish is the parent,
+        // on every attempt (retries republish the same traceparent).
+        let span = tracing::info_span!(
+            parent: None,
+            "delivery.message",
+            queue_id = %msg.queue_id,
+            attempt = msg.attempt + 1,
+            trace_id = tracing::field::Empty,
+            "messaging.system" = self.queue.system(),
+            "messaging.operation.type" = "process",
+            "messaging.message.id" = %msg.queue_id,
+        );
+        if !msg.traceparent.is_empty() {
+            let headers = std::collections::HashMap::from([(
+                "traceparent".to_string(),
+                msg.traceparent.clone(),
+            )]);
+            correu_runtime::telemetry::extract_into(&span, &headers);
+        }
+        if let Some(t) = correu_runtime::telemetry::trace_id(&span) {
+            span.record("trace_id", t.as_str());
+        }
+        let work = std::panic::AssertUnwindSafe(self.deliver_all(&msg).instrument(span.clone()));
         match futures_util::FutureExt::catch_unwind(work).await {
             Ok(outcomes) => {
                 self.panics().remove(&msg.queue_id);
-                self.settle(delivery, msg, outcomes).await;
+                self.settle(delivery, msg, outcomes).instrument(span).await;
             }
             Err(_) => {
                 let n = {
@@ -257,7 +280,15 @@ impl Deliverer {
             received_at_unix_micros: msg.received_at_unix_micros,
         };
         let mut client = self.storage.clone();
-        let span = tracing::info_span!("storage.deliver", queue_id = %msg.queue_id);
+        let span = tracing::info_span!(
+            "storage.deliver",
+            queue_id = %msg.queue_id,
+            "rpc.system" = "grpc",
+            "rpc.service" = "correu.v1.Storage",
+            "rpc.method" = "Deliver",
+            "otel.kind" = "client",
+        );
+        let req = span.in_scope(|| correu_storage::client::traced(req));
         match timeout(self.storage_timeout, client.deliver(req))
             .instrument(span)
             .await
@@ -337,11 +368,45 @@ impl Deliverer {
                 }
             };
             for addr in addrs {
-                let span = tracing::info_span!("delivery.attempt", queue_id = %msg.queue_id, mx = %hop.host, %addr);
+                let span = tracing::info_span!(
+                    "delivery.attempt",
+                    queue_id = %msg.queue_id,
+                    mx = %hop.host,
+                    %addr,
+                    "server.address" = %hop.host,
+                    "server.port" = addr.port(),
+                    "network.peer.address" = %addr.ip(),
+                    outcome = tracing::field::Empty,
+                    "smtp.reply.code" = tracing::field::Empty,
+                );
                 let tried = self
                     .try_host(msg, content, &hop, addr, rcpts)
-                    .instrument(span)
+                    .instrument(span.clone())
                     .await;
+                match &tried {
+                    Ok(outcomes) => {
+                        let delivered = outcomes.iter().filter(|o| o.is_delivered()).count();
+                        span.record(
+                            "outcome",
+                            if delivered == outcomes.len() {
+                                "delivered"
+                            } else if delivered > 0 {
+                                "partial"
+                            } else {
+                                "refused"
+                            },
+                        );
+                        if let Some(code) = outcomes.iter().find_map(Outcome::reply_code) {
+                            span.record("smtp.reply.code", code);
+                        }
+                    }
+                    Err(HostError::Busy) => {
+                        span.record("outcome", "busy");
+                    }
+                    Err(HostError::Session(_)) => {
+                        span.record("outcome", "error");
+                    }
+                }
                 match tried {
                     Ok(outcomes) => return outcomes,
                     // Connections per host are shared by every delivery
@@ -597,9 +662,32 @@ impl Deliverer {
         let mut pending = Vec::new();
         let mut last_error = String::new();
         let mut reports: Vec<(&correu_proto::v1::Recipient, dsn::Action)> = Vec::new();
+        let m = &metrics::METRICS;
         for (r, o) in msg.recipients.iter().zip(&outcomes) {
+            let destination = if self.is_local(&r.address) {
+                "local"
+            } else {
+                "remote"
+            };
+            let outcome = match o {
+                Outcome::Delivered { .. } => "delivered",
+                Outcome::Permanent(_) => "failed",
+                Outcome::Temporary(_) if giving_up => "failed",
+                Outcome::Temporary(_) => "deferred",
+            };
+            m.attempts.add(
+                1,
+                &[
+                    KeyValue::new("outcome", outcome),
+                    KeyValue::new("destination", destination),
+                ],
+            );
             match o {
                 Outcome::Delivered { remote_mta } => {
+                    m.time_to_deliver.record(
+                        age.as_secs_f64(),
+                        &[KeyValue::new("destination", destination)],
+                    );
                     tracing::info!(queue_id = %id, recipient = %r.address, attempt = attempts, "delivered");
                     let action = match remote_mta {
                         Some(m) => dsn::Action::Relayed {
@@ -631,9 +719,14 @@ impl Deliverer {
         if self.bounces {
             let dsn_id = correu_queue::new_queue_id();
             let now = age_of(0).as_micros() as i64;
-            if let Some(report) = dsn::build(&self.hostname, &msg, &reports, &dsn_id, now) {
+            if let Some(mut report) = dsn::build(&self.hostname, &msg, &reports, &dsn_id, now) {
+                // The report belongs to the message's trace.
+                report.traceparent = correu_runtime::telemetry::inject()
+                    .remove("traceparent")
+                    .unwrap_or_default();
                 match self.queue.publish(&report).await {
                     Ok(()) => {
+                        m.reports.add(1, &[]);
                         tracing::info!(queue_id = %id, dsn = %dsn_id, to = %msg.sender, "delivery status notification queued")
                     }
                     Err(e) => {
@@ -648,6 +741,7 @@ impl Deliverer {
         let result = match next {
             Some(Next::RetryIn { tier, delay }) if !pending.is_empty() => {
                 tracing::info!(queue_id = %id, attempts, retry_in = ?delay, pending = pending.len(), "retry scheduled");
+                m.retries.add(1, &[]);
                 let updated = QueuedMessage {
                     recipients: pending,
                     attempt: attempts,
@@ -732,6 +826,18 @@ pub async fn run(
             }
         }
     });
+    // Queue depths for the correu.queue.depth gauge, from the broker.
+    let depths = tokio::spawn({
+        let queue = queue.clone();
+        async move {
+            loop {
+                if let Ok(counts) = queue.counts().await {
+                    correu_queue::metrics::record_depths(&counts);
+                }
+                tokio::time::sleep(Duration::from_secs(15)).await;
+            }
+        }
+    });
     tracing::info!(concurrency = cfg.delivery.concurrency, "delivery consuming");
     loop {
         let permit = tokio::select! {
@@ -752,6 +858,7 @@ pub async fn run(
     }
     tracker.close();
     sweeper.abort();
+    depths.abort();
     tracing::info!(in_flight = tracker.len(), "delivery stopping");
     if timeout(DRAIN, tracker.wait()).await.is_err() {
         tracing::warn!(
@@ -768,5 +875,14 @@ pub async fn run(
 pub async fn standalone(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let queue = correu_queue::open_for_service(&cfg.queue).await?;
     let storage = correu_storage::client::connect(&cfg.storage, &cfg.storage.endpoint)?;
-    run(&cfg, queue, storage, shutdown).await
+    let health = correu_runtime::health::Health::new(shutdown.clone())
+        .check("queue", correu_queue::ready_check(queue.clone()))
+        .check(
+            "storage",
+            correu_storage::client::ready_check(storage.clone()),
+        );
+    let (probes, _) = correu_runtime::health::start(&cfg, health).await?;
+    let result = run(&cfg, queue, storage, shutdown).await;
+    probes.cancel();
+    result
 }

@@ -46,6 +46,19 @@ impl Outcome {
         matches!(self, Outcome::Delivered { .. })
     }
 
+    /// The reply code a remote server gave for a failure, when one did
+    /// (for spans; a success carries none).
+    pub fn reply_code(&self) -> Option<u16> {
+        match self {
+            Outcome::Temporary(f) | Outcome::Permanent(f) => f
+                .smtp_reply
+                .as_deref()
+                .and_then(|r| r.get(..3))
+                .and_then(|c| c.parse().ok()),
+            Outcome::Delivered { .. } => None,
+        }
+    }
+
     /// A temporary failure found here, not reported by a remote server.
     pub fn temp(status: &str, text: impl Into<String>) -> Outcome {
         Outcome::Temporary(Failure {

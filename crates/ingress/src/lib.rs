@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod metrics;
 pub mod proxy;
 pub mod session;
 pub mod tls;
@@ -47,6 +48,8 @@ pub struct Shared {
     pub storage: Client,
     pub tls: Option<Arc<Tls>>,
     pub auth: Option<Arc<dyn Authenticator>>,
+    /// Envelope addresses may go into spans (`telemetry.span_addresses`).
+    pub span_addresses: bool,
     pub per_client: Arc<Concurrency>,
     pub rates: RateLimiter,
     pub connection_rate: Rate,
@@ -88,6 +91,7 @@ impl Shared {
             })),
         };
         Ok(Shared {
+            span_addresses: cfg.telemetry.span_addresses,
             session: Arc::new(SessionConfig {
                 hostname: cfg.hostname.clone(),
                 local_domains: cfg.domains.iter().map(|d| d.to_lowercase()).collect(),
@@ -218,6 +222,7 @@ async fn accept_loop(
         }
         match limit.clone().try_acquire_owned() {
             Ok(permit) => {
+                metrics::METRICS.connections_accepted.add(1, &[]);
                 let shared = shared.clone();
                 let role = listener.role;
                 tracker.spawn(async move {
@@ -226,6 +231,10 @@ async fn accept_loop(
                 });
             }
             Err(_) => {
+                metrics::METRICS.connections_refused.add(
+                    1,
+                    &[opentelemetry::KeyValue::new("reason", "connection_limit")],
+                );
                 let reply = format!(
                     "421 4.3.2 {} Too many connections, try again later\r\n",
                     shared.session.hostname
@@ -246,10 +255,23 @@ async fn refuse(mut stream: TcpStream, reply: String) {
 }
 
 async fn serve(shared: &Shared, stream: TcpStream, peer: SocketAddr, role: Role) {
-    let span = tracing::info_span!("smtp.session", client = %peer);
+    // The session's span; each message gets a trace of its own (see
+    // `smtp.transaction`), linked to this one.
+    let span = tracing::info_span!(
+        "smtp.session",
+        client = %peer,
+        "client.address" = %peer.ip(),
+        "client.port" = peer.port(),
+        "network.protocol.name" = "smtp",
+        "smtp.helo" = tracing::field::Empty,
+        "tls.protocol.version" = tracing::field::Empty,
+        "enduser.id" = tracing::field::Empty,
+    );
+    metrics::METRICS.connections_open.add(1, &[]);
     let result =
         tracing::Instrument::instrument(session::run_session(shared, stream, peer, role), span)
             .await;
+    metrics::METRICS.connections_open.add(-1, &[]);
     match result {
         Ok(end) => tracing::debug!(client = %peer, ?end, "session ended"),
         Err(e) => tracing::debug!(client = %peer, error = %e, "session failed"),
@@ -262,6 +284,15 @@ pub async fn standalone(cfg: Config, shutdown: CancellationToken) -> anyhow::Res
     let listeners = bind(&cfg).await?;
     let queue = correu_queue::open_for_service(&cfg.queue).await?;
     let storage = correu_storage::client::connect(&cfg.storage, &cfg.storage.endpoint)?;
+    let health = correu_runtime::health::Health::new(shutdown.clone())
+        .check("queue", correu_queue::ready_check(queue.clone()))
+        .check(
+            "storage",
+            correu_storage::client::ready_check(storage.clone()),
+        );
     let shared = Arc::new(Shared::new(&cfg, queue, storage, shutdown)?);
-    run(&cfg, listeners, shared).await
+    let (probes, _) = correu_runtime::health::start(&cfg, health).await?;
+    let result = run(&cfg, listeners, shared).await;
+    probes.cancel();
+    result
 }

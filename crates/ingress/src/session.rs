@@ -20,6 +20,7 @@ use correu_smtp::session::{
     Role, Session, Step,
 };
 use correu_smtp::{Address, Reply};
+use opentelemetry::KeyValue;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, timeout};
 use tracing::Instrument;
@@ -124,6 +125,7 @@ where
     } else {
         let probe = Session::new(shared.session.clone(), Policy::mx(false));
         let Some(slot) = shared.per_client.enter(client.ip()) else {
+            refused("client_limit");
             return conn
                 .say_and_end(
                     &probe.rate_limited("connections from your address"),
@@ -136,6 +138,7 @@ where
             .allow("conn", &client.ip().to_string(), shared.connection_rate)
             .await
         {
+            refused("client_rate");
             return conn
                 .say_and_end(&probe.rate_limited("connections"), End::Refused)
                 .await;
@@ -164,6 +167,7 @@ where
         session.tls_started(d);
     }
     if shared.shutdown.is_cancelled() {
+        refused("shutting_down");
         return conn
             .say_and_end(&session.shutting_down(), End::Shutdown)
             .await;
@@ -228,6 +232,7 @@ where
                     };
                     match verdict {
                         CredentialVerdict::Valid => {
+                            tracing::Span::current().record("enduser.id", user.as_str());
                             tracing::info!(client = %client, user = %user, "authenticated")
                         }
                         v => {
@@ -342,17 +347,37 @@ async fn start_tls<S: AsyncRead + AsyncWrite + Unpin>(
     let (Some(tls), MaybeTls::Plain(plain)) = (&shared.tls, conn.stream) else {
         return Ok(None);
     };
+    let handshakes = &crate::metrics::METRICS.tls_handshakes;
     match timeout(shared.tls_handshake_timeout, tls.acceptor().accept(plain)).await {
-        Ok(Ok(s)) => Ok(Some(Conn {
-            stream: MaybeTls::Tls(Box::new(s)),
-            rbuf: Vec::new(),
-            wbuf: Vec::new(),
-        })),
+        Ok(Ok(s)) => {
+            let version = s
+                .get_ref()
+                .1
+                .protocol_version()
+                .and_then(|v| v.as_str())
+                .unwrap_or("unknown")
+                .replace('_', ".");
+            tracing::Span::current().record("tls.protocol.version", version.as_str());
+            handshakes.add(
+                1,
+                &[
+                    KeyValue::new("tls.protocol.version", version),
+                    KeyValue::new("result", "ok"),
+                ],
+            );
+            Ok(Some(Conn {
+                stream: MaybeTls::Tls(Box::new(s)),
+                rbuf: Vec::new(),
+                wbuf: Vec::new(),
+            }))
+        }
         Ok(Err(e)) => {
+            handshakes.add(1, &[KeyValue::new("result", "failed")]);
             tracing::info!(error = %e, "TLS handshake failed");
             Ok(None)
         }
         Err(_) => {
+            handshakes.add(1, &[KeyValue::new("result", "timeout")]);
             tracing::info!("TLS handshake timed out");
             Ok(None)
         }
@@ -430,7 +455,12 @@ async fn check_recipient(shared: &Shared, to: &Address) -> RecipientVerdict {
     let req = CheckRecipientRequest {
         address: to.to_string(),
     };
-    match timeout(shared.recipient_check_timeout, client.check_recipient(req)).await {
+    match timeout(
+        shared.recipient_check_timeout,
+        client.check_recipient(correu_storage::client::traced(req)),
+    )
+    .await
+    {
         Ok(Ok(resp)) => match resp.into_inner().status() {
             RcptStatus::Exists => RecipientVerdict::Exists,
             RcptStatus::Unknown => RecipientVerdict::Unknown,
@@ -513,14 +543,76 @@ async fn deliver(
     };
     if over {
         session.queued(Err(QueueFailure::Unavailable));
+        crate::metrics::METRICS.transactions.add(
+            1,
+            &[
+                KeyValue::new("result", "rejected"),
+                KeyValue::new("reply_class", "4xx"),
+            ],
+        );
         return Reply::new(
             450,
             correu_smtp::Enhanced(4, 7, 1),
             "Error: too many messages, slow down",
         );
     }
-    let outcome = queue_message(shared, env, body, client).await;
-    session.queued(outcome.as_deref().map_err(|_| QueueFailure::Unavailable))
+    // One trace per message: the transaction is a root span, linked to
+    // the session's.
+    let session_span = tracing::Span::current();
+    session_span.record("smtp.helo", env.helo.as_str());
+    let span = tracing::info_span!(
+        parent: None,
+        "smtp.transaction",
+        queue_id = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+        "client.address" = %client.ip(),
+        "messaging.message.body.size" = body.len(),
+        "smtp.recipients" = env.recipients.len(),
+        "smtp.reply.code" = tracing::field::Empty,
+        "smtp.mail_from" = tracing::field::Empty,
+    );
+    if let Some(sc) = correu_runtime::telemetry::span_context(&session_span) {
+        correu_runtime::telemetry::add_link(&span, sc);
+    }
+    if let Some(t) = correu_runtime::telemetry::trace_id(&span) {
+        span.record("trace_id", t.as_str());
+    }
+    if shared.span_addresses {
+        span.record("smtp.mail_from", env.from.as_string().as_str());
+    }
+    let size = body.len() as u64;
+    let outcome = queue_message(shared, env, body, client)
+        .instrument(span.clone())
+        .await;
+    let reply = session.queued(outcome.as_deref().map_err(|_| QueueFailure::Unavailable));
+    span.record("smtp.reply.code", reply.code);
+    let m = &crate::metrics::METRICS;
+    let class = crate::metrics::reply_class(reply.code);
+    if reply.code == 250 {
+        m.transactions.add(
+            1,
+            &[
+                KeyValue::new("result", "accepted"),
+                KeyValue::new("reply_class", class),
+            ],
+        );
+        m.message_size.record(size, &[]);
+    } else {
+        m.transactions.add(
+            1,
+            &[
+                KeyValue::new("result", "rejected"),
+                KeyValue::new("reply_class", class),
+            ],
+        );
+    }
+    reply
+}
+
+fn refused(reason: &'static str) {
+    crate::metrics::METRICS
+        .connections_refused
+        .add(1, &[KeyValue::new("reason", reason)]);
 }
 
 /// Publishes the message; `Ok(queue id)` once it is durable.
@@ -565,7 +657,22 @@ async fn queue_message(
         authenticated_user: env.user.clone().unwrap_or_default(),
         delay_warned: false,
     };
-    let span = tracing::info_span!("queue.publish", queue_id = %id);
+    tracing::Span::current().record("queue_id", id.as_str());
+    let span = tracing::info_span!(
+        "queue.publish",
+        queue_id = %id,
+        "messaging.system" = shared.queue.system(),
+        "messaging.operation.type" = "publish",
+        "messaging.destination.name" = "correu.work",
+        "messaging.message.id" = %id,
+    );
+    // Delivery continues this trace from the envelope (and the AMQP
+    // `traceparent` header), through every retry.
+    let mut msg = msg;
+    msg.traceparent = span
+        .in_scope(correu_runtime::telemetry::inject)
+        .remove("traceparent")
+        .unwrap_or_default();
     match shared.queue.publish(&msg).instrument(span).await {
         Ok(()) => {
             tracing::info!(queue_id = %id, from = %msg.sender, recipients = msg.recipients.len(), size, client = %client, "queued");

@@ -21,6 +21,7 @@ pub mod admin;
 pub mod amqp;
 pub mod id;
 pub mod index;
+pub mod metrics;
 pub mod schedule;
 pub mod spool;
 
@@ -93,9 +94,35 @@ impl Queue {
 
     /// Publishes a new message for delivery; `Ok` only once it is durable.
     pub async fn publish(&self, msg: &QueuedMessage) -> Result<(), PublishError> {
-        match self {
+        let started = std::time::Instant::now();
+        let result = match self {
             Queue::Amqp(q) => q.publish_work(msg).await,
             Queue::Spool(s) => s.publish(msg).await,
+        };
+        let attrs = [opentelemetry::KeyValue::new(
+            "messaging.system",
+            self.system(),
+        )];
+        match &result {
+            Ok(()) => metrics::METRICS
+                .publish_duration
+                .record(started.elapsed().as_secs_f64(), &attrs),
+            Err(_) => metrics::METRICS.errors.add(
+                1,
+                &[
+                    attrs[0].clone(),
+                    opentelemetry::KeyValue::new("operation", "publish"),
+                ],
+            ),
+        }
+        result
+    }
+
+    /// The messaging system, for spans and metrics.
+    pub fn system(&self) -> &'static str {
+        match self {
+            Queue::Amqp(_) => "rabbitmq",
+            Queue::Spool(_) => "spool",
         }
     }
 
@@ -195,4 +222,17 @@ impl Delivery {
             Handle::Spool(h) => h.park(reason).await,
         }
     }
+}
+
+/// A readiness check: the broker (or the spool) answers, and its queue
+/// depths go to the `correu.queue.depth` gauge on the way.
+pub fn ready_check(queue: Queue) -> correu_runtime::health::Check {
+    std::sync::Arc::new(move || {
+        let q = queue.clone();
+        Box::pin(async move {
+            let counts = q.counts().await.map_err(|e| e.to_string())?;
+            metrics::record_depths(&counts);
+            Ok(())
+        })
+    })
 }

@@ -72,7 +72,6 @@ where
     F: FnOnce(Config, CancellationToken) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
-    crate::telemetry::init(name);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -84,8 +83,9 @@ where
         }
     };
     rt.block_on(async move {
+        let telemetry = crate::telemetry::init(name);
         let shutdown = crate::lifecycle::shutdown_on_signals();
-        match service(cfg, shutdown).await {
+        let code = match service(cfg, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 let why = describe(&e);
@@ -93,7 +93,9 @@ where
                 eprintln!("{name}: {why}");
                 ExitCode::FAILURE
             }
-        }
+        };
+        telemetry.shutdown().await;
+        code
     })
 }
 

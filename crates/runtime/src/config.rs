@@ -20,7 +20,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 /// The sections a `CORREU_<SECTION>_<KEY>` variable may name.
-const SECTIONS: [&str; 5] = ["smtp", "queue", "storage", "delivery", "redis"];
+const SECTIONS: [&str; 6] = ["smtp", "queue", "storage", "delivery", "redis", "telemetry"];
 /// Variables that are not configuration keys.
 const NOT_KEYS: [&str; 3] = ["CORREU_LOG", "CORREU_LOG_FORMAT", "CORREU_CONFIG"];
 
@@ -37,6 +37,28 @@ pub struct Config {
     pub storage: StorageConfig,
     pub delivery: DeliveryConfig,
     pub redis: RedisConfig,
+    pub telemetry: TelemetryConfig,
+}
+
+/// Health, metrics and what spans may say. Exporting traces and metrics
+/// is set by OpenTelemetry's own `OTEL_…` environment variables.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct TelemetryConfig {
+    /// The HTTP port with `/livez`, `/readyz` and `/metrics`.
+    pub listen: SocketAddr,
+    /// Put envelope addresses (sender, recipients) in spans. Off: spans
+    /// carry queue ids, sizes and counts, never an address.
+    pub span_addresses: bool,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9725)),
+            span_addresses: false,
+        }
+    }
 }
 
 impl Default for Config {
@@ -49,6 +71,7 @@ impl Default for Config {
             storage: StorageConfig::default(),
             delivery: DeliveryConfig::default(),
             redis: RedisConfig::default(),
+            telemetry: TelemetryConfig::default(),
         }
     }
 }

@@ -15,6 +15,7 @@
 pub mod backoff;
 pub mod cli;
 pub mod config;
+pub mod health;
 pub mod lifecycle;
 pub mod limits;
 pub mod redis;

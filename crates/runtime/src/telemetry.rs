@@ -1,16 +1,152 @@
-//! Logging, set up once per process.
+//! Logs, traces and metrics, set up once per process.
 //!
-//! The level comes from `CORREU_LOG`, else `RUST_LOG`, else `info`. Logs go
-//! to standard error, human-readable on a terminal and as JSON lines
-//! elsewhere (or as `CORREU_LOG_FORMAT=json|text` says), so a terminal user
-//! and a log collector both get what they read best.
+//! Logs: the level comes from `CORREU_LOG`, else `RUST_LOG`, else `info`;
+//! they go to standard error, human-readable on a terminal and as JSON
+//! lines elsewhere (or as `CORREU_LOG_FORMAT=json|text` says). A log line
+//! inside a message's span carries its queue id and trace id.
+//!
+//! Traces and metrics follow OpenTelemetry's standard environment:
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` (or the `_TRACES_`/`_METRICS_` variants)
+//! turns the OTLP exporters on, `OTEL_EXPORTER_OTLP_PROTOCOL` is `grpc`
+//! (default) or `http/protobuf`, `OTEL_SERVICE_NAME` and
+//! `OTEL_RESOURCE_ATTRIBUTES` name the resource, `OTEL_TRACES_SAMPLER`
+//! samples. With no endpoint there is no exporter and no span is sent
+//! anywhere. Metrics are always kept in memory for `/metrics`
+//! (Prometheus text, see [`crate::health`]).
+//!
+//! Trace context crosses processes as W3C `traceparent`: [`inject`] and
+//! [`extract`] move it through any string map (the queued envelope, AMQP
+//! headers, gRPC metadata).
 
+use std::collections::HashMap;
 use std::io::IsTerminal;
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
 
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::metrics::data::ResourceMetrics;
+use opentelemetry_sdk::metrics::reader::MetricReader;
+use opentelemetry_sdk::metrics::{
+    InstrumentKind, ManualReader, Pipeline, SdkMeterProvider, Temporality,
+};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
-/// Installs the global subscriber. Calling it twice is harmless.
-pub fn init(service: &'static str) {
+/// What [`init`] set up; [`Telemetry::shutdown`] flushes it.
+pub struct Telemetry {
+    tracer: Option<SdkTracerProvider>,
+    meter: SdkMeterProvider,
+}
+
+/// The in-memory reader `/metrics` renders.
+static PROMETHEUS: OnceLock<Arc<ManualReader>> = OnceLock::new();
+
+/// A [`ManualReader`] shared between the meter provider and `/metrics`.
+#[derive(Debug, Clone)]
+struct SharedReader(Arc<ManualReader>);
+
+impl MetricReader for SharedReader {
+    fn register_pipeline(&self, pipeline: Weak<Pipeline>) {
+        self.0.register_pipeline(pipeline)
+    }
+    fn collect(&self, rm: &mut ResourceMetrics) -> OTelSdkResult {
+        self.0.collect(rm)
+    }
+    fn force_flush(&self) -> OTelSdkResult {
+        self.0.force_flush()
+    }
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.0.shutdown_with_timeout(timeout)
+    }
+    fn temporality(&self, kind: InstrumentKind) -> Temporality {
+        self.0.temporality(kind)
+    }
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// The resource: service name (`OTEL_SERVICE_NAME`, else the binary's
+/// role) and version, `OTEL_RESOURCE_ATTRIBUTES`, and the Kubernetes pod
+/// and namespace when the chart passes them (`POD_NAME`, `POD_NAMESPACE`).
+fn resource(service: &'static str) -> Resource {
+    let mut b = Resource::builder().with_service_name(service);
+    // The builder's detectors read OTEL_SERVICE_NAME and
+    // OTEL_RESOURCE_ATTRIBUTES; the service name above is the fallback.
+    if let Some(name) = env("OTEL_SERVICE_NAME") {
+        b = b.with_service_name(name);
+    }
+    b = b.with_attribute(opentelemetry::KeyValue::new(
+        "service.version",
+        env!("CARGO_PKG_VERSION"),
+    ));
+    for (var, key) in [
+        ("POD_NAME", "k8s.pod.name"),
+        ("POD_NAMESPACE", "k8s.namespace.name"),
+        ("NODE_NAME", "k8s.node.name"),
+    ] {
+        if let Some(v) = env(var) {
+            b = b.with_attribute(opentelemetry::KeyValue::new(key, v));
+        }
+    }
+    b.build()
+}
+
+/// `grpc` or `http/protobuf` for a signal (`TRACES` or `METRICS`).
+fn protocol(signal: &str) -> String {
+    env(&format!("OTEL_EXPORTER_OTLP_{signal}_PROTOCOL"))
+        .or_else(|| env("OTEL_EXPORTER_OTLP_PROTOCOL"))
+        .unwrap_or_else(|| "grpc".into())
+}
+
+fn exporting(signal: &str) -> bool {
+    env("OTEL_EXPORTER_OTLP_ENDPOINT").is_some()
+        || env(&format!("OTEL_EXPORTER_OTLP_{signal}_ENDPOINT")).is_some()
+}
+
+fn span_exporter() -> anyhow::Result<opentelemetry_otlp::SpanExporter> {
+    Ok(match protocol("TRACES").as_str() {
+        "http/protobuf" => opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .build()?,
+        "grpc" => opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_timeout(Duration::from_secs(10))
+            .build()?,
+        other => anyhow::bail!(
+            "OTEL_EXPORTER_OTLP_PROTOCOL={other:?}: Correu speaks grpc and http/protobuf"
+        ),
+    })
+}
+
+fn metric_exporter() -> anyhow::Result<opentelemetry_otlp::MetricExporter> {
+    Ok(match protocol("METRICS").as_str() {
+        "http/protobuf" => opentelemetry_otlp::MetricExporter::builder()
+            .with_http()
+            .build()?,
+        "grpc" => opentelemetry_otlp::MetricExporter::builder()
+            .with_tonic()
+            .with_timeout(Duration::from_secs(10))
+            .build()?,
+        other => anyhow::bail!(
+            "OTEL_EXPORTER_OTLP_PROTOCOL={other:?}: Correu speaks grpc and http/protobuf"
+        ),
+    })
+}
+
+/// Installs logging, and tracing and metrics export when the environment
+/// asks for them. Call it inside the Tokio runtime (the exporters run on
+/// it). A second call only returns another handle on the first set-up.
+pub fn init(service: &'static str) -> Telemetry {
     let filter = std::env::var("CORREU_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or_else(|_| "info".into());
@@ -20,15 +156,149 @@ pub fn init(service: &'static str) {
         Ok("text") => false,
         _ => !std::io::stderr().is_terminal(),
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let result = if json {
-        builder.json().flatten_event(true).try_init()
+    let resource = resource(service);
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+
+    let mut problems = Vec::new();
+    let tracer = if exporting("TRACES") {
+        match span_exporter() {
+            Ok(exporter) => {
+                let processor =
+                    opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor::builder(
+                        exporter,
+                        opentelemetry_sdk::runtime::Tokio,
+                    )
+                    .build();
+                Some(
+                    SdkTracerProvider::builder()
+                        .with_span_processor(processor)
+                        .with_resource(resource.clone())
+                        .build(),
+                )
+            }
+            Err(e) => {
+                problems.push(format!("traces are not exported: {e}"));
+                None
+            }
+        }
     } else {
-        builder.try_init()
+        None
+    };
+
+    let reader = PROMETHEUS
+        .get_or_init(|| Arc::new(ManualReader::builder().build()))
+        .clone();
+    let mut meter = SdkMeterProvider::builder()
+        .with_resource(resource)
+        .with_reader(SharedReader(reader));
+    if exporting("METRICS") {
+        match metric_exporter() {
+            Ok(exporter) => {
+                let interval = env("OTEL_METRIC_EXPORT_INTERVAL")
+                    .and_then(|v| v.parse().ok())
+                    .map(Duration::from_millis)
+                    .unwrap_or(Duration::from_secs(60));
+                meter = meter.with_reader(
+                    opentelemetry_sdk::metrics::periodic_reader_with_async_runtime::PeriodicReader::builder(
+                        exporter,
+                        opentelemetry_sdk::runtime::Tokio,
+                    )
+                    .with_interval(interval)
+                    .build(),
+                );
+            }
+            Err(e) => problems.push(format!("metrics are not exported: {e}")),
+        }
+    }
+    let meter = meter.build();
+    opentelemetry::global::set_meter_provider(meter.clone());
+
+    let otel = tracer
+        .as_ref()
+        .map(|t| tracing_opentelemetry::layer().with_tracer(t.tracer("correu")));
+    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    let result = if json {
+        registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_writer(std::io::stderr),
+            )
+            .try_init()
+    } else {
+        registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .try_init()
     };
     if result.is_ok() {
-        tracing::debug!(service, "logging started");
+        tracing::debug!(service, traces = tracer.is_some(), "telemetry started");
+        for p in problems {
+            tracing::warn!("{p}");
+        }
     }
+    Telemetry { tracer, meter }
+}
+
+impl Telemetry {
+    /// Sends what is buffered and stops the exporters.
+    pub async fn shutdown(self) {
+        let Telemetry { tracer, meter } = self;
+        // The providers' shutdown waits on the exporters, which run on
+        // this runtime: wait for it off the async threads.
+        let done = tokio::task::spawn_blocking(move || {
+            if let Some(t) = tracer {
+                let _flushed = t.shutdown();
+            }
+            let _flushed = meter.shutdown();
+        });
+        let _ = tokio::time::timeout(Duration::from_secs(10), done).await;
+    }
+}
+
+/// Everything the meters hold now, for `/metrics`.
+pub fn collect() -> Option<ResourceMetrics> {
+    let reader = PROMETHEUS.get()?;
+    let mut rm = ResourceMetrics::default();
+    reader.collect(&mut rm).ok()?;
+    Some(rm)
+}
+
+/// The current span's trace context as W3C headers (`traceparent`,
+/// `tracestate`); empty when tracing is off.
+pub fn inject() -> HashMap<String, String> {
+    let cx = tracing::Span::current().context();
+    let mut out = HashMap::new();
+    TraceContextPropagator::new().inject_context(&cx, &mut out);
+    out
+}
+
+/// Makes the trace context in `headers` the parent of `span`.
+pub fn extract_into(span: &tracing::Span, headers: &HashMap<String, String>) {
+    if headers.is_empty() {
+        return;
+    }
+    let cx = TraceContextPropagator::new().extract(headers);
+    let _ = span.set_parent(cx);
+}
+
+/// The span context of `span`, when it is traced.
+pub fn span_context(span: &tracing::Span) -> Option<opentelemetry::trace::SpanContext> {
+    use opentelemetry::trace::TraceContextExt;
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    sc.is_valid().then_some(sc)
+}
+
+/// Links `span` to another span (one not its parent).
+pub fn add_link(span: &tracing::Span, to: opentelemetry::trace::SpanContext) {
+    span.add_link(to);
+}
+
+/// The trace id of `span` in hex, when it is traced.
+pub fn trace_id(span: &tracing::Span) -> Option<String> {
+    use opentelemetry::trace::TraceContextExt;
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    sc.is_valid().then(|| sc.trace_id().to_string())
 }

@@ -20,3 +20,49 @@ pub fn connect(cfg: &StorageConfig, endpoint: &str) -> Result<Client, tonic::tra
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX))
 }
+
+/// A request carrying the current trace context (W3C `traceparent` in the
+/// gRPC metadata), so storage's span joins the caller's trace.
+pub fn traced<T>(message: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(message);
+    for (k, v) in correu_runtime::telemetry::inject() {
+        if let (Ok(k), Ok(v)) = (
+            tonic::metadata::MetadataKey::from_bytes(k.as_bytes()),
+            tonic::metadata::MetadataValue::try_from(v.as_str()),
+        ) {
+            req.metadata_mut().insert(k, v);
+        }
+    }
+    req
+}
+
+/// The trace context a request carries, as headers.
+pub fn trace_headers<T>(req: &tonic::Request<T>) -> std::collections::HashMap<String, String> {
+    ["traceparent", "tracestate"]
+        .into_iter()
+        .filter_map(|k| {
+            let v = req.metadata().get(k)?.to_str().ok()?;
+            Some((k.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+/// A readiness check: storage answers a call (an empty address gets
+/// `INVALID_ARGUMENT` without touching a disk; any answer will do).
+pub fn ready_check(client: Client) -> correu_runtime::health::Check {
+    std::sync::Arc::new(move || {
+        let mut c = client.clone();
+        Box::pin(async move {
+            match c
+                .check_recipient(correu_proto::v1::CheckRecipientRequest {
+                    address: String::new(),
+                })
+                .await
+            {
+                Ok(_) => Ok(()),
+                Err(s) if s.code() == tonic::Code::InvalidArgument => Ok(()),
+                Err(s) => Err(format!("{:?}: {}", s.code(), s.message())),
+            }
+        })
+    })
+}

@@ -109,5 +109,21 @@ pub async fn standalone(cfg: Config, shutdown: CancellationToken) -> anyhow::Res
     let listener = TcpListener::bind(cfg.storage.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.storage.listen))?;
-    run(&cfg, listener, shutdown).await
+    let root = cfg.storage.root.clone();
+    let health = correu_runtime::health::Health::new(shutdown.clone()).check(
+        "mailboxes",
+        std::sync::Arc::new(move || {
+            let root = root.clone();
+            Box::pin(async move {
+                tokio::fs::metadata(&root)
+                    .await
+                    .map(drop)
+                    .map_err(|e| format!("{}: {e}", root.display()))
+            })
+        }),
+    );
+    let (probes, _) = correu_runtime::health::start(&cfg, health).await?;
+    let result = run(&cfg, listener, shutdown).await;
+    probes.cancel();
+    result
 }

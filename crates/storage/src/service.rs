@@ -84,9 +84,24 @@ impl Storage for StorageService {
         &self,
         req: Request<DeliverRequest>,
     ) -> Result<Response<DeliverResponse>, Status> {
+        let parent = crate::client::trace_headers(&req);
         let r = req.into_inner();
         let boxes = self.boxes.clone();
-        let span = tracing::info_span!("storage.deliver", queue_id = %r.queue_id);
+        let span = tracing::info_span!(
+            parent: None,
+            "storage.deliver",
+            queue_id = %r.queue_id,
+            trace_id = tracing::field::Empty,
+            "rpc.system" = "grpc",
+            "rpc.service" = "correu.v1.Storage",
+            "rpc.method" = "Deliver",
+            "otel.kind" = "server",
+            "storage.copies" = tracing::field::Empty,
+        );
+        correu_runtime::telemetry::extract_into(&span, &parent);
+        if let Some(t) = correu_runtime::telemetry::trace_id(&span) {
+            span.record("trace_id", t.as_str());
+        }
         let queue_id = r.queue_id.clone();
         let copies = blocking(move || {
             boxes.deliver(
@@ -97,8 +112,10 @@ impl Storage for StorageService {
                 r.received_at_unix_micros,
             )
         })
-        .instrument(span)
+        .instrument(span.clone())
         .await?;
+        span.record("storage.copies", copies.len());
+        let _in_span = span.enter();
         for d in &copies {
             tracing::info!(queue_id = %queue_id, mailbox = %d.mailbox, message_id = %d.message_id, duplicate = d.duplicate, "stored");
         }

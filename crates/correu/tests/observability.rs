@@ -1,0 +1,307 @@
+//! What an operator watching Correu sees: one trace per message across
+//! the three processes (received by a real OTLP receiver), and the
+//! `/metrics`, `/livez` and `/readyz` endpoints moving as mail flows.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use correu_testkit::*;
+
+const CORREU: &str = env!("CARGO_BIN_EXE_correu");
+
+fn start(dir: &Path, role: &str, cfg: &Path, otlp: &str) -> Proc {
+    Proc::spawn(
+        role,
+        dir,
+        CORREU,
+        &[role, "--config", cfg.to_str().unwrap()],
+        &[
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", otlp),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            ("POD_NAME", &format!("{role}-0")),
+        ],
+    )
+}
+
+fn send(addr: SocketAddr, to: &[&str], subject: &str) -> String {
+    let mut c = Smtp::connect(addr);
+    c.read();
+    c.cmd("EHLO client.example");
+    let id = queue_id(&c.send_mail(
+        "jo@domini.com",
+        to,
+        &format!("Subject: {subject}\r\n\r\nhello\r\n"),
+    ));
+    c.cmd("QUIT");
+    id
+}
+
+fn in_trace<'a>(spans: &'a [ReceivedSpan], trace: &str, name: &str) -> Vec<&'a ReceivedSpan> {
+    spans
+        .iter()
+        .filter(|s| s.trace_id == trace && s.name == name)
+        .collect()
+}
+
+#[test]
+fn one_trace_per_message_across_three_processes_and_its_retries() {
+    let dir = tempfile::tempdir().unwrap();
+    let vhost = Vhost::create("otel");
+    let receiver = OtlpReceiver::start();
+    let otlp = receiver.endpoint();
+    let remote = dir.path().join("remote");
+    // The remote MX says 451 once: the retried attempt must be in the trace.
+    let (_mx, mx_port) = flaky_mx(dir.path(), &remote, 1);
+    let base = format!(
+        "[smtp]\nlisten = [\"127.0.0.1:0\"]\n[storage]\nlisten = \"127.0.0.1:0\"\nroot = \"{}\"\n[queue]\nbackend = \"rabbitmq\"\nurl = \"{}\"\nretry_delays = [\"1s\"]\n[delivery.routes]\n\"remote.test\" = \"127.0.0.1:{mx_port}\"\n",
+        dir.path().join("mail").display(),
+        vhost.url(RABBITMQ.parse().unwrap()),
+    );
+    let storage_cfg = dir.path().join("storage.toml");
+    std::fs::write(&storage_cfg, &base).unwrap();
+    let mut storage = start(dir.path(), "storage", &storage_cfg, &otlp);
+    let storage_addr = storage.listening("storage listening");
+    let cfg = dir.path().join("correu.toml");
+    std::fs::write(
+        &cfg,
+        base.replace(
+            "[storage]\n",
+            &format!("[storage]\nendpoint = \"http://{storage_addr}\"\n"),
+        ),
+    )
+    .unwrap();
+    let mut delivery = start(dir.path(), "delivery", &cfg, &otlp);
+    delivery.wait_for("delivery consuming", Duration::from_secs(20));
+    let mut ingress = start(dir.path(), "ingress", &cfg, &otlp);
+    let smtp = ingress.listening("SMTP listening");
+
+    let local = send(smtp, &["pere@localhost"], "traced");
+    let relayed = send(smtp, &["ana@remote.test"], "retried");
+    wait_maildir(
+        &dir.path().join("mail/localhost/pere"),
+        1,
+        Duration::from_secs(30),
+    );
+    wait_maildir(&remote, 1, Duration::from_secs(30));
+
+    let has = |spans: &[ReceivedSpan], id: &str, name: &str, n: usize| {
+        spans
+            .iter()
+            .filter(|s| {
+                s.name == name && s.attributes.get("queue_id").map(String::as_str) == Some(id)
+            })
+            .count()
+            >= n
+    };
+    let spans = receiver.wait(Duration::from_secs(30), |s| {
+        has(s, &local, "storage.deliver", 2) && has(s, &relayed, "delivery.message", 2)
+    });
+
+    // The local message: one trace from SMTP to the mailbox.
+    let tx: Vec<_> = spans
+        .iter()
+        .filter(|s| s.name == "smtp.transaction" && s.attributes.get("queue_id") == Some(&local))
+        .collect();
+    assert_eq!(tx.len(), 1, "one transaction span: {spans:#?}");
+    let tx = tx[0];
+    let trace = tx.trace_id.clone();
+    assert!(
+        tx.parent_span_id.is_empty(),
+        "the transaction starts the trace"
+    );
+    assert_eq!(tx.service, "correu-ingress");
+    assert_eq!(
+        tx.attributes.get("smtp.reply.code").map(String::as_str),
+        Some("250")
+    );
+    let session = spans
+        .iter()
+        .find(|s| s.name == "smtp.session" && s.trace_id != trace)
+        .expect("the session's own span");
+    assert!(
+        tx.links.contains(&session.trace_id),
+        "the transaction links to its session"
+    );
+    let publish = in_trace(&spans, &trace, "queue.publish");
+    assert_eq!(publish.len(), 1);
+    assert_eq!(publish[0].parent_span_id, tx.span_id);
+    assert_eq!(
+        publish[0]
+            .attributes
+            .get("messaging.system")
+            .map(String::as_str),
+        Some("rabbitmq")
+    );
+    let processed = in_trace(&spans, &trace, "delivery.message");
+    assert_eq!(processed.len(), 1);
+    assert_eq!(processed[0].service, "correu-delivery");
+    assert_eq!(processed[0].parent_span_id, publish[0].span_id);
+    let stores = in_trace(&spans, &trace, "storage.deliver");
+    let client = stores
+        .iter()
+        .find(|s| s.service == "correu-delivery")
+        .unwrap();
+    let server = stores
+        .iter()
+        .find(|s| s.service == "correu-storage")
+        .unwrap();
+    assert_eq!(client.parent_span_id, processed[0].span_id);
+    assert_eq!(
+        server.parent_span_id, client.span_id,
+        "gRPC carried the context"
+    );
+    for s in [tx, publish[0], processed[0], *client, *server] {
+        assert_eq!(
+            s.attributes.get("queue_id"),
+            Some(&local),
+            "{} carries the queue id",
+            s.name
+        );
+    }
+    assert_eq!(
+        server.attributes.get("rpc.method").map(String::as_str),
+        Some("Deliver")
+    );
+    // No address in any span (telemetry.span_addresses is off).
+    for s in spans.iter().filter(|s| s.trace_id == trace) {
+        for v in s.attributes.values() {
+            assert!(!v.contains("pere@") && !v.contains("jo@"), "{s:?}");
+        }
+    }
+
+    // The retried message: both attempts in its trace, each under the
+    // same publish, the first deferred by the MX's 451.
+    let tx = spans
+        .iter()
+        .find(|s| s.name == "smtp.transaction" && s.attributes.get("queue_id") == Some(&relayed))
+        .unwrap();
+    let attempts = in_trace(&spans, &tx.trace_id, "delivery.message");
+    let numbers: Vec<&str> = attempts
+        .iter()
+        .filter_map(|s| s.attributes.get("attempt").map(String::as_str))
+        .collect();
+    assert!(
+        numbers.contains(&"1") && numbers.contains(&"2"),
+        "both attempts in one trace: {numbers:?}"
+    );
+    let tries = in_trace(&spans, &tx.trace_id, "delivery.attempt");
+    let codes: Vec<&str> = tries
+        .iter()
+        .filter_map(|s| s.attributes.get("smtp.reply.code").map(String::as_str))
+        .collect();
+    assert!(
+        codes.contains(&"451"),
+        "the deferral is on its attempt: {tries:#?}"
+    );
+
+    // Logs carry the trace id with the queue id.
+    let log = delivery.output();
+    assert!(
+        log.lines()
+            .any(|l| l.contains(&local) && l.contains(&format!("\"trace_id\":\"{trace}\""))),
+        "a delivery log line with queue id and trace id:\n{log}"
+    );
+    drop(ingress);
+    drop(delivery);
+    drop(storage);
+}
+
+/// Metric values by series (`name{labels}` as Prometheus writes it).
+fn scrape(addr: SocketAddr) -> HashMap<String, f64> {
+    let (status, body) = http_get(addr, "/metrics");
+    assert_eq!(status, 200, "{body}");
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+fn value(m: &HashMap<String, f64>, series: &str) -> f64 {
+    m.get(series).copied().unwrap_or(0.0)
+}
+
+#[test]
+fn metrics_and_health_move_with_the_mail() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("correu.toml");
+    std::fs::write(
+        &cfg,
+        "[smtp]\nlisten = [\"127.0.0.1:0\"]\nmax_message_size = 100000\n[storage]\nlisten = \"127.0.0.1:0\"\nroot = \"mail\"\nmailboxes = [\"pere@localhost\"]\n[queue]\nspool = \"queue\"\n",
+    )
+    .unwrap();
+    let mut serve = Proc::correu(CORREU, "serve", dir.path(), &["serve"], &cfg);
+    let smtp = serve.serve_smtp_addr();
+    let health: SocketAddr = serve
+        .wait_for("  health ", Duration::from_secs(10))
+        .split("http://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(http_get(health, "/livez").0, 200);
+    let (status, body) = http_get(health, "/readyz");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(http_get(health, "/nothing").0, 404);
+
+    let accepted = "correu_smtp_transactions_total{reply_class=\"2xx\",result=\"accepted\"}";
+    let delivered = "correu_delivery_attempts_total{destination=\"local\",outcome=\"delivered\"}";
+    let sizes = "correu_smtp_message_size_bytes_count";
+    let before = scrape(health);
+    for i in 0..3 {
+        send(smtp, &["pere@localhost"], &format!("m{i}"));
+    }
+    // A refused recipient is not a transaction; a message over the size
+    // limit is a rejected one.
+    let mut c = Smtp::connect(smtp);
+    c.read();
+    c.cmd("EHLO client.example");
+    c.cmd("MAIL FROM:<jo@domini.com>");
+    assert_eq!(c.cmd("RCPT TO:<nobody@localhost>").code, 550);
+    c.cmd("RSET");
+    c.cmd("QUIT");
+    wait_maildir(
+        &dir.path().join("mail/localhost/pere"),
+        3,
+        Duration::from_secs(30),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let after = loop {
+        let m = scrape(health);
+        if value(&m, delivered) - value(&before, delivered) >= 3.0
+            || std::time::Instant::now() > deadline
+        {
+            break m;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(value(&after, accepted) - value(&before, accepted), 3.0);
+    assert_eq!(value(&after, delivered) - value(&before, delivered), 3.0);
+    assert_eq!(value(&after, sizes) - value(&before, sizes), 3.0);
+    assert!(
+        after
+            .keys()
+            .any(|k| k.starts_with("correu_queue_publish_duration_seconds_bucket")),
+        "publish latency histogram: {after:?}"
+    );
+    assert!(
+        value(&after, "correu_smtp_connections_accepted_total")
+            - value(&before, "correu_smtp_connections_accepted_total")
+            >= 4.0
+    );
+    // No address, name or queue id in a label.
+    let (_, text) = http_get(health, "/metrics");
+    assert!(!text.contains("pere@") && !text.contains("jo@"), "{text}");
+
+    // It stops cleanly on SIGTERM.
+    serve.signal("TERM");
+    serve.wait_exit(Duration::from_secs(30));
+}

@@ -1,0 +1,76 @@
+//! Ingress metrics. Labels are closed sets (reasons, reply classes, TLS
+//! versions): never an address, a name or a queue id.
+
+use std::sync::LazyLock;
+
+use opentelemetry::metrics::{Counter, Histogram, UpDownCounter};
+
+pub struct IngressMetrics {
+    pub connections_open: UpDownCounter<i64>,
+    pub connections_accepted: Counter<u64>,
+    /// By `reason`: `connection_limit`, `client_limit`, `client_rate`,
+    /// `shutting_down`.
+    pub connections_refused: Counter<u64>,
+    /// By `result` (`accepted`, `rejected`) and `reply_class` (`2xx`…).
+    pub transactions: Counter<u64>,
+    pub message_size: Histogram<u64>,
+    /// By `tls.protocol.version` and `result`.
+    pub tls_handshakes: Counter<u64>,
+}
+
+pub static METRICS: LazyLock<IngressMetrics> = LazyLock::new(|| {
+    let m = opentelemetry::global::meter("correu");
+    IngressMetrics {
+        connections_open: m
+            .i64_up_down_counter("correu.smtp.connections.open")
+            .with_unit("{connection}")
+            .with_description("SMTP connections open now")
+            .build(),
+        connections_accepted: m
+            .u64_counter("correu.smtp.connections.accepted")
+            .with_unit("{connection}")
+            .with_description("SMTP connections accepted")
+            .build(),
+        connections_refused: m
+            .u64_counter("correu.smtp.connections.refused")
+            .with_unit("{connection}")
+            .with_description("SMTP connections refused, by reason")
+            .build(),
+        transactions: m
+            .u64_counter("correu.smtp.transactions")
+            .with_unit("{transaction}")
+            .with_description("Messages received to the end of DATA, by result and reply class")
+            .build(),
+        message_size: m
+            .u64_histogram("correu.smtp.message.size")
+            .with_unit("By")
+            .with_description("Size of accepted messages")
+            .with_boundaries(vec![
+                1024.0,
+                4096.0,
+                16384.0,
+                65536.0,
+                262_144.0,
+                1_048_576.0,
+                4_194_304.0,
+                16_777_216.0,
+                67_108_864.0,
+            ])
+            .build(),
+        tls_handshakes: m
+            .u64_counter("correu.tls.handshakes")
+            .with_unit("{handshake}")
+            .with_description("TLS handshakes on SMTP, by version and result")
+            .build(),
+    }
+});
+
+/// `2xx`, `4xx`, `5xx`.
+pub fn reply_class(code: u16) -> &'static str {
+    match code / 100 {
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        _ => "5xx",
+    }
+}

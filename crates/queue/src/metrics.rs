@@ -1,0 +1,50 @@
+//! The queue's metrics: publish-confirm latency, broker errors, depths.
+
+use std::sync::LazyLock;
+
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Counter, Gauge, Histogram};
+
+use crate::admin::QueueCount;
+
+pub struct QueueMetrics {
+    /// From publish to the broker's confirm (or the spool's fsync).
+    pub publish_duration: Histogram<f64>,
+    /// Publishes and other broker operations that failed, by operation.
+    pub errors: Counter<u64>,
+    /// Messages per queue, as last read from the broker.
+    pub depth: Gauge<u64>,
+}
+
+pub static METRICS: LazyLock<QueueMetrics> = LazyLock::new(|| {
+    let m = opentelemetry::global::meter("correu");
+    QueueMetrics {
+        publish_duration: m
+            .f64_histogram("correu.queue.publish.duration")
+            .with_unit("s")
+            .with_description("Time from publish to a durable confirm")
+            .with_boundaries(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ])
+            .build(),
+        errors: m
+            .u64_counter("correu.queue.errors")
+            .with_unit("{error}")
+            .with_description("Queue operations that failed (AMQP or spool), by operation")
+            .build(),
+        depth: m
+            .u64_gauge("correu.queue.depth")
+            .with_unit("{message}")
+            .with_description("Messages waiting per queue, from the broker")
+            .build(),
+    }
+});
+
+/// Records each queue's depth.
+pub fn record_depths(counts: &[QueueCount]) {
+    for c in counts {
+        METRICS
+            .depth
+            .record(c.messages, &[KeyValue::new("queue", c.name.clone())]);
+    }
+}
