@@ -305,3 +305,45 @@ fn metrics_and_health_move_with_the_mail() {
     serve.signal("TERM");
     serve.wait_exit(Duration::from_secs(30));
 }
+
+/// Every metric the Grafana dashboard charts is one Correu declares (an
+/// instrument named `correu.…` in the code, in its Prometheus form).
+#[test]
+fn the_dashboard_charts_only_metrics_that_exist() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut declared = std::collections::HashSet::new();
+    let mut stack = vec![root.join("crates")];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                let text = std::fs::read_to_string(&p).unwrap();
+                for piece in text.split("(\"correu.").skip(1) {
+                    let name = piece.split('"').next().unwrap();
+                    declared.insert(format!("correu_{}", name.replace('.', "_")));
+                }
+            }
+        }
+    }
+    assert!(declared.len() >= 12, "{declared:?}");
+    let dashboard = read(&root.join("deploy/grafana/correu-dashboard.json"));
+    let mut charted = 0;
+    for piece in dashboard.split("correu_").skip(1) {
+        let name: String = piece
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        let mut base = format!("correu_{name}");
+        for suffix in ["_bucket", "_total", "_seconds", "_bytes"] {
+            base = base.strip_suffix(suffix).unwrap_or(&base).to_string();
+        }
+        assert!(
+            declared.contains(&base),
+            "the dashboard charts {base}, which no code declares ({declared:?})"
+        );
+        charted += 1;
+    }
+    assert!(charted >= 12);
+}
