@@ -7,9 +7,11 @@
 //! - `correu queue [status|list|retry|delete|requeue]`: where is my mail?
 //! - `correu mailbox list|show|delete|stats`: mailboxes through storage's gRPC API.
 //! - `correu account|alias`: edit storage's accounts and aliases files.
+//! - `correu bench`: an SMTP load generator.
 #![forbid(unsafe_code)]
 
 mod account;
+mod bench;
 mod mailbox;
 mod queue;
 mod serve;
@@ -91,6 +93,8 @@ enum Command {
         #[command(subcommand)]
         action: account::AliasAction,
     },
+    /// Load an SMTP server: messages/s, DATA-end → 250 latency, errors.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -152,6 +156,11 @@ fn main() -> ExitCode {
         Command::Alias { action } => {
             with_config(path, "correu", move |cfg, _| account::alias(cfg, action))
         }
+        Command::Bench(args) => run_with(
+            "correu-bench",
+            correu_runtime::Config::default(),
+            move |_, _| bench::run(args),
+        ),
     }
 }
 
