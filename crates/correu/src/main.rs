@@ -95,6 +95,12 @@ enum Command {
     },
     /// Load an SMTP server: messages/s, DATA-end → 250 latency, errors.
     Bench(bench::BenchArgs),
+    /// Ask a health endpoint (`/livez`, `/readyz`): exit 0 on 200, else 1.
+    /// For container HEALTHCHECKs, where there is no curl.
+    Probe {
+        #[arg(default_value = "http://127.0.0.1:9725/readyz")]
+        url: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -156,11 +162,50 @@ fn main() -> ExitCode {
         Command::Alias { action } => {
             with_config(path, "correu", move |cfg, _| account::alias(cfg, action))
         }
+        Command::Probe { url } => probe(&url),
         Command::Bench(args) => run_with(
             "correu-bench",
             correu_runtime::Config::default(),
             move |_, _| bench::run(args),
         ),
+    }
+}
+
+/// GET `http://HOST:PORT/PATH`; success on a 200 within 5 seconds.
+fn probe(url: &str) -> ExitCode {
+    use std::io::{Read, Write};
+    let Some(rest) = url.strip_prefix("http://") else {
+        eprintln!("probe: {url}: only http:// URLs");
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let result = (|| -> std::io::Result<String> {
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(host)?
+            .next()
+            .ok_or_else(|| std::io::Error::other("no address"))?;
+        let timeout = std::time::Duration::from_secs(5);
+        let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+        s.set_read_timeout(Some(timeout))?;
+        write!(s, "GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    })();
+    match result {
+        Ok(out) if out.starts_with("HTTP/1.1 200") || out.starts_with("HTTP/1.0 200") => {
+            ExitCode::SUCCESS
+        }
+        Ok(out) => {
+            eprintln!("{url}: {}", out.lines().next().unwrap_or("no answer"));
+            if let Some((_, body)) = out.split_once("\r\n\r\n") {
+                eprint!("{body}");
+            }
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("{url}: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

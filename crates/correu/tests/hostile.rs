@@ -26,23 +26,6 @@ fn serve(dir: &Path, smtp: &str) -> (Proc, SocketAddr) {
 }
 
 /// Connects from a chosen loopback address (127.0.0.2 is another client).
-fn connect_from(src: [u8; 4], to: SocketAddr) -> TcpStream {
-    let sock = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5));
-    if src == [127, 0, 0, 1] {
-        return sock.unwrap();
-    }
-    // std cannot bind a client socket before connecting; tokio can.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let s = tokio::net::TcpSocket::new_v4().unwrap();
-        s.bind(SocketAddr::from((src, 0))).unwrap();
-        s.connect(to).await.unwrap().into_std().unwrap()
-    })
-}
-
 fn first_reply(s: &mut TcpStream) -> String {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.set_nonblocking(false).unwrap();

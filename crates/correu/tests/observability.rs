@@ -251,6 +251,13 @@ fn metrics_and_health_move_with_the_mail() {
     let (status, body) = http_get(health, "/readyz");
     assert_eq!(status, 200, "{body}");
     assert_eq!(http_get(health, "/nothing").0, 404);
+    // The container HEALTHCHECK's probe says the same.
+    let (st, _, err) = run(CORREU, &["probe", &format!("http://{health}/readyz")]);
+    assert!(st.success(), "{err}");
+    let (st, _, err) = run(CORREU, &["probe", &format!("http://{health}/nothing")]);
+    assert!(!st.success() && err.contains("404"), "{err}");
+    let closed = format!("http://127.0.0.1:{}/readyz", free_port());
+    assert!(!run(CORREU, &["probe", &closed]).0.success());
 
     let accepted = "correu_smtp_transactions_total{reply_class=\"2xx\",result=\"accepted\"}";
     let delivered = "correu_delivery_attempts_total{destination=\"local\",outcome=\"delivered\"}";

@@ -168,16 +168,22 @@ pub async fn run(
             }
         });
     }
+    // The listeners stay open through the drain, answering new
+    // connections `421 4.3.2` (a load balancer may still send some), and
+    // close once the sessions are done.
+    let stop_accepting = tokio_util::sync::CancellationToken::new();
+    let mut accepting = Vec::new();
     for l in listeners {
         let addr = l.socket.local_addr()?;
         let role = format!("{:?}", l.role).to_lowercase();
         tracing::info!(%addr, role, "SMTP listening");
-        tracker.spawn(accept_loop(
+        accepting.push(tokio::spawn(accept_loop(
             l,
             shared.clone(),
             limit.clone(),
             tracker.clone(),
-        ));
+            stop_accepting.clone(),
+        )));
     }
     shutdown.cancelled().await;
     tracker.close();
@@ -193,6 +199,10 @@ pub async fn run(
             "sessions still open after the grace period; closing them"
         );
     }
+    stop_accepting.cancel();
+    for a in accepting {
+        let _ = a.await;
+    }
     Ok(())
 }
 
@@ -201,10 +211,11 @@ async fn accept_loop(
     shared: Arc<Shared>,
     limit: Arc<Semaphore>,
     tracker: TaskTracker,
+    stop: tokio_util::sync::CancellationToken,
 ) {
     loop {
         let accepted = tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
+            _ = stop.cancelled() => return,
             a = listener.socket.accept() => a,
         };
         let (stream, peer) = match accepted {
@@ -219,6 +230,18 @@ async fn accept_loop(
         };
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+        if shared.shutdown.is_cancelled() {
+            metrics::METRICS.connections_refused.add(
+                1,
+                &[opentelemetry::KeyValue::new("reason", "shutting_down")],
+            );
+            let reply = format!(
+                "421 4.3.2 {} Service shutting down, try again later\r\n",
+                shared.session.hostname
+            );
+            tokio::spawn(refuse(stream, reply));
+            continue;
         }
         match limit.clone().try_acquire_owned() {
             Ok(permit) => {

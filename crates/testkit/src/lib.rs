@@ -280,6 +280,105 @@ impl Smtp {
 }
 
 /// The queue id in a `250 2.0.0 Ok: queued as ID` reply.
+/// A TCP connection to `to` from the loopback address `src` (Linux routes
+/// all of 127/8 to lo: a test can be several clients).
+pub fn connect_from(src: [u8; 4], to: SocketAddr) -> TcpStream {
+    let sock = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5));
+    if src == [127, 0, 0, 1] {
+        return sock.unwrap();
+    }
+    // std cannot bind a client socket before connecting; tokio can.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let s = rt.block_on(async {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind(SocketAddr::from((src, 0))).unwrap();
+        s.connect(to).await.unwrap().into_std().unwrap()
+    });
+    // Tokio's sockets are non-blocking; the tests read blocking.
+    s.set_nonblocking(false).unwrap();
+    s
+}
+
+/// Sends `n` messages to `pere@localhost` over `threads` client threads
+/// spread over `addrs`; a thread whose server goes away moves to the next
+/// one. Returns the queue ids of the messages that got a `250`.
+pub fn send_many(addrs: &[SocketAddr], n: usize, threads: usize) -> Vec<String> {
+    let per = n / threads;
+    let addrs = addrs.to_vec();
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let addrs = addrs.clone();
+            std::thread::spawn(move || {
+                let mut ids = Vec::new();
+                let mut which = t;
+                let connect = |which: &mut usize| {
+                    for _ in 0..addrs.len() * 3 {
+                        let addr = addrs[*which % addrs.len()];
+                        *which += 1;
+                        let Ok(stream) = std::net::TcpStream::connect(addr) else {
+                            continue;
+                        };
+                        let mut c = Smtp::from_stream(stream);
+                        let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            c.read().code == 220 && c.cmd("EHLO load").code == 250
+                        }));
+                        if matches!(ok, Ok(true)) {
+                            return Some(c);
+                        }
+                    }
+                    None
+                };
+                let Some(mut c) = connect(&mut which) else {
+                    return ids;
+                };
+                let mut sent = 0;
+                let mut failures = 0;
+                while sent < per && failures < 10 {
+                    // A new session every 50 messages (smtp.max_transactions).
+                    if sent > 0 && sent % 50 == 0 {
+                        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            c.cmd("QUIT")
+                        }));
+                        match connect(&mut which) {
+                            Some(n) => c = n,
+                            None => break,
+                        }
+                    }
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        c.send_mail(
+                            "jo@domini.com",
+                            &["pere@localhost"],
+                            &format!("Subject: {t}-{sent}\r\n\r\nbody\r\n"),
+                        )
+                    }));
+                    match r {
+                        Ok(r) if r.code == 250 => {
+                            ids.push(queue_id(&r));
+                            sent += 1;
+                        }
+                        // Its server went away (or refused): the next one.
+                        _ => {
+                            failures += 1;
+                            match connect(&mut which) {
+                                Some(n) => c = n,
+                                None => break,
+                            }
+                        }
+                    }
+                }
+                ids
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect()
+}
+
 pub fn queue_id(r: &Reply) -> String {
     assert_eq!(r.code, 250, "not queued: {r}");
     r.text().rsplit(' ').next().unwrap().to_string()
