@@ -14,7 +14,7 @@
    the machine's RabbitMQ in a vhost of this test's own), which become
    ready and carry a message to a mailbox.
 
-    .venv/bin/python helm/tests/test_chart.py      (CORREU_BIN: the binary)
+    .venv/bin/python helm/tests/test_chart.py      (CHART_TEST_CORREU: the binary)
 """
 
 import json
@@ -36,7 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 CHART = os.path.join(ROOT, "helm", "correu")
 CI = os.path.join(CHART, "ci")
 KUBE_VERSIONS = ["1.27.0", "1.33.0"]
-BIN = os.environ.get("CORREU_BIN", os.path.join(ROOT, "target", "debug", "correu"))
+BIN = os.environ.get("CHART_TEST_CORREU", os.path.join(ROOT, "target", "debug", "correu"))
 
 failures = []
 
