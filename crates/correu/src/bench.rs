@@ -61,7 +61,16 @@ struct Tally {
     errors: BTreeMap<String, usize>,
 }
 
+/// A server that says nothing for this long has failed the message.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
 async fn reply(r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> std::io::Result<String> {
+    tokio::time::timeout(REPLY_TIMEOUT, read_reply(r))
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
+}
+
+async fn read_reply(r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> std::io::Result<String> {
     let mut all = String::new();
     loop {
         let mut line = String::new();
@@ -88,7 +97,9 @@ async fn connection(
     pace: &Pace,
     tally: &Mutex<Tally>,
 ) -> std::io::Result<()> {
-    let stream = TcpStream::connect(a.server).await?;
+    let stream = tokio::time::timeout(REPLY_TIMEOUT, TcpStream::connect(a.server))
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
     stream.set_nodelay(true)?;
     let (rd, mut wr) = stream.into_split();
     let mut rd = BufReader::new(rd);
@@ -219,7 +230,10 @@ fn watch(
     })
 }
 
-pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
+pub async fn run(
+    a: BenchArgs,
+    interrupt: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
     let body = Arc::new(message(a.size));
     let tally = Arc::new(Mutex::new(Tally::default()));
     let pace = Arc::new(Pace {
@@ -257,7 +271,16 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
             }
         });
     }
-    while tasks.join_next().await.is_some() {}
+    loop {
+        tokio::select! {
+            next = tasks.join_next() => if next.is_none() { break },
+            _ = interrupt.cancelled() => {
+                // Ctrl-C or SIGTERM: report what was done so far.
+                tasks.abort_all();
+                break;
+            }
+        }
+    }
     let took = started.elapsed();
     let mut t = std::mem::take(&mut *tally.lock().unwrap_or_else(|p| p.into_inner()));
     t.latencies.sort();

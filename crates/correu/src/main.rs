@@ -166,7 +166,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => run_with(
             "correu-bench",
             correu_runtime::Config::default(),
-            move |_, _| bench::run(args),
+            move |_, stop| bench::run(args, stop),
         ),
     }
 }
