@@ -267,13 +267,21 @@ fn metrics_and_health_move_with_the_mail() {
         send(smtp, &["pere@localhost"], &format!("m{i}"));
     }
     // A refused recipient is not a transaction; a message over the size
-    // limit is a rejected one.
+    // limit (100,000 bytes here) is a rejected one.
     let mut c = Smtp::connect(smtp);
     c.read();
     c.cmd("EHLO client.example");
     c.cmd("MAIL FROM:<jo@domini.com>");
     assert_eq!(c.cmd("RCPT TO:<nobody@localhost>").code, 550);
     c.cmd("RSET");
+    let big = format!(
+        "Subject: big\r\n\r\n{}",
+        format!("{}\r\n", "y".repeat(98)).repeat(1500)
+    );
+    assert_eq!(
+        c.send_mail("jo@domini.com", &["pere@localhost"], &big).code,
+        552
+    );
     c.cmd("QUIT");
     wait_maildir(
         &dir.path().join("mail/localhost/pere"),
@@ -291,6 +299,8 @@ fn metrics_and_health_move_with_the_mail() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(value(&after, accepted) - value(&before, accepted), 3.0);
+    let too_big = "correu_smtp_transactions_total{reply_class=\"5xx\",result=\"rejected\"}";
+    assert_eq!(value(&after, too_big) - value(&before, too_big), 1.0);
     assert_eq!(value(&after, delivered) - value(&before, delivered), 3.0);
     assert_eq!(value(&after, sizes) - value(&before, sizes), 3.0);
     assert!(
@@ -310,7 +320,8 @@ fn metrics_and_health_move_with_the_mail() {
 
     // It stops cleanly on SIGTERM.
     serve.signal("TERM");
-    serve.wait_exit(Duration::from_secs(30));
+    let status = serve.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "{}", serve.output());
 }
 
 /// Every metric the Grafana dashboard charts is one Correu declares (an

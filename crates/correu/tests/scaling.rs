@@ -230,17 +230,5 @@ fn sigterm_to_delivery_mid_batch_loses_and_repeats_nothing() {
     // Its replacement finishes the queue.
     let _second = pods.delivery("delivery-2");
     let files = wait_maildir(&remote, total, Duration::from_secs(90));
-    let mut subjects: Vec<String> = files
-        .iter()
-        .map(|f| {
-            read(f)
-                .lines()
-                .find_map(|l| l.strip_prefix("Subject: ").map(str::to_string))
-                .unwrap()
-        })
-        .collect();
-    subjects.sort();
-    let mut want: Vec<String> = (0..total).map(|i| format!("n{i}")).collect();
-    want.sort();
-    assert_eq!(subjects, want, "every message once at the remote MX");
+    assert_subjects_once(&files, "n", total);
 }

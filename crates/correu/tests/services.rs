@@ -298,19 +298,7 @@ fn the_connection_limit_per_host_holds_across_two_delivery_processes() {
     }
 
     let files = wait_maildir(&remote_box, total, Duration::from_secs(120));
-    let mut subjects: Vec<String> = files
-        .iter()
-        .map(|f| {
-            read(f)
-                .lines()
-                .find_map(|l| l.strip_prefix("Subject: ").map(str::to_string))
-                .unwrap()
-        })
-        .collect();
-    subjects.sort();
-    let mut want: Vec<String> = (0..total).map(|i| format!("n{i}")).collect();
-    want.sort();
-    assert_eq!(subjects, want, "every message once at the remote MX");
+    assert_subjects_once(&files, "n", total);
     let peak = counting_mx_peak(&mx);
     assert_eq!(
         peak, 2,

@@ -24,11 +24,6 @@ fn correu_cli(cfg: &Path, args: &[&str], stdin: &str) -> String {
     out
 }
 
-fn swaks(args: &[&str]) -> (bool, String) {
-    let (st, out, err) = run("swaks", args);
-    (st.success(), format!("{out}\n{err}"))
-}
-
 #[test]
 fn dovecot_serves_what_correu_stored_to_the_same_accounts() {
     let dir = tempfile::tempdir().unwrap();

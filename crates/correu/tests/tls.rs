@@ -57,11 +57,6 @@ fn server(dir: &Path, extra_smtp: &str) -> Server {
     }
 }
 
-fn swaks(args: &[&str]) -> (bool, String) {
-    let (st, out, err) = run("swaks", args);
-    (st.success(), format!("{out}\n{err}"))
-}
-
 fn py(script: &str) -> String {
     let (st, out, err) = run(&python(), &["-c", script]);
     assert!(st.success(), "python failed:\n{script}\n{out}\n{err}");

@@ -274,7 +274,10 @@ where
                             return conn.say_and_end(&session.timeout(), End::Timeout).await;
                         }
                         Some(Ok((data, report))) => match session.data_received(report) {
-                            Err(r) => r,
+                            Err(r) => {
+                                rejected(r.code);
+                                r
+                            }
                             Ok(env) => deliver(shared, &mut session, env, data, client).await,
                         },
                     };
@@ -296,6 +299,11 @@ where
                     bdat_total = bdat_total.saturating_add(size);
                     match session.chunk_received(bdat_total, last) {
                         Chunked::Step(s) => {
+                            if let Step::Reply(r) | Step::Close(r) = &s
+                                && r.code >= 400
+                            {
+                                rejected(r.code);
+                            }
                             step = s;
                             continue;
                         }
@@ -543,13 +551,7 @@ async fn deliver(
     };
     if over {
         session.queued(Err(QueueFailure::Unavailable));
-        crate::metrics::METRICS.transactions.add(
-            1,
-            &[
-                KeyValue::new("result", "rejected"),
-                KeyValue::new("reply_class", "4xx"),
-            ],
-        );
+        rejected(450);
         return Reply::new(
             450,
             correu_smtp::Enhanced(4, 7, 1),
@@ -598,15 +600,20 @@ async fn deliver(
         );
         m.message_size.record(size, &[]);
     } else {
-        m.transactions.add(
-            1,
-            &[
-                KeyValue::new("result", "rejected"),
-                KeyValue::new("reply_class", class),
-            ],
-        );
+        rejected(reply.code);
     }
     reply
+}
+
+/// A message that reached the end of its data and was refused.
+fn rejected(code: u16) {
+    crate::metrics::METRICS.transactions.add(
+        1,
+        &[
+            KeyValue::new("result", "rejected"),
+            KeyValue::new("reply_class", crate::metrics::reply_class(code)),
+        ],
+    );
 }
 
 fn refused(reason: &'static str) {

@@ -41,21 +41,10 @@ pub struct Account {
     pub quota: Option<u64>,
 }
 
-/// A size as Dovecot writes quotas: `1024`, `512k`, `100M`, `1G`, `2T`.
+/// A size as Dovecot writes quotas (`1024`, `512k`, `100M`, `1G`, `2T`),
+/// read as the configuration reads sizes.
 pub fn parse_size(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (n, unit) = s.split_at(split);
-    let n: u64 = n.parse().ok()?;
-    let mult: u64 = match unit.to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" => 1 << 10,
-        "m" | "mb" => 1 << 20,
-        "g" | "gb" => 1 << 30,
-        "t" | "tb" => 1 << 40,
-        _ => return None,
-    };
-    n.checked_mul(mult)
+    s.parse::<correu_runtime::config::Size>().ok().map(|z| z.0)
 }
 
 fn is_address(a: &str) -> bool {

@@ -495,17 +495,18 @@ impl Mailboxes {
             size_in_name(id).map_or_else(|| std::fs::metadata(&path).map(|m| m.len()), Ok)?;
         match std::fs::remove_file(&path) {
             Ok(()) => {}
-            // Removed meanwhile (another replica, or Dovecot): done.
+            // Removed meanwhile (another replica, or Dovecot): not ours to count.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(MailboxError::NoMessage(id.to_string()));
             }
             Err(e) => return Err(e.into()),
         }
-        let dir = self.resolve(address)?;
-        if let Some(parent) = path.parent() {
-            sync_dir(parent)?;
+        // The file was in MAILDIR/new or MAILDIR/cur.
+        let sub = path.parent().unwrap_or(&path);
+        sync_dir(sub)?;
+        if let Some(maildir) = sub.parent() {
+            self.count(maildir, -(size as i64), -1)?;
         }
-        self.count(&dir, -(size as i64), -1)?;
         Ok(())
     }
 

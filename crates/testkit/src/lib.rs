@@ -379,6 +379,30 @@ pub fn send_many(addrs: &[SocketAddr], n: usize, threads: usize) -> Vec<String> 
         .collect()
 }
 
+/// Runs swaks: whether it succeeded, and all it printed.
+pub fn swaks(args: &[&str]) -> (bool, String) {
+    let (st, out, err) = run("swaks", args);
+    (st.success(), format!("{out}\n{err}"))
+}
+
+/// Asserts that the messages in `files` are subjects `{prefix}0` to
+/// `{prefix}{total-1}`, each exactly once.
+pub fn assert_subjects_once(files: &[PathBuf], prefix: &str, total: usize) {
+    let mut subjects: Vec<String> = files
+        .iter()
+        .map(|f| {
+            read(f)
+                .lines()
+                .find_map(|l| l.strip_prefix("Subject: ").map(str::to_string))
+                .unwrap_or_default()
+        })
+        .collect();
+    subjects.sort();
+    let mut want: Vec<String> = (0..total).map(|i| format!("{prefix}{i}")).collect();
+    want.sort();
+    assert_eq!(subjects, want, "every message exactly once");
+}
+
 pub fn queue_id(r: &Reply) -> String {
     assert_eq!(r.code, 250, "not queued: {r}");
     r.text().rsplit(' ').next().unwrap().to_string()
