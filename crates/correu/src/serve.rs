@@ -1,8 +1,9 @@
 //! `correu serve`: every role in one process.
 //!
-//! The same service code as in Kubernetes, wired together locally: storage
-//! serves gRPC on `storage.listen` (ingress and delivery reach it there, and
-//! so does `correu mailbox`), and the queue is the embedded spool unless
+//! The same service code as in Kubernetes, wired together locally: ingress
+//! and delivery make the same gRPC calls to storage, answered in process
+//! without a socket; storage also serves gRPC on `storage.listen` (for
+//! `correu mailbox` and other tools); and the queue is the embedded spool unless
 //! `queue.backend` says RabbitMQ. Stopping goes front to back: ingress stops
 //! taking mail and finishes its sessions, then delivery settles what it
 //! holds, then storage stops.
@@ -28,7 +29,10 @@ pub async fn serve(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<(
     let queue = Queue::open(&cfg.queue, backend)
         .await
         .with_context(|| format!("cannot open the queue at {}", cfg.queue.spool.display()))?;
-    let storage = correu_storage::client::connect(&cfg.storage, &format!("http://{storage_addr}"))?;
+    // Ingress and delivery call storage in this process; the gRPC port is
+    // for `correu mailbox` and other tools.
+    let boxes = Arc::new(correu_storage::mailboxes(&cfg)?);
+    let storage = correu_storage::client::local(boxes.clone());
 
     // Certificates and accounts are read now: a bad one stops the start.
     let shared = Arc::new(correu_ingress::Shared::new(
@@ -52,7 +56,10 @@ pub async fn serve(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<(
     let delivery_stop = CancellationToken::new();
     let storage_task = {
         let (cfg, stop) = (cfg.clone(), storage_stop.clone());
-        tokio::spawn(async move { correu_storage::run(&cfg, storage_listener, stop).await })
+        let boxes = boxes.clone();
+        tokio::spawn(
+            async move { correu_storage::run_with(&cfg, boxes, storage_listener, stop).await },
+        )
     };
     let delivery_task = {
         let (cfg, queue, storage, stop) = (

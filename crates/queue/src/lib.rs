@@ -21,6 +21,7 @@ pub mod admin;
 pub mod amqp;
 pub mod id;
 pub mod index;
+mod journal;
 pub mod metrics;
 pub mod schedule;
 pub mod spool;
@@ -219,7 +220,7 @@ impl Delivery {
     pub async fn park(self, reason: &str) -> Result<(), QueueError> {
         match self.handle {
             Handle::Amqp(h) => h.park(&self.raw, reason).await,
-            Handle::Spool(h) => h.park(reason).await,
+            Handle::Spool(h) => h.park(&self.raw, reason).await,
         }
     }
 }

@@ -7,26 +7,34 @@
 //! can see, count and move messages with `ls` and `mv`.
 //!
 //! Layout under `queue.spool`:
+//! - `journal/`: new messages, appended and flushed in groups by one writer
+//!   thread (see [`crate::journal`]); this is where ingress's `250` comes
+//!   from, and delivery takes them from memory.
 //! - `tmp/`: files being written; never read, cleaned at start.
-//! - `active/ID`: waiting for delivery (protobuf `QueuedMessage`).
+//! - `active/ID`: waiting for delivery (protobuf `QueuedMessage`): messages
+//!   back from `deferred/` or `parked/`, or put there by hand.
 //! - `deferred/DUE-ID`: waiting for a retry; `DUE` is the Unix time in
 //!   milliseconds when it moves back to `active/`.
 //! - `parked/ID` and `parked/ID.reason`: what could not be processed.
 //!
-//! Publishing writes `tmp/ID`, fsyncs it, renames it into `active/` and
-//! fsyncs the directory: only then does the caller get `Ok`.
+//! Publishing appends to the journal and returns once the journal is
+//! flushed. Every other move (retry, park) writes `tmp/NAME`, fsyncs it,
+//! renames it into place and fsyncs the directory before the journal record
+//! or the old file is let go.
 
 use std::collections::{HashSet, VecDeque};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use correu_proto::v1::QueuedMessage;
 use prost::Message;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::journal::{self, Journal, Location};
 use crate::{Delivery, Handle, PublishError, QueueError, id::is_queue_id};
 
 /// Most ids taken from one directory scan; bounds memory however long the
@@ -37,12 +45,37 @@ const IDLE_POLL: Duration = Duration::from_millis(500);
 
 pub struct Spool {
     root: PathBuf,
+    state: Arc<State>,
+    /// The intake journal's writer; `None` for the admin command's view.
+    journal: Option<Journal>,
+    /// `lock`, held while this process owns the spool: two servers on one
+    /// spool would hand out, and collect, each other's journal.
+    _owner: Option<std::fs::File>,
+}
+
+/// What the publishers, the journal writer and the consumers share.
+#[derive(Default)]
+struct State {
     notify: Notify,
     /// Ids handed out and not yet settled; a scan skips them.
     inflight: Mutex<HashSet<String>>,
-    /// Ids found by the last scan, not yet handed out.
-    pending: Mutex<VecDeque<String>>,
+    /// Messages to hand out, oldest first.
+    pending: Mutex<VecDeque<(String, Source)>>,
+    /// Bytes of journal messages held in `pending`.
+    held: AtomicUsize,
 }
+
+/// Where a message to hand out is.
+enum Source {
+    /// `active/ID`.
+    File,
+    /// The journal, with its bytes when they are still in memory.
+    Journal(Location, Option<Vec<u8>>),
+}
+
+/// Most bytes of new messages kept in memory for delivery; past it they are
+/// read back from the journal (a backlog costs disk reads, not memory).
+const HOLD_BYTES: usize = 64 << 20;
 
 fn now_millis() -> u128 {
     SystemTime::now()
@@ -93,25 +126,58 @@ impl Spool {
 
     async fn open_inner(root: &Path, owner: bool) -> std::io::Result<Spool> {
         let root = root.to_path_buf();
-        let r = root.clone();
-        tokio::task::spawn_blocking(move || {
-            for d in ["tmp", "active", "deferred", "parked"] {
+        let state = Arc::new(State::default());
+        let (r, st) = (root.clone(), state.clone());
+        let (journal, owner) = tokio::task::spawn_blocking(move || {
+            for d in ["tmp", "active", "deferred", "parked", "journal"] {
                 std::fs::create_dir_all(r.join(d))?;
             }
-            if owner {
-                for e in std::fs::read_dir(r.join("tmp"))? {
-                    std::fs::remove_file(e?.path())?;
-                }
+            if !owner {
+                return Ok((None, None));
             }
-            Ok::<_, std::io::Error>(())
+            let lock_file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(r.join("lock"))?;
+            if lock_file.try_lock().is_err() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::WouldBlock,
+                    format!("another process uses the spool at {}", r.display()),
+                ));
+            }
+            for e in std::fs::read_dir(r.join("tmp"))? {
+                std::fs::remove_file(e?.path())?;
+            }
+            // What was accepted and not settled before a stop or a crash
+            // is handed out again, oldest first (ids sort by time).
+            let replayed = journal::replay(&r.join("journal"))?;
+            let mut waiting: Vec<_> = replayed
+                .live
+                .iter()
+                .map(|(id, loc)| (id.clone(), *loc))
+                .collect();
+            waiting.sort_by(|a, b| a.0.cmp(&b.0));
+            lock(&st.pending).extend(
+                waiting
+                    .into_iter()
+                    .map(|(id, loc)| (id, Source::Journal(loc, None))),
+            );
+            let sink = st.clone();
+            Journal::start(
+                r.join("journal"),
+                &replayed,
+                Box::new(move |id, loc, data| sink.hand_on(id, loc, data)),
+            )
+            .map(|j| (Some(j), Some(lock_file)))
         })
         .await
         .map_err(std::io::Error::other)??;
         Ok(Spool {
             root,
-            notify: Notify::new(),
-            inflight: Mutex::new(HashSet::new()),
-            pending: Mutex::new(VecDeque::new()),
+            state,
+            journal,
+            _owner: owner,
         })
     }
 
@@ -126,16 +192,14 @@ impl Spool {
                 msg.queue_id
             )));
         }
-        let data = msg.encode_to_vec();
-        let root = self.root.clone();
-        let id = msg.queue_id.clone();
-        tokio::task::spawn_blocking(move || {
-            let dest = root.join("active").join(&id);
-            write_durably(&root, &id, &data, &dest)
-        })
-        .await
-        .map_err(std::io::Error::other)??;
-        self.notify.notify_one();
+        let Some(journal) = &self.journal else {
+            return Err(PublishError::Unavailable(
+                "the spool is open for the admin command only".into(),
+            ));
+        };
+        journal
+            .append(msg.queue_id.clone(), msg.encode_to_vec())
+            .await?;
         Ok(())
     }
 
@@ -153,7 +217,7 @@ impl Spool {
                 std::fs::rename(e.path(), self.root.join("active").join(id))?;
             }
         }
-        let inflight = lock(&self.inflight).clone();
+        let inflight = lock(&self.state.inflight).clone();
         let mut found = Vec::new();
         for e in std::fs::read_dir(self.root.join("active"))? {
             let name = e?.file_name().to_string_lossy().into_owned();
@@ -169,19 +233,30 @@ impl Spool {
         Ok(found)
     }
 
-    fn take_pending(&self) -> Option<String> {
-        let mut pending = lock(&self.pending);
-        let mut inflight = lock(&self.inflight);
-        while let Some(id) = pending.pop_front() {
+    /// The next message to hand out, marked in flight.
+    fn take_pending(&self) -> Option<(String, Source)> {
+        let mut pending = lock(&self.state.pending);
+        let mut inflight = lock(&self.state.inflight);
+        while let Some((id, source)) = pending.pop_front() {
+            if let Source::Journal(_, Some(data)) = &source {
+                self.state.held.fetch_sub(data.len(), Ordering::Relaxed);
+            }
             if inflight.insert(id.clone()) {
-                return Some(id);
+                return Some((id, source));
             }
         }
         None
     }
 
+    /// Whether `pending` holds files from a scan not yet handed out.
+    fn files_pending(&self) -> bool {
+        lock(&self.state.pending)
+            .iter()
+            .any(|(_, s)| matches!(s, Source::File))
+    }
+
     fn settle(&self, id: &str) {
-        lock(&self.inflight).remove(id);
+        lock(&self.state.inflight).remove(id);
     }
 
     /// Counts per directory, for the admin command and tests.
@@ -195,8 +270,12 @@ impl Spool {
             }
             Ok(n)
         };
+        let journal = match &self.journal {
+            Some(j) => j.live(),
+            None => journal::replay(&self.root.join("journal"))?.live.len(),
+        };
         Ok(SpoolCounts {
-            active: count("active", |n| n)?,
+            active: count("active", |n| n)? + journal,
             deferred: count("deferred", |n| n.split_once('-').map_or("", |(_, id)| id))?,
             parked: count("parked", |n| n)?,
         })
@@ -242,14 +321,14 @@ impl Spool {
         }
         if n > 0 {
             sync_dir(&self.root.join("active"))?;
-            self.notify.notify_one();
+            self.state.notify.notify_one();
         }
         Ok(n)
     }
 
     /// Deletes a message wherever it waits (not one being delivered).
     pub fn delete(&self, id: &str) -> std::io::Result<usize> {
-        if !is_queue_id(id) || lock(&self.inflight).contains(id) {
+        if !is_queue_id(id) || lock(&self.state.inflight).contains(id) {
             return Ok(0);
         }
         let mut n = 0;
@@ -286,7 +365,7 @@ impl Spool {
         }
         if n > 0 {
             sync_dir(&self.root.join("active"))?;
-            self.notify.notify_one();
+            self.state.notify.notify_one();
         }
         Ok(n)
     }
@@ -300,13 +379,31 @@ pub struct SpoolCounts {
     pub parked: usize,
 }
 
+impl State {
+    /// A new message is durable: queue it for delivery, with its bytes while
+    /// few enough are held.
+    fn hand_on(&self, id: String, loc: Location, data: Vec<u8>) {
+        let keep = self.held.load(Ordering::Relaxed) + data.len() <= HOLD_BYTES;
+        let data = keep.then(|| {
+            self.held.fetch_add(data.len(), Ordering::Relaxed);
+            data
+        });
+        lock(&self.pending).push_back((id, Source::Journal(loc, data)));
+        self.notify.notify_one();
+    }
+}
+
 pub struct SpoolConsumer {
     spool: Arc<Spool>,
+    last_scan: Option<Instant>,
 }
 
 impl SpoolConsumer {
     pub fn new(spool: Arc<Spool>) -> Self {
-        SpoolConsumer { spool }
+        SpoolConsumer {
+            spool,
+            last_scan: None,
+        }
     }
 
     pub async fn next(&mut self, stop: &CancellationToken) -> Option<Delivery> {
@@ -314,9 +411,36 @@ impl SpoolConsumer {
             if stop.is_cancelled() {
                 return None;
             }
-            if let Some(id) = self.spool.take_pending() {
-                let path = self.spool.root.join("active").join(&id);
-                match tokio::fs::read(&path).await {
+            // `active/` and the due retries are looked at every IDLE_POLL
+            // even while new messages keep coming.
+            if self.last_scan.is_none_or(|t| t.elapsed() >= IDLE_POLL)
+                && !self.spool.files_pending()
+            {
+                self.last_scan = Some(Instant::now());
+                let spool = self.spool.clone();
+                match tokio::task::spawn_blocking(move || spool.scan()).await {
+                    Ok(Ok(ids)) => lock(&self.spool.state.pending)
+                        .extend(ids.into_iter().map(|id| (id, Source::File))),
+                    Ok(Err(e)) => tracing::error!(error = %e, "cannot scan the spool"),
+                    Err(e) => tracing::error!(error = %e, "spool scan task failed"),
+                }
+            }
+            if let Some((id, source)) = self.spool.take_pending() {
+                let (raw, journal) = match source {
+                    Source::Journal(loc, Some(data)) => (Ok(data), Some(loc)),
+                    Source::Journal(loc, None) => {
+                        let dir = self.spool.root.join("journal");
+                        let read = tokio::task::spawn_blocking(move || journal::read(&dir, loc))
+                            .await
+                            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+                        (read, Some(loc))
+                    }
+                    Source::File => {
+                        let path = self.spool.root.join("active").join(&id);
+                        (tokio::fs::read(&path).await, None)
+                    }
+                };
+                match raw {
                     Ok(raw) => {
                         let message = QueuedMessage::decode(raw.as_slice()).ok();
                         return Some(Delivery {
@@ -325,17 +449,18 @@ impl SpoolConsumer {
                             handle: Handle::Spool(SpoolHandle {
                                 spool: self.spool.clone(),
                                 id,
+                                journal,
                             }),
                         });
                     }
                     // Settled by another consumer since the scan.
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound && journal.is_none() => {
                         self.spool.settle(&id);
                         continue;
                     }
                     Err(e) => {
-                        tracing::error!(queue_id = %id, error = %e, "cannot read spool file");
-                        self.spool.settle(&id);
+                        // Left in flight: handed out again after a restart.
+                        tracing::error!(queue_id = %id, error = %e, "cannot read a spooled message");
                         tokio::select! {
                             _ = stop.cancelled() => return None,
                             _ = tokio::time::sleep(IDLE_POLL) => continue,
@@ -343,21 +468,14 @@ impl SpoolConsumer {
                     }
                 }
             }
-            let spool = self.spool.clone();
-            let found = tokio::task::spawn_blocking(move || spool.scan()).await;
-            match found {
-                Ok(Ok(ids)) if !ids.is_empty() => {
-                    lock(&self.spool.pending).extend(ids);
-                    continue;
-                }
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => tracing::error!(error = %e, "cannot scan the spool"),
-                Err(e) => tracing::error!(error = %e, "spool scan task failed"),
+            if !lock(&self.spool.state.pending).is_empty() {
+                continue;
             }
+            let due = IDLE_POLL.saturating_sub(self.last_scan.map_or(IDLE_POLL, |t| t.elapsed()));
             tokio::select! {
                 _ = stop.cancelled() => return None,
-                _ = self.spool.notify.notified() => {}
-                _ = tokio::time::sleep(IDLE_POLL) => {}
+                _ = self.spool.state.notify.notified() => {}
+                _ = tokio::time::sleep(due) => {}
             }
         }
     }
@@ -366,6 +484,8 @@ impl SpoolConsumer {
 pub(crate) struct SpoolHandle {
     spool: Arc<Spool>,
     id: String,
+    /// Where it is in the journal, when it came from there.
+    journal: Option<Location>,
 }
 
 impl SpoolHandle {
@@ -373,13 +493,28 @@ impl SpoolHandle {
         self.spool.root.join("active").join(&self.id)
     }
 
-    /// Leaves the file in `active/` and lets the next scan hand it out again.
+    /// Gives the message back, to be handed out again soon.
     pub(crate) fn release(self) {
-        self.spool.settle(&self.id);
-        self.spool.notify.notify_one();
+        match self.journal {
+            Some(loc) => {
+                let mut pending = lock(&self.spool.state.pending);
+                lock(&self.spool.state.inflight).remove(&self.id);
+                pending.push_front((self.id.clone(), Source::Journal(loc, None)));
+            }
+            // The file stays in `active/`: the next scan finds it.
+            None => self.spool.settle(&self.id),
+        }
+        self.spool.state.notify.notify_one();
     }
 
     pub(crate) async fn ack(self) -> Result<(), QueueError> {
+        if let Some(loc) = self.journal {
+            if let Some(j) = &self.spool.journal {
+                j.settle(self.id.clone(), loc.seg);
+            }
+            self.spool.settle(&self.id);
+            return Ok(());
+        }
         let path = self.active();
         // Unlinking needs no fsync: if it is lost in a crash, the message is
         // delivered again, and delivery is idempotent.
@@ -416,10 +551,13 @@ impl SpoolHandle {
         }
     }
 
-    pub(crate) async fn park(self, reason: &str) -> Result<(), QueueError> {
+    pub(crate) async fn park(self, raw: &[u8], reason: &str) -> Result<(), QueueError> {
         let root = self.spool.root.clone();
         let id = self.id.clone();
         let reason = reason.to_string();
+        // From the journal, the bytes are written out; from `active/`, the
+        // file is moved.
+        let data = self.journal.map(|_| raw.to_vec());
         let r = tokio::task::spawn_blocking(move || {
             let parked = root.join("parked");
             write_durably(
@@ -428,12 +566,22 @@ impl SpoolHandle {
                 reason.as_bytes(),
                 &parked.join(format!("{id}.reason")),
             )?;
-            std::fs::rename(root.join("active").join(&id), parked.join(&id))?;
-            sync_dir(&parked)
+            match data {
+                Some(data) => write_durably(&root, &id, &data, &parked.join(&id)),
+                None => {
+                    std::fs::rename(root.join("active").join(&id), parked.join(&id))?;
+                    sync_dir(&parked)
+                }
+            }
         })
         .await
         .map_err(std::io::Error::other)?;
-        self.spool.settle(&self.id);
-        Ok(r?)
+        match r {
+            Ok(()) => self.ack().await,
+            Err(e) => {
+                self.spool.settle(&self.id);
+                Err(e.into())
+            }
+        }
     }
 }

@@ -184,7 +184,7 @@ async fn spool_parks_what_does_not_decode() {
         .unwrap();
     })
     .await;
-    let counts = correu_queue::spool::Spool::open(&dir)
+    let counts = correu_queue::spool::Spool::open_for_admin(&dir)
         .await
         .unwrap()
         .counts()
@@ -220,7 +220,15 @@ async fn spool_keeps_unsettled_messages_across_a_restart() {
     let d = next(&mut c, Duration::from_secs(5)).await.unwrap();
     drop(d); // the process dies before settling it
     drop(c);
-    let reopened = Queue::open(&b.cfg, QueueBackend::Embedded).await.unwrap();
+    let Backend {
+        queue, cfg, _dir, ..
+    } = b;
+    assert!(
+        Queue::open(&cfg, QueueBackend::Embedded).await.is_err(),
+        "a second server cannot take the spool"
+    );
+    drop(queue);
+    let reopened = Queue::open(&cfg, QueueBackend::Embedded).await.unwrap();
     let mut c = reopened.consumer();
     let d = next(&mut c, Duration::from_secs(5))
         .await

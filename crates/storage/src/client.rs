@@ -1,12 +1,64 @@
 //! A storage client for ingress and delivery: one HTTP/2 channel, made
 //! lazily (storage may start after its callers), with a deadline on every
-//! call.
+//! call; or, inside `correu serve`, the same gRPC calls answered by the
+//! storage service in the same process, without a socket.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use correu_proto::v1::storage_client::StorageClient;
+use correu_proto::v1::storage_server::StorageServer;
 use correu_runtime::config::StorageConfig;
+use tonic::body::Body;
+use tonic::codegen::{BoxFuture, Service, StdError};
 use tonic::transport::{Channel, Endpoint};
 
-pub type Client = StorageClient<Channel>;
+use crate::Mailboxes;
+use crate::service::StorageService;
+
+pub type Client = StorageClient<Transport>;
+
+/// How calls reach storage: over HTTP/2, or to the service in this process
+/// (the same request and response messages, codecs and status codes).
+#[derive(Clone)]
+pub enum Transport {
+    Remote(Channel),
+    Local(StorageServer<StorageService>),
+}
+
+impl Service<http::Request<Body>> for Transport {
+    type Response = http::Response<Body>;
+    type Error = StdError;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        match self {
+            Transport::Remote(c) => c.poll_ready(cx).map_err(Into::into),
+            Transport::Local(s) => {
+                Service::<http::Request<Body>>::poll_ready(s, cx).map_err(Into::into)
+            }
+        }
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        match self {
+            Transport::Remote(c) => {
+                let call = c.call(req);
+                Box::pin(async move { call.await.map_err(Into::into) })
+            }
+            Transport::Local(s) => {
+                let call = s.call(req);
+                Box::pin(async move { call.await.map_err(Into::into) })
+            }
+        }
+    }
+}
+
+fn client(transport: Transport) -> Client {
+    StorageClient::new(transport)
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX)
+}
 
 /// A client for `endpoint`; fails only when the endpoint is not a URI.
 pub fn connect(cfg: &StorageConfig, endpoint: &str) -> Result<Client, tonic::transport::Error> {
@@ -16,9 +68,12 @@ pub fn connect(cfg: &StorageConfig, endpoint: &str) -> Result<Client, tonic::tra
         .timeout(timeout)
         .tcp_nodelay(true)
         .connect_lazy();
-    Ok(StorageClient::new(channel)
-        .max_decoding_message_size(usize::MAX)
-        .max_encoding_message_size(usize::MAX))
+    Ok(client(Transport::Remote(channel)))
+}
+
+/// A client answered by `boxes` in this process (`correu serve`).
+pub fn local(boxes: Arc<Mailboxes>) -> Client {
+    client(Transport::Local(crate::server(boxes, usize::MAX)))
 }
 
 /// A request carrying the current trace context (W3C `traceparent` in the

@@ -57,6 +57,12 @@ pub fn mailboxes(cfg: &Config) -> anyhow::Result<Mailboxes> {
     Ok(Mailboxes::new(&st.root, &cfg.hostname, directory))
 }
 
+/// The tonic service over `boxes`, taking requests up to `max_request`
+/// bytes.
+pub fn server(boxes: Arc<Mailboxes>, max_request: usize) -> StorageServer<service::StorageService> {
+    StorageServer::new(service::StorageService::new(boxes)).max_decoding_message_size(max_request)
+}
+
 /// Serves the storage API on `listener` until `shutdown` is cancelled;
 /// calls in progress finish first.
 pub async fn run(
@@ -64,7 +70,17 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let boxes = Arc::new(mailboxes(cfg)?);
+    run_with(cfg, Arc::new(mailboxes(cfg)?), listener, shutdown).await
+}
+
+/// [`run`] over mailboxes the caller shares (`correu serve` answers its
+/// own calls in process with the same ones).
+pub async fn run_with(
+    cfg: &Config,
+    boxes: Arc<Mailboxes>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(boxes.root())?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, root = %boxes.root().display(), "storage listening");
@@ -89,12 +105,12 @@ pub async fn run(
         .timeout(cfg.storage.request_timeout.get())
         .add_service(health)
         .add_service(reflection)
-        .add_service(
-            StorageServer::new(service::StorageService::new(boxes))
-                // A Deliver carries a whole message: allow the largest one
-                // ingress accepts, plus room for the envelope.
-                .max_decoding_message_size(cfg.smtp.max_message_size as usize + (1 << 20)),
-        )
+        // A Deliver carries a whole message: allow the largest one ingress
+        // accepts, plus room for the envelope.
+        .add_service(server(
+            boxes,
+            cfg.smtp.max_message_size as usize + (1 << 20),
+        ))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener),
             shutdown.cancelled_owned(),

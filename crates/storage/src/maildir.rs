@@ -10,9 +10,12 @@
 //! `ROOT/.correu/delivered/` remembers each delivery after Dovecot has moved
 //! the file to `cur/` and renamed it with flags.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 
 use crate::accounts::{Directory, Resolved};
 
@@ -69,6 +72,61 @@ pub struct Mailboxes {
     root: PathBuf,
     host: String,
     directory: Directory,
+    /// One flusher per `new/` directory, shared by concurrent deliveries.
+    syncs: Mutex<HashMap<PathBuf, Arc<DirSync>>>,
+}
+
+/// Group commit for a directory's fsync: deliveries that linked a file
+/// while a flush of the same directory was already running wait for the
+/// next flush, which covers them all, instead of each flushing in turn.
+#[derive(Default)]
+struct DirSync {
+    /// Links made so far (each caller takes a number after its link).
+    requested: AtomicU64,
+    state: Mutex<SyncState>,
+    done: Condvar,
+}
+
+#[derive(Default)]
+struct SyncState {
+    /// Every link numbered up to this is flushed.
+    flushed: u64,
+    running: bool,
+}
+
+impl DirSync {
+    /// Returns once a flush that began after this call's link has ended.
+    fn sync(&self, dir: &Path) -> std::io::Result<()> {
+        let mine = self.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut st = lock(&self.state);
+        loop {
+            if st.flushed >= mine {
+                return Ok(());
+            }
+            if st.running {
+                st = self.done.wait(st).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            st.running = true;
+            let covers = self.requested.load(Ordering::SeqCst);
+            drop(st);
+            let r = sync_dir(dir);
+            st = lock(&self.state);
+            st.running = false;
+            if r.is_ok() {
+                st.flushed = st.flushed.max(covers);
+            }
+            self.done.notify_all();
+            // A failed flush is reported to its caller; the waiters try
+            // their own.
+            r?;
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Plain counters behind short locks stay consistent after a panic.
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// FNV-1a, 64 bits: a stable hash of the recipient for file names (not a
@@ -137,6 +195,7 @@ impl Mailboxes {
             // The host part of a Maildir name may not hold '/' or ':'.
             host: host.replace(['/', ':'], "_"),
             directory,
+            syncs: Mutex::default(),
         }
     }
 
@@ -183,6 +242,20 @@ impl Mailboxes {
             Resolved::Mailboxes(m) => Ok(m),
             Resolved::Unknown => Err(MailboxError::UnknownRecipient(recipient.to_string())),
         }
+    }
+
+    /// [`Mailboxes::standing`] when it needs no disk (no mailbox it leads to
+    /// has a quota), so a caller can skip the blocking pool; `None` otherwise.
+    pub fn standing_in_memory(&self, recipient: &str) -> Option<Result<Standing, MailboxError>> {
+        let boxes = match self.mailboxes_of(recipient) {
+            Ok(b) => b,
+            Err(MailboxError::UnknownRecipient(_)) => return Some(Ok(Standing::Unknown)),
+            Err(e) => return Some(Err(e)),
+        };
+        boxes
+            .iter()
+            .all(|b| self.directory.quota(b) == 0)
+            .then_some(Ok(Standing::Exists(boxes)))
     }
 
     /// Whether mail for `recipient` can be taken now: it leads to a
@@ -245,13 +318,8 @@ impl Mailboxes {
                 duplicate: true,
             });
         }
-        for sub in ["tmp", "new", "cur"] {
-            std::fs::create_dir_all(dir.join(sub))?;
-        }
         // Return-Path and Delivered-To (RFC 5321 §4.4, RFC 9228) come first.
-        let mut head =
-            format!("Return-Path: <{sender}>\r\nDelivered-To: {mailbox}\r\n").into_bytes();
-        head.reserve(content.len());
+        let head = format!("Return-Path: <{sender}>\r\nDelivered-To: {mailbox}\r\n").into_bytes();
         let size = head.len() + content.len();
         let quota = self.directory.quota(mailbox);
         if quota > 0 && self.usage_of(&dir, quota)?.bytes + size as u64 > quota {
@@ -260,12 +328,22 @@ impl Mailboxes {
         let secs = received_at_unix_micros.div_euclid(1_000_000);
         let name = format!("{secs}.{key}.{},S={size}", self.host);
         let tmp = dir.join("tmp").join(unique(&name));
-        {
-            let mut f = File::create(&tmp)?;
-            f.write_all(&head)?;
-            f.write_all(content)?;
-            f.sync_all()?;
-        }
+        let mut f = match File::create(&tmp) {
+            Ok(f) => f,
+            // A mailbox's first message makes its directories.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                for sub in ["tmp", "new", "cur"] {
+                    std::fs::create_dir_all(dir.join(sub))?;
+                }
+                File::create(&tmp)?
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let mut text = head;
+        text.extend_from_slice(content);
+        f.write_all(&text)?;
+        f.sync_all()?;
+        drop(f);
         let new = dir.join("new").join(&name);
         let duplicate = match std::fs::hard_link(&tmp, &new) {
             Ok(()) => false,
@@ -276,17 +354,29 @@ impl Mailboxes {
             }
         };
         std::fs::remove_file(&tmp)?;
-        sync_dir(&dir.join("new"))?;
+        self.sync_new(&dir)?;
         if !duplicate && quota > 0 {
             self.count(&dir, size as i64, 1)?;
         }
-        std::fs::create_dir_all(&marker_dir)?;
-        std::fs::write(&marker, &name)?;
+        if let Err(e) = std::fs::write(&marker, &name) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(e.into());
+            }
+            std::fs::create_dir_all(&marker_dir)?;
+            std::fs::write(&marker, &name)?;
+        }
         Ok(Delivered {
             mailbox: mailbox.to_string(),
             message_id: name,
             duplicate,
         })
+    }
+
+    /// Flushes a mailbox's `new/`, together with concurrent deliveries to it.
+    fn sync_new(&self, dir: &Path) -> std::io::Result<()> {
+        let new = dir.join("new");
+        let sync = lock(&self.syncs).entry(new.clone()).or_default().clone();
+        sync.sync(&new)
     }
 
     /// Appends a change to `maildirsize` when the mailbox keeps one
