@@ -17,6 +17,7 @@
 pub mod auth;
 pub mod metrics;
 pub mod proxy;
+pub mod recipients;
 pub mod session;
 pub mod tls;
 
@@ -62,6 +63,7 @@ pub struct Shared {
     pub proxy_timeout: Duration,
     pub max_session_time: Duration,
     pub recipient_check_timeout: Duration,
+    pub known_recipients: recipients::KnownRecipients,
     /// Cancelled when the server stops: idle sessions get `421 4.3.2`.
     pub shutdown: CancellationToken,
 }
@@ -120,6 +122,7 @@ impl Shared {
             proxy_timeout: s.proxy_timeout.get(),
             max_session_time: s.max_session_time.get(),
             recipient_check_timeout: s.recipient_check_timeout.get(),
+            known_recipients: recipients::KnownRecipients::new(s.recipient_cache.get()),
             shutdown,
         })
     }

@@ -459,9 +459,13 @@ async fn read_chunk<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 async fn check_recipient(shared: &Shared, to: &Address) -> RecipientVerdict {
+    let address = to.to_string();
+    if shared.known_recipients.exists(&address) {
+        return RecipientVerdict::Exists;
+    }
     let mut client = shared.storage.clone();
     let req = CheckRecipientRequest {
-        address: to.to_string(),
+        address: address.clone(),
     };
     match timeout(
         shared.recipient_check_timeout,
@@ -470,7 +474,10 @@ async fn check_recipient(shared: &Shared, to: &Address) -> RecipientVerdict {
     .await
     {
         Ok(Ok(resp)) => match resp.into_inner().status() {
-            RcptStatus::Exists => RecipientVerdict::Exists,
+            RcptStatus::Exists => {
+                shared.known_recipients.remember(&address);
+                RecipientVerdict::Exists
+            }
             RcptStatus::Unknown => RecipientVerdict::Unknown,
             RcptStatus::OverQuota => RecipientVerdict::OverQuota,
             RcptStatus::Unspecified => RecipientVerdict::TryLater,

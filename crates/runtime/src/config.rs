@@ -127,6 +127,9 @@ pub struct SmtpConfig {
     pub data_timeout: Dur,
     /// Time for storage to say whether a local recipient exists.
     pub recipient_check_timeout: Dur,
+    /// How long a local recipient storage said exists is taken as existing
+    /// without asking again (0: ask at every RCPT).
+    pub recipient_cache: Dur,
     /// Time sessions in progress get to finish when the server stops.
     pub shutdown_grace: Dur,
     /// Submission listeners (port 587, RFC 6409): STARTTLS, then AUTH,
@@ -188,6 +191,7 @@ impl Default for SmtpConfig {
             command_timeout: Dur::secs(300),
             data_timeout: Dur::secs(180),
             recipient_check_timeout: Dur::secs(5),
+            recipient_cache: Dur::secs(10),
             shutdown_grace: Dur::secs(25),
             submission: Vec::new(),
             submissions: Vec::new(),

@@ -92,9 +92,17 @@ struct SyncState {
     /// Every link numbered up to this is flushed.
     flushed: u64,
     running: bool,
+    /// The directory, kept open between flushes for a second at most (a
+    /// directory removed and made again is then opened anew).
+    handle: Option<(Arc<File>, std::time::Instant)>,
 }
 
 impl DirSync {
+    /// Forgets the open directory (it was just made again).
+    fn reopen(&self) {
+        lock(&self.state).handle = None;
+    }
+
     /// Returns once a flush that began after this call's link has ended.
     fn sync(&self, dir: &Path) -> std::io::Result<()> {
         let mine = self.requested.fetch_add(1, Ordering::SeqCst) + 1;
@@ -109,12 +117,27 @@ impl DirSync {
             }
             st.running = true;
             let covers = self.requested.load(Ordering::SeqCst);
+            let handle = st
+                .handle
+                .clone()
+                .filter(|(_, opened)| opened.elapsed() < std::time::Duration::from_secs(1));
             drop(st);
-            let r = sync_dir(dir);
+            let r = match handle {
+                Some((h, opened)) => h.sync_all().map(|()| (h, opened)),
+                None => File::open(dir).and_then(|h| {
+                    h.sync_all()
+                        .map(|()| (Arc::new(h), std::time::Instant::now()))
+                }),
+            };
             st = lock(&self.state);
             st.running = false;
-            if r.is_ok() {
+            let r = r.map(|h| {
                 st.flushed = st.flushed.max(covers);
+                st.handle = Some(h);
+            });
+            if r.is_err() {
+                // Reopened next time: the directory may have been replaced.
+                st.handle = None;
             }
             self.done.notify_all();
             // A failed flush is reported to its caller; the waiters try
@@ -335,6 +358,7 @@ impl Mailboxes {
                 for sub in ["tmp", "new", "cur"] {
                     std::fs::create_dir_all(dir.join(sub))?;
                 }
+                self.dir_sync(&dir).reopen();
                 File::create(&tmp)?
             }
             Err(e) => return Err(e.into()),
@@ -372,11 +396,16 @@ impl Mailboxes {
         })
     }
 
+    fn dir_sync(&self, dir: &Path) -> Arc<DirSync> {
+        lock(&self.syncs)
+            .entry(dir.join("new"))
+            .or_default()
+            .clone()
+    }
+
     /// Flushes a mailbox's `new/`, together with concurrent deliveries to it.
     fn sync_new(&self, dir: &Path) -> std::io::Result<()> {
-        let new = dir.join("new");
-        let sync = lock(&self.syncs).entry(new.clone()).or_default().clone();
-        sync.sync(&new)
+        self.dir_sync(dir).sync(&dir.join("new"))
     }
 
     /// Appends a change to `maildirsize` when the mailbox keeps one
@@ -635,6 +664,39 @@ mod tests {
             "mx.test",
             Directory::new(&["localhost".into()], None, None, &accounts, 0),
         )
+    }
+
+    /// Concurrent deliveries share the flushes of `new/`: every one returns
+    /// with its file there, none is lost or doubled.
+    #[test]
+    fn concurrent_deliveries_to_one_mailbox_share_flushes() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Arc::new(boxes(dir.path(), &["pere@localhost"]));
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let m = m.clone();
+                std::thread::spawn(move || {
+                    for i in 0..25 {
+                        let id = format!("0T{t}X{i:03}");
+                        let d = m.deliver(&id, "", "pere@localhost", b"x\r\n", 0).unwrap();
+                        assert!(!d[0].duplicate);
+                        let new = m.root().join("localhost/pere/new").join(&d[0].message_id);
+                        assert!(new.exists(), "{id} is in new/ when deliver returns");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let names = std::fs::read_dir(dir.path().join("localhost/pere/new")).unwrap();
+        assert_eq!(names.count(), 200);
+        let sync = m.dir_sync(&dir.path().join("localhost/pere"));
+        assert_eq!(sync.requested.load(Ordering::SeqCst), 200);
+        assert!(
+            lock(&sync.state).flushed == 200,
+            "the last flush covers the last link"
+        );
     }
 
     #[test]

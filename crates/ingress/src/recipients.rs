@@ -1,0 +1,93 @@
+//! Local recipients known to exist, remembered for `smtp.recipient_cache`
+//! so that a busy MX does not ask storage about the same mailbox at every
+//! RCPT (Postfix's verify cache and Dovecot's auth cache do the same).
+//!
+//! Only "exists" is remembered: a new account is accepted at once, and an
+//! unknown or full mailbox is asked again every time. An account deleted
+//! while remembered can still be offered mail for the cache's lifetime;
+//! delivery then gets "no such mailbox" from storage and bounces it.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Most addresses remembered; past it the expired ones go, then all.
+const MAX_REMEMBERED: usize = 100_000;
+
+pub struct KnownRecipients {
+    ttl: Duration,
+    known: Mutex<HashMap<String, Instant>>,
+}
+
+impl KnownRecipients {
+    /// Remembers for `ttl`; zero remembers nothing.
+    pub fn new(ttl: Duration) -> Self {
+        KnownRecipients {
+            ttl,
+            known: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn known(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+        // A map of timestamps is consistent whatever panicked while it was held.
+        self.known.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether storage said `address` exists less than the lifetime ago.
+    pub fn exists(&self, address: &str) -> bool {
+        !self.ttl.is_zero()
+            && self
+                .known()
+                .get(address)
+                .is_some_and(|at| at.elapsed() < self.ttl)
+    }
+
+    /// Storage said `address` exists.
+    pub fn remember(&self, address: &str) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        let mut known = self.known();
+        if known.len() >= MAX_REMEMBERED && !known.contains_key(address) {
+            let ttl = self.ttl;
+            known.retain(|_, at| at.elapsed() < ttl);
+            if known.len() >= MAX_REMEMBERED {
+                known.clear();
+            }
+        }
+        known.insert(address.to_string(), Instant::now());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remembers_for_its_lifetime_only() {
+        let k = KnownRecipients::new(Duration::from_millis(100));
+        assert!(!k.exists("ana@localhost"));
+        k.remember("ana@localhost");
+        assert!(k.exists("ana@localhost"));
+        assert!(!k.exists("pere@localhost"));
+        std::thread::sleep(Duration::from_millis(150));
+        assert!(!k.exists("ana@localhost"), "expired");
+    }
+
+    #[test]
+    fn zero_remembers_nothing() {
+        let k = KnownRecipients::new(Duration::ZERO);
+        k.remember("ana@localhost");
+        assert!(!k.exists("ana@localhost"));
+    }
+
+    #[test]
+    fn stays_bounded() {
+        let k = KnownRecipients::new(Duration::from_secs(60));
+        for i in 0..MAX_REMEMBERED + 10 {
+            k.remember(&format!("u{i}@localhost"));
+        }
+        assert!(k.known().len() <= MAX_REMEMBERED);
+        assert!(k.exists(&format!("u{}@localhost", MAX_REMEMBERED + 9)));
+    }
+}
