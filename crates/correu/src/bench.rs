@@ -286,6 +286,8 @@ pub async fn run(
     t.latencies.sort();
     let ok = t.latencies.len();
     let mut e2e: Vec<Duration> = Vec::new();
+    // Accepted and stored, per second, from the start to the last one stored.
+    let mut stored_rate = 0.0;
     if let Some(w) = watcher {
         // Give the last messages time to land.
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -300,12 +302,15 @@ pub async fn run(
         }
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let seen = w.join().unwrap_or_default();
+        let mut last = started;
         for (id, at) in &t.accepted {
             if let Some(s) = seen.get(id) {
                 e2e.push(s.saturating_duration_since(*at));
+                last = last.max(*s);
             }
         }
         e2e.sort();
+        stored_rate = e2e.len() as f64 / last.duration_since(started).as_secs_f64().max(1e-9);
     }
     let rate = ok as f64 / took.as_secs_f64();
     if a.json {
@@ -315,7 +320,7 @@ pub async fn run(
             .map(|(k, v)| format!("{k:?}: {v}"))
             .collect();
         println!(
-            "{{\"messages\": {ok}, \"seconds\": {:.3}, \"per_second\": {rate:.1}, \"p50_ms\": {:.3}, \"p99_ms\": {:.3}, \"p999_ms\": {:.3}, \"stored\": {}, \"e2e_p50_ms\": {:.3}, \"e2e_p99_ms\": {:.3}, \"errors\": {{{}}}}}",
+            "{{\"messages\": {ok}, \"seconds\": {:.3}, \"per_second\": {rate:.1}, \"p50_ms\": {:.3}, \"p99_ms\": {:.3}, \"p999_ms\": {:.3}, \"stored\": {}, \"stored_per_second\": {stored_rate:.1}, \"e2e_p50_ms\": {:.3}, \"e2e_p99_ms\": {:.3}, \"errors\": {{{}}}}}",
             took.as_secs_f64(),
             pct(&t.latencies, 0.5),
             pct(&t.latencies, 0.99),
@@ -341,7 +346,7 @@ pub async fn run(
         );
         if a.watch.is_some() {
             println!(
-                "250 → stored: {} seen, p50 {:.2} ms, p99 {:.2} ms",
+                "250 → stored: {} seen, p50 {:.2} ms, p99 {:.2} ms; accepted and stored: {stored_rate:.0} messages/s",
                 e2e.len(),
                 pct(&e2e, 0.5),
                 pct(&e2e, 0.99)

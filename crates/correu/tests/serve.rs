@@ -270,3 +270,39 @@ fn sigterm_finishes_the_session_in_progress_and_refuses_new_ones() {
     assert_eq!(files.len(), 1);
     assert!(files[0].to_string_lossy().contains(&id));
 }
+
+/// The load generator against a real server: every message it counts was
+/// answered 250 and is in the Maildir it watched, and its report says so.
+#[test]
+fn correu_bench_reports_what_the_server_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = serve_config(dir.path(), "", "", "");
+    let (_serve, addr) = start(dir.path(), &cfg);
+    let new = dir.path().join("mail/localhost/pere/new");
+    std::fs::create_dir_all(&new).unwrap();
+    let out = std::process::Command::new(CORREU)
+        .args(["bench", "--server", &addr.to_string(), "--clients", "4"])
+        .args(["--messages", "60", "--size", "2048", "--json", "--watch"])
+        .arg(&new)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(report.contains("\"messages\": 60,"), "{report}");
+    assert!(report.contains("\"stored\": 60,"), "{report}");
+    assert!(report.contains("\"errors\": {}"), "{report}");
+    let files = wait_maildir(
+        &dir.path().join("mail/localhost/pere"),
+        60,
+        Duration::from_secs(20),
+    );
+    assert_eq!(files.len(), 60);
+    // Each message has the size asked, plus the trace headers storage and
+    // ingress add in front.
+    let body = read(&files[0]);
+    assert!(
+        body.len() > 2048 && body.ends_with("\r\n"),
+        "{}",
+        body.len()
+    );
+}

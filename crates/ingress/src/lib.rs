@@ -144,13 +144,30 @@ pub async fn bind(cfg: &Config) -> anyhow::Result<Vec<Listener>> {
         ("smtp.submissions", &s.submissions, Role::Submissions),
     ] {
         for addr in addrs {
-            let socket = TcpListener::bind(addr)
-                .await
+            let socket = listen(*addr)
                 .map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({key}): {e}"))?;
             listeners.push(Listener { socket, role });
         }
     }
     Ok(listeners)
+}
+
+/// Connections the kernel may hold for us before we accept them (it caps
+/// this at `net.core.somaxconn`). A thousand clients connecting at once
+/// overflowed the usual 1,024: their SYNs were dropped and they waited a
+/// second or more to try again.
+const ACCEPT_BACKLOG: u32 = 8192;
+
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind` does: a restart may rebind at once.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(ACCEPT_BACKLOG)
 }
 
 /// Serves SMTP on `listeners` until `shutdown` is cancelled, then lets the
