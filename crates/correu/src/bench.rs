@@ -207,26 +207,30 @@ fn pct(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_secs_f64() * 1e3
 }
 
+/// When each queue id first appeared in a watched Maildir `new/`.
+type Seen = Arc<Mutex<HashMap<String, Instant>>>;
+
 /// Watches a Maildir `new/` and notes when each queue id first appears.
 fn watch(
     dir: PathBuf,
+    seen: Seen,
     stop: Arc<std::sync::atomic::AtomicBool>,
-) -> std::thread::JoinHandle<HashMap<String, Instant>> {
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
-        let mut seen = HashMap::new();
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
             if let Ok(rd) = std::fs::read_dir(&dir) {
+                let now = Instant::now();
+                let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
                 for e in rd.flatten() {
                     let name = e.file_name().to_string_lossy().into_owned();
                     // TIME.QUEUEID_HASH.HOST,S=SIZE
                     if let Some(id) = name.split('.').nth(1).and_then(|u| u.split('_').next()) {
-                        seen.entry(id.to_string()).or_insert_with(Instant::now);
+                        seen.entry(id.to_string()).or_insert(now);
                     }
                 }
             }
             std::thread::sleep(Duration::from_millis(2));
         }
-        seen
     })
 }
 
@@ -241,7 +245,11 @@ pub async fn run(
         next: tokio::sync::Mutex::new(Instant::now()),
     });
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let watcher = a.watch.clone().map(|d| watch(d, stop.clone()));
+    let seen: Seen = Arc::default();
+    let watcher = a
+        .watch
+        .clone()
+        .map(|d| watch(d, seen.clone(), stop.clone()));
     let per = a.per_connection.max(1);
     let connections = a.messages.div_ceil(per);
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -289,19 +297,25 @@ pub async fn run(
     // Accepted and stored, per second, from the start to the last one stored.
     let mut stored_rate = 0.0;
     if let Some(w) = watcher {
-        // Give the last messages time to land.
+        // Give the last messages time to land (files from earlier runs in
+        // the same directory do not count).
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            let landed = std::fs::read_dir(a.watch.as_ref().map_or(PathBuf::new(), |d| d.clone()))
-                .map(|rd| rd.count())
-                .unwrap_or(0);
-            if landed >= ok {
+            let landed = {
+                let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+                t.accepted
+                    .iter()
+                    .filter(|(id, _)| seen.contains_key(id.as_str()))
+                    .count()
+            };
+            if landed >= t.accepted.len() {
                 break;
             }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let seen = w.join().unwrap_or_default();
+        let _watcher = w.join();
+        let seen = std::mem::take(&mut *seen.lock().unwrap_or_else(|p| p.into_inner()));
         let mut last = started;
         for (id, at) in &t.accepted {
             if let Some(s) = seen.get(id) {

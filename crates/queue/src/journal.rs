@@ -27,7 +27,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufReader, IoSlice, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
@@ -73,16 +73,38 @@ fn checksum(kind: u8, payload: &[&[u8]]) -> u32 {
     h.finalize()
 }
 
-fn put_record(buf: &mut Vec<u8>, kind: u8, payload: &[&[u8]]) {
+/// A record's header: magic, kind, payload length, checksum.
+fn put_header(buf: &mut Vec<u8>, kind: u8, payload: &[&[u8]]) {
     let len: usize = payload.iter().map(|p| p.len()).sum();
     buf.extend_from_slice(&MAGIC.to_le_bytes());
     buf.push(kind);
     // Messages are bounded far below 4 GiB by smtp.max_message_size.
     buf.extend_from_slice(&(len as u32).to_le_bytes());
     buf.extend_from_slice(&checksum(kind, payload).to_le_bytes());
-    for p in payload {
-        buf.extend_from_slice(p);
+}
+
+/// Message bytes past this size are written from where they are rather
+/// than copied into the batch.
+const INLINE: usize = 64 << 10;
+
+/// Part of a batch: bytes in the batch's own buffer, or an op's message.
+enum Piece {
+    Own(std::ops::Range<usize>),
+    Message(usize),
+}
+
+/// `write_all` over several slices, at most `IOV_MAX` (1,024) per call.
+fn write_all_slices(f: &mut File, mut slices: &mut [IoSlice<'_>]) -> io::Result<()> {
+    while !slices.is_empty() {
+        let n = slices.len().min(1024);
+        match f.write_vectored(&slices[..n]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(written) => IoSlice::advance_slices(&mut slices, written),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
+    Ok(())
 }
 
 /// The segments in `dir`, oldest first.
@@ -328,33 +350,68 @@ impl Writer {
         {
             tracing::error!(error = %e, "cannot open a spool journal segment");
         }
-        let mut buf = Vec::new();
+        // Headers, ids, settles and small messages are copied into one
+        // buffer; large messages are written from where they are.
+        let mut own = Vec::new();
+        let mut pieces: Vec<Piece> = Vec::new();
         let mut locations = Vec::new();
-        for op in &ops {
+        let mut end = self.offset;
+        let push_own = |pieces: &mut Vec<Piece>, r: std::ops::Range<usize>| match pieces.last_mut()
+        {
+            Some(Piece::Own(last)) if last.end == r.start => last.end = r.end,
+            _ => pieces.push(Piece::Own(r)),
+        };
+        for (i, op) in ops.iter().enumerate() {
+            let start = own.len();
             match op {
                 Op::Append { id, data, .. } => {
                     let id_len = [id.len() as u8];
-                    let offset = self.offset + (buf.len() + HEADER + 1 + id.len()) as u64;
-                    put_record(&mut buf, APPEND, &[&id_len, id.as_bytes(), data]);
+                    put_header(&mut own, APPEND, &[&id_len, id.as_bytes(), data]);
+                    own.extend_from_slice(&id_len);
+                    own.extend_from_slice(id.as_bytes());
                     locations.push(Location {
                         seg: self.seg,
-                        offset,
+                        offset: end + (own.len() - start) as u64,
                         len: data.len() as u32,
                     });
+                    if data.len() > INLINE {
+                        push_own(&mut pieces, start..own.len());
+                        pieces.push(Piece::Message(i));
+                    } else {
+                        own.extend_from_slice(data);
+                        push_own(&mut pieces, start..own.len());
+                    }
+                    end += (own.len() - start + if data.len() > INLINE { data.len() } else { 0 })
+                        as u64;
                 }
-                Op::Settle { id, .. } => put_record(&mut buf, SETTLE, &[id.as_bytes()]),
+                Op::Settle { id, .. } => {
+                    put_header(&mut own, SETTLE, &[id.as_bytes()]);
+                    own.extend_from_slice(id.as_bytes());
+                    push_own(&mut pieces, start..own.len());
+                    end += (own.len() - start) as u64;
+                }
             }
         }
+        let mut slices: Vec<IoSlice<'_>> = pieces
+            .iter()
+            .map(|p| match p {
+                Piece::Own(r) => IoSlice::new(&own[r.clone()]),
+                Piece::Message(i) => match &ops[*i] {
+                    Op::Append { data, .. } => IoSlice::new(data),
+                    Op::Settle { .. } => IoSlice::new(&[]),
+                },
+            })
+            .collect();
         let appends = locations.len();
         let written = match self.file.as_mut() {
-            Some(f) => f
-                .write_all(&buf)
+            Some(f) => write_all_slices(f, &mut slices)
                 .and_then(|()| if appends > 0 { f.sync_data() } else { Ok(()) }),
             None => Err(io::Error::other("no spool journal segment is open")),
         };
+        drop(slices);
         let failed = written.as_ref().err().map(|e| (e.kind(), e.to_string()));
         if failed.is_none() {
-            self.offset += buf.len() as u64;
+            self.offset = end;
             *self.live_per_segment.entry(self.seg).or_insert(0) += appends;
             self.live.fetch_add(appends, Ordering::Relaxed);
         }
@@ -486,6 +543,34 @@ mod tests {
         left.sort();
         assert_eq!(left, ["ID0", "ID2", "ID4"]);
         assert_eq!(read(dir.path(), r.live["ID4"]).unwrap(), vec![4u8; 104]);
+    }
+
+    #[tokio::test]
+    async fn large_and_small_messages_in_one_batch_read_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let (j, got) = start(dir.path());
+        let j = Arc::new(j);
+        let sizes = [10, INLINE + 1, 3, 5 << 20, INLINE, 7];
+        let appends: Vec<_> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let j = j.clone();
+                tokio::spawn(async move { j.append(format!("M{i}"), vec![i as u8 + 1; n]).await })
+            })
+            .collect();
+        for a in appends {
+            a.await.unwrap().unwrap();
+        }
+        for (id, loc, data) in got.lock().unwrap().iter() {
+            assert_eq!(&read(dir.path(), *loc).unwrap(), data, "{id}");
+        }
+        let r = replay(dir.path()).unwrap();
+        assert_eq!(r.live.len(), sizes.len());
+        for (i, &n) in sizes.iter().enumerate() {
+            let back = read(dir.path(), r.live[&format!("M{i}")]).unwrap();
+            assert_eq!(back, vec![i as u8 + 1; n]);
+        }
     }
 
     #[tokio::test]

@@ -363,9 +363,15 @@ impl Mailboxes {
             }
             Err(e) => return Err(e.into()),
         };
-        let mut text = head;
-        text.extend_from_slice(content);
-        f.write_all(&text)?;
+        if content.len() > 64 << 10 {
+            // Large: two writes rather than another copy of the message.
+            f.write_all(&head)?;
+            f.write_all(content)?;
+        } else {
+            let mut text = head;
+            text.extend_from_slice(content);
+            f.write_all(&text)?;
+        }
         f.sync_all()?;
         drop(f);
         let new = dir.join("new").join(&name);
