@@ -130,7 +130,9 @@ pub(crate) fn replay(dir: &Path) -> io::Result<Replayed> {
     let segments = segments(dir)?;
     let mut live = HashMap::new();
     for &seg in &segments {
-        let mut r = BufReader::with_capacity(1 << 20, File::open(dir.join(segment_name(seg)))?);
+        let file = File::open(dir.join(segment_name(seg)))?;
+        let size = file.metadata()?.len();
+        let mut r = BufReader::with_capacity(1 << 20, file);
         let mut offset = 0u64;
         let mut header = [0u8; HEADER];
         loop {
@@ -141,7 +143,9 @@ pub(crate) fn replay(dir: &Path) -> io::Result<Replayed> {
                 u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]])
             };
             let (magic, kind, len, crc) = (word(0), header[4], word(5), word(9));
-            if magic != MAGIC || len > (1 << 31) {
+            // A length past the end of the file is a torn tail, not a
+            // reason to allocate it.
+            if magic != MAGIC || offset + (HEADER as u64) + u64::from(len) > size {
                 break;
             }
             let mut payload = vec![0u8; len as usize];
@@ -222,7 +226,7 @@ impl Drop for Journal {
     }
 }
 
-fn stopped() -> io::Error {
+pub(crate) fn stopped() -> io::Error {
     io::Error::other("the spool journal writer has stopped")
 }
 
@@ -279,6 +283,12 @@ impl Journal {
         // A stopped writer means the process is stopping: the message is
         // simply handed out again after the restart.
         lock(&self.settles).push(Op::Settle { id, seg });
+    }
+
+    /// Whether the writer thread is gone (it only stops when dropped, or
+    /// on a bug): then every publish fails and readiness says so.
+    pub(crate) fn stopped(&self) -> bool {
+        self.writer.as_ref().is_none_or(|w| w.is_finished())
     }
 
     /// Messages in the journal not yet settled.
@@ -600,6 +610,27 @@ mod tests {
         );
         j.append("C".into(), b"third".to_vec()).await.unwrap();
         assert_eq!(replay(dir.path()).unwrap().live.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_tail_claiming_a_huge_record_is_not_believed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (j, got) = start(dir.path());
+        j.append("A".into(), b"first".to_vec()).await.unwrap();
+        drop(j);
+        let seg = got.lock().unwrap()[0].1.seg;
+        // Half a header that passes the magic check and claims 4 GiB.
+        let mut tail = MAGIC.to_le_bytes().to_vec();
+        tail.push(APPEND);
+        tail.extend_from_slice(&u32::MAX.to_le_bytes());
+        tail.extend_from_slice(&[0; 4]);
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(dir.path().join(segment_name(seg)))
+            .unwrap();
+        f.write_all(&tail).unwrap();
+        let r = replay(dir.path()).unwrap();
+        assert_eq!(r.live.keys().collect::<Vec<_>>(), ["A"]);
     }
 
     #[tokio::test]

@@ -271,6 +271,7 @@ impl Spool {
             Ok(n)
         };
         let journal = match &self.journal {
+            Some(j) if j.stopped() => return Err(super::journal::stopped()),
             Some(j) => j.live(),
             None => journal::replay(&self.root.join("journal"))?.live.len(),
         };
