@@ -210,28 +210,53 @@ fn pct(sorted: &[Duration], p: f64) -> f64 {
 /// When each queue id first appeared in a watched Maildir `new/`.
 type Seen = Arc<Mutex<HashMap<String, Instant>>>;
 
-/// Watches a Maildir `new/` and notes when each queue id first appears.
+/// Watches a Maildir `new/` and notes when each queue id first appears,
+/// from inotify events (a directory listing every few milliseconds would
+/// cost the machine more than the server being measured once it holds
+/// thousands of files).
 fn watch(
     dir: PathBuf,
     seen: Seen,
     stop: Arc<std::sync::atomic::AtomicBool>,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    use rustix::fs::inotify;
+    let fd = inotify::init(inotify::CreateFlags::NONBLOCK | inotify::CreateFlags::CLOEXEC)?;
+    inotify::add_watch(
+        &fd,
+        &dir,
+        inotify::WatchFlags::CREATE | inotify::WatchFlags::MOVED_TO,
+    )
+    .map_err(|e| anyhow::anyhow!("cannot watch {}: {e}", dir.display()))?;
+    let note = move |name: &str, at: Instant| {
+        // TIME.QUEUEID_HASH.HOST,S=SIZE
+        if let Some(id) = name.split('.').nth(1).and_then(|u| u.split('_').next()) {
+            let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+            seen.entry(id.to_string()).or_insert(at);
+        }
+    };
+    Ok(std::thread::spawn(move || {
+        let mut buf = [std::mem::MaybeUninit::uninit(); 64 << 10];
+        let mut events = inotify::Reader::new(&fd, &mut buf);
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-            if let Ok(rd) = std::fs::read_dir(&dir) {
-                let now = Instant::now();
-                let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
-                for e in rd.flatten() {
-                    let name = e.file_name().to_string_lossy().into_owned();
-                    // TIME.QUEUEID_HASH.HOST,S=SIZE
-                    if let Some(id) = name.split('.').nth(1).and_then(|u| u.split('_').next()) {
-                        seen.entry(id.to_string()).or_insert(now);
+            match events.next() {
+                Ok(e) => {
+                    let now = Instant::now();
+                    if e.events().contains(inotify::ReadFlags::QUEUE_OVERFLOW) {
+                        // Events were lost: look at the directory itself.
+                        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                            note(&entry.file_name().to_string_lossy(), now);
+                        }
+                    } else if let Some(name) = e.file_name() {
+                        note(&name.to_string_lossy(), now);
                     }
                 }
+                Err(rustix::io::Errno::WOULDBLOCK) => {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
             }
-            std::thread::sleep(Duration::from_millis(2));
         }
-    })
+    }))
 }
 
 pub async fn run(
@@ -246,10 +271,10 @@ pub async fn run(
     });
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let seen: Seen = Arc::default();
-    let watcher = a
-        .watch
-        .clone()
-        .map(|d| watch(d, seen.clone(), stop.clone()));
+    let watcher = match a.watch.clone() {
+        Some(d) => Some(watch(d, seen.clone(), stop.clone())?),
+        None => None,
+    };
     let per = a.per_connection.max(1);
     let connections = a.messages.div_ceil(per);
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
