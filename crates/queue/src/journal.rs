@@ -130,7 +130,13 @@ pub(crate) fn replay(dir: &Path) -> io::Result<Replayed> {
     let segments = segments(dir)?;
     let mut live = HashMap::new();
     for &seg in &segments {
-        let file = File::open(dir.join(segment_name(seg)))?;
+        let file = match File::open(dir.join(segment_name(seg))) {
+            Ok(f) => f,
+            // Removed since the listing (the admin command reads a running
+            // server's journal): everything in it was settled.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
         let size = file.metadata()?.len();
         let mut r = BufReader::with_capacity(1 << 20, file);
         let mut offset = 0u64;
@@ -435,8 +441,13 @@ impl Writer {
             }
         }
         if let Some((_, msg)) = &failed {
-            // What follows the failed write in this file is unknown: start
-            // a new segment (the records before it were flushed and stay).
+            // What follows the failed write in this file is unknown: cut it
+            // off where possible (its clients were told 451, so it must not
+            // come back at a restart) and start a new segment (the records
+            // before it were flushed and stay).
+            if let Some(f) = &self.file {
+                let _best_effort = f.set_len(self.offset);
+            }
             tracing::error!(error = %msg, "spool journal write failed; the clients were told 451");
             if let Err(e) = self.rotate() {
                 tracing::error!(error = %e, "cannot open a spool journal segment");

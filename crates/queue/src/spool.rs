@@ -132,6 +132,8 @@ impl Spool {
             for d in ["tmp", "active", "deferred", "parked", "journal"] {
                 std::fs::create_dir_all(r.join(d))?;
             }
+            // The directories' names are durable before anything in them is.
+            sync_dir(&r)?;
             if !owner {
                 return Ok((None, None));
             }
@@ -207,17 +209,21 @@ impl Spool {
     /// batch of active ids that are not in flight.
     fn scan(&self) -> std::io::Result<Vec<String>> {
         let now = now_millis();
+        let inflight = lock(&self.state.inflight).clone();
         for e in std::fs::read_dir(self.root.join("deferred"))? {
             let e = e?;
             let name = e.file_name().to_string_lossy().into_owned();
             let Some((due, id)) = name.split_once('-') else {
                 continue;
             };
-            if due.parse::<u128>().is_ok_and(|d| d <= now) && is_queue_id(id) {
-                std::fs::rename(e.path(), self.root.join("active").join(id))?;
+            // One in flight moves back once it is settled.
+            if due.parse::<u128>().is_ok_and(|d| d <= now)
+                && is_queue_id(id)
+                && !inflight.contains(id)
+            {
+                self.move_to_active(&e.path(), id)?;
             }
         }
-        let inflight = lock(&self.state.inflight).clone();
         let mut found = Vec::new();
         for e in std::fs::read_dir(self.root.join("active"))? {
             let name = e?.file_name().to_string_lossy().into_owned();
@@ -233,19 +239,43 @@ impl Spool {
         Ok(found)
     }
 
+    /// Moves `from` to `active/ID` unless a file is already there (a
+    /// message in flight keeps its file until it is settled, and a rename
+    /// would replace it): link, then unlink. Whether it moved.
+    fn move_to_active(&self, from: &Path, id: &str) -> std::io::Result<bool> {
+        match std::fs::hard_link(from, self.root.join("active").join(id)) {
+            Ok(()) => {
+                std::fs::remove_file(from)?;
+                Ok(true)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// The next message to hand out, marked in flight.
     fn take_pending(&self) -> Option<(String, Source)> {
         let mut pending = lock(&self.state.pending);
         let mut inflight = lock(&self.state.inflight);
+        let mut busy = Vec::new();
+        let mut found = None;
         while let Some((id, source)) = pending.pop_front() {
-            if let Source::Journal(_, Some(data)) = &source {
-                self.state.held.fetch_sub(data.len(), Ordering::Relaxed);
-            }
             if inflight.insert(id.clone()) {
-                return Some((id, source));
+                found = Some((id, source));
+                break;
+            }
+            // The same id is in flight from elsewhere (its file in
+            // `active/`): a file is found again by the next scan, but a
+            // journal entry exists only here, so it waits its turn.
+            if let Source::Journal(..) = source {
+                busy.push((id, source));
             }
         }
-        None
+        pending.extend(busy);
+        if let Some((_, Source::Journal(_, Some(data)))) = &found {
+            self.state.held.fetch_sub(data.len(), Ordering::Relaxed);
+        }
+        found
     }
 
     /// Whether `pending` holds files from a scan not yet handed out.
@@ -257,6 +287,20 @@ impl Spool {
 
     fn settle(&self, id: &str) {
         lock(&self.state.inflight).remove(id);
+    }
+
+    /// Takes a message handed out back, unsettled: a journal entry returns
+    /// to the front of the queue, a file in `active/` to the next scan.
+    fn give_back(&self, id: &str, journal: Option<Location>) {
+        match journal {
+            Some(loc) => {
+                let mut pending = lock(&self.state.pending);
+                lock(&self.state.inflight).remove(id);
+                pending.push_front((id.to_string(), Source::Journal(loc, None)));
+            }
+            None => self.settle(id),
+        }
+        self.state.notify.notify_one();
     }
 
     /// Counts per directory, for the admin command and tests.
@@ -315,8 +359,7 @@ impl Spool {
             let Some((_, id)) = name.split_once('-') else {
                 continue;
             };
-            if is_queue_id(id) && which.matches(id) {
-                std::fs::rename(e.path(), self.root.join("active").join(id))?;
+            if is_queue_id(id) && which.matches(id) && self.move_to_active(&e.path(), id)? {
                 n += 1;
             }
         }
@@ -357,8 +400,7 @@ impl Spool {
         for e in std::fs::read_dir(self.root.join("parked"))? {
             let e = e?;
             let id = e.file_name().to_string_lossy().into_owned();
-            if is_queue_id(&id) && which.matches(&id) {
-                std::fs::rename(e.path(), self.root.join("active").join(&id))?;
+            if is_queue_id(&id) && which.matches(&id) && self.move_to_active(&e.path(), &id)? {
                 let _reason =
                     std::fs::remove_file(self.root.join("parked").join(format!("{id}.reason")));
                 n += 1;
@@ -460,8 +502,10 @@ impl SpoolConsumer {
                         continue;
                     }
                     Err(e) => {
-                        // Left in flight: handed out again after a restart.
-                        tracing::error!(queue_id = %id, error = %e, "cannot read a spooled message");
+                        tracing::error!(queue_id = %id, error = %e, "cannot read a spooled message; trying again");
+                        // A file is found again by a scan; a journal entry
+                        // goes back to the queue.
+                        self.spool.give_back(&id, journal);
                         tokio::select! {
                             _ = stop.cancelled() => return None,
                             _ = tokio::time::sleep(IDLE_POLL) => continue,
@@ -496,16 +540,17 @@ impl SpoolHandle {
 
     /// Gives the message back, to be handed out again soon.
     pub(crate) fn release(self) {
-        match self.journal {
-            Some(loc) => {
-                let mut pending = lock(&self.spool.state.pending);
-                lock(&self.spool.state.inflight).remove(&self.id);
-                pending.push_front((self.id.clone(), Source::Journal(loc, None)));
-            }
-            // The file stays in `active/`: the next scan finds it.
-            None => self.spool.settle(&self.id),
-        }
-        self.spool.state.notify.notify_one();
+        self.spool.give_back(&self.id, self.journal);
+    }
+
+    /// After a failure to settle: the message is handed out again, not at
+    /// once (a failing disk would make that a hot loop).
+    fn give_back_later(self) {
+        let SpoolHandle { spool, id, journal } = self;
+        tokio::spawn(async move {
+            tokio::time::sleep(IDLE_POLL).await;
+            spool.give_back(&id, journal);
+        });
     }
 
     pub(crate) async fn ack(self) -> Result<(), QueueError> {
@@ -542,11 +587,11 @@ impl SpoolHandle {
             write_durably(&root, &format!("{id}.retry"), &data, &dest)
         })
         .await
-        .map_err(std::io::Error::other)?;
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
         match written {
             Ok(()) => self.ack().await,
             Err(e) => {
-                self.spool.settle(&self.id);
+                self.give_back_later();
                 Err(e.into())
             }
         }
@@ -576,11 +621,11 @@ impl SpoolHandle {
             }
         })
         .await
-        .map_err(std::io::Error::other)?;
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
         match r {
             Ok(()) => self.ack().await,
             Err(e) => {
-                self.spool.settle(&self.id);
+                self.give_back_later();
                 Err(e.into())
             }
         }

@@ -329,3 +329,40 @@ async fn spool_admin_actions() {
 async fn rabbitmq_admin_actions() {
     admin_actions(rabbitmq("q-admin").await).await;
 }
+
+/// A retry of a message that is still in flight (a copy of the same id
+/// waiting in `deferred/`, as a crash between writing a retry and settling
+/// can leave) is not moved over it: it waits until the one in flight is
+/// settled, then comes back itself. And a journal message whose id is busy
+/// is not dropped from the queue.
+#[tokio::test]
+async fn spool_never_moves_a_retry_over_a_message_in_flight() {
+    let b = spool().await;
+    let m = message(1);
+    b.queue.publish(&m).await.unwrap();
+    let mut c = b.queue.consumer();
+    let first = next(&mut c, Duration::from_secs(5)).await.unwrap();
+    let due_copy = QueuedMessage {
+        attempt: 1,
+        ..m.clone()
+    };
+    let deferred = b
+        .cfg
+        .spool
+        .join("deferred")
+        .join(format!("000000000000001-{}", m.queue_id));
+    std::fs::write(&deferred, prost::Message::encode_to_vec(&due_copy)).unwrap();
+    // Scans run meanwhile: the copy stays where it is.
+    assert!(next(&mut c, Duration::from_millis(1200)).await.is_none());
+    assert!(
+        deferred.exists(),
+        "not moved while the same id is in flight"
+    );
+    first.ack().await.unwrap();
+    let again = next(&mut c, Duration::from_secs(5))
+        .await
+        .expect("the retry comes back once the first is settled");
+    assert_eq!(again.message.as_ref().unwrap().attempt, 1);
+    again.ack().await.unwrap();
+    assert!(next(&mut c, Duration::from_millis(1200)).await.is_none());
+}

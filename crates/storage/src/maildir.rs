@@ -345,6 +345,14 @@ impl Mailboxes {
         let head = format!("Return-Path: <{sender}>\r\nDelivered-To: {mailbox}\r\n").into_bytes();
         let size = head.len() + content.len();
         let quota = self.directory.quota(mailbox);
+        if quota > 0 {
+            // The mailbox exists before its usage is read, so that its
+            // `maildirsize` is made by the first delivery, before any file
+            // it could count twice (see `usage_of`).
+            for sub in ["tmp", "new", "cur"] {
+                std::fs::create_dir_all(dir.join(sub))?;
+            }
+        }
         if quota > 0 && self.usage_of(&dir, quota)?.bytes + size as u64 > quota {
             return Err(MailboxError::OverQuota(mailbox.to_string()));
         }
