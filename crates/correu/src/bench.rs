@@ -220,6 +220,9 @@ fn watch(
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) -> anyhow::Result<std::thread::JoinHandle<()>> {
     use rustix::fs::inotify;
+    // A mailbox's first message makes its directories; watch from before.
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| anyhow::anyhow!("cannot make {}: {e}", dir.display()))?;
     let fd = inotify::init(inotify::CreateFlags::NONBLOCK | inotify::CreateFlags::CLOEXEC)?;
     inotify::add_watch(
         &fd,

@@ -3,9 +3,11 @@
 //! RCPT (Postfix's verify cache and Dovecot's auth cache do the same).
 //!
 //! Only "exists" is remembered: a new account is accepted at once, and an
-//! unknown or full mailbox is asked again every time. An account deleted
-//! while remembered can still be offered mail for the cache's lifetime;
-//! delivery then gets "no such mailbox" from storage and bounces it.
+//! unknown or full mailbox is asked again every time. For the cache's
+//! lifetime an account deleted meanwhile can still be offered mail
+//! (delivery then gets "no such mailbox" and bounces it), and so can a
+//! mailbox that filled up meanwhile (delivery then waits with 4.2.2 and
+//! tries again, as for any full mailbox).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -51,7 +53,9 @@ impl KnownRecipients {
         if known.len() >= MAX_REMEMBERED && !known.contains_key(address) {
             let ttl = self.ttl;
             known.retain(|_, at| at.elapsed() < ttl);
-            if known.len() >= MAX_REMEMBERED {
+            // Nearly all still fresh: start over rather than sweep the whole
+            // map again at the next insert.
+            if known.len() >= MAX_REMEMBERED / 10 * 9 {
                 known.clear();
             }
         }

@@ -23,7 +23,9 @@ pub type Client = StorageClient<Transport>;
 #[derive(Clone)]
 pub enum Transport {
     Remote(Channel),
-    Local(StorageServer<StorageService>),
+    /// The service in this process, with the deadline the network server
+    /// would apply (`storage.request_timeout`).
+    Local(StorageServer<StorageService>, std::time::Duration),
 }
 
 impl Service<http::Request<Body>> for Transport {
@@ -34,7 +36,7 @@ impl Service<http::Request<Body>> for Transport {
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         match self {
             Transport::Remote(c) => c.poll_ready(cx).map_err(Into::into),
-            Transport::Local(s) => {
+            Transport::Local(s, _) => {
                 Service::<http::Request<Body>>::poll_ready(s, cx).map_err(Into::into)
             }
         }
@@ -46,9 +48,17 @@ impl Service<http::Request<Body>> for Transport {
                 let call = c.call(req);
                 Box::pin(async move { call.await.map_err(Into::into) })
             }
-            Transport::Local(s) => {
-                let call = s.call(req);
-                Box::pin(async move { call.await.map_err(Into::into) })
+            Transport::Local(s, deadline) => {
+                let (call, deadline) = (s.call(req), *deadline);
+                Box::pin(async move {
+                    match tokio::time::timeout(deadline, call).await {
+                        Ok(r) => r.map_err(Into::into),
+                        Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+                            "storage did not answer within {deadline:?}"
+                        ))
+                        .into()),
+                    }
+                })
             }
         }
     }
@@ -72,8 +82,11 @@ pub fn connect(cfg: &StorageConfig, endpoint: &str) -> Result<Client, tonic::tra
 }
 
 /// A client answered by `boxes` in this process (`correu serve`).
-pub fn local(boxes: Arc<Mailboxes>) -> Client {
-    client(Transport::Local(crate::server(boxes, usize::MAX)))
+pub fn local(cfg: &StorageConfig, boxes: Arc<Mailboxes>) -> Client {
+    client(Transport::Local(
+        crate::server(boxes, usize::MAX),
+        cfg.request_timeout.get(),
+    ))
 }
 
 /// A request carrying the current trace context (W3C `traceparent` in the

@@ -92,18 +92,12 @@ struct SyncState {
     /// Every link numbered up to this is flushed.
     flushed: u64,
     running: bool,
-    /// The directory, kept open between flushes for a second at most (a
-    /// directory removed and made again is then opened anew).
-    handle: Option<(Arc<File>, std::time::Instant)>,
 }
 
 impl DirSync {
-    /// Forgets the open directory (it was just made again).
-    fn reopen(&self) {
-        lock(&self.state).handle = None;
-    }
-
     /// Returns once a flush that began after this call's link has ended.
+    /// The directory is opened for each flush (a handle kept open would be
+    /// a descriptor per mailbox, and could outlive a directory made anew).
     fn sync(&self, dir: &Path) -> std::io::Result<()> {
         let mine = self.requested.fetch_add(1, Ordering::SeqCst) + 1;
         let mut st = lock(&self.state);
@@ -117,27 +111,12 @@ impl DirSync {
             }
             st.running = true;
             let covers = self.requested.load(Ordering::SeqCst);
-            let handle = st
-                .handle
-                .clone()
-                .filter(|(_, opened)| opened.elapsed() < std::time::Duration::from_secs(1));
             drop(st);
-            let r = match handle {
-                Some((h, opened)) => h.sync_all().map(|()| (h, opened)),
-                None => File::open(dir).and_then(|h| {
-                    h.sync_all()
-                        .map(|()| (Arc::new(h), std::time::Instant::now()))
-                }),
-            };
+            let r = sync_dir(dir);
             st = lock(&self.state);
             st.running = false;
-            let r = r.map(|h| {
+            if r.is_ok() {
                 st.flushed = st.flushed.max(covers);
-                st.handle = Some(h);
-            });
-            if r.is_err() {
-                // Reopened next time: the directory may have been replaced.
-                st.handle = None;
             }
             self.done.notify_all();
             // A failed flush is reported to its caller; the waiters try
@@ -349,9 +328,7 @@ impl Mailboxes {
             // The mailbox exists before its usage is read, so that its
             // `maildirsize` is made by the first delivery, before any file
             // it could count twice (see `usage_of`).
-            for sub in ["tmp", "new", "cur"] {
-                std::fs::create_dir_all(dir.join(sub))?;
-            }
+            self.make_dirs(&dir)?;
         }
         if quota > 0 && self.usage_of(&dir, quota)?.bytes + size as u64 > quota {
             return Err(MailboxError::OverQuota(mailbox.to_string()));
@@ -363,10 +340,7 @@ impl Mailboxes {
             Ok(f) => f,
             // A mailbox's first message makes its directories.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                for sub in ["tmp", "new", "cur"] {
-                    std::fs::create_dir_all(dir.join(sub))?;
-                }
-                self.dir_sync(&dir).reopen();
+                self.make_dirs(&dir)?;
                 File::create(&tmp)?
             }
             Err(e) => return Err(e.into()),
@@ -383,7 +357,14 @@ impl Mailboxes {
         f.sync_all()?;
         drop(f);
         let new = dir.join("new").join(&name);
-        let duplicate = match std::fs::hard_link(&tmp, &new) {
+        let mut linked = std::fs::hard_link(&tmp, &new);
+        if matches!(&linked, Err(e) if e.kind() == std::io::ErrorKind::NotFound) {
+            // `tmp/` is there but `new/` is not (made by hand, or a crash
+            // between the two): make it and link again.
+            self.make_dirs(&dir)?;
+            linked = std::fs::hard_link(&tmp, &new);
+        }
+        let duplicate = match linked {
             Ok(()) => false,
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => true,
             Err(e) => {
@@ -410,16 +391,26 @@ impl Mailboxes {
         })
     }
 
-    fn dir_sync(&self, dir: &Path) -> Arc<DirSync> {
-        lock(&self.syncs)
-            .entry(dir.join("new"))
-            .or_default()
-            .clone()
+    fn make_dirs(&self, dir: &Path) -> std::io::Result<()> {
+        for sub in ["tmp", "new", "cur"] {
+            std::fs::create_dir_all(dir.join(sub))?;
+        }
+        Ok(())
     }
 
     /// Flushes a mailbox's `new/`, together with concurrent deliveries to it.
     fn sync_new(&self, dir: &Path) -> std::io::Result<()> {
-        self.dir_sync(dir).sync(&dir.join("new"))
+        let new = dir.join("new");
+        let sync = lock(&self.syncs).entry(new.clone()).or_default().clone();
+        let r = sync.sync(&new);
+        // Forgotten once nobody else uses it, so the map holds only the
+        // mailboxes being delivered to. (Removing it early costs at most a
+        // shared flush: each flush still covers its own callers.)
+        let mut syncs = lock(&self.syncs);
+        if syncs.get(&new).is_some_and(|s| Arc::ptr_eq(s, &sync)) && Arc::strong_count(&sync) == 2 {
+            syncs.remove(&new);
+        }
+        r
     }
 
     /// Appends a change to `maildirsize` when the mailbox keeps one
@@ -705,12 +696,24 @@ mod tests {
         }
         let names = std::fs::read_dir(dir.path().join("localhost/pere/new")).unwrap();
         assert_eq!(names.count(), 200);
-        let sync = m.dir_sync(&dir.path().join("localhost/pere"));
-        assert_eq!(sync.requested.load(Ordering::SeqCst), 200);
         assert!(
-            lock(&sync.state).flushed == 200,
-            "the last flush covers the last link"
+            lock(&m.syncs).is_empty(),
+            "no flusher kept for an idle mailbox"
         );
+    }
+
+    #[test]
+    fn a_mailbox_missing_new_gets_it_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = boxes(dir.path(), &["pere@localhost"]);
+        m.deliver("0AAA", "", "pere@localhost", b"x\r\n", 0)
+            .unwrap();
+        let new = dir.path().join("localhost/pere/new");
+        std::fs::remove_dir_all(&new).unwrap();
+        let d = m
+            .deliver("0BBB", "", "pere@localhost", b"y\r\n", 0)
+            .unwrap();
+        assert!(new.join(&d[0].message_id).exists());
     }
 
     #[test]
