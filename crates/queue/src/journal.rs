@@ -87,10 +87,10 @@ fn put_header(buf: &mut Vec<u8>, kind: u8, payload: &[&[u8]]) {
 /// than copied into the batch.
 const INLINE: usize = 64 << 10;
 
-/// Part of a batch: bytes in the batch's own buffer, or an op's message.
-enum Piece {
+/// Part of a batch: bytes in the batch's own buffer, or a message's.
+enum Piece<'a> {
     Own(std::ops::Range<usize>),
-    Message(usize),
+    Message(&'a [u8]),
 }
 
 /// `write_all` over several slices, at most `IOV_MAX` (1,024) per call.
@@ -377,7 +377,7 @@ impl Writer {
             Some(Piece::Own(last)) if last.end == r.start => last.end = r.end,
             _ => pieces.push(Piece::Own(r)),
         };
-        for (i, op) in ops.iter().enumerate() {
+        for op in &ops {
             let start = own.len();
             match op {
                 Op::Append { id, data, .. } => {
@@ -385,20 +385,20 @@ impl Writer {
                     put_header(&mut own, APPEND, &[&id_len, id.as_bytes(), data]);
                     own.extend_from_slice(&id_len);
                     own.extend_from_slice(id.as_bytes());
+                    let at = end + (own.len() - start) as u64;
                     locations.push(Location {
                         seg: self.seg,
-                        offset: end + (own.len() - start) as u64,
+                        offset: at,
                         len: data.len() as u32,
                     });
                     if data.len() > INLINE {
                         push_own(&mut pieces, start..own.len());
-                        pieces.push(Piece::Message(i));
+                        pieces.push(Piece::Message(data));
                     } else {
                         own.extend_from_slice(data);
                         push_own(&mut pieces, start..own.len());
                     }
-                    end += (own.len() - start + if data.len() > INLINE { data.len() } else { 0 })
-                        as u64;
+                    end = at + data.len() as u64;
                 }
                 Op::Settle { id, .. } => {
                     put_header(&mut own, SETTLE, &[id.as_bytes()]);
@@ -412,10 +412,7 @@ impl Writer {
             .iter()
             .map(|p| match p {
                 Piece::Own(r) => IoSlice::new(&own[r.clone()]),
-                Piece::Message(i) => match &ops[*i] {
-                    Op::Append { data, .. } => IoSlice::new(data),
-                    Op::Settle { .. } => IoSlice::new(&[]),
-                },
+                Piece::Message(data) => IoSlice::new(data),
             })
             .collect();
         let appends = locations.len();
@@ -425,6 +422,7 @@ impl Writer {
             None => Err(io::Error::other("no spool journal segment is open")),
         };
         drop(slices);
+        drop(pieces);
         let failed = written.as_ref().err().map(|e| (e.kind(), e.to_string()));
         if failed.is_none() {
             self.offset = end;

@@ -513,9 +513,8 @@ impl SpoolConsumer {
                     }
                 }
             }
-            if !lock(&self.spool.state.pending).is_empty() {
-                continue;
-            }
+            // Nothing to hand out now (what is left, if anything, waits for
+            // the same id in flight to be settled): wait for news or a scan.
             let due = IDLE_POLL.saturating_sub(self.last_scan.map_or(IDLE_POLL, |t| t.elapsed()));
             tokio::select! {
                 _ = stop.cancelled() => return None,
@@ -582,13 +581,24 @@ impl SpoolHandle {
         let data = updated.encode_to_vec();
         let root = self.spool.root.clone();
         let id = self.id.clone();
-        let written = tokio::task::spawn_blocking(move || {
+        self.settle_after(move || {
             let dest = root.join("deferred").join(format!("{due:015}-{id}"));
             write_durably(&root, &format!("{id}.retry"), &data, &dest)
         })
         .await
-        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-        match written {
+    }
+
+    /// Runs `keep` (the message made durable in its next place) on the
+    /// blocking pool, then settles this copy; if `keep` fails, the message
+    /// is given back instead.
+    async fn settle_after(
+        self,
+        keep: impl FnOnce() -> std::io::Result<()> + Send + 'static,
+    ) -> Result<(), QueueError> {
+        let kept = tokio::task::spawn_blocking(keep)
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        match kept {
             Ok(()) => self.ack().await,
             Err(e) => {
                 self.give_back_later();
@@ -604,7 +614,7 @@ impl SpoolHandle {
         // From the journal, the bytes are written out; from `active/`, the
         // file is moved.
         let data = self.journal.map(|_| raw.to_vec());
-        let r = tokio::task::spawn_blocking(move || {
+        self.settle_after(move || {
             let parked = root.join("parked");
             write_durably(
                 &root,
@@ -621,13 +631,5 @@ impl SpoolHandle {
             }
         })
         .await
-        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-        match r {
-            Ok(()) => self.ack().await,
-            Err(e) => {
-                self.give_back_later();
-                Err(e.into())
-            }
-        }
     }
 }

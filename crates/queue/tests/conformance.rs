@@ -333,8 +333,7 @@ async fn rabbitmq_admin_actions() {
 /// A retry of a message that is still in flight (a copy of the same id
 /// waiting in `deferred/`, as a crash between writing a retry and settling
 /// can leave) is not moved over it: it waits until the one in flight is
-/// settled, then comes back itself. And a journal message whose id is busy
-/// is not dropped from the queue.
+/// settled, then comes back itself.
 #[tokio::test]
 async fn spool_never_moves_a_retry_over_a_message_in_flight() {
     let b = spool().await;
@@ -364,5 +363,42 @@ async fn spool_never_moves_a_retry_over_a_message_in_flight() {
         .expect("the retry comes back once the first is settled");
     assert_eq!(again.message.as_ref().unwrap().attempt, 1);
     again.ack().await.unwrap();
+    assert!(next(&mut c, Duration::from_millis(1200)).await.is_none());
+}
+
+/// The other way round: a file in `active/` is in flight when a journal
+/// message with the same id arrives; that one waits (it is not dropped)
+/// and is handed out once the file's copy is settled.
+#[tokio::test]
+async fn spool_keeps_a_journal_message_whose_id_is_busy() {
+    let b = spool().await;
+    let m = message(1);
+    let file_copy = QueuedMessage {
+        attempt: 2,
+        ..m.clone()
+    };
+    std::fs::write(
+        b.cfg.spool.join("active").join(&m.queue_id),
+        prost::Message::encode_to_vec(&file_copy),
+    )
+    .unwrap();
+    let mut c = b.queue.consumer();
+    let first = next(&mut c, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(
+        first.message.as_ref().unwrap().attempt,
+        2,
+        "the file's copy"
+    );
+    b.queue.publish(&m).await.unwrap();
+    assert!(
+        next(&mut c, Duration::from_millis(1200)).await.is_none(),
+        "not handed out while the same id is in flight"
+    );
+    first.ack().await.unwrap();
+    let second = next(&mut c, Duration::from_secs(5))
+        .await
+        .expect("the journal's copy, once the file's is settled");
+    assert_eq!(second.message.as_ref().unwrap().attempt, 0);
+    second.ack().await.unwrap();
     assert!(next(&mut c, Duration::from_millis(1200)).await.is_none());
 }
