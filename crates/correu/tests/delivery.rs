@@ -141,6 +141,48 @@ fn a_null_mx_bounces_at_once() {
 }
 
 #[test]
+fn a_mail_loop_ends_in_one_bounce() {
+    let dir = tempfile::tempdir().unwrap();
+    // remote.test is routed to this server itself: every copy it relays
+    // comes back with one more Received: field, until it has too many.
+    let port = free_port();
+    let cfg = dir.path().join("loop.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[smtp]\nlisten = [\"127.0.0.1:{port}\"]\nmax_hops = 10\n[storage]\nlisten = \"127.0.0.1:0\"\nroot = \"loop-mail\"\n[queue]\nspool = \"loop-queue\"\n[delivery.routes]\n\"remote.test\" = \"127.0.0.1:{port}\"\n"
+        ),
+    )
+    .unwrap();
+    let mut serve = Proc::correu(CORREU, "loop", dir.path(), &["serve"], &cfg);
+    let addr = serve.serve_smtp_addr();
+    send(addr, &["ana@remote.test"], "round and round");
+    let bounce = only_file(&maildir(dir.path(), "loop", "jo"), Duration::from_secs(60));
+    assert!(
+        bounce.contains(
+            "Final-Recipient: rfc822; ana@remote.test\r\nAction: failed\r\nStatus: 5.4.6\r\n"
+        ),
+        "{bounce}"
+    );
+    assert!(
+        bounce.contains("too many hops (11 Received: fields"),
+        "{bounce}"
+    );
+    serve.wait_for("too many hops", Duration::from_secs(5));
+    // The loop is over: no more copies go round, no second bounce comes.
+    std::thread::sleep(Duration::from_secs(2));
+    let relayed = serve.output().matches("\"message\":\"queued\"").count();
+    assert_eq!(
+        relayed, 11,
+        "the first copy and ten relayed ones, then none"
+    );
+    assert_eq!(
+        wait_maildir(&maildir(dir.path(), "loop", "jo"), 2, Duration::ZERO).len(),
+        1
+    );
+}
+
+#[test]
 fn required_tls_waits_for_a_certificate_it_can_verify() {
     let dir = tempfile::tempdir().unwrap();
     let cert = test_cert(dir.path(), "mx");
@@ -391,12 +433,13 @@ fn one_connection_carries_several_messages_to_the_same_host() {
 fn a_delay_warning_is_sent_once_while_retries_go_on() {
     let dir = tempfile::tempdir().unwrap();
     // Nothing listens on this port: every attempt fails for now.
-    let dead = free_port();
+    let dead = ClosedPort::new();
     let (mut serve, addr) = serve(
         dir.path(),
         "a",
         &format!(
-            "[delivery]\ndelay_warning = \"1s\"\n[delivery.routes]\n\"remote.test\" = \"127.0.0.1:{dead}\"\n"
+            "[delivery]\ndelay_warning = \"1s\"\n[delivery.routes]\n\"remote.test\" = \"127.0.0.1:{}\"\n",
+            dead.port
         ),
     );
     // (The helper retries every second when a delay warning is configured.)

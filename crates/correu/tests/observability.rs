@@ -256,7 +256,8 @@ fn metrics_and_health_move_with_the_mail() {
     assert!(st.success(), "{err}");
     let (st, _, err) = run(CORREU, &["probe", &format!("http://{health}/nothing")]);
     assert!(!st.success() && err.contains("404"), "{err}");
-    let closed = format!("http://127.0.0.1:{}/readyz", free_port());
+    let closed_port = ClosedPort::new();
+    let closed = format!("http://127.0.0.1:{}/readyz", closed_port.port);
     assert!(!run(CORREU, &["probe", &closed]).0.success());
 
     let accepted = "correu_smtp_transactions_total{reply_class=\"2xx\",result=\"accepted\"}";

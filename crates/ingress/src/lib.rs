@@ -103,6 +103,7 @@ impl Shared {
                 max_transactions: s.max_transactions,
                 max_text_line: s.max_text_line,
                 reject_bare_line_ends: s.reject_bare_line_ends,
+                max_hops: s.max_hops,
             }),
             trusted: s.trusted_networks.clone(),
             proxies: s.proxy_networks.clone(),

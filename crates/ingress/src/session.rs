@@ -14,10 +14,10 @@ use correu_proto::v1::check_recipient_response::Status as RcptStatus;
 use correu_proto::v1::{CheckRecipientRequest, QueuedMessage, Recipient};
 use correu_smtp::command::Ret;
 use correu_smtp::data::{DataReceiver, Progress};
-use correu_smtp::headers::rfc5322_date;
+use correu_smtp::headers::{received_count, rfc5322_date};
 use correu_smtp::session::{
-    Chunked, CredentialVerdict, Envelope, Line, LineReader, Policy, QueueFailure, RecipientVerdict,
-    Role, Session, Step,
+    BodyReport, Chunked, CredentialVerdict, Envelope, Line, LineReader, Policy, QueueFailure,
+    RecipientVerdict, Role, Session, Step,
 };
 use correu_smtp::{Address, Reply};
 use opentelemetry::KeyValue;
@@ -273,13 +273,16 @@ where
                         Some(Err(())) => {
                             return conn.say_and_end(&session.timeout(), End::Timeout).await;
                         }
-                        Some(Ok((data, report))) => match session.data_received(report) {
-                            Err(r) => {
-                                rejected(r.code);
-                                r
+                        Some(Ok((data, mut report))) => {
+                            report.hops = received_count(&data);
+                            match session.data_received(report) {
+                                Err(r) => {
+                                    rejected(r.code);
+                                    r
+                                }
+                                Ok(env) => deliver(shared, &mut session, env, data, client).await,
                             }
-                            Ok(env) => deliver(shared, &mut session, env, data, client).await,
-                        },
+                        }
                     };
                     conn.reply(&reply);
                 }
@@ -297,7 +300,11 @@ where
                         }
                     }
                     bdat_total = bdat_total.saturating_add(size);
-                    match session.chunk_received(bdat_total, last) {
+                    let whole = last.then(|| BodyReport {
+                        hops: received_count(&body),
+                        ..BodyReport::default()
+                    });
+                    match session.chunk_received(bdat_total, whole) {
                         Chunked::Step(s) => {
                             if let Step::Reply(r) | Step::Close(r) = &s
                                 && r.code >= 400

@@ -24,6 +24,8 @@ struct Rig {
     spool: Arc<Spool>,
     _dir: tempfile::TempDir,
     _storage_stop: tokio_util::sync::DropGuard,
+    /// Where an unreachable storage "listens".
+    _closed: correu_testkit::ClosedPort,
 }
 
 async fn rig(tune: impl FnOnce(&mut Config)) -> Rig {
@@ -40,8 +42,9 @@ async fn rig(tune: impl FnOnce(&mut Config)) -> Rig {
     let storage_cfg = cfg.clone();
     let s = stop.clone();
     tokio::spawn(async move { correu_storage::run(&storage_cfg, listener, s).await });
+    let closed = correu_testkit::ClosedPort::new();
     let endpoint = if cfg.storage.endpoint == "http://unreachable" {
-        format!("http://127.0.0.1:{}", free_port())
+        format!("http://127.0.0.1:{}", closed.port)
     } else {
         format!("http://{addr}")
     };
@@ -58,15 +61,8 @@ async fn rig(tune: impl FnOnce(&mut Config)) -> Rig {
         spool,
         _dir: dir,
         _storage_stop: stop.drop_guard(),
+        _closed: closed,
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// The client side of an in-memory session.

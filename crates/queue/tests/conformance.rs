@@ -240,12 +240,10 @@ async fn spool_keeps_unsettled_messages_across_a_restart() {
 #[tokio::test]
 async fn rabbitmq_unreachable_publish_fails_fast() {
     let dir = tempfile::tempdir().unwrap();
+    let closed = correu_testkit::ClosedPort::new();
     let cfg = QueueConfig {
         // Nothing listens here.
-        url: format!(
-            "amqp://guest:guest@127.0.0.1:{}/%2f",
-            correu_testkit::free_port()
-        ),
+        url: format!("amqp://guest:guest@127.0.0.1:{}/%2f", closed.port),
         connect_timeout: Dur::secs(2),
         ..config(dir.path())
     };

@@ -165,6 +165,9 @@ pub struct SmtpConfig {
     /// Refuse messages with a bare CR or LF (`550 5.5.2`) instead of storing
     /// them as CRLF.
     pub reject_bare_line_ends: bool,
+    /// Most `Received:` fields a message may arrive with; one with more is
+    /// in a mail loop and refused with `554 5.4.6` (RFC 5321 §6.3).
+    pub max_hops: usize,
     /// Open connections from one client address (trusted networks exempt).
     pub max_connections_per_client: usize,
     /// Longest a session may last.
@@ -204,6 +207,7 @@ impl Default for SmtpConfig {
             max_transactions: 100,
             max_text_line: 1000,
             reject_bare_line_ends: false,
+            max_hops: 100,
             max_connections_per_client: 50,
             max_session_time: Dur::secs(30 * 60),
             connection_rate: Rate::per(120, 60),
@@ -916,6 +920,12 @@ impl Config {
             e.push(err(
                 "smtp.max_connections_per_client",
                 "must be more than 0",
+            ));
+        }
+        if s.max_hops == 0 {
+            e.push(err(
+                "smtp.max_hops",
+                "must be more than 0 (RFC 5321 §6.3 advises at least 100)",
             ));
         }
         if s.max_text_line != 0 && s.max_text_line < 1000 {

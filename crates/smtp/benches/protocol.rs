@@ -57,6 +57,7 @@ fn whole_session(c: &mut Criterion) {
         max_transactions: 100,
         max_text_line: 1000,
         reject_bare_line_ends: false,
+        max_hops: 100,
     });
     let wire = message(4 << 10);
     let mut g = c.benchmark_group("session");

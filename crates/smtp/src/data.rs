@@ -80,6 +80,8 @@ impl DataReceiver {
             overflowed: self.overflow,
             bare_line_ends: self.bare_line_ends,
             longest_line: self.longest.max(self.line),
+            // Counted from the whole message by the caller, which holds it.
+            hops: 0,
         }
     }
 

@@ -1,4 +1,5 @@
-//! Header fields added on the way: dates (RFC 5322 §3.3) and trace fields.
+//! Header fields added on the way: dates (RFC 5322 §3.3) and trace fields,
+//! and the count of trace fields that stops mail loops (RFC 5321 §6.3).
 
 /// Formats seconds since the Unix epoch as an RFC 5322 date in UTC, for
 /// example `Sat, 28 Nov 2026 10:56:21 +0000`.
@@ -37,6 +38,29 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
+/// How many `Received:` fields the header section of `message` holds: the
+/// hops it has made (RFC 5321 §6.3 detects loops by counting them). The
+/// header section ends at the first empty line; a continuation line (one
+/// starting with white space) is part of the field before it; a field name
+/// may be followed by white space before its colon (RFC 5322 §4.5.3).
+pub fn received_count(message: &[u8]) -> usize {
+    let mut count = 0;
+    for line in message.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            break;
+        }
+        if line.len() >= 8 && line[..8].eq_ignore_ascii_case(b"received") {
+            let rest = &line[8..];
+            let colon = rest.iter().position(|&b| b != b' ' && b != b'\t');
+            if colon.is_some_and(|i| rest[i] == b':') {
+                count += 1;
+            }
+        }
+    }
+    count
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -49,5 +73,27 @@ mod tests {
             rfc5322_date(1_795_863_381),
             "Sat, 28 Nov 2026 10:56:21 +0000"
         );
+    }
+
+    #[test]
+    fn counts_received_fields_in_the_header_section_only() {
+        let m = concat!(
+            "Received: from a by b;\r\n\tSat, 28 Nov 2026 10:56:21 +0000\r\n",
+            "RECEIVED : from c\r\n",
+            "received:x\r\n",
+            "Received-SPF: pass\r\n",
+            "X-Received: no\r\n",
+            "Subject: Received: not a field name\r\n",
+            " Received: a continuation\r\n",
+            "\r\n",
+            "Received: in the body\r\n",
+        )
+        .as_bytes();
+        assert_eq!(received_count(m), 3);
+        // Bare LF line ends, and a message with no body.
+        assert_eq!(received_count(b"Received: a\nReceived: b\n"), 2);
+        assert_eq!(received_count(b""), 0);
+        assert_eq!(received_count(b"\r\nReceived: body\r\n"), 0);
+        assert_eq!(received_count(b"Received"), 0);
     }
 }

@@ -39,6 +39,9 @@ pub struct SessionConfig {
     pub max_text_line: usize,
     /// Refuse messages with a bare CR or LF instead of storing it as CRLF.
     pub reject_bare_line_ends: bool,
+    /// Most `Received:` fields a message may arrive with; more is a mail
+    /// loop, refused with `554 5.4.6` (RFC 5321 §6.3).
+    pub max_hops: usize,
 }
 
 impl SessionConfig {
@@ -175,6 +178,9 @@ pub struct BodyReport {
     pub overflowed: bool,
     pub bare_line_ends: usize,
     pub longest_line: usize,
+    /// `Received:` fields in its header section
+    /// ([`crate::headers::received_count`]).
+    pub hops: usize,
 }
 
 /// Why the queue did not take a message.
@@ -587,9 +593,10 @@ impl Session {
         Step::Chunk { size, last, first }
     }
 
-    /// A BDAT chunk was read; `total` octets of message so far. Returns the
-    /// step to take, or (after the LAST chunk) the envelope to queue.
-    pub fn chunk_received(&mut self, total: u64, last: bool) -> Chunked {
+    /// A BDAT chunk was read; `total` octets of message so far, and after
+    /// the LAST chunk what the whole message holds. Returns the step to
+    /// take, or (after the LAST chunk) the envelope to queue.
+    pub fn chunk_received(&mut self, total: u64, last: Option<BodyReport>) -> Chunked {
         if let Some(r) = self.chunk_refusal.take() {
             return Chunked::Step(self.error(r));
         }
@@ -601,12 +608,16 @@ impl Session {
                 "Message size exceeds fixed limit",
             )));
         }
-        if !last {
+        let Some(body) = last else {
             return Chunked::Step(Step::Reply(reply(
                 250,
                 (2, 0, 0),
                 format!("{total} octets received"),
             )));
+        };
+        if let Some(r) = self.refusal(&body) {
+            self.reset();
+            return Chunked::Step(self.error(r));
         }
         self.state = State::Queuing;
         Chunked::Queue(self.envelope())
@@ -629,7 +640,17 @@ impl Session {
     /// or the reply to send.
     pub fn data_received(&mut self, body: BodyReport) -> Result<Envelope, Reply> {
         debug_assert_eq!(self.state, State::Data);
-        let refusal = if body.overflowed {
+        if let Some(r) = self.refusal(&body) {
+            self.reset();
+            return Err(r);
+        }
+        self.state = State::Queuing;
+        Ok(self.envelope())
+    }
+
+    /// Why a whole message is refused, if it is.
+    fn refusal(&self, body: &BodyReport) -> Option<Reply> {
+        if body.overflowed {
             Some(reply(552, (5, 3, 4), "Message size exceeds fixed limit"))
         } else if self.cfg.reject_bare_line_ends && body.bare_line_ends > 0 {
             Some(reply(550, (5, 5, 2), "Error: bare <CR> or <LF> received"))
@@ -639,15 +660,18 @@ impl Session {
                 (5, 5, 2),
                 "Error: line too long (RFC 5321 §4.5.3.1.6)",
             ))
+        } else if body.hops > self.cfg.max_hops {
+            Some(reply(
+                554,
+                (5, 4, 6),
+                format!(
+                    "Error: too many hops ({} Received: fields; a mail loop?)",
+                    body.hops
+                ),
+            ))
         } else {
             None
-        };
-        if let Some(r) = refusal {
-            self.reset();
-            return Err(r);
         }
-        self.state = State::Queuing;
-        Ok(self.envelope())
     }
 
     /// The outcome of queuing the message: `Ok(queue id)` or why not.
@@ -895,6 +919,7 @@ mod tests {
             max_transactions: 3,
             max_text_line: 1000,
             reject_bare_line_ends: false,
+            max_hops: 3,
         })
     }
 
@@ -1244,7 +1269,7 @@ mod tests {
             &[("EHLO c", "250-"), ("BDAT 10", "chunk 10 false false")],
         );
         assert!(
-            matches!(s.chunk_received(10, false), Chunked::Step(Step::Reply(r)) if r.code == 503)
+            matches!(s.chunk_received(10, None), Chunked::Step(Step::Reply(r)) if r.code == 503)
         );
         run(
             &mut s,
@@ -1255,7 +1280,7 @@ mod tests {
             ],
         );
         assert_eq!(
-            text(&match s.chunk_received(10, false) {
+            text(&match s.chunk_received(10, None) {
                 Chunked::Step(st) => st,
                 Chunked::Queue(_) => panic!(),
             }),
@@ -1269,7 +1294,7 @@ mod tests {
                 ("BDAT 5 LAST", "chunk 5 true false"),
             ],
         );
-        let Chunked::Queue(env) = s.chunk_received(15, true) else {
+        let Chunked::Queue(env) = s.chunk_received(15, Some(BodyReport::default())) else {
             panic!("queue")
         };
         assert_eq!(env.recipients[0].params.notify.as_deref(), Some("FAILURE"));
@@ -1287,8 +1312,25 @@ mod tests {
             ],
         );
         assert!(
-            matches!(s.chunk_received(2000, true), Chunked::Step(Step::Reply(r)) if r.code == 552)
+            matches!(s.chunk_received(2000, Some(BodyReport::default())), Chunked::Step(Step::Reply(r)) if r.code == 552)
         );
+        // The same hop limit as DATA, and the session goes on.
+        run(
+            &mut s,
+            &[
+                ("MAIL FROM:<a@b.c>", "250"),
+                ("RCPT TO:<x@y.z>", "250"),
+                ("BDAT 20 LAST", "chunk 20 true true"),
+            ],
+        );
+        let hops = BodyReport {
+            hops: 4,
+            ..BodyReport::default()
+        };
+        assert!(
+            matches!(s.chunk_received(20, Some(hops)), Chunked::Step(Step::Reply(r)) if r.to_string().starts_with("554 5.4.6"))
+        );
+        run(&mut s, &[("MAIL FROM:<a@b.c>", "250")]);
     }
 
     #[test]
@@ -1351,6 +1393,18 @@ mod tests {
             .to_string()
             .starts_with("500 5.5.2")
         );
+        // A mail loop: more Received: fields than max_hops (3 here).
+        let looped = send(
+            &mut s,
+            BodyReport {
+                hops: 4,
+                ..BodyReport::default()
+            },
+        )
+        .unwrap_err();
+        assert_eq!(looped.code, 554);
+        assert!(looped.to_string().starts_with("554 5.4.6"), "{looped}");
+        // Refused messages are not transactions: three more fit.
         for _ in 0..3 {
             send(&mut s, BodyReport::default()).unwrap();
             s.queued(Ok("ID"));

@@ -477,6 +477,35 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A port on 127.0.0.1 where nothing listens for as long as this lives:
+/// a socket bound without `listen`, so a connection is refused at once,
+/// no other test's server can take the port meanwhile, and no outgoing
+/// connection is given it as its own port (which would connect to itself).
+/// A port from [`free_port`] promises none of that once it is returned.
+pub struct ClosedPort {
+    _socket: tokio::net::TcpSocket,
+    pub port: u16,
+}
+
+impl ClosedPort {
+    pub fn new() -> ClosedPort {
+        // Without SO_REUSEADDR, so no later bind can share the port.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = socket.local_addr().unwrap().port();
+        ClosedPort {
+            _socket: socket,
+            port,
+        }
+    }
+}
+
+impl Default for ClosedPort {
+    fn default() -> Self {
+        ClosedPort::new()
+    }
+}
+
 /// A RabbitMQ vhost of the test's own, deleted when dropped.
 pub struct Vhost {
     pub name: String,

@@ -19,6 +19,7 @@ fuzz_target!(|input: (u8, Vec<Vec<u8>>)| {
         max_transactions: 5,
         max_text_line: 1000,
         reject_bare_line_ends: flags & 1 == 1,
+        max_hops: 3,
     });
     let role = [Role::Mx, Role::Submission, Role::Submissions][usize::from(flags >> 1) % 3];
     let policy = Policy {
@@ -41,7 +42,7 @@ fuzz_target!(|input: (u8, Vec<Vec<u8>>)| {
                 }
                 Step::Data(r) => {
                     assert_eq!(r.code, 354);
-                    match s.data_received(BodyReport { longest_line: i * 100, ..BodyReport::default() }) {
+                    match s.data_received(BodyReport { longest_line: i * 100, hops: i, ..BodyReport::default() }) {
                         Ok(_) => {
                             s.queued(Ok("ID"));
                         }
@@ -49,7 +50,7 @@ fuzz_target!(|input: (u8, Vec<Vec<u8>>)| {
                     }
                     break;
                 }
-                Step::Chunk { size, last, .. } => match s.chunk_received(size, last) {
+                Step::Chunk { size, last, .. } => match s.chunk_received(size, last.then(|| BodyReport { hops: i, ..BodyReport::default() })) {
                     Chunked::Step(st) => st,
                     Chunked::Queue(_) => {
                         s.queued(Ok("ID"));
