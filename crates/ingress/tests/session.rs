@@ -171,6 +171,44 @@ async fn smuggled_commands_stay_in_the_body() {
 }
 
 #[tokio::test]
+async fn a_message_past_the_hop_limit_is_refused_by_data_and_by_bdat() {
+    let rig = rig(|c| {
+        c.smtp.max_message_size = 10_000;
+        c.smtp.max_hops = 3;
+    })
+    .await;
+    let hops = |n: usize| "Received: from a by b; Sat, 28 Nov 2026 10:00:00 +0000\r\n".repeat(n);
+    let mut c = start(&rig, "127.0.0.1:1000");
+    c.read().await;
+    c.cmd("EHLO c").await;
+    let transaction = async |c: &mut Client, received: usize, bdat: bool| -> String {
+        c.cmd("MAIL FROM:<jo@domini.com>").await;
+        c.cmd("RCPT TO:<pere@localhost>").await;
+        let message = format!("{}Subject: hops\r\n\r\nbody\r\n", hops(received));
+        if bdat {
+            c.send(format!("BDAT {} LAST\r\n{message}", message.len()).as_bytes())
+                .await;
+        } else {
+            assert!(c.cmd("DATA").await.starts_with("354"));
+            c.send(format!("{message}.\r\n").as_bytes()).await;
+        }
+        c.read().await.to_string()
+    };
+    for bdat in [false, true] {
+        let refused = transaction(&mut c, 4, bdat).await;
+        assert!(refused.starts_with("554 5.4.6"), "bdat {bdat}: {refused}");
+        let taken = transaction(&mut c, 3, bdat).await;
+        assert!(taken.starts_with("250 2.0.0"), "bdat {bdat}: {taken}");
+    }
+    assert_eq!(c.cmd("QUIT").await, "221 2.0.0 Bye");
+    assert_eq!(
+        rig.spool.counts().unwrap().active,
+        2,
+        "the two messages within the limit, not the two past it"
+    );
+}
+
+#[tokio::test]
 async fn limits_answer_and_the_session_goes_on() {
     let rig = rig(|_| {}).await;
     let mut c = start(&rig, "127.0.0.1:1000");

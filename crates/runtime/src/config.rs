@@ -1234,6 +1234,17 @@ mod tests {
     }
 
     #[test]
+    fn the_hop_limit_is_checked() {
+        assert_eq!(load("", &[]).unwrap().smtp.max_hops, 100);
+        assert_eq!(
+            load("[smtp]\nmax_hops = 30\n", &[]).unwrap().smtp.max_hops,
+            30
+        );
+        let e = load("[smtp]\nmax_hops = 0\n", &[]).unwrap_err();
+        assert_eq!(keys(e), vec!["smtp.max_hops"]);
+    }
+
+    #[test]
     fn submission_needs_tls() {
         let e = load(
             "[smtp]\nsubmission = [\"127.0.0.1:587\"]\ntls_certificate = \"/nonexistent.pem\"\n",
