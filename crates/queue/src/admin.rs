@@ -159,3 +159,7 @@ impl Queue {
 
 /// How long a sweep waits for the next message before it is done.
 pub(crate) const SWEEP_IDLE: Duration = Duration::from_secs(2);
+
+/// The longest a sweep waits for messages the broker still says are ready
+/// (a busy broker can take longer than [`SWEEP_IDLE`] to deliver them).
+pub(crate) const SWEEP_PATIENCE: Duration = Duration::from_secs(30);

@@ -396,11 +396,35 @@ impl AmqpQueue {
                     FieldTable::default(),
                 )
                 .await?;
-            for _ in 0..total {
-                let Ok(Some(Ok(d))) = timeout(crate::admin::SWEEP_IDLE, consumer.next()).await
-                else {
-                    break;
+            let mut seen = 0;
+            let mut waited = Duration::ZERO;
+            while seen < total {
+                let d = match timeout(crate::admin::SWEEP_IDLE, consumer.next()).await {
+                    Ok(Some(Ok(d))) => d,
+                    Ok(_) => break,
+                    Err(_) => {
+                        // Nothing for a while: wait on while the broker still
+                        // holds ready messages (it is busy), not once they
+                        // have left (a retry tier's TTL ran out meanwhile).
+                        waited += crate::admin::SWEEP_IDLE;
+                        let ready = ch
+                            .queue_declare(
+                                queue.into(),
+                                QueueDeclareOptions {
+                                    passive: true,
+                                    ..Default::default()
+                                },
+                                FieldTable::default(),
+                            )
+                            .await?
+                            .message_count();
+                        if ready == 0 || waited >= crate::admin::SWEEP_PATIENCE {
+                            break;
+                        }
+                        continue;
+                    }
                 };
+                seen += 1;
                 let header_id = d
                     .properties
                     .headers()
