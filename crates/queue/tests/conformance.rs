@@ -289,7 +289,14 @@ async fn admin_actions(b: Backend) {
         .sum();
     assert_eq!(deferred, 2, "{counts:?}");
 
-    assert_eq!(b.queue.delete(&d.queue_id).await.unwrap(), 1);
+    let deleted = b.queue.delete(&d.queue_id).await.unwrap();
+    assert_eq!(
+        deleted,
+        1,
+        "deleting {}; before {counts:?}; after {:?}",
+        d.queue_id,
+        b.queue.counts().await
+    );
     assert_eq!(b.queue.retry_now(Which::Id(&a.queue_id)).await.unwrap(), 1);
     let back = next(&mut c, Duration::from_secs(10))
         .await

@@ -10,7 +10,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use correu_smtp::reply::{Reply, parse_reply};
@@ -468,36 +468,20 @@ pub fn assert_delivered_once(maildir: &Path, accepted: &[String], within: Durati
     }
 }
 
-/// A port free right now on 127.0.0.1 (TCP and UDP), for a server a test
-/// starts next. It comes from 21000–24999, below the kernel's ephemeral
-/// range (32768 and up): a port handed out for a `:0` bind — a server in
-/// another test — or for an outgoing connection is never one of these, so
-/// none can take it before the test's server binds it. One process never
-/// gets the same port twice.
+/// A port free right now on 127.0.0.1.
 pub fn free_port() -> u16 {
-    const FIRST: u32 = 21000;
-    const COUNT: u32 = 4000;
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    // Test binaries run one after another; each starts at its own place.
-    let start = std::process::id().wrapping_mul(613);
-    for _ in 0..COUNT {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let port = (FIRST + start.wrapping_add(n) % COUNT) as u16;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok()
-            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
-        {
-            return port;
-        }
-    }
-    panic!("no free port in {FIRST}–{}", FIRST + COUNT - 1);
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A port on 127.0.0.1 where nothing listens for as long as this lives:
 /// a socket bound without `listen`, so a connection is refused at once,
 /// no other test's server can take the port meanwhile, and no outgoing
 /// connection is given it as its own port (which would connect to itself).
-/// A port from [`free_port`] is free for the server a test starts next;
-/// this one stays closed.
+/// A port from [`free_port`] promises none of that once it is returned.
 pub struct ClosedPort {
     _socket: tokio::net::TcpSocket,
     pub port: u16,
