@@ -337,20 +337,8 @@ impl AmqpQueue {
         names.push(t.parked_queue.clone());
         let mut out = Vec::new();
         for name in names {
-            let q = ch
-                .queue_declare(
-                    name.as_str().into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await?;
-            out.push(crate::admin::QueueCount {
-                name,
-                messages: u64::from(q.message_count()),
-            });
+            let messages = u64::from(ready(&ch, &name).await?);
+            out.push(crate::admin::QueueCount { name, messages });
         }
         ch.close(200, "counted".into()).await?;
         Ok(out)
@@ -370,17 +358,7 @@ impl AmqpQueue {
             self.connection(&mut link).await?
         };
         let ch = conn.create_channel().await?;
-        let total = ch
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?
-            .message_count();
+        let total = ready(&ch, queue).await?;
         let mut moved = 0;
         if total > 0 {
             ch.basic_qos(
@@ -407,18 +385,7 @@ impl AmqpQueue {
                         // holds ready messages (it is busy), not once they
                         // have left (a retry tier's TTL ran out meanwhile).
                         waited += crate::admin::SWEEP_IDLE;
-                        let ready = ch
-                            .queue_declare(
-                                queue.into(),
-                                QueueDeclareOptions {
-                                    passive: true,
-                                    ..Default::default()
-                                },
-                                FieldTable::default(),
-                            )
-                            .await?
-                            .message_count();
-                        if ready == 0 || waited >= crate::admin::SWEEP_PATIENCE {
+                        if ready(&ch, queue).await? == 0 || waited >= crate::admin::SWEEP_PATIENCE {
                             break;
                         }
                         continue;
@@ -636,6 +603,22 @@ impl AmqpHandle {
             }
         }
     }
+}
+
+/// Messages ready in `queue` (not those delivered and unacked), from a
+/// passive declare.
+async fn ready(ch: &Channel, queue: &str) -> Result<u32, QueueError> {
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(q.message_count())
 }
 
 #[cfg(test)]
