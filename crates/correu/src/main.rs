@@ -21,6 +21,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use correu_runtime::cli::{EXIT_CONFIG, run_with};
+use correu_runtime::config::Role;
 
 #[derive(Parser)]
 #[command(name = "correu", version, about = "Correu, a mail transfer system")]
@@ -64,6 +65,10 @@ enum Command {
     CheckConfig {
         /// The file to check (with `CORREU_…` variables applied).
         file: PathBuf,
+        /// Check it as this role would at its start: serve (everything),
+        /// ingress, delivery, storage, or admin (the operator's commands).
+        #[arg(long, default_value = "serve")]
+        role: Role,
     },
     /// Print an argon2 hash of a password read from standard input, for an
     /// accounts file (`address:HASH` lines; `correu account add` does it all).
@@ -107,12 +112,27 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let path = cli.config.clone();
     match cli.command {
-        Command::Serve => with_config(path, "correu", serve::serve),
-        Command::Ingress => with_config(path, "correu-ingress", correu_ingress::standalone),
-        Command::Delivery => with_config(path, "correu-delivery", correu_delivery::standalone),
-        Command::Storage => with_config(path, "correu-storage", correu_storage::standalone),
-        Command::CheckConfig { file } => {
-            match correu_runtime::Config::load(Some(&file), std::env::vars()) {
+        Command::Serve => with_config(path, "correu", Role::Serve, serve::serve),
+        Command::Ingress => with_config(
+            path,
+            "correu-ingress",
+            Role::Ingress,
+            correu_ingress::standalone,
+        ),
+        Command::Delivery => with_config(
+            path,
+            "correu-delivery",
+            Role::Delivery,
+            correu_delivery::standalone,
+        ),
+        Command::Storage => with_config(
+            path,
+            "correu-storage",
+            Role::Storage,
+            correu_storage::standalone,
+        ),
+        Command::CheckConfig { file, role } => {
+            match correu_runtime::Config::load(Some(&file), std::env::vars(), role) {
                 Ok(_) => {
                     println!("{}: ok", file.display());
                     ExitCode::SUCCESS
@@ -141,9 +161,9 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Queue { action } => {
-            with_config(path, "correu", move |cfg, _| queue::run(cfg, action))
-        }
+        Command::Queue { action } => with_config(path, "correu", Role::Admin, move |cfg, _| {
+            queue::run(cfg, action)
+        }),
         Command::Dkim {
             action:
                 DkimAction::Keygen {
@@ -153,15 +173,15 @@ fn main() -> ExitCode {
                     out,
                 },
         } => dkim_keygen(&domain, &selector, &algorithm, &out),
-        Command::Mailbox { action } => {
-            with_config(path, "correu", move |cfg, _| mailbox::run(cfg, action))
-        }
-        Command::Account { action } => {
-            with_config(path, "correu", move |cfg, _| account::account(cfg, action))
-        }
-        Command::Alias { action } => {
-            with_config(path, "correu", move |cfg, _| account::alias(cfg, action))
-        }
+        Command::Mailbox { action } => with_config(path, "correu", Role::Admin, move |cfg, _| {
+            mailbox::run(cfg, action)
+        }),
+        Command::Account { action } => with_config(path, "correu", Role::Admin, move |cfg, _| {
+            account::account(cfg, action)
+        }),
+        Command::Alias { action } => with_config(path, "correu", Role::Admin, move |cfg, _| {
+            account::alias(cfg, action)
+        }),
         Command::Probe { url } => probe(&url),
         Command::Bench(args) => run_with(
             "correu-bench",
@@ -210,12 +230,12 @@ fn probe(url: &str) -> ExitCode {
 }
 
 /// Runs `f` with the configuration from `path`.
-fn with_config<F, Fut>(path: Option<PathBuf>, name: &'static str, f: F) -> ExitCode
+fn with_config<F, Fut>(path: Option<PathBuf>, name: &'static str, role: Role, f: F) -> ExitCode
 where
     F: FnOnce(correu_runtime::Config, tokio_util::sync::CancellationToken) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
-    match correu_runtime::cli::load(path.as_deref()) {
+    match correu_runtime::cli::load(path.as_deref(), role) {
         Ok(cfg) => run_with(name, cfg, f),
         Err(code) => code,
     }

@@ -1,5 +1,9 @@
 //! `correu-delivery`: the delivery service on its own (one container image each).
 
 fn main() -> std::process::ExitCode {
-    correu_runtime::cli::run_service("correu-delivery", correu_delivery::standalone)
+    correu_runtime::cli::run_service(
+        "correu-delivery",
+        correu_runtime::config::Role::Delivery,
+        correu_delivery::standalone,
+    )
 }

@@ -1,5 +1,9 @@
 //! `correu-ingress`: the ingress service on its own (one container image each).
 
 fn main() -> std::process::ExitCode {
-    correu_runtime::cli::run_service("correu-ingress", correu_ingress::standalone)
+    correu_runtime::cli::run_service(
+        "correu-ingress",
+        correu_runtime::config::Role::Ingress,
+        correu_ingress::standalone,
+    )
 }

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
 
 use crate::Config;
+use crate::config::Role;
 
 /// Exit code for a configuration error (linkerd and sysexits' EX_USAGE).
 pub const EXIT_CONFIG: u8 = 64;
@@ -38,17 +39,17 @@ pub fn config_path(args: impl IntoIterator<Item = String>) -> Result<Option<Path
     Ok(Some(PathBuf::from(path)))
 }
 
-/// Loads the configuration from `path` and the environment, or prints every
-/// error and returns the exit code.
-pub fn load(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {
-    Config::load(path, std::env::vars()).map_err(|e| {
+/// Loads the configuration from `path` and the environment, checked for
+/// `role`, or prints every error and returns the exit code.
+pub fn load(path: Option<&std::path::Path>, role: Role) -> Result<Config, ExitCode> {
+    Config::load(path, std::env::vars(), role).map_err(|e| {
         eprintln!("{e}");
         ExitCode::from(EXIT_CONFIG)
     })
 }
 
 /// Runs one service to completion: the whole `main` of a service binary.
-pub fn run_service<F, Fut>(name: &'static str, service: F) -> ExitCode
+pub fn run_service<F, Fut>(name: &'static str, role: Role, service: F) -> ExitCode
 where
     F: FnOnce(Config, CancellationToken) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
@@ -60,7 +61,7 @@ where
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    match load(path.as_deref()) {
+    match load(path.as_deref(), role) {
         Ok(cfg) => run_with(name, cfg, service),
         Err(code) => code,
     }

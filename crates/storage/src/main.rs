@@ -1,5 +1,9 @@
 //! `correu-storage`: the storage service on its own (one container image each).
 
 fn main() -> std::process::ExitCode {
-    correu_runtime::cli::run_service("correu-storage", correu_storage::standalone)
+    correu_runtime::cli::run_service(
+        "correu-storage",
+        correu_runtime::config::Role::Storage,
+        correu_storage::standalone,
+    )
 }

@@ -1,0 +1,248 @@
+//! `[delivery]`: how mail leaves: routes, TLS, MTA-STS, DKIM, limits per
+//! destination, timeouts and bounces.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Deserializer};
+
+use super::Check;
+use super::values::{Dur, Rate, is_domain, split_host_port};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct DeliveryConfig {
+    /// Messages delivered at once by one delivery process.
+    pub concurrency: usize,
+    /// The DNS server for MX lookups (`host:port`); unset: the system's.
+    pub dns_server: Option<SocketAddr>,
+    /// Port of remote MX hosts (25; another only for tests and labs).
+    pub mx_port: u16,
+    /// Fixed next hops by domain (`"*"` for all) instead of MX: `host:port`,
+    /// or a table with `host`, `port`, `tls`, `auth_user`,
+    /// `auth_password_file` (a smarthost).
+    pub routes: BTreeMap<String, Route>,
+    /// TLS to other servers: `opportunistic` (STARTTLS whenever offered,
+    /// certificate not checked), `required` (verified, else the message
+    /// waits) or `none`.
+    pub tls: OutboundTls,
+    /// More CA certificates (PEM) trusted for `required` TLS.
+    pub tls_ca_file: Option<PathBuf>,
+    /// Honour MTA-STS (RFC 8461): a domain that publishes an `enforce`
+    /// policy gets mail only at the MX hosts it names, over verified TLS.
+    pub mta_sts: bool,
+    /// HTTPS port of `mta-sts.DOMAIN` (443; another only for tests).
+    pub mta_sts_port: u16,
+    /// Bounce messages (RFC 3464) for recipients that fail for good.
+    pub bounces: bool,
+    /// Connections open at once to one destination host, shared by every
+    /// delivery process through Redis. A host at its limit is passed over;
+    /// when all are, the message waits in the retry tiers.
+    pub max_connections_per_host: usize,
+    /// Messages per destination domain (`N/DURATION`, `0` for no limit),
+    /// shared likewise.
+    pub domain_rate: Rate,
+    /// Warn the sender (a DSN with Action: delayed) once when a message is
+    /// still undelivered after this long; `0s` for never (Postfix's
+    /// `delay_warning_time`).
+    pub delay_warning: Dur,
+    /// How long a connection to a remote host is kept for the next message
+    /// to it (0 to close after each message).
+    pub connection_idle: Dur,
+    /// DKIM keys by signing domain: outbound mail whose From: is in the
+    /// domain is signed (RFC 6376).
+    pub dkim: BTreeMap<String, DkimConfig>,
+    /// Time to connect to a remote MX (RFC 5321 suggests at most minutes).
+    pub connect_timeout: Dur,
+    /// Time for each reply of the remote MX (RFC 5321 §4.5.3.2: 5 minutes).
+    pub command_timeout: Dur,
+    /// Time for the reply after the final dot (RFC 5321 §4.5.3.2.6: 10 minutes).
+    pub data_timeout: Dur,
+    /// Longest one delivery attempt of a message may take; recipients not
+    /// done by then are retried. Keep it under RabbitMQ's
+    /// `consumer_timeout` (30 minutes by default), which closes consumers
+    /// that hold a message longer.
+    pub attempt_timeout: Dur,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            concurrency: 16,
+            dns_server: None,
+            mx_port: 25,
+            routes: BTreeMap::new(),
+            tls: OutboundTls::Opportunistic,
+            tls_ca_file: None,
+            mta_sts: true,
+            mta_sts_port: 443,
+            bounces: true,
+            max_connections_per_host: 10,
+            domain_rate: Rate::per(0, 1),
+            dkim: BTreeMap::new(),
+            connection_idle: Dur::secs(10),
+            delay_warning: Dur::secs(0),
+            connect_timeout: Dur::secs(30),
+            command_timeout: Dur::secs(300),
+            data_timeout: Dur::secs(600),
+            attempt_timeout: Dur::secs(15 * 60),
+        }
+    }
+}
+
+/// A DKIM signing key (`correu dkim keygen` makes one).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DkimConfig {
+    pub selector: String,
+    /// The private key, PEM: RSA (PKCS#1 or PKCS#8) or Ed25519 (PKCS#8).
+    pub key_file: PathBuf,
+    #[serde(default = "DkimAlgorithm::default_rsa")]
+    pub algorithm: DkimAlgorithm,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum DkimAlgorithm {
+    #[serde(rename = "rsa-sha256")]
+    RsaSha256,
+    #[serde(rename = "ed25519-sha256")]
+    Ed25519Sha256,
+}
+
+impl DkimAlgorithm {
+    fn default_rsa() -> Self {
+        DkimAlgorithm::RsaSha256
+    }
+}
+
+/// How a next hop is encrypted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutboundTls {
+    None,
+    Opportunistic,
+    Required,
+}
+
+/// A fixed next hop for a domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub host: String,
+    pub port: u16,
+    /// Overrides `delivery.tls` for this hop.
+    pub tls: Option<OutboundTls>,
+    /// AUTH PLAIN with the relay (after TLS).
+    pub auth_user: Option<String>,
+    pub auth_password_file: Option<PathBuf>,
+}
+
+impl<'de> Deserialize<'de> for Route {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Table {
+            host: String,
+            #[serde(default = "smtp_port")]
+            port: u16,
+            tls: Option<OutboundTls>,
+            auth_user: Option<String>,
+            auth_password_file: Option<PathBuf>,
+        }
+        fn smtp_port() -> u16 {
+            25
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Text(String),
+            Table(Table),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Text(t) => {
+                let (host, port) = split_host_port(&t)
+                    .ok_or_else(|| serde::de::Error::custom(format!("`{t}` is not host:port")))?;
+                Ok(Route {
+                    host,
+                    port,
+                    tls: None,
+                    auth_user: None,
+                    auth_password_file: None,
+                })
+            }
+            Raw::Table(t) => Ok(Route {
+                host: t.host,
+                port: t.port,
+                tls: t.tls,
+                auth_user: t.auth_user,
+                auth_password_file: t.auth_password_file,
+            }),
+        }
+    }
+}
+
+impl DeliveryConfig {
+    pub(crate) fn validate(&self, c: &mut Check) {
+        if !c.role.runs_delivery() {
+            return;
+        }
+        let d = self;
+        if d.concurrency == 0 {
+            c.err("delivery.concurrency", "must be more than 0");
+        }
+        if d.max_connections_per_host == 0 {
+            c.err("delivery.max_connections_per_host", "must be more than 0");
+        }
+        if d.attempt_timeout.get().is_zero() || d.attempt_timeout > Dur::secs(25 * 60) {
+            c.err(
+                "delivery.attempt_timeout",
+                "must be more than 0 and at most 25m (RabbitMQ closes consumers that hold a message 30m)",
+            );
+        }
+        for (domain, route) in &d.routes {
+            let key = format!("delivery.routes.{domain}");
+            if domain != "*" && !is_domain(domain) {
+                c.err(&key, "key must be a domain or \"*\"");
+            }
+            if route.host.is_empty() {
+                c.err(format!("{key}.host"), "must not be empty");
+            }
+            match (&route.auth_user, &route.auth_password_file) {
+                (Some(_), None) => {
+                    c.err(format!("{key}.auth_password_file"), "needed with auth_user")
+                }
+                (None, Some(_)) => {
+                    c.err(format!("{key}.auth_user"), "needed with auth_password_file")
+                }
+                (Some(_), Some(p)) => c.readable_file(format!("{key}.auth_password_file"), p),
+                _ => {}
+            }
+            if route.auth_user.is_some() && route.tls.unwrap_or(d.tls) == OutboundTls::None {
+                c.err(
+                    format!("{key}.tls"),
+                    "AUTH needs TLS: passwords are never sent in the clear",
+                );
+            }
+        }
+        for (domain, k) in &d.dkim {
+            if !is_domain(domain) {
+                c.err(format!("delivery.dkim.{domain}"), "key must be a domain");
+            }
+            if k.selector.is_empty()
+                || !k
+                    .selector
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || "-._".contains(ch))
+            {
+                c.err(
+                    format!("delivery.dkim.{domain}.selector"),
+                    "letters, digits, '-', '_' and '.' only",
+                );
+            }
+            c.readable_file(format!("delivery.dkim.{domain}.key_file"), &k.key_file);
+        }
+        if let Some(p) = &d.tls_ca_file {
+            c.readable_file("delivery.tls_ca_file", p);
+        }
+    }
+}

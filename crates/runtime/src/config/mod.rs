@@ -1,0 +1,536 @@
+//! Correu's configuration: one TOML file, `CORREU_…` environment overrides,
+//! checked in full before any port is bound.
+//!
+//! Every key has a default, so an empty file (or none) runs `correu serve`
+//! on 127.0.0.1:2525 for the domain `localhost`. Errors name the key:
+//! `smtp.listen[0]: invalid socket address syntax`.
+//!
+//! Environment overrides name a key with its section: `CORREU_HOSTNAME`,
+//! `CORREU_SMTP_LISTEN`, `CORREU_QUEUE_URL`, `CORREU_DELIVERY_MX_PORT`. The
+//! value is read as a TOML value when it is one (`25`, `true`,
+//! `["a","b"]`), else as a string; lists also take `a,b`.
+//!
+//! # Layout
+//! - this file: [`Config`], loading, and the [`Role`] a check is made for;
+//! - one file per section ([`smtp`], [`queue`], [`storage`], [`delivery`],
+//!   [`redis`], [`telemetry`]), each with its defaults and its checks;
+//! - [`values`]: durations, rates, sizes, networks;
+//! - `env`: the `CORREU_…` overlay, and the Kubernetes service-link
+//!   variables it sets aside.
+//!
+//! One file serves every role, so each role checks the keys it uses: a
+//! storage pod does not look for the certificate only ingress mounts.
+//! Unknown keys and values of the wrong type are errors for every role.
+
+mod delivery;
+mod env;
+mod queue;
+mod redis;
+mod smtp;
+mod storage;
+mod telemetry;
+mod values;
+
+use std::fmt;
+use std::path::Path;
+
+use serde::Deserialize;
+
+pub use delivery::{DeliveryConfig, DkimAlgorithm, DkimConfig, OutboundTls, Route};
+pub use queue::{QueueBackend, QueueConfig};
+pub use redis::RedisConfig;
+pub use smtp::SmtpConfig;
+pub use storage::StorageConfig;
+pub use telemetry::TelemetryConfig;
+pub use values::{Dur, Network, Rate, Size, split_host_port};
+
+use values::{is_domain, one_or_many};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// This server's name: greeting, EHLO, Received, and HELO when relaying.
+    pub hostname: String,
+    /// Domains whose mail is stored here; every other domain is relayed.
+    #[serde(deserialize_with = "one_or_many")]
+    pub domains: Vec<String>,
+    pub smtp: SmtpConfig,
+    pub queue: QueueConfig,
+    pub storage: StorageConfig,
+    pub delivery: DeliveryConfig,
+    pub redis: RedisConfig,
+    pub telemetry: TelemetryConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            hostname: "localhost".into(),
+            domains: vec!["localhost".into()],
+            smtp: SmtpConfig::default(),
+            queue: QueueConfig::default(),
+            storage: StorageConfig::default(),
+            delivery: DeliveryConfig::default(),
+            redis: RedisConfig::default(),
+            telemetry: TelemetryConfig::default(),
+        }
+    }
+}
+
+/// Who the configuration is checked for. Each role checks the sections it
+/// uses and the files it opens; every role refuses unknown keys and values
+/// of the wrong type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `correu serve`, and `correu check-config` unless told otherwise:
+    /// everything.
+    Serve,
+    Ingress,
+    Delivery,
+    Storage,
+    /// The operator's commands (`correu queue`, `mailbox`, `account`):
+    /// every value is checked, but no file is looked for, since a tool run
+    /// in one pod must not need what only another pod mounts.
+    Admin,
+}
+
+impl Role {
+    pub(crate) fn runs_ingress(self) -> bool {
+        matches!(self, Role::Serve | Role::Ingress | Role::Admin)
+    }
+    pub(crate) fn runs_delivery(self) -> bool {
+        matches!(self, Role::Serve | Role::Delivery | Role::Admin)
+    }
+    pub(crate) fn runs_storage(self) -> bool {
+        matches!(self, Role::Serve | Role::Storage | Role::Admin)
+    }
+    pub(crate) fn uses_queue(self) -> bool {
+        !matches!(self, Role::Storage)
+    }
+    pub(crate) fn uses_redis(self) -> bool {
+        !matches!(self, Role::Storage)
+    }
+    pub(crate) fn calls_storage(self) -> bool {
+        !matches!(self, Role::Storage)
+    }
+    fn opens_files(self) -> bool {
+        !matches!(self, Role::Admin)
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Role, String> {
+        Ok(match s {
+            "serve" => Role::Serve,
+            "ingress" => Role::Ingress,
+            "delivery" => Role::Delivery,
+            "storage" => Role::Storage,
+            "admin" => Role::Admin,
+            other => {
+                return Err(format!(
+                    "`{other}`: a role is serve, ingress, delivery, storage or admin"
+                ));
+            }
+        })
+    }
+}
+
+/// The checks of one role, collecting every error.
+pub(crate) struct Check {
+    pub role: Role,
+    errors: Vec<ConfigError>,
+}
+
+impl Check {
+    pub fn err(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(err(key, message));
+    }
+
+    /// A file this role opens must exist (it is opened for real later,
+    /// with its own error; this names the key before any port is bound).
+    pub fn readable_file(&mut self, key: impl Into<String>, path: &Path) {
+        if self.role.opens_files() && !path.is_file() {
+            self.err(key, format!("{} is not a readable file", path.display()));
+        }
+    }
+}
+
+/// One thing wrong with the configuration, and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The key, as a TOML path (`smtp.listen[0]`), or the file.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Everything wrong with a configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "configuration has {} error(s):", self.0.len())?;
+        for e in &self.0 {
+            writeln!(f, "  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn err(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+impl Config {
+    /// Loads the file (if any), applies `CORREU_…` variables from `env`, and
+    /// checks the result for `role`.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        role: Role,
+    ) -> Result<Config, ConfigErrors> {
+        let mut root = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ConfigErrors(vec![err(
+                        path.display().to_string(),
+                        format!("cannot read: {e}"),
+                    )])
+                })?;
+                text.parse::<toml::Table>().map_err(|e| {
+                    ConfigErrors(vec![err(
+                        path.display().to_string(),
+                        format!("not valid TOML: {}", e.to_string().trim()),
+                    )])
+                })?
+            }
+            None => toml::Table::new(),
+        };
+        let overlay = env::apply(&mut root, env);
+        for name in &overlay.set_aside {
+            tracing::debug!(variable = %name, "a Kubernetes service link, not a setting");
+        }
+        let errors = overlay.errors.clone();
+        let config = Self::from_table(root, &overlay, role).map_err(|mut e| {
+            e.0.splice(0..0, errors.clone());
+            e
+        })?;
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
+        Ok(config)
+    }
+
+    fn from_table(
+        table: toml::Table,
+        overlay: &env::Overlay,
+        role: Role,
+    ) -> Result<Config, ConfigErrors> {
+        let name = |path: String| match overlay.sources.get(&path) {
+            Some(var) => format!("{path} (from {var})"),
+            None => path,
+        };
+        let mut unknown = Vec::new();
+        let value = toml::Value::Table(table);
+        let mut track = |p: serde_ignored::Path<'_>| unknown.push(p.to_string());
+        let de = serde_ignored::Deserializer::new(value, &mut track);
+        let parsed: Result<Config, _> = serde_path_to_error::deserialize(de);
+        let mut errors: Vec<ConfigError> = Vec::new();
+        for k in unknown {
+            match overlay.link_shaped.get(&k) {
+                Some(var) => {
+                    tracing::debug!(variable = %var, "a Kubernetes service link, not a setting")
+                }
+                None => errors.push(err(name(k), "unknown key")),
+            }
+        }
+        match parsed {
+            Ok(config) => {
+                errors.extend(config.validate(role));
+                if errors.is_empty() {
+                    Ok(config)
+                } else {
+                    Err(ConfigErrors(errors))
+                }
+            }
+            Err(e) => {
+                let path = e.path().to_string();
+                errors.push(err(name(path), e.into_inner().to_string()));
+                Err(ConfigErrors(errors))
+            }
+        }
+    }
+
+    /// The checks serde cannot make, for one role: every one that fails is
+    /// reported.
+    fn validate(&self, role: Role) -> Vec<ConfigError> {
+        let mut c = Check {
+            role,
+            errors: Vec::new(),
+        };
+        if !is_domain(&self.hostname) {
+            c.err(
+                "hostname",
+                format!("`{}` is not a host name", self.hostname),
+            );
+        }
+        if self.domains.is_empty() {
+            c.err("domains", "at least one local domain is needed");
+        }
+        for (i, d) in self.domains.iter().enumerate() {
+            if !is_domain(d) {
+                c.err(format!("domains[{i}]"), format!("`{d}` is not a domain"));
+            }
+        }
+        self.smtp.validate(&mut c);
+        self.queue.validate(&mut c);
+        self.storage.validate(&self.domains, &mut c);
+        self.redis.validate(&mut c);
+        self.delivery.validate(&mut c);
+        c.errors
+    }
+
+    /// The queue backend: as configured, or the default for the caller.
+    pub fn queue_backend(&self, default: QueueBackend) -> QueueBackend {
+        self.queue.backend.unwrap_or(default)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigErrors> {
+        load_as(Role::Serve, text, env)
+    }
+
+    fn load_as(role: Role, text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigErrors> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("correu.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(
+            Some(&path),
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+            role,
+        )
+    }
+
+    /// What the kubelet gives every pod of a release named `correu`: the
+    /// links of its Services `correu` (no component), `correu-ingress`,
+    /// `correu-storage`, `correu-redis`, `correu-rabbitmq`, and of a
+    /// Service whose link happens to be named like a key.
+    const SERVICE_LINKS: &[(&str, &str)] = &[
+        ("CORREU_SERVICE_HOST", "10.96.0.9"),
+        ("CORREU_SERVICE_PORT", "25"),
+        ("CORREU_SERVICE_PORT_SMTP", "25"),
+        ("CORREU_PORT", "tcp://10.96.0.9:25"),
+        ("CORREU_INGRESS_SERVICE_HOST", "10.96.0.10"),
+        ("CORREU_INGRESS_SERVICE_PORT", "25"),
+        ("CORREU_INGRESS_SERVICE_PORT_SMTP", "25"),
+        ("CORREU_INGRESS_PORT", "tcp://10.96.0.10:25"),
+        ("CORREU_INGRESS_PORT_25_TCP", "tcp://10.96.0.10:25"),
+        ("CORREU_INGRESS_PORT_25_TCP_PROTO", "tcp"),
+        ("CORREU_INGRESS_PORT_25_TCP_PORT", "25"),
+        ("CORREU_INGRESS_PORT_25_TCP_ADDR", "10.96.0.10"),
+        ("CORREU_STORAGE_SERVICE_HOST", "10.96.0.11"),
+        ("CORREU_STORAGE_SERVICE_PORT_GRPC", "2526"),
+        ("CORREU_STORAGE_PORT", "tcp://10.96.0.11:2526"),
+        ("CORREU_STORAGE_PORT_2526_TCP_ADDR", "10.96.0.11"),
+        ("CORREU_STORAGE_PORT_2526_TCP_PORT", "2526"),
+        ("CORREU_STORAGE_PORT_2526_TCP_PROTO", "tcp"),
+        ("CORREU_REDIS_SERVICE_HOST", "10.96.0.12"),
+        ("CORREU_REDIS_PORT", "tcp://10.96.0.12:6379"),
+        ("CORREU_REDIS_PORT_6379_TCP", "tcp://10.96.0.12:6379"),
+        ("CORREU_RABBITMQ_SERVICE_PORT_AMQP", "5672"),
+        ("CORREU_RABBITMQ_PORT_5672_TCP_ADDR", "10.96.0.13"),
+        ("CORREU_DELIVERY_MX_PORT", "tcp://10.96.0.14:25"),
+    ];
+
+    #[test]
+    fn kubernetes_service_links_are_not_settings() {
+        let mut env = SERVICE_LINKS.to_vec();
+        env.push(("CORREU_QUEUE_URL", "amqp://u:p@rabbitmq:5672/%2f"));
+        env.push(("CORREU_REDIS_URL", "redis://redis:6379"));
+        for role in [Role::Serve, Role::Ingress, Role::Delivery, Role::Storage] {
+            let c = load_as(role, "", &env).unwrap_or_else(|e| panic!("{role:?}: {e}"));
+            assert_eq!(c.queue.url, "amqp://u:p@rabbitmq:5672/%2f");
+            assert_eq!(c.redis.url.as_deref(), Some("redis://redis:6379"));
+            assert_eq!(c.delivery.mx_port, 25, "a link's value is not a port");
+        }
+        // A real key still takes a real value, and a misspelt one that is
+        // not shaped like a link is still an error.
+        let c = load("", &[("CORREU_DELIVERY_MX_PORT", "2500")]).unwrap();
+        assert_eq!(c.delivery.mx_port, 2500);
+        let e = load("", &[("CORREU_SMTP_LISTNE", "0.0.0.0:25")]).unwrap_err();
+        assert_eq!(keys(e), vec!["smtp.listne (from CORREU_SMTP_LISTNE)"]);
+    }
+
+    #[test]
+    fn each_role_checks_what_it_uses() {
+        let text = "[smtp]\ntls_certificate = \"/etc/correu/tls/tls.crt\"\ntls_key = \"/etc/correu/tls/tls.key\"\n\
+                    [queue]\nurl = \"\"\n\
+                    [delivery.dkim.\"example.org\"]\nselector = \"s1\"\nkey_file = \"/etc/correu/dkim/example.org.pem\"\n";
+        let errors = |role| match load_as(role, text, &[]) {
+            Ok(_) => Vec::new(),
+            Err(e) => keys(e),
+        };
+        assert_eq!(errors(Role::Storage), Vec::<String>::new());
+        assert_eq!(
+            errors(Role::Ingress),
+            vec!["smtp.tls_certificate", "smtp.tls_key", "queue.url"]
+        );
+        assert_eq!(
+            errors(Role::Delivery),
+            vec!["queue.url", "delivery.dkim.example.org.key_file"]
+        );
+        assert_eq!(
+            errors(Role::Serve),
+            vec![
+                "smtp.tls_certificate",
+                "smtp.tls_key",
+                "queue.url",
+                "delivery.dkim.example.org.key_file"
+            ]
+        );
+        assert_eq!(errors(Role::Admin), vec!["queue.url"]);
+        // Unknown keys and wrong types are every role's business.
+        let e = load_as(Role::Storage, "[delivery]\nconcurency = 3\n", &[]).unwrap_err();
+        assert_eq!(keys(e), vec!["delivery.concurency"]);
+        let e = load_as(Role::Storage, "[smtp]\nmax_recipients = \"x\"\n", &[]).unwrap_err();
+        assert_eq!(keys(e), vec!["smtp.max_recipients"]);
+    }
+
+    fn keys(e: ConfigErrors) -> Vec<String> {
+        e.0.into_iter().map(|e| e.key).collect()
+    }
+
+    #[test]
+    fn empty_file_gives_the_documented_defaults() {
+        let c = load("", &[]).unwrap();
+        assert_eq!(c.smtp.listen, vec!["127.0.0.1:2525".parse().unwrap()]);
+        assert_eq!(c.domains, vec!["localhost"]);
+        assert_eq!(c.smtp.max_recipients, 100);
+        assert_eq!(c.queue.max_age, Dur::secs(432_000));
+        assert!(c.storage.mailboxes.is_empty());
+        assert_eq!(
+            c.queue_backend(QueueBackend::Embedded),
+            QueueBackend::Embedded
+        );
+    }
+
+    #[test]
+    fn file_values_and_env_overrides() {
+        let c = load(
+            "hostname = \"mx.example.org\"\ndomains = [\"example.org\"]\n[smtp]\nmax_recipients = 5\ncommand_timeout = \"2m\"\n[delivery.routes]\n\"*\" = \"smarthost:587\"\n",
+            &[
+                ("CORREU_SMTP_LISTEN", "0.0.0.0:25,[::]:25"),
+                ("CORREU_QUEUE_BACKEND", "rabbitmq"),
+                ("CORREU_DELIVERY_MX_PORT", "2500"),
+                ("CORREU_SMTP_MAX_MESSAGE_SIZE", "1000"),
+                ("CORREU_LOG", "debug"),
+                ("HOME", "/root"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.hostname, "mx.example.org");
+        assert_eq!(c.smtp.max_recipients, 5);
+        assert_eq!(c.smtp.command_timeout, Dur::secs(120));
+        assert_eq!(c.smtp.listen.len(), 2);
+        assert_eq!(c.smtp.max_message_size, 1000);
+        assert_eq!(c.queue.backend, Some(QueueBackend::Rabbitmq));
+        assert_eq!(c.delivery.mx_port, 2500);
+        assert_eq!(c.delivery.routes["*"].host, "smarthost");
+        assert_eq!(c.delivery.routes["*"].port, 587);
+    }
+
+    #[test]
+    fn routes_as_strings_or_tables() {
+        let c = load(
+            "[delivery]\ntls = \"required\"\n[delivery.routes]\n\"a.org\" = \"mx.a.org:2525\"\n\"*\" = { host = \"relay.example\", port = 587, tls = \"opportunistic\" }\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.delivery.tls, OutboundTls::Required);
+        assert_eq!(c.delivery.routes["a.org"].port, 2525);
+        assert_eq!(c.delivery.routes["*"].tls, Some(OutboundTls::Opportunistic));
+        let e = load(
+            "[delivery.routes]\n\"*\" = { host = \"r\", auth_user = \"u\", tls = \"none\" }\n",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(
+            keys(e),
+            vec![
+                "delivery.routes.*.auth_password_file",
+                "delivery.routes.*.tls"
+            ]
+        );
+    }
+
+    #[test]
+    fn the_hop_limit_is_checked() {
+        assert_eq!(load("", &[]).unwrap().smtp.max_hops, 100);
+        assert_eq!(
+            load("[smtp]\nmax_hops = 30\n", &[]).unwrap().smtp.max_hops,
+            30
+        );
+        let e = load("[smtp]\nmax_hops = 0\n", &[]).unwrap_err();
+        assert_eq!(keys(e), vec!["smtp.max_hops"]);
+    }
+
+    #[test]
+    fn submission_needs_tls() {
+        let e = load(
+            "[smtp]\nsubmission = [\"127.0.0.1:587\"]\ntls_certificate = \"/nonexistent.pem\"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(keys(e), vec!["smtp.tls_key", "smtp.tls_certificate"]);
+    }
+
+    #[test]
+    fn every_error_names_its_key() {
+        let e = load(
+            "hostnme = \"x\"\n[smtp]\nmax_recipients = 0\nfoo = 1\n[storage]\nendpoint = \"storage:1\"\nmailboxes = [\"a@elsewhere.org\"]\n",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(
+            keys(e),
+            vec![
+                "hostnme",
+                "smtp.foo",
+                "smtp.max_recipients",
+                "storage.endpoint",
+                "storage.mailboxes[0]"
+            ]
+        );
+    }
+
+    #[test]
+    fn type_errors_name_the_key_and_the_variable() {
+        let e = load("[smtp]\nlisten = [\"nowhere\"]\n", &[]).unwrap_err();
+        assert_eq!(keys(e), vec!["smtp.listen[0]"]);
+        let e = load("", &[("CORREU_SMTP_MAX_RECIPIENTS", "many")]).unwrap_err();
+        assert_eq!(
+            e.0[0].key,
+            "smtp.max_recipients (from CORREU_SMTP_MAX_RECIPIENTS)"
+        );
+        let e = load("", &[("CORREU_NOPE", "1")]).unwrap_err();
+        assert_eq!(e.0[0].key, "nope (from CORREU_NOPE)");
+        let e = load("[queue]\npublish_timeout = \"10 parsecs\"\n", &[]).unwrap_err();
+        assert_eq!(keys(e), vec!["queue.publish_timeout"]);
+        let e = load("[smtp\n", &[]).unwrap_err();
+        assert!(e.0[0].message.starts_with("not valid TOML"), "{e}");
+    }
+}

@@ -1,0 +1,26 @@
+//! `[telemetry]`: the health and metrics port, and what spans may say.
+
+use std::net::SocketAddr;
+
+use serde::Deserialize;
+
+/// Health, metrics and what spans may say. Exporting traces and metrics
+/// is set by OpenTelemetry's own `OTEL_…` environment variables.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct TelemetryConfig {
+    /// The HTTP port with `/livez`, `/readyz` and `/metrics`.
+    pub listen: SocketAddr,
+    /// Put envelope addresses (sender, recipients) in spans. Off: spans
+    /// carry queue ids, sizes and counts, never an address.
+    pub span_addresses: bool,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9725)),
+            span_addresses: false,
+        }
+    }
+}
