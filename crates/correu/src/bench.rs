@@ -64,7 +64,9 @@ struct Tally {
 /// A server that says nothing for this long has failed the message.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 
-async fn reply(r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> std::io::Result<String> {
+pub(crate) async fn reply(
+    r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
+) -> std::io::Result<String> {
     tokio::time::timeout(REPLY_TIMEOUT, read_reply(r))
         .await
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
@@ -85,7 +87,7 @@ async fn read_reply(r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> std::i
     }
 }
 
-fn code(r: &str) -> &str {
+pub(crate) fn code(r: &str) -> &str {
     r.get(..3).unwrap_or("???")
 }
 

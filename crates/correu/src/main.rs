@@ -8,6 +8,7 @@
 //! - `correu mailbox list|show|delete|stats`: mailboxes through storage's gRPC API.
 //! - `correu account|alias`: edit storage's accounts and aliases files.
 //! - `correu bench`: an SMTP load generator.
+//! - `correu smoke-test`: one message through ingress into storage (`helm test`).
 #![forbid(unsafe_code)]
 
 mod account;
@@ -15,6 +16,7 @@ mod bench;
 mod mailbox;
 mod queue;
 mod serve;
+mod smoke;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -69,6 +71,10 @@ enum Command {
         /// ingress, delivery, storage, or admin (the operator's commands).
         #[arg(long, default_value = "serve")]
         role: Role,
+        /// Print the whole configuration, every key with the value it
+        /// takes (defaults included), as TOML.
+        #[arg(long)]
+        show: bool,
     },
     /// Print an argon2 hash of a password read from standard input, for an
     /// accounts file (`address:HASH` lines; `correu account add` does it all).
@@ -100,6 +106,9 @@ enum Command {
     },
     /// Load an SMTP server: messages/s, DATA-end → 250 latency, errors.
     Bench(bench::BenchArgs),
+    /// Send one message through ingress and wait until storage has it,
+    /// then delete it (what `helm test` runs): exit 0 when it arrived.
+    SmokeTest(smoke::SmokeArgs),
     /// Ask a health endpoint (`/livez`, `/readyz`): exit 0 on 200, else 1.
     /// For container HEALTHCHECKs, where there is no curl.
     Probe {
@@ -131,8 +140,18 @@ fn main() -> ExitCode {
             Role::Storage,
             correu_storage::standalone,
         ),
-        Command::CheckConfig { file, role } => {
+        Command::CheckConfig { file, role, show } => {
             match correu_runtime::Config::load(Some(&file), std::env::vars(), role) {
+                Ok(cfg) if show => match cfg.to_toml() {
+                    Ok(text) => {
+                        print!("{text}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("cannot write the configuration as TOML: {e}");
+                        ExitCode::FAILURE
+                    }
+                },
                 Ok(_) => {
                     println!("{}: ok", file.display());
                     ExitCode::SUCCESS
@@ -183,6 +202,11 @@ fn main() -> ExitCode {
             account::alias(cfg, action)
         }),
         Command::Probe { url } => probe(&url),
+        Command::SmokeTest(args) => run_with(
+            "correu-smoke-test",
+            correu_runtime::Config::default(),
+            move |_, _| smoke::run(args),
+        ),
         Command::Bench(args) => run_with(
             "correu-bench",
             correu_runtime::Config::default(),

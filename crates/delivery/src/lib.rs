@@ -877,7 +877,7 @@ pub async fn standalone(cfg: Config, shutdown: CancellationToken) -> anyhow::Res
     let storage = correu_storage::client::connect(&cfg.storage, &cfg.storage.endpoint)?;
     let health = correu_runtime::health::Health::new(shutdown.clone())
         .check("queue", correu_queue::ready_check(queue.clone()))
-        .check(
+        .advisory(
             "storage",
             correu_storage::client::ready_check(storage.clone()),
         );

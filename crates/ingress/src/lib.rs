@@ -207,6 +207,7 @@ pub async fn run(
         )));
     }
     shutdown.cancelled().await;
+    let stopping = tokio::time::Instant::now();
     tracker.close();
     let grace = cfg.smtp.shutdown_grace.get();
     tracing::info!(
@@ -219,6 +220,17 @@ pub async fn run(
             sessions = tracker.len(),
             "sessions still open after the grace period; closing them"
         );
+    }
+    // Whatever the sessions did, the ports answer `421 4.3.2` until the
+    // load balancers had time to see this pod leave.
+    let linger = cfg
+        .smtp
+        .drain_delay
+        .get()
+        .saturating_sub(stopping.elapsed());
+    if !linger.is_zero() {
+        tracing::info!(?linger, "listeners answer 421 until the drain delay ends");
+        tokio::time::sleep(linger).await;
     }
     stop_accepting.cancel();
     for a in accepting {
@@ -330,7 +342,7 @@ pub async fn standalone(cfg: Config, shutdown: CancellationToken) -> anyhow::Res
     let storage = correu_storage::client::connect(&cfg.storage, &cfg.storage.endpoint)?;
     let health = correu_runtime::health::Health::new(shutdown.clone())
         .check("queue", correu_queue::ready_check(queue.clone()))
-        .check(
+        .advisory(
             "storage",
             correu_storage::client::ready_check(storage.clone()),
         );

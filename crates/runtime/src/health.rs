@@ -29,6 +29,10 @@ pub type Check =
 pub struct Health {
     draining: CancellationToken,
     checks: Vec<(&'static str, Check)>,
+    /// Said in the answer, never counted: a dependency this pod copes
+    /// without (ingress answers `451` at RCPT while storage is away), so
+    /// its absence must not take every replica out of the Service at once.
+    advisory: Vec<(&'static str, Check)>,
 }
 
 impl Health {
@@ -37,30 +41,54 @@ impl Health {
         Health {
             draining,
             checks: Vec::new(),
+            advisory: Vec::new(),
         }
     }
 
+    /// A check readiness depends on.
     pub fn check(mut self, name: &'static str, check: Check) -> Health {
         self.checks.push((name, check));
         self
     }
 
-    async fn ready(&self) -> Result<(), String> {
+    /// A check whose failure `/readyz` reports but does not count.
+    pub fn advisory(mut self, name: &'static str, check: Check) -> Health {
+        self.advisory.push((name, check));
+        self
+    }
+
+    /// `Ok` with notes on advisory checks that fail, or why not ready.
+    async fn ready(&self) -> Result<String, String> {
         if self.draining.is_cancelled() {
             return Err("draining".into());
         }
+        let run = |check: &Check| {
+            let f = check();
+            async move {
+                match tokio::time::timeout(Duration::from_secs(2), f).await {
+                    Ok(r) => r,
+                    Err(_) => Err("no answer within 2s".to_string()),
+                }
+            }
+        };
         let mut failed = Vec::new();
         for (name, check) in &self.checks {
-            match tokio::time::timeout(Duration::from_secs(2), check()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => failed.push(format!("{name}: {e}")),
-                Err(_) => failed.push(format!("{name}: no answer within 2s")),
+            if let Err(e) = run(check).await {
+                failed.push(format!("{name}: {e}"));
+            }
+        }
+        let mut notes = String::new();
+        for (name, check) in &self.advisory {
+            if let Err(e) = run(check).await {
+                let _ = writeln!(notes, "{name} (not counted): {e}");
             }
         }
         if failed.is_empty() {
-            Ok(())
+            Ok(notes)
         } else {
-            Err(failed.join("\n"))
+            Err(format!("{}\n{notes}", failed.join("\n"))
+                .trim_end()
+                .to_string())
         }
     }
 }
@@ -82,7 +110,7 @@ async fn answer(health: Arc<Health>, req: Request<Incoming>) -> Response<Full<By
     match req.uri().path() {
         "/livez" => text(StatusCode::OK, "ok\n".into()),
         "/readyz" => match health.ready().await {
-            Ok(()) => text(StatusCode::OK, "ready\n".into()),
+            Ok(notes) => text(StatusCode::OK, format!("ready\n{notes}")),
             Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
         },
         "/metrics" => {

@@ -122,24 +122,51 @@ pub async fn run_with(
 
 /// The storage service on its own: binds `storage.listen` and serves.
 pub async fn standalone(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(cfg.storage.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.storage.listen))?;
-    let root = cfg.storage.root.clone();
-    let health = correu_runtime::health::Health::new(shutdown.clone()).check(
-        "mailboxes",
-        std::sync::Arc::new(move || {
-            let root = root.clone();
-            Box::pin(async move {
-                tokio::fs::metadata(&root)
-                    .await
-                    .map(drop)
-                    .map_err(|e| format!("{}: {e}", root.display()))
-            })
-        }),
-    );
+    let listener = TcpListener::bind(cfg.storage.listen).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot listen on {} (storage.listen): {e}",
+            cfg.storage.listen
+        )
+    })?;
+    let health = correu_runtime::health::Health::new(shutdown.clone())
+        .check("mailboxes", writable_check(cfg.storage.root.clone()));
     let (probes, _) = correu_runtime::health::start(&cfg, health).await?;
     let result = run(&cfg, listener, shutdown).await;
     probes.cancel();
     result
+}
+
+/// Ready only while a file can be made, written, synced and removed under
+/// `root`: a volume mounted read-only, full, or owned by another user fails
+/// every `Deliver`, and such a pod must leave the Service rather than take
+/// its share of the calls.
+pub fn writable_check(root: std::path::PathBuf) -> correu_runtime::health::Check {
+    std::sync::Arc::new(move || {
+        let root = root.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || probe_write(&root))
+                .await
+                .map_err(|e| format!("probe task failed: {e}"))?
+        })
+    })
+}
+
+fn probe_write(root: &std::path::Path) -> Result<(), String> {
+    use std::io::Write;
+    let path = root.join(format!(".correu-ready.{}", std::process::id()));
+    let said = |what: &str, e: std::io::Error| format!("{}: cannot {what}: {e}", root.display());
+    let result = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .map_err(|e| said("create a file", e))
+        .and_then(|mut f| {
+            f.write_all(b"ready\n")
+                .and_then(|()| f.sync_data())
+                .map_err(|e| said("write a file", e))
+        });
+    let removed = std::fs::remove_file(&path);
+    result?;
+    removed.map_err(|e| said("remove a file", e))
 }

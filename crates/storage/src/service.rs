@@ -109,7 +109,8 @@ impl Storage for StorageService {
             span.record("trace_id", t.as_str());
         }
         let queue_id = r.queue_id.clone();
-        let copies = blocking(move || {
+        let recipient = r.recipient.clone();
+        let delivered = blocking(move || {
             boxes.deliver(
                 &r.queue_id,
                 &r.sender,
@@ -119,7 +120,29 @@ impl Storage for StorageService {
             )
         })
         .instrument(span.clone())
-        .await?;
+        .await;
+        let copies = match delivered {
+            Ok(copies) => copies,
+            Err(status) => {
+                // Every refusal is said here, where the disk is: the caller
+                // only sees a status code, and a volume that went read-only
+                // must not fail quietly message after message.
+                let _in_span = span.enter();
+                match status.code() {
+                    tonic::Code::NotFound
+                    | tonic::Code::InvalidArgument
+                    | tonic::Code::ResourceExhausted => tracing::info!(
+                        queue_id = %queue_id, recipient = %recipient, code = ?status.code(),
+                        reason = %status.message(), "not stored"
+                    ),
+                    _ => tracing::error!(
+                        queue_id = %queue_id, recipient = %recipient, code = ?status.code(),
+                        reason = %status.message(), "not stored"
+                    ),
+                }
+                return Err(status);
+            }
+        };
         span.record("storage.copies", copies.len());
         let _in_span = span.enter();
         for d in &copies {

@@ -108,6 +108,175 @@ capabilities:
   value: {{ include "correu.redisUrl" $ | quote }}
 {{- end }}
 {{- end }}
+{{- with $.Values.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- with (index $.Values $component).extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* What must be set, checked before anything is rendered: helm install
+fails with the value to set instead of leaving pods that exit 64. */}}
+{{- define "correu.validate" -}}
+{{- if not (or .Values.rabbitmq.url .Values.rabbitmq.existingSecret .Values.rabbitmq.internal.enabled) -}}
+{{- fail "Correu needs RabbitMQ 3.10 or later: set rabbitmq.existingSecret (a Secret whose key `url` holds amqp(s)://USER:PASSWORD@HOST:PORT/VHOST), rabbitmq.url, or rabbitmq.internal.enabled=true for a trial" -}}
+{{- end -}}
+{{- if and (gt (int .Values.storage.replicas) 1) (not (has "ReadWriteMany" .Values.storage.persistence.accessModes)) -}}
+{{- fail (printf "storage.replicas is %d but storage.persistence.accessModes has no ReadWriteMany: several storage pods need one shared volume (or set storage.replicas=1)" (int .Values.storage.replicas)) -}}
+{{- end -}}
+{{- if and .Values.storage.dovecot.enabled (not .Values.accounts.existingSecret) -}}
+{{- fail "storage.dovecot.enabled needs accounts.existingSecret: Dovecot checks IMAP passwords against Correu's accounts" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "correu.serviceAccountName" -}}
+{{- .Values.serviceAccount.name | default (include "correu.fullname" .) -}}
+{{- end -}}
+
+{{/* A Secret's data as the cluster has it now (empty in helm template
+and dry runs), so a rotated Secret changes the pods that read it. */}}
+{{- define "correu.secretDigest" -}}
+{{- $ := index . 0 -}}
+{{- $name := index . 1 -}}
+{{- if $name -}}
+{{- (lookup "v1" "Secret" $.Release.Namespace $name).data | default dict | toJson | sha256sum -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The rollout checksums of one component: the settings it reads and
+the Secrets it mounts or takes variables from. Include with (list $ "ingress"). */}}
+{{- define "correu.checksums" -}}
+{{- $ := index . 0 -}}
+{{- $c := index . 1 -}}
+{{- $config := include "correu.config" $ | fromToml -}}
+{{- $shared := dict "hostname" $config.hostname "domains" $config.domains "telemetry" $config.telemetry -}}
+{{- $secrets := list -}}
+{{- if eq $c "ingress" -}}
+{{- $_ := set $shared "smtp" $config.smtp -}}
+{{- $_ := set $shared "queue" $config.queue -}}
+{{- $_ := set $shared "redis" $config.redis -}}
+{{- $_ := set $shared "storage" (pick $config.storage "endpoint" "request_timeout") -}}
+{{- $secrets = list $.Values.rabbitmq.existingSecret $.Values.redis.existingSecret $.Values.tls.existingSecret -}}
+{{- else if eq $c "delivery" -}}
+{{- $_ := set $shared "delivery" $config.delivery -}}
+{{- $_ := set $shared "queue" $config.queue -}}
+{{- $_ := set $shared "redis" $config.redis -}}
+{{- $_ := set $shared "storage" (pick $config.storage "endpoint" "request_timeout") -}}
+{{- $secrets = list $.Values.rabbitmq.existingSecret $.Values.redis.existingSecret $.Values.dkim.existingSecret -}}
+{{- else -}}
+{{- $_ := set $shared "storage" $config.storage -}}
+{{- $_ := set $shared "smtp" (pick $config.smtp "max_message_size") -}}
+{{- $secrets = list $.Values.accounts.existingSecret $.Values.tls.existingSecret -}}
+{{- end -}}
+checksum/config: {{ $shared | toJson | sha256sum }}
+{{- $digests := list -}}
+{{- range $secrets -}}
+{{- $digests = append $digests (include "correu.secretDigest" (list $ .)) -}}
+{{- end }}
+checksum/secrets: {{ $digests | join "," | sha256sum }}
+{{- end -}}
+
+{{/* A component's pod metadata: selector labels, podLabels, checksums and
+podAnnotations. Include with (list $ "ingress"). */}}
+{{- define "correu.podMetadata" -}}
+{{- $ := index . 0 -}}
+{{- $v := index $.Values (index . 1) -}}
+labels:
+  {{- include "correu.selector" . | nindent 2 }}
+  {{- with merge (dict) ($v.podLabels | default dict) $.Values.podLabels }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+annotations:
+  {{- include "correu.checksums" . | nindent 2 }}
+  {{- with merge (dict) ($v.podAnnotations | default dict) $.Values.podAnnotations }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- end -}}
+
+{{/* What every Correu pod spec starts with. Include with (list $ "ingress"). */}}
+{{- define "correu.podCommon" -}}
+{{- $ := index . 0 -}}
+{{- $v := index $.Values (index . 1) -}}
+serviceAccountName: {{ include "correu.serviceAccountName" $ }}
+automountServiceAccountToken: false
+# Service links would put a variable per Service and port into every
+# container (CORREU_INGRESS_PORT=tcp://… in a release named correu);
+# Correu finds its peers by DNS.
+enableServiceLinks: false
+securityContext:
+  {{- toYaml $.Values.podSecurityContext | nindent 2 }}
+{{- with ($v.priorityClassName | default $.Values.priorityClassName) }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with $.Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- if $v.topologySpreadConstraints }}
+topologySpreadConstraints:
+  {{- toYaml $v.topologySpreadConstraints | nindent 2 }}
+{{- else if $v.topologySpread }}
+{{- include "correu.spread" . }}
+{{- end }}
+{{- with $v.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $v.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $v.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* A component's PodDisruptionBudget. Include with (list $ "ingress"). */}}
+{{- define "correu.pdb" -}}
+{{- $ := index . 0 -}}
+{{- $c := index . 1 -}}
+{{- $pdb := (index $.Values $c).pdb -}}
+{{- if $pdb.enabled }}
+---
+apiVersion: policy/v1
+kind: PodDisruptionBudget
+metadata:
+  name: {{ include "correu.fullname" $ }}-{{ $c }}
+  labels:
+    {{- include "correu.labels" $ | nindent 4 }}
+    app.kubernetes.io/component: {{ $c }}
+spec:
+  {{- if not (kindIs "invalid" $pdb.minAvailable) }}
+  minAvailable: {{ $pdb.minAvailable }}
+  {{- else }}
+  maxUnavailable: {{ $pdb.maxUnavailable | default 1 }}
+  {{- end }}
+  selector:
+    matchLabels:
+      {{- include "correu.selector" . | nindent 6 }}
+{{- end }}
+{{- end -}}
+
+{{/* Volume mounts every Correu container has. */}}
+{{- define "correu.commonMounts" -}}
+- {name: config, mountPath: /etc/correu/correu.toml, subPath: correu.toml, readOnly: true}
+- {name: tmp, mountPath: /tmp}
+{{- with .Values.extraVolumeMounts }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* Volumes every Correu pod has. */}}
+{{- define "correu.commonVolumes" -}}
+- name: config
+  configMap: {name: {{ include "correu.fullname" . }}-config}
+- name: tmp
+  emptyDir: {sizeLimit: 64Mi}
+{{- with .Values.extraVolumes }}
+{{ toYaml . }}
+{{- end }}
 {{- end -}}
 
 {{/* Probes on the telemetry port. */}}
@@ -127,8 +296,7 @@ startupProbe:
 {{- end -}}
 
 {{/* Spread a component's pods over nodes and zones. */}}
-{{- define "correu.spread" -}}
-{{- $ := index . 0 -}}
+{{- define "correu.spread" }}
 topologySpreadConstraints:
   - maxSkew: 1
     topologyKey: kubernetes.io/hostname
@@ -161,7 +329,7 @@ place, so toToml writes 52428800 and not 5.24288e+07. */}}
 
 {{/* correu.toml, as a dict: what the chart sets, then .Values.config over it. */}}
 {{- define "correu.config" -}}
-{{- $smtp := dict "listen" (list "0.0.0.0:2525") "shutdown_grace" (printf "%ds" (int .Values.ingress.drainSeconds)) -}}
+{{- $smtp := dict "listen" (list "0.0.0.0:2525") "shutdown_grace" (printf "%ds" (int .Values.ingress.drainSeconds)) "drain_delay" (printf "%ds" (int .Values.ingress.drainDelaySeconds)) -}}
 {{- if .Values.tls.existingSecret -}}
 {{- $_ := set $smtp "submission" (list "0.0.0.0:2587") -}}
 {{- $_ := set $smtp "submissions" (list "0.0.0.0:2465") -}}

@@ -5,12 +5,12 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use super::Check;
 use super::values::{Dur, Rate, is_domain, split_host_port};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct DeliveryConfig {
     /// Messages delivered at once by one delivery process.
@@ -92,7 +92,7 @@ impl Default for DeliveryConfig {
 }
 
 /// A DKIM signing key (`correu dkim keygen` makes one).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DkimConfig {
     pub selector: String,
@@ -102,7 +102,7 @@ pub struct DkimConfig {
     pub algorithm: DkimAlgorithm,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 pub enum DkimAlgorithm {
     #[serde(rename = "rsa-sha256")]
     RsaSha256,
@@ -117,7 +117,7 @@ impl DkimAlgorithm {
 }
 
 /// How a next hop is encrypted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OutboundTls {
     None,
@@ -126,14 +126,17 @@ pub enum OutboundTls {
 }
 
 /// A fixed next hop for a domain.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Route {
     pub host: String,
     pub port: u16,
     /// Overrides `delivery.tls` for this hop.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<OutboundTls>,
     /// AUTH PLAIN with the relay (after TLS).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub auth_user: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub auth_password_file: Option<PathBuf>,
 }
 

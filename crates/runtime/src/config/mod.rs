@@ -34,7 +34,7 @@ mod values;
 use std::fmt;
 use std::path::Path;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 pub use delivery::{DeliveryConfig, DkimAlgorithm, DkimConfig, OutboundTls, Route};
 pub use queue::{QueueBackend, QueueConfig};
@@ -46,7 +46,7 @@ pub use values::{Dur, Network, Rate, Size, split_host_port};
 
 use values::{is_domain, one_or_many};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct Config {
     /// This server's name: greeting, EHLO, Received, and HELO when relaying.
@@ -300,6 +300,12 @@ impl Config {
         c.errors
     }
 
+    /// Every key with its value, as TOML (`correu check-config --show`):
+    /// loading it again gives the same configuration.
+    pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
+        toml::to_string(self)
+    }
+
     /// The queue backend: as configured, or the default for the caller.
     pub fn queue_backend(&self, default: QueueBackend) -> QueueBackend {
         self.queue.backend.unwrap_or(default)
@@ -426,6 +432,16 @@ mod tests {
             c.queue_backend(QueueBackend::Embedded),
             QueueBackend::Embedded
         );
+    }
+
+    #[test]
+    fn shown_configuration_loads_back_the_same() {
+        let text = "hostname = \"mx.example.org\"\ndomains = [\"example.org\"]\n[smtp]\nmessage_rate = \"5/1h\"\ntrusted_networks = [\"10.0.0.0/8\"]\n[delivery.routes]\n\"*\" = { host = \"relay\", port = 587, tls = \"required\" }\n";
+        for c in [Config::default(), load(text, &[]).unwrap()] {
+            let shown = c.to_toml().unwrap();
+            let again = load(&shown, &[]).unwrap_or_else(|e| panic!("{e}\n{shown}"));
+            assert_eq!(again.to_toml().unwrap(), shown);
+        }
     }
 
     #[test]

@@ -3,12 +3,12 @@
 
 use std::path::PathBuf;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::Check;
 use super::values::{Dur, one_or_many};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum QueueBackend {
     /// RabbitMQ, for the services on their own (Kubernetes).
@@ -17,7 +17,7 @@ pub enum QueueBackend {
     Embedded,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct QueueConfig {
     /// Default: `embedded` for `correu serve`, `rabbitmq` for the services.

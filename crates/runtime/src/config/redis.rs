@@ -3,13 +3,13 @@
 
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::Check;
 use super::values::Dur;
 
 /// Redis, shared by replicas for rate limits; optional.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct RedisConfig {
     /// `redis://host:port/db`; unset: limits are kept in each process.

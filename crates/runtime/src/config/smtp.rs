@@ -3,12 +3,12 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::Check;
 use super::values::{Dur, Network, Rate, one_or_many};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct SmtpConfig {
     /// Addresses the SMTP listener binds.
@@ -39,6 +39,11 @@ pub struct SmtpConfig {
     pub recipient_cache: Dur,
     /// Time sessions in progress get to finish when the server stops.
     pub shutdown_grace: Dur,
+    /// After SIGTERM, the listeners stay open at least this long, answering
+    /// every new connection `421 4.3.2`, while load balancers and
+    /// kube-proxy stop sending clients to a pod that turned not ready (a
+    /// port that closed at once would refuse them instead).
+    pub drain_delay: Dur,
     /// Submission listeners (port 587, RFC 6409): STARTTLS, then AUTH,
     /// before MAIL; authenticated users may relay.
     #[serde(deserialize_with = "one_or_many")]
@@ -103,6 +108,7 @@ impl Default for SmtpConfig {
             recipient_check_timeout: Dur::secs(5),
             recipient_cache: Dur::secs(10),
             shutdown_grace: Dur::secs(25),
+            drain_delay: Dur::secs(0),
             submission: Vec::new(),
             submissions: Vec::new(),
             tls_certificate: None,

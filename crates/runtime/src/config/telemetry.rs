@@ -2,11 +2,11 @@
 
 use std::net::SocketAddr;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Health, metrics and what spans may say. Exporting traces and metrics
 /// is set by OpenTelemetry's own `OTEL_…` environment variables.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct TelemetryConfig {
     /// The HTTP port with `/livez`, `/readyz` and `/metrics`.

@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// A rate `N/DURATION` (`120/1m`), or `0` for no limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +72,22 @@ impl<'de> Deserialize<'de> for Rate {
     }
 }
 
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_unlimited() {
+            f.write_str("0")
+        } else {
+            write!(f, "{}/{}", self.count, Dur(self.per))
+        }
+    }
+}
+
+impl Serialize for Rate {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 /// A duration written `250ms`, `30s`, `5m`, `2h`, `5d` or as whole seconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Dur(pub Duration);
@@ -121,6 +137,29 @@ impl<'de> Deserialize<'de> for Dur {
     }
 }
 
+impl fmt::Display for Dur {
+    /// The largest unit that says it exactly: `5d`, `90m`, `250ms`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0.as_millis();
+        if !ms.is_multiple_of(1000) {
+            return write!(f, "{ms}ms");
+        }
+        let s = ms / 1000;
+        for (unit, n) in [("d", 86_400), ("h", 3600), ("m", 60)] {
+            if s != 0 && s.is_multiple_of(n) {
+                return write!(f, "{}{unit}", s / n);
+            }
+        }
+        write!(f, "{s}s")
+    }
+}
+
+impl Serialize for Dur {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 /// A size in bytes, written as a number or `512k`, `100M`, `1G`, `2T`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub struct Size(pub u64);
@@ -160,6 +199,12 @@ impl<'de> Deserialize<'de> for Size {
             Raw::Bytes(b) => Ok(Size(b)),
             Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
         }
+    }
+}
+
+impl Serialize for Size {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.0)
     }
 }
 
@@ -230,6 +275,12 @@ impl FromStr for Network {
 impl fmt::Display for Network {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl Serialize for Network {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
     }
 }
 
@@ -336,5 +387,18 @@ mod tests {
         assert!("0".parse::<Rate>().unwrap().is_unlimited());
         assert!("120".parse::<Rate>().is_err());
         assert!("1/0s".parse::<Rate>().is_err());
+    }
+
+    #[test]
+    fn values_are_written_as_they_are_read() {
+        for text in ["250ms", "30s", "90m", "2h", "5d", "0s", "1500ms"] {
+            let d: Dur = text.parse().unwrap();
+            assert_eq!(d.to_string(), text);
+        }
+        assert_eq!(Dur::secs(3600).to_string(), "1h");
+        for text in ["120/1m", "0", "1000/1h"] {
+            let r: Rate = text.parse().unwrap();
+            assert_eq!(r.to_string(), text);
+        }
     }
 }
