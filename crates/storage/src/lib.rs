@@ -81,7 +81,12 @@ pub async fn run_with(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    std::fs::create_dir_all(boxes.root())?;
+    std::fs::create_dir_all(boxes.root()).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot make {} (storage.root): {e}",
+            boxes.root().display()
+        )
+    })?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, root = %boxes.root().display(), "storage listening");
     // The standard health protocol (grpc.health.v1) and server reflection,
