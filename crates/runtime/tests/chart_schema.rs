@@ -46,7 +46,10 @@ fn schema_keys(v: &Value, prefix: &str, out: &mut BTreeSet<String>) {
 
 #[test]
 fn the_chart_schema_names_every_setting_and_no_other() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../helm/correu/values.schema.json");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../helm/correu/values.schema.json"
+    );
     let text = std::fs::read_to_string(path).expect("the chart's values.schema.json");
     let schema: Value = serde_json::from_str(&text).expect("valid JSON");
     let config = &schema["properties"]["config"];

@@ -82,10 +82,7 @@ pub async fn run_with(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(boxes.root()).map_err(|e| {
-        anyhow::anyhow!(
-            "cannot make {} (storage.root): {e}",
-            boxes.root().display()
-        )
+        anyhow::anyhow!("cannot make {} (storage.root): {e}", boxes.root().display())
     })?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, root = %boxes.root().display(), "storage listening");
