@@ -9,6 +9,7 @@
 //! - [`redis`]: the Redis pool, every timeout set.
 //! - [`limits`]: rates and leases shared through Redis, with a local fallback.
 //! - [`tls`]: how a TLS connection describes itself.
+//! - [`sync`]: locks that outlive a panic, durable directories.
 //! - [`cli`]: the start of every binary: config, logging, runtime, signals.
 #![forbid(unsafe_code)]
 
@@ -19,6 +20,7 @@ pub mod health;
 pub mod lifecycle;
 pub mod limits;
 pub mod redis;
+pub mod sync;
 pub mod telemetry;
 pub mod tls;
 

@@ -17,11 +17,7 @@ const LOCAL_KEYS: usize = 100_000;
 /// At most one "Redis is down" warning per this long.
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Short critical sections on plain counters: a poisoned lock still
-    // holds consistent numbers.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::sync::lock;
 
 /// Open connections per client address.
 pub struct Concurrency {

@@ -2,12 +2,27 @@
 //! create and recycle timeouts always set, so a slow or absent Redis costs
 //! at most `redis.timeout` per call.
 
+use std::time::Duration;
+
 use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
 
 use crate::config::RedisConfig;
 
+/// A Redis call that failed, with its cause.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisError {
+    #[error("Redis URL: {0}")]
+    Config(#[from] deadpool_redis::CreatePoolError),
+    #[error("Redis connection: {0}")]
+    Pool(#[from] deadpool_redis::PoolError),
+    #[error("Redis: {0}")]
+    Command(#[from] deadpool_redis::redis::RedisError),
+    #[error("Redis did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
 /// A pool when `redis.url` is set, else `None`. Nothing connects yet.
-pub fn pool(cfg: &RedisConfig) -> anyhow::Result<Option<Pool>> {
+pub fn pool(cfg: &RedisConfig) -> Result<Option<Pool>, RedisError> {
     let Some(url) = &cfg.url else {
         return Ok(None);
     };
