@@ -79,7 +79,11 @@ impl Queue {
         match self {
             Queue::Amqp(q) => q.counts().await,
             Queue::Spool(s) => {
-                let c = s.counts()?;
+                // Directory listings: off the async threads.
+                let spool = s.clone();
+                let c = tokio::task::spawn_blocking(move || spool.counts())
+                    .await
+                    .map_err(|e| QueueError::Io(std::io::Error::other(e)))??;
                 Ok(vec![
                     QueueCount {
                         name: "active".into(),

@@ -194,9 +194,7 @@ impl AmqpQueue {
         if let Some(t) = link.not_before
             && Instant::now() < t
         {
-            return Err(QueueError::Publish(PublishError::Unavailable(
-                "RabbitMQ unreachable; waiting before reconnecting".into(),
-            )));
+            return Err(QueueError::Reconnecting);
         }
         let attempt = async {
             let conn = Connection::connect(&self.url, ConnectionProperties::default()).await?;
@@ -239,7 +237,7 @@ impl AmqpQueue {
         let conn = self
             .connection(&mut link)
             .await
-            .map_err(|e| PublishError::Unavailable(e.to_string()))?;
+            .map_err(PublishError::unavailable)?;
         let setup = async {
             let ch = conn.create_channel().await?;
             ch.confirm_select(ConfirmSelectOptions::default()).await?;
@@ -248,7 +246,7 @@ impl AmqpQueue {
         let ch = timeout(self.connect_timeout, setup)
             .await
             .map_err(|_| PublishError::Timeout(self.connect_timeout))?
-            .map_err(|e| PublishError::Unavailable(e.to_string()))?;
+            .map_err(PublishError::unavailable)?;
         link.publisher = Some(ch.clone());
         Ok(ch)
     }
@@ -284,20 +282,18 @@ impl AmqpQueue {
         let outcome = timeout(self.publish_timeout, send).await;
         let result = match outcome {
             Err(_) => Err(PublishError::Timeout(self.publish_timeout)),
-            Ok(Err(e)) => Err(PublishError::Unavailable(e.to_string())),
+            Ok(Err(e)) => Err(PublishError::unavailable(e)),
             // Acked but returned: no queue took it (topology missing).
-            Ok(Ok(Confirmation::Ack(Some(_)))) => {
-                Err(PublishError::Unavailable("message was unroutable".into()))
-            }
+            Ok(Ok(Confirmation::Ack(Some(_)))) => Err(PublishError::Unroutable),
             Ok(Ok(Confirmation::Ack(None))) => Ok(()),
             Ok(Ok(Confirmation::Nack(_))) => Err(PublishError::Nacked),
-            Ok(Ok(Confirmation::NotRequested)) => {
-                Err(PublishError::Unavailable("channel without confirms".into()))
-            }
+            Ok(Ok(Confirmation::NotRequested)) => Err(PublishError::NotConfirmed),
         };
         if matches!(
             result,
-            Err(PublishError::Timeout(_) | PublishError::Unavailable(_))
+            Err(PublishError::Timeout(_)
+                | PublishError::Unavailable(_)
+                | PublishError::NotConfirmed)
         ) {
             self.forget_publisher().await;
         }

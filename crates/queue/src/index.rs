@@ -3,6 +3,7 @@
 //! of truth: losing it loses nothing but the listing, and every entry
 //! expires on its own an hour after its next attempt.
 
+use correu_runtime::redis::RedisError;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use correu_runtime::config::RedisConfig;
@@ -21,17 +22,10 @@ pub struct DeferredIndex {
     timeout: Duration,
 }
 
-fn redis_error(e: impl std::fmt::Display) -> QueueError {
-    QueueError::Io(std::io::Error::other(format!("Redis index: {e}")))
-}
-
 impl DeferredIndex {
     /// The index, when `redis.url` is set.
     pub fn new(cfg: &RedisConfig) -> Result<Option<DeferredIndex>, QueueError> {
-        Ok(Self::with_pool(
-            cfg,
-            correu_runtime::redis::pool(cfg).map_err(redis_error)?,
-        ))
+        Ok(Self::with_pool(cfg, correu_runtime::redis::pool(cfg)?))
     }
 
     /// The same, on a pool the caller shares with others.
@@ -61,7 +55,7 @@ impl DeferredIndex {
         ];
         let ttl = (delay + LINGER).as_secs() as i64;
         let work = async {
-            let mut c = self.pool.get().await.map_err(redis_error)?;
+            let mut c = self.pool.get().await.map_err(RedisError::from)?;
             deadpool_redis::redis::pipe()
                 .hset_multiple(&key, &fields)
                 .ignore()
@@ -69,37 +63,37 @@ impl DeferredIndex {
                 .ignore()
                 .query_async::<()>(&mut c)
                 .await
-                .map_err(redis_error)
+                .map_err(RedisError::from)
         };
-        tokio::time::timeout(self.timeout, work)
+        Ok(tokio::time::timeout(self.timeout, work)
             .await
-            .map_err(|_| redis_error("timed out"))?
+            .map_err(|_| RedisError::Timeout(self.timeout))??)
     }
 
     /// Forgets a message that is settled (delivered, bounced, deleted).
     pub async fn remove(&self, id: &str) -> Result<(), QueueError> {
         let key = self.key(id);
         let work = async {
-            let mut c = self.pool.get().await.map_err(redis_error)?;
-            c.del::<_, ()>(&key).await.map_err(redis_error)
+            let mut c = self.pool.get().await.map_err(RedisError::from)?;
+            c.del::<_, ()>(&key).await.map_err(RedisError::from)
         };
-        tokio::time::timeout(self.timeout, work)
+        Ok(tokio::time::timeout(self.timeout, work)
             .await
-            .map_err(|_| redis_error("timed out"))?
+            .map_err(|_| RedisError::Timeout(self.timeout))??)
     }
 
     /// Up to `limit` entries.
     pub async fn list(&self, limit: usize) -> Result<Vec<Deferred>, QueueError> {
         let pattern = format!("{}:deferred:*", self.prefix);
-        let mut c = self.pool.get().await.map_err(redis_error)?;
+        let mut c = self.pool.get().await.map_err(RedisError::from)?;
         let mut keys: Vec<String> = Vec::new();
         {
             let mut iter = c
                 .scan_match::<_, String>(&pattern)
                 .await
-                .map_err(redis_error)?;
+                .map_err(RedisError::from)?;
             while let Some(k) = futures_util::StreamExt::next(&mut iter).await {
-                keys.push(k.map_err(redis_error)?);
+                keys.push(k.map_err(RedisError::from)?);
                 if keys.len() >= limit {
                     break;
                 }
@@ -108,7 +102,7 @@ impl DeferredIndex {
         let mut out = Vec::new();
         for key in keys {
             let h: std::collections::HashMap<String, String> =
-                c.hgetall(&key).await.map_err(redis_error)?;
+                c.hgetall(&key).await.map_err(RedisError::from)?;
             let id = key.rsplit(':').next().unwrap_or_default().to_string();
             out.push(Deferred {
                 queue_id: id,

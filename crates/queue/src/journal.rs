@@ -25,6 +25,7 @@
 //! it was acknowledged. After a restart appends go to a new segment, never
 //! after a possibly torn tail.
 
+use correu_runtime::sync::{lock, sync_dir};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, IoSlice, Read, Seek, SeekFrom, Write};
@@ -58,10 +59,6 @@ fn segment_name(seg: u64) -> String {
 
 fn segment_of(name: &str) -> Option<u64> {
     name.strip_suffix(".log")?.parse().ok()
-}
-
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 fn checksum(kind: u8, payload: &[&[u8]]) -> u32 {
@@ -319,11 +316,6 @@ struct Writer {
 
 /// How often an idle writer writes the settles that came meanwhile.
 const IDLE_TICK: std::time::Duration = std::time::Duration::from_millis(250);
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A list of settles stays usable after a panic elsewhere.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Op>) {

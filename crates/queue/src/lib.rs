@@ -38,12 +38,24 @@ pub use schedule::{Next, Schedule};
 /// Why a publish did not become durable. The client gets `451 4.3.0`.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
+    /// The broker cannot be reached, or the connection or channel broke.
     #[error("queue unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] Box<QueueError>),
     #[error("broker did not confirm within {0:?}")]
     Timeout(Duration),
     #[error("broker refused the message")]
     Nacked,
+    /// Confirmed but returned: no queue took it (the topology is missing).
+    #[error("the message was unroutable")]
+    Unroutable,
+    /// The channel was not in confirm mode (it is made anew).
+    #[error("the channel does not confirm publishes")]
+    NotConfirmed,
+    #[error("not a queue id: {0:?}")]
+    BadQueueId(String),
+    /// The spool was opened by an operator's command, which publishes nothing.
+    #[error("the spool is open for the admin command only")]
+    ReadOnly,
     #[error("spool write failed: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -59,6 +71,18 @@ pub enum QueueError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Publish(#[from] PublishError),
+    /// Not trying the broker again until a backoff ends.
+    #[error("RabbitMQ unreachable; waiting before reconnecting")]
+    Reconnecting,
+    #[error(transparent)]
+    Redis(#[from] correu_runtime::redis::RedisError),
+}
+
+impl PublishError {
+    /// The queue could not take the message for now (the client gets `451`).
+    pub fn unavailable(e: impl Into<QueueError>) -> PublishError {
+        PublishError::Unavailable(Box::new(e.into()))
+    }
 }
 
 /// A queue, cheap to clone and shared by every session and worker.

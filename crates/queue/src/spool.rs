@@ -95,15 +95,7 @@ fn write_durably(root: &Path, name: &str, data: &[u8], dest: &Path) -> std::io::
     sync_dir(dest.parent().unwrap_or(root))
 }
 
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding one of these short locks leaves plain data
-    // behind, still consistent; keep going with it.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use correu_runtime::sync::{lock, sync_dir};
 
 impl Spool {
     /// Opens (creating) the spool and clears `tmp/` of unfinished writes:
@@ -189,15 +181,10 @@ impl Spool {
 
     pub async fn publish(&self, msg: &QueuedMessage) -> Result<(), PublishError> {
         if !is_queue_id(&msg.queue_id) {
-            return Err(PublishError::Unavailable(format!(
-                "not a queue id: {:?}",
-                msg.queue_id
-            )));
+            return Err(PublishError::BadQueueId(msg.queue_id.clone()));
         }
         let Some(journal) = &self.journal else {
-            return Err(PublishError::Unavailable(
-                "the spool is open for the admin command only".into(),
-            ));
+            return Err(PublishError::ReadOnly);
         };
         journal
             .append(msg.queue_id.clone(), msg.encode_to_vec())
