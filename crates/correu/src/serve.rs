@@ -32,7 +32,7 @@ pub async fn serve(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<(
     // Ingress and delivery call storage in this process; the gRPC port is
     // for `correu mailbox` and other tools.
     let boxes = Arc::new(correu_storage::mailboxes(&cfg)?);
-    let storage = correu_storage::client::local(&cfg.storage, boxes.clone());
+    let storage = correu_storage::local_client(&cfg.storage, boxes.clone());
 
     // Certificates and accounts are read now: a bad one stops the start.
     let shared = Arc::new(correu_ingress::Shared::new(

@@ -34,7 +34,7 @@ use correu_proto::v1::{DeliverRequest, QueuedMessage};
 use correu_queue::{Delivery, Next, Queue, Schedule};
 use correu_runtime::Config;
 use correu_runtime::config::OutboundTls;
-use correu_storage::client::Client as StorageClient;
+use correu_storage_client::Client as StorageClient;
 use opentelemetry::KeyValue;
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
@@ -288,7 +288,7 @@ impl Deliverer {
             "rpc.method" = "Deliver",
             "otel.kind" = "client",
         );
-        let req = span.in_scope(|| correu_storage::client::traced(req));
+        let req = span.in_scope(|| correu_storage_client::traced(req));
         match timeout(self.storage_timeout, client.deliver(req))
             .instrument(span)
             .await
@@ -874,12 +874,12 @@ pub async fn run(
 /// and storage at `storage.endpoint`.
 pub async fn standalone(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let queue = correu_queue::open_for_service(&cfg.queue).await?;
-    let storage = correu_storage::client::connect(&cfg.storage, &cfg.storage.endpoint)?;
+    let storage = correu_storage_client::connect(&cfg.storage, &cfg.storage.endpoint)?;
     let health = correu_runtime::health::Health::new(shutdown.clone())
         .check("queue", correu_queue::ready_check(queue.clone()))
         .advisory(
             "storage",
-            correu_storage::client::ready_check(storage.clone()),
+            correu_storage_client::ready_check(storage.clone()),
         );
     let (probes, _) = correu_runtime::health::start(&cfg, health).await?;
     let result = run(&cfg, queue, storage, shutdown).await;

@@ -29,7 +29,7 @@ use correu_queue::Queue;
 use correu_runtime::Config;
 use correu_runtime::config::{Network, Rate};
 use correu_smtp::session::{Role, SessionConfig};
-use correu_storage::client::Client;
+use correu_storage_client::Client;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -339,12 +339,12 @@ async fn serve(shared: &Shared, stream: TcpStream, peer: SocketAddr, role: Role)
 pub async fn standalone(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let listeners = bind(&cfg).await?;
     let queue = correu_queue::open_for_service(&cfg.queue).await?;
-    let storage = correu_storage::client::connect(&cfg.storage, &cfg.storage.endpoint)?;
+    let storage = correu_storage_client::connect(&cfg.storage, &cfg.storage.endpoint)?;
     let health = correu_runtime::health::Health::new(shutdown.clone())
         .check("queue", correu_queue::ready_check(queue.clone()))
         .advisory(
             "storage",
-            correu_storage::client::ready_check(storage.clone()),
+            correu_storage_client::ready_check(storage.clone()),
         );
     let shared = Arc::new(Shared::new(&cfg, queue, storage, shutdown)?);
     let (probes, _) = correu_runtime::health::start(&cfg, health).await?;

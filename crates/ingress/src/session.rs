@@ -476,7 +476,7 @@ async fn check_recipient(shared: &Shared, to: &Address) -> RecipientVerdict {
     };
     match timeout(
         shared.recipient_check_timeout,
-        client.check_recipient(correu_storage::client::traced(req)),
+        client.check_recipient(correu_storage_client::traced(req)),
     )
     .await
     {

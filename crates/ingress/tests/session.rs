@@ -48,7 +48,7 @@ async fn rig(tune: impl FnOnce(&mut Config)) -> Rig {
     } else {
         format!("http://{addr}")
     };
-    let storage = correu_storage::client::connect(&cfg.storage, &endpoint).unwrap();
+    let storage = correu_storage_client::connect(&cfg.storage, &endpoint).unwrap();
     let queue = Queue::open(&cfg.queue, QueueBackend::Embedded)
         .await
         .unwrap();

@@ -10,11 +10,13 @@
 //!   when they change.
 //! - [`maildir`]: the mailboxes on disk (Dovecot's Maildir, Maildir++ quota).
 //! - [`service`]: the tonic service and the error-to-status mapping.
-//! - [`client`]: how the other services connect to storage.
+//! - [`client`]: how the other services call storage (the
+//!   correu-storage-client crate, re-exported); [`local_client`] answers
+//!   its calls in this process.
 #![forbid(unsafe_code)]
 
 pub mod accounts;
-pub mod client;
+pub use correu_storage_client::client;
 pub mod maildir;
 pub mod service;
 
@@ -61,6 +63,22 @@ pub fn mailboxes(cfg: &Config) -> anyhow::Result<Mailboxes> {
 /// bytes.
 pub fn server(boxes: Arc<Mailboxes>, max_request: usize) -> StorageServer<service::StorageService> {
     StorageServer::new(service::StorageService::new(boxes)).max_decoding_message_size(max_request)
+}
+
+/// A client whose calls `boxes` answers in this process, without a socket
+/// (`correu serve`): the same messages, codecs and status codes as over
+/// HTTP/2.
+pub fn local_client(
+    cfg: &correu_runtime::config::StorageConfig,
+    boxes: Arc<Mailboxes>,
+) -> client::Client {
+    use tonic::codegen::Service;
+    let server = server(boxes, usize::MAX);
+    let service: correu_storage_client::LocalService = Arc::new(move |req| {
+        let mut s = server.clone();
+        s.call(req)
+    });
+    correu_storage_client::local(cfg, service)
 }
 
 /// Serves the storage API on `listener` until `shutdown` is cancelled;

@@ -106,7 +106,10 @@ impl DirSync {
                 return Ok(());
             }
             if st.running {
-                st = self.done.wait(st).unwrap_or_else(|p| p.into_inner());
+                st = self
+                    .done
+                    .wait(st)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 continue;
             }
             st.running = true;
@@ -126,10 +129,7 @@ impl DirSync {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Plain counters behind short locks stay consistent after a panic.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use correu_runtime::sync::{lock, sync_dir};
 
 /// FNV-1a, 64 bits: a stable hash of the recipient for file names (not a
 /// security boundary: the queue id already makes names unguessable enough).
@@ -156,10 +156,6 @@ fn encode_local(local: &str) -> String {
         }
     }
     out
-}
-
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 /// A message id names a file in `new/` or `cur/`: no separators or flags.

@@ -90,7 +90,7 @@ impl Storage for StorageService {
         &self,
         req: Request<DeliverRequest>,
     ) -> Result<Response<DeliverResponse>, Status> {
-        let parent = crate::client::trace_headers(&req);
+        let parent = correu_storage_client::trace_headers(&req);
         let r = req.into_inner();
         let boxes = self.boxes.clone();
         let span = tracing::info_span!(

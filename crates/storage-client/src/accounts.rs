@@ -1,0 +1,421 @@
+//! The accounts and aliases files: parsing, passwords, and watching them
+//! for changes. Storage resolves addresses with them; ingress checks
+//! `smtp.auth_file` passwords with the same code.
+//!
+//! The accounts file is Dovecot's passwd-file format, so one file can
+//! serve Correu and a Dovecot beside it:
+//!
+//! ```text
+//! # address:password:uid:gid:gecos:home:shell:extra fields
+//! pere@example.org:{ARGON2ID}$argon2id$v=19$...::::::userdb_quota_rule=*:storage=1G
+//! ana@example.org:{ARGON2ID}$argon2id$v=19$...
+//! ```
+//!
+//! The password is an argon2 hash in PHC form (`correu account add` makes
+//! one), or empty for an address that receives mail but cannot log in.
+//! Of the extra fields, `userdb_quota_rule=*:storage=SIZE` (or
+//! `quota=SIZE`) sets the mailbox's quota.
+//!
+//! The aliases file has one `address: target, target` per line; `@domain:
+//! target` catches every address of a domain without a mailbox of its own.
+//!
+//! A malformed line is reported with its number and skipped; the others
+//! stand.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use argon2::password_hash::{PasswordHash, PasswordVerifier};
+use argon2::{Argon2, PasswordHasher};
+use correu_runtime::sync::{read, write};
+
+/// An account of the accounts file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    /// Lower-cased.
+    pub address: String,
+    /// argon2 in PHC form, without Dovecot's `{SCHEME}` prefix; `None`: no login.
+    pub hash: Option<String>,
+    /// Bytes; `None` for the default.
+    pub quota: Option<u64>,
+}
+
+/// A size as Dovecot writes quotas (`1024`, `512k`, `100M`, `1G`, `2T`),
+/// read as the configuration reads sizes.
+pub fn parse_size(s: &str) -> Option<u64> {
+    s.parse::<correu_runtime::config::Size>().ok().map(|z| z.0)
+}
+
+fn is_address(a: &str) -> bool {
+    a.rsplit_once('@').is_some_and(|(l, d)| {
+        !l.is_empty() && !d.is_empty() && !a.contains([' ', '\t', ':', ',', '/'])
+    })
+}
+
+/// The accounts file's text: the accounts by lower-cased address, and one
+/// error per bad line ("line N: …").
+pub fn parse_accounts(text: &str) -> (HashMap<String, Account>, Vec<String>) {
+    let mut accounts = HashMap::new();
+    let mut errors = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let n = i + 1;
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        // Seven fields, then the extra fields (which may hold colons).
+        let fields: Vec<&str> = line.splitn(8, ':').collect();
+        let user = fields[0].to_lowercase();
+        if !is_address(&user) {
+            errors.push(format!("line {n}: {user:?} is not an address"));
+            continue;
+        }
+        let password = fields.get(1).copied().unwrap_or("");
+        let hash = match password {
+            "" => None,
+            p => {
+                let bare = p
+                    .strip_prefix("{ARGON2ID}")
+                    .or_else(|| p.strip_prefix("{ARGON2I}"))
+                    .unwrap_or(p);
+                if PasswordHash::new(bare).is_err() {
+                    errors.push(format!(
+                        "line {n}: the password of {user} is not an argon2 hash"
+                    ));
+                    continue;
+                }
+                Some(bare.to_string())
+            }
+        };
+        let mut quota = None;
+        let mut bad = None;
+        for field in fields.get(7).copied().unwrap_or("").split_whitespace() {
+            let value = field
+                .strip_prefix("userdb_quota_rule=*:storage=")
+                .or_else(|| field.strip_prefix("quota_rule=*:storage="))
+                .or_else(|| field.strip_prefix("quota="));
+            if let Some(v) = value {
+                match parse_size(v) {
+                    Some(q) => quota = Some(q),
+                    None => bad = Some(format!("line {n}: bad quota {v:?} for {user}")),
+                }
+            }
+        }
+        if let Some(e) = bad {
+            errors.push(e);
+            continue;
+        }
+        if accounts.contains_key(&user) {
+            errors.push(format!(
+                "line {n}: {user} is listed twice; the first stands"
+            ));
+            continue;
+        }
+        accounts.insert(
+            user.clone(),
+            Account {
+                address: user,
+                hash,
+                quota,
+            },
+        );
+    }
+    (accounts, errors)
+}
+
+/// The aliases file: `address: target, target`; `@domain: target`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Aliases {
+    /// Lower-cased address to its targets.
+    pub aliases: HashMap<String, Vec<String>>,
+    /// Lower-cased domain to the target of its catch-all.
+    pub catch_all: HashMap<String, Vec<String>>,
+}
+
+pub fn parse_aliases(text: &str) -> (Aliases, Vec<String>) {
+    let mut out = Aliases::default();
+    let mut errors = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let n = i + 1;
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some((from, to)) = line.split_once(':') else {
+            errors.push(format!("line {n}: expected `address: target, …`"));
+            continue;
+        };
+        let from = from.trim().to_lowercase();
+        let targets: Vec<String> = to
+            .split(',')
+            .map(|t| t.trim().to_lowercase())
+            .filter(|t| !t.is_empty())
+            .collect();
+        if targets.is_empty() {
+            errors.push(format!("line {n}: {from} has no target"));
+            continue;
+        }
+        if let Some(t) = targets.iter().find(|t| !is_address(t)) {
+            errors.push(format!("line {n}: target {t:?} is not an address"));
+            continue;
+        }
+        let table = match from.strip_prefix('@') {
+            Some(domain) if !domain.is_empty() && !domain.contains('@') => {
+                out.catch_all.entry(domain.to_string())
+            }
+            _ if is_address(&from) => out.aliases.entry(from.clone()),
+            _ => {
+                errors.push(format!("line {n}: {from:?} is not an address or @domain"));
+                continue;
+            }
+        };
+        match table {
+            std::collections::hash_map::Entry::Occupied(_) => {
+                errors.push(format!(
+                    "line {n}: {from} is listed twice; the first stands"
+                ));
+            }
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(targets);
+            }
+        }
+    }
+    (out, errors)
+}
+
+/// An argon2id hash of `password` in PHC form, for the accounts file.
+pub fn hash_password(password: &str) -> Result<String, argon2::password_hash::Error> {
+    let bytes: [u8; 16] = rand::random();
+    let salt = argon2::password_hash::SaltString::encode_b64(&bytes)?;
+    Ok(Argon2::default()
+        .hash_password(password.as_bytes(), &salt)?
+        .to_string())
+}
+
+/// Whether `password` matches the PHC `hash` (slow on purpose: call it off
+/// the async threads).
+pub fn verify_password(hash: &str, password: &str) -> bool {
+    PasswordHash::new(hash).is_ok_and(|parsed| {
+        Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok()
+    })
+}
+
+/// How often a watched file's modification time is looked at.
+const RECHECK: Duration = Duration::from_secs(1);
+
+/// A file parsed into `T`, reread when its modification time changes. A
+/// thread of its own looks once a second, so a caller of [`Watched::get`]
+/// (an async task answering RCPT) never waits on the disk. A file that
+/// cannot be read keeps the last good contents in force.
+pub struct Watched<T> {
+    inner: Arc<WatchedFile<T>>,
+}
+
+struct WatchedFile<T> {
+    path: PathBuf,
+    what: &'static str,
+    parse: fn(&str) -> (T, Vec<String>),
+    state: RwLock<(Option<SystemTime>, Arc<T>)>,
+}
+
+impl<T: Send + Sync + 'static> Watched<T> {
+    /// Reads the file now; one that cannot be read stops the start. The
+    /// watcher thread ends with the last `Watched`.
+    pub fn open(
+        path: &Path,
+        what: &'static str,
+        parse: fn(&str) -> (T, Vec<String>),
+    ) -> std::io::Result<Watched<T>> {
+        let mtime = std::fs::metadata(path)?.modified().ok();
+        let value = WatchedFile::load(path, what, parse)?;
+        let inner = Arc::new(WatchedFile {
+            path: path.into(),
+            what,
+            parse,
+            state: RwLock::new((mtime, Arc::new(value))),
+        });
+        let weak = Arc::downgrade(&inner);
+        std::thread::Builder::new()
+            .name(format!("watch-{what}"))
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(RECHECK);
+                    let Some(file) = weak.upgrade() else {
+                        return;
+                    };
+                    file.reload_if_changed();
+                }
+            })?;
+        Ok(Watched { inner })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// The contents in force (never touches the disk).
+    pub fn get(&self) -> Arc<T> {
+        read(&self.inner.state).1.clone()
+    }
+
+    /// Rereads the file now if its modification time moved (the watcher
+    /// does this every second). Blocking.
+    pub fn reload_if_changed(&self) {
+        self.inner.reload_if_changed()
+    }
+}
+
+impl<T> WatchedFile<T> {
+    fn load(
+        path: &Path,
+        what: &'static str,
+        parse: fn(&str) -> (T, Vec<String>),
+    ) -> std::io::Result<T> {
+        let text = std::fs::read_to_string(path)?;
+        let (value, errors) = parse(&text);
+        for e in &errors {
+            tracing::warn!(file = %path.display(), "{what}: {e}");
+        }
+        tracing::info!(file = %path.display(), errors = errors.len(), "{what} loaded");
+        Ok(value)
+    }
+
+    fn reload_if_changed(&self) {
+        let mtime = match std::fs::metadata(&self.path) {
+            Ok(m) => m.modified().ok(),
+            Err(e) => {
+                tracing::error!(file = %self.path.display(), error = %e, "{}: cannot read; keeping the last contents", self.what);
+                return;
+            }
+        };
+        if read(&self.state).0 == mtime {
+            return;
+        }
+        match Self::load(&self.path, self.what, self.parse) {
+            Ok(value) => {
+                *write(&self.state) = (mtime, Arc::new(value));
+            }
+            Err(e) => {
+                tracing::error!(file = %self.path.display(), error = %e, "{}: cannot read; keeping the last contents", self.what);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        for (s, want) in [
+            ("0", Some(0)),
+            ("1024", Some(1024)),
+            ("512k", Some(512 << 10)),
+            ("100M", Some(100 << 20)),
+            ("1G", Some(1 << 30)),
+            ("2T", Some(2 << 40)),
+            ("1X", None),
+            ("", None),
+            ("-1", None),
+        ] {
+            assert_eq!(parse_size(s), want, "{s}");
+        }
+    }
+
+    #[test]
+    fn accounts_file_lines() {
+        let hash = hash_password("secret").unwrap();
+        let text = format!(
+            "# accounts\n\
+             Pere@Example.org:{{ARGON2ID}}{hash}::::::userdb_quota_rule=*:storage=1M\n\
+             ana@example.org:{hash}\n\
+             robot@example.org:\n\
+             broken line\n\
+             x@example.org:plaintext\n\
+             y@example.org:{hash}::::::quota=lots\n\
+             ana@example.org:{hash}\n"
+        );
+        let (accounts, errors) = parse_accounts(&text);
+        assert_eq!(accounts.len(), 3, "{accounts:?}");
+        assert_eq!(accounts["pere@example.org"].quota, Some(1 << 20));
+        assert_eq!(
+            accounts["pere@example.org"].hash.as_deref(),
+            Some(hash.as_str())
+        );
+        assert_eq!(accounts["ana@example.org"].quota, None);
+        assert_eq!(accounts["robot@example.org"].hash, None);
+        assert_eq!(
+            errors,
+            vec![
+                "line 5: \"broken line\" is not an address",
+                "line 6: the password of x@example.org is not an argon2 hash",
+                "line 7: bad quota \"lots\" for y@example.org",
+                "line 8: ana@example.org is listed twice; the first stands",
+            ]
+        );
+        assert!(verify_password(&hash, "secret"));
+        assert!(!verify_password(&hash, "Secret"));
+    }
+
+    #[test]
+    fn aliases_file_lines() {
+        let (a, errors) = parse_aliases(
+            "postmaster@example.org: pere@example.org\n\
+             team@example.org: pere@example.org, ana@example.org\n\
+             @example.org: pere@example.org\n\
+             nothing@example.org:\n\
+             bad@example.org: not an address\n\
+             no colon\n",
+        );
+        assert_eq!(a.aliases["team@example.org"].len(), 2);
+        assert_eq!(a.catch_all["example.org"], vec!["pere@example.org"]);
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        assert!(errors[0].starts_with("line 4:"));
+        assert!(errors[1].starts_with("line 5:"));
+        assert!(errors[2].starts_with("line 6:"));
+    }
+
+    #[test]
+    fn a_changed_file_is_reread_and_a_vanished_one_keeps_the_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = watched(
+            dir.path(),
+            "accounts",
+            "pere@example.org:\n",
+            "accounts",
+            parse_accounts,
+        );
+        assert!(w.get().contains_key("pere@example.org"));
+        std::fs::write(w.path(), "ana@example.org:\n").unwrap();
+        let later = SystemTime::now() + Duration::from_secs(5);
+        std::fs::File::options()
+            .write(true)
+            .open(w.path())
+            .unwrap()
+            .set_modified(later)
+            .unwrap();
+        w.reload_if_changed();
+        assert!(w.get().contains_key("ana@example.org"));
+        assert!(!w.get().contains_key("pere@example.org"));
+        std::fs::remove_file(w.path()).unwrap();
+        w.reload_if_changed();
+        assert!(w.get().contains_key("ana@example.org"));
+    }
+
+    fn watched<T: Send + Sync + 'static>(
+        dir: &Path,
+        name: &str,
+        text: &str,
+        what: &'static str,
+        parse: fn(&str) -> (T, Vec<String>),
+    ) -> Watched<T> {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        Watched::open(&path, what, parse).unwrap()
+    }
+}
