@@ -124,7 +124,9 @@ CONFIG = obj({
         "dkim": {"type": "object", "additionalProperties": obj({
             "selector": s(minLength=1), "key_file": s(minLength=1),
             "algorithm": {"enum": ["rsa-sha256", "ed25519-sha256"]}}, required=["selector", "key_file"])},
-        "connect_timeout": DUR, "command_timeout": DUR, "data_timeout": DUR, "attempt_timeout": DUR,
+        "timeouts": obj({k: DUR for k in ("connect", "banner", "ehlo", "starttls", "mail", "rcpt", "data",
+                                          "data_end")}),
+        "attempt_timeout": DUR,
     }),
     "redis": obj({
         "url": s(pattern="^(redis|rediss|unix)://"), "prefix": s(), "timeout": DUR, "pool_size": i(1),

@@ -7,6 +7,7 @@
 //! sending and SMTPUTF8 negotiated. Every wait has its own deadline
 //! (RFC 5321 §4.5.3.2).
 
+use std::fmt;
 use std::time::Duration;
 
 use base64::Engine;
@@ -19,11 +20,96 @@ use tokio::time::timeout;
 use crate::outcome::{Outcome, from_reply};
 use crate::tls::TlsPolicy;
 
-/// Deadlines for each phase.
+/// The phases of a session, each with a deadline of its own (KumoMTA's
+/// names), so a timeout says where the remote host stalled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Connect,
+    Banner,
+    Ehlo,
+    Starttls,
+    Auth,
+    Mail,
+    Rcpt,
+    Data,
+    DataEnd,
+    Rset,
+    Quit,
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Phase::Connect => "connect",
+            Phase::Banner => "banner",
+            Phase::Ehlo => "EHLO",
+            Phase::Starttls => "STARTTLS",
+            Phase::Auth => "AUTH",
+            Phase::Mail => "MAIL",
+            Phase::Rcpt => "RCPT",
+            Phase::Data => "DATA",
+            Phase::DataEnd => "data end",
+            Phase::Rset => "RSET",
+            Phase::Quit => "QUIT",
+        })
+    }
+}
+
+/// Deadlines per phase (`[delivery.timeouts]`).
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
-    pub command: Duration,
+    pub connect: Duration,
+    pub banner: Duration,
+    pub ehlo: Duration,
+    pub starttls: Duration,
+    pub mail: Duration,
+    pub rcpt: Duration,
     pub data: Duration,
+    pub data_end: Duration,
+}
+
+impl Timeouts {
+    pub fn from_config(t: &correu_runtime::config::ClientTimeouts) -> Timeouts {
+        Timeouts {
+            connect: t.connect.get(),
+            banner: t.banner.get(),
+            ehlo: t.ehlo.get(),
+            starttls: t.starttls.get(),
+            mail: t.mail.get(),
+            rcpt: t.rcpt.get(),
+            data: t.data.get(),
+            data_end: t.data_end.get(),
+        }
+    }
+
+    /// Every phase the same (tests).
+    pub fn all(d: Duration) -> Timeouts {
+        Timeouts {
+            connect: d,
+            banner: d,
+            ehlo: d,
+            starttls: d,
+            mail: d,
+            rcpt: d,
+            data: d,
+            data_end: d,
+        }
+    }
+
+    /// The deadline of `phase`: AUTH waits as EHLO does, RSET and QUIT as
+    /// MAIL does.
+    pub fn of(&self, phase: Phase) -> Duration {
+        match phase {
+            Phase::Connect => self.connect,
+            Phase::Banner => self.banner,
+            Phase::Ehlo | Phase::Auth => self.ehlo,
+            Phase::Starttls => self.starttls,
+            Phase::Mail | Phase::Rset | Phase::Quit => self.mail,
+            Phase::Rcpt => self.rcpt,
+            Phase::Data => self.data,
+            Phase::DataEnd => self.data_end,
+        }
+    }
 }
 
 /// A failure of the session itself, before every recipient had an answer.
@@ -31,8 +117,8 @@ pub struct Timeouts {
 pub enum SessionError {
     #[error("connection: {0}")]
     Io(#[from] std::io::Error),
-    #[error("no reply within {0:?}")]
-    Timeout(Duration),
+    #[error("no reply to {0} within {1:?}")]
+    Timeout(Phase, Duration),
     #[error("connection closed by the server")]
     Closed,
     #[error("unreadable reply: {0}")]
@@ -99,7 +185,8 @@ impl Client {
         }
     }
 
-    async fn read_reply(&mut self, wait: Duration) -> Result<Reply, SessionError> {
+    async fn read_reply(&mut self, phase: Phase) -> Result<Reply, SessionError> {
+        let wait = self.timeouts.of(phase);
         loop {
             if let Some((reply, used)) = parse_reply(&self.buf)? {
                 self.buf.drain(..used);
@@ -110,7 +197,7 @@ impl Client {
             }
             self.buf.reserve(4096);
             match timeout(wait, self.stream.read_buf(&mut self.buf)).await {
-                Err(_) => return Err(SessionError::Timeout(wait)),
+                Err(_) => return Err(SessionError::Timeout(phase, wait)),
                 Ok(Err(e)) => return Err(e.into()),
                 Ok(Ok(0)) => return Err(SessionError::Closed),
                 Ok(Ok(_)) => {}
@@ -118,22 +205,22 @@ impl Client {
         }
     }
 
-    async fn send(&mut self, bytes: &[u8], wait: Duration) -> Result<(), SessionError> {
+    async fn send(&mut self, bytes: &[u8], phase: Phase) -> Result<(), SessionError> {
+        let wait = self.timeouts.of(phase);
         match timeout(wait, async {
             self.stream.write_all(bytes).await?;
             self.stream.flush().await
         })
         .await
         {
-            Err(_) => Err(SessionError::Timeout(wait)),
+            Err(_) => Err(SessionError::Timeout(phase, wait)),
             Ok(r) => Ok(r?),
         }
     }
 
-    async fn command(&mut self, line: &str) -> Result<Reply, SessionError> {
-        let wait = self.timeouts.command;
-        self.send(format!("{line}\r\n").as_bytes(), wait).await?;
-        self.read_reply(wait).await
+    async fn command(&mut self, line: &str, phase: Phase) -> Result<Reply, SessionError> {
+        self.send(format!("{line}\r\n").as_bytes(), phase).await?;
+        self.read_reply(phase).await
     }
 
     /// The arguments of an EHLO keyword, if the server offered it.
@@ -149,7 +236,9 @@ impl Client {
     }
 
     async fn ehlo(&mut self, helo_name: &str) -> Result<(), SessionError> {
-        let ehlo = self.command(&format!("EHLO {helo_name}")).await?;
+        let ehlo = self
+            .command(&format!("EHLO {helo_name}"), Phase::Ehlo)
+            .await?;
         if ehlo.code == 250 {
             self.extensions = ehlo
                 .lines
@@ -160,7 +249,9 @@ impl Client {
             return Ok(());
         }
         self.extensions.clear();
-        let helo = self.command(&format!("HELO {helo_name}")).await?;
+        let helo = self
+            .command(&format!("HELO {helo_name}"), Phase::Ehlo)
+            .await?;
         if helo.code != 250 {
             return Err(SessionError::Refused(helo));
         }
@@ -170,7 +261,7 @@ impl Client {
     /// Reads the greeting, says EHLO (or HELO), and starts TLS as `policy`
     /// asks: whenever offered, or required (and verified) for this hop.
     pub async fn hello(&mut self, helo_name: &str, policy: &TlsPolicy) -> Result<(), SessionError> {
-        let greeting = self.read_reply(self.timeouts.command).await?;
+        let greeting = self.read_reply(Phase::Banner).await?;
         if greeting.code != 220 {
             return Err(SessionError::Refused(greeting));
         }
@@ -187,7 +278,7 @@ impl Client {
             }
             return Ok(());
         }
-        let r = self.command("STARTTLS").await?;
+        let r = self.command("STARTTLS", Phase::Starttls).await?;
         if r.code != 220 {
             if policy.required() {
                 return Err(SessionError::TlsRequired(format!(
@@ -202,8 +293,9 @@ impl Client {
         })?;
         let plain = std::mem::replace(&mut self.stream, Box::new(tokio::io::duplex(1).0));
         self.buf.clear();
-        let tls = match timeout(self.timeouts.command, connector.connect(name, plain)).await {
-            Err(_) => return Err(SessionError::Timeout(self.timeouts.command)),
+        let wait = self.timeouts.starttls;
+        let tls = match timeout(wait, connector.connect(name, plain)).await {
+            Err(_) => return Err(SessionError::Timeout(Phase::Starttls, wait)),
             Ok(Err(e)) if policy.required() => {
                 return Err(SessionError::TlsRequired(format!("{}: {e}", self.host)));
             }
@@ -220,7 +312,9 @@ impl Client {
     pub async fn authenticate(&mut self, user: &str, password: &str) -> Result<(), SessionError> {
         let token =
             base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
-        let r = self.command(&format!("AUTH PLAIN {token}")).await?;
+        let r = self
+            .command(&format!("AUTH PLAIN {token}"), Phase::Auth)
+            .await?;
         if r.code != 235 {
             return Err(SessionError::Auth(r));
         }
@@ -301,21 +395,20 @@ impl Client {
                 batch.push_str("\r\n");
             }
             batch.push_str("DATA\r\n");
-            let wait = self.timeouts.command;
-            self.send(batch.as_bytes(), wait).await?;
-            let m = self.read_reply(wait).await?;
+            self.send(batch.as_bytes(), Phase::Mail).await?;
+            let m = self.read_reply(Phase::Mail).await?;
             let mut rs = Vec::with_capacity(n);
             for _ in 0..n {
-                rs.push(self.read_reply(wait).await?);
+                rs.push(self.read_reply(Phase::Rcpt).await?);
             }
-            let d = self.read_reply(wait).await?;
+            let d = self.read_reply(Phase::Data).await?;
             (m, rs, Some(d))
         } else {
-            let m = self.command(&mail).await?;
+            let m = self.command(&mail, Phase::Mail).await?;
             let mut rs = Vec::with_capacity(n);
             if m.code == 250 {
                 for l in &rcpt_lines {
-                    rs.push(self.command(l).await?);
+                    rs.push(self.command(l, Phase::Rcpt).await?);
                 }
             }
             (m, rs, None)
@@ -335,7 +428,7 @@ impl Client {
         }
         let data_reply = match data_reply {
             Some(d) => d,
-            None => self.command("DATA").await?,
+            None => self.command("DATA", Phase::Data).await?,
         };
         if data_reply.code != 354 {
             let o = match from_reply(&data_reply, &self.host) {
@@ -353,9 +446,9 @@ impl Client {
         let mut wire = Vec::with_capacity(t.content.len() + t.content.len() / 50 + 8);
         dot_stuff(t.content, &mut wire);
         self.body_sent = true;
-        self.send(&wire, self.timeouts.data).await?;
+        self.send(&wire, Phase::DataEnd).await?;
         // RFC 5321 §4.5.3.2.6: up to 10 minutes for the final reply.
-        let r = self.read_reply(self.timeouts.data).await?;
+        let r = self.read_reply(Phase::DataEnd).await?;
         let o = from_reply(&r, &self.host);
         for out in outcomes.iter_mut().filter(|x| x.is_delivered()) {
             *out = o.clone();
@@ -367,10 +460,10 @@ impl Client {
     /// that got 354 anyway receives an empty message's end; then RSET.
     async fn abandon(&mut self, data_reply: Option<&Reply>) -> Result<(), SessionError> {
         if data_reply.is_some_and(|d| d.code == 354) {
-            self.send(b".\r\n", self.timeouts.command).await?;
-            self.read_reply(self.timeouts.data).await?;
+            self.send(b".\r\n", Phase::DataEnd).await?;
+            self.read_reply(Phase::DataEnd).await?;
         }
-        let _reset = self.command("RSET").await?;
+        let _reset = self.command("RSET", Phase::Rset).await?;
         Ok(())
     }
 
@@ -383,7 +476,7 @@ impl Client {
 
     /// RSET after a transaction, so the connection can carry another.
     pub async fn reset(&mut self) -> Result<(), SessionError> {
-        let r = self.command("RSET").await?;
+        let r = self.command("RSET", Phase::Rset).await?;
         if r.code != 250 {
             return Err(SessionError::Refused(r));
         }
@@ -392,7 +485,7 @@ impl Client {
 
     /// Says QUIT; the message is already settled, so errors are only logged.
     pub async fn quit(mut self) {
-        if let Err(e) = self.command("QUIT").await {
+        if let Err(e) = self.command("QUIT", Phase::Quit).await {
             tracing::debug!(host = %self.host, error = %e, "QUIT failed");
         }
     }
@@ -436,14 +529,7 @@ mod tests {
             }
             String::from_utf8_lossy(&seen).into_owned()
         });
-        let mut c = Client::new(
-            client_end,
-            "mx.test",
-            Timeouts {
-                command: Duration::from_secs(5),
-                data: Duration::from_secs(5),
-            },
-        );
+        let mut c = Client::new(client_end, "mx.test", Timeouts::all(Duration::from_secs(5)));
         let rcpts: Vec<RcptParams> = recipients
             .iter()
             .map(|a| RcptParams {
@@ -570,6 +656,59 @@ mod tests {
         )
         .await;
         assert!(result.unwrap()[0].is_delivered(), "{seen}");
+    }
+
+    /// A server that answers everything but RCPT: the error names the
+    /// phase, after RCPT's own deadline (time is paused: no real wait).
+    #[tokio::test(start_paused = true)]
+    async fn a_timeout_names_its_phase() {
+        let (client_end, mut server_end) = tokio::io::duplex(1 << 16);
+        let server = tokio::spawn(async move {
+            server_end.write_all(b"220 mx.test\r\n").await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let mut seen = String::new();
+            loop {
+                let n = server_end.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    return;
+                }
+                seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+                if seen.ends_with("EHLO correu.test\r\n") {
+                    server_end.write_all(b"250 mx.test\r\n").await.unwrap();
+                    seen.clear();
+                } else if seen.starts_with("MAIL") {
+                    server_end.write_all(b"250 Ok\r\n").await.unwrap();
+                    seen.clear();
+                }
+                // RCPT: no answer, ever.
+            }
+        });
+        let mut t = Timeouts::all(Duration::from_secs(300));
+        t.rcpt = Duration::from_secs(7);
+        let mut c = Client::new(client_end, "mx.test", t);
+        c.hello("correu.test", &TlsPolicy::None).await.unwrap();
+        let rcpts = [RcptParams {
+            address: "a@remote.test",
+            notify: "",
+            orcpt: "",
+        }];
+        let started = tokio::time::Instant::now();
+        let e = c
+            .deliver(&Transaction {
+                sender: "jo@domini.com",
+                recipients: &rcpts,
+                content: b"x\r\n",
+                smtputf8: false,
+                ret: "",
+                envid: "",
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(e, SessionError::Timeout(Phase::Rcpt, _)), "{e}");
+        assert_eq!(e.to_string(), "no reply to RCPT within 7s");
+        assert_eq!(started.elapsed(), Duration::from_secs(7));
+        drop(c);
+        server.abort();
     }
 
     #[tokio::test]

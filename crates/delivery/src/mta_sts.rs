@@ -28,6 +28,67 @@ const MAX_POLICY: usize = 64 * 1024;
 /// The longest `max_age` honoured (RFC 8461 §3.2: one year).
 const MAX_AGE: u64 = 31_557_600;
 
+/// A policy text RFC 8461 §3.2 does not allow, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ParseError(pub String);
+
+/// Why a domain's policy could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("TXT lookup of _mta-sts.{domain}: {source}")]
+    Txt {
+        domain: String,
+        #[source]
+        source: hickory_resolver::net::NetError,
+    },
+    #[error("cannot resolve {host}: {source}")]
+    Resolve {
+        host: String,
+        #[source]
+        source: hickory_resolver::net::NetError,
+    },
+    #[error("{host} has no address")]
+    NoAddress { host: String },
+    #[error("{host}: {source}")]
+    Connect {
+        host: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{host}: TLS: {source}")]
+    Tls {
+        host: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{host}: {source}")]
+    Http {
+        host: String,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error("{host} answered {status}")]
+    Status {
+        host: String,
+        status: http::StatusCode,
+    },
+    #[error("{host} sent {media:?}, not text/plain")]
+    MediaType { host: String, media: String },
+    #[error("{host}: reading the policy: {source}")]
+    Body {
+        host: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("{host}: bad policy: {source}")]
+    Invalid {
+        host: String,
+        #[source]
+        source: ParseError,
+    },
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     Enforce,
@@ -47,7 +108,7 @@ impl Policy {
     /// RFC 8461 §3.2: `key: value` lines (CRLF or LF); `version`, `mode`
     /// and `max_age` required, `mx` at least once unless the mode is
     /// `none`; unknown keys ignored; the first of a repeated key wins.
-    pub fn parse(text: &str) -> Result<Policy, String> {
+    pub fn parse(text: &str) -> Result<Policy, ParseError> {
         let (mut version, mut mode, mut max_age) = (None, None, None);
         let mut mx = Vec::new();
         for line in text.split('\n') {
@@ -56,7 +117,7 @@ impl Policy {
                 continue;
             }
             let Some((key, value)) = line.split_once(':') else {
-                return Err(format!("not a `key: value` line: {line:?}"));
+                return Err(ParseError(format!("not a `key: value` line: {line:?}")));
             };
             let value = value.trim_matches([' ', '\t']);
             match key {
@@ -74,22 +135,23 @@ impl Policy {
             }
         }
         if version != Some("STSv1") {
-            return Err(format!("version is {version:?}, not STSv1"));
+            return Err(ParseError(format!("version is {version:?}, not STSv1")));
         }
         let mode = match mode {
             Some("enforce") => Mode::Enforce,
             Some("testing") => Mode::Testing,
             Some("none") => Mode::None,
-            other => return Err(format!("mode is {other:?}")),
+            other => return Err(ParseError(format!("mode is {other:?}"))),
         };
         let max_age = match max_age {
-            Some(v) if !v.is_empty() && v.len() <= 10 && v.bytes().all(|b| b.is_ascii_digit()) => {
-                v.parse::<u64>().map_err(|e| e.to_string())?.min(MAX_AGE)
-            }
-            other => return Err(format!("max_age is {other:?}")),
+            Some(v) if !v.is_empty() && v.len() <= 10 && v.bytes().all(|b| b.is_ascii_digit()) => v
+                .parse::<u64>()
+                .map_err(|e| ParseError(e.to_string()))?
+                .min(MAX_AGE),
+            other => return Err(ParseError(format!("max_age is {other:?}"))),
         };
         if mode != Mode::None && mx.is_empty() {
-            return Err("no mx line".into());
+            return Err(ParseError("no mx line".into()));
         }
         Ok(Policy {
             mode,
@@ -175,7 +237,7 @@ impl MtaSts {
 
     fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, Cached>> {
         // A panic while holding this lock leaves a map that is still whole.
-        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+        correu_runtime::sync::lock(&self.cache)
     }
 
     /// The policy in force for `domain`, if it has one.
@@ -220,7 +282,7 @@ impl MtaSts {
         }
     }
 
-    async fn txt_id(&self, domain: &str) -> Result<Option<String>, String> {
+    async fn txt_id(&self, domain: &str) -> Result<Option<String>, PolicyError> {
         let name = format!("_mta-sts.{domain}.");
         match self.resolver.txt_lookup(name.as_str()).await {
             Ok(lookup) => {
@@ -240,67 +302,84 @@ impl MtaSts {
                 Ok(record_id(&records))
             }
             Err(e) if e.is_no_records_found() || e.is_nx_domain() => Ok(None),
-            Err(e) => {
-                tracing::debug!(%domain, error = %e, "MTA-STS TXT lookup failed");
-                Err(e.to_string())
+            Err(source) => {
+                tracing::debug!(%domain, error = %source, "MTA-STS TXT lookup failed");
+                Err(PolicyError::Txt {
+                    domain: domain.to_string(),
+                    source,
+                })
             }
         }
     }
 
     /// GET the policy: HTTPS with a verified certificate, no redirects,
     /// `200` only, `text/plain`, at most 64 KiB (RFC 8461 §3.3).
-    async fn fetch(&self, domain: &str) -> Result<Policy, String> {
+    async fn fetch(&self, domain: &str) -> Result<Policy, PolicyError> {
         let host = format!("mta-sts.{domain}");
+        let h = || host.clone();
         let ips = self
             .resolver
             .lookup_ip(format!("{host}.").as_str())
             .await
-            .map_err(|e| format!("cannot resolve {host}: {e}"))?;
+            .map_err(|source| PolicyError::Resolve { host: h(), source })?;
         let ip = ips
             .iter()
             .next()
-            .ok_or_else(|| format!("{host} has no address"))?;
+            .ok_or_else(|| PolicyError::NoAddress { host: h() })?;
         let tcp = TcpStream::connect((ip, self.port))
             .await
-            .map_err(|e| format!("{host}: {e}"))?;
-        let name = ServerName::try_from(host.clone()).map_err(|e| format!("{host}: {e}"))?;
+            .map_err(|source| PolicyError::Connect { host: h(), source })?;
+        let name = ServerName::try_from(host.clone()).map_err(|e| PolicyError::Tls {
+            host: h(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+        })?;
         let tls = self
             .connector
             .connect(name, tcp)
             .await
-            .map_err(|e| format!("{host}: TLS: {e}"))?;
+            .map_err(|source| PolicyError::Tls { host: h(), source })?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
-            .map_err(|e| format!("{host}: {e}"))?;
+            .map_err(|source| PolicyError::Http { host: h(), source })?;
         let conn = tokio::spawn(conn);
-        let request = http::Request::get("/.well-known/mta-sts.txt")
-            .header(http::header::HOST, &host)
-            .header(http::header::USER_AGENT, "correu")
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| e.to_string())?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| format!("{host}: {e}"))?;
         let result = async {
+            let request = http::Request::get("/.well-known/mta-sts.txt")
+                .header(http::header::HOST, &host)
+                .header(http::header::USER_AGENT, "correu")
+                .body(Empty::<Bytes>::new())
+                .map_err(|e| PolicyError::Body {
+                    host: h(),
+                    source: Box::new(e),
+                })?;
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|source| PolicyError::Http { host: h(), source })?;
             if response.status() != http::StatusCode::OK {
-                return Err(format!("{host} answered {}", response.status()));
+                return Err(PolicyError::Status {
+                    host: h(),
+                    status: response.status(),
+                });
             }
             let media = response
                 .headers()
                 .get(http::header::CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
+                .unwrap_or("")
+                .to_string();
             if !media.to_ascii_lowercase().starts_with("text/plain") {
-                return Err(format!("{host} sent {media:?}, not text/plain"));
+                return Err(PolicyError::MediaType { host: h(), media });
             }
             let body = Limited::new(response.into_body(), MAX_POLICY)
                 .collect()
                 .await
-                .map_err(|e| format!("{host}: {e}"))?
+                .map_err(|source| PolicyError::Body { host: h(), source })?
                 .to_bytes();
-            let text = std::str::from_utf8(&body).map_err(|e| format!("{host}: {e}"))?;
-            Policy::parse(text).map_err(|e| format!("{host}: bad policy: {e}"))
+            let text = std::str::from_utf8(&body).map_err(|e| PolicyError::Body {
+                host: h(),
+                source: Box::new(e),
+            })?;
+            Policy::parse(text).map_err(|source| PolicyError::Invalid { host: h(), source })
         }
         .await;
         conn.abort();

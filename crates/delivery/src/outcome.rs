@@ -125,10 +125,90 @@ pub fn from_status(s: &tonic::Status) -> Outcome {
     }
 }
 
+/// A session with one host that failed before every recipient had an
+/// answer: always temporary (the next host, or the next attempt, may do
+/// better), with the status saying what kind of trouble it was.
+pub fn from_session_error(
+    e: &crate::client::SessionError,
+    host: &str,
+    addr: std::net::SocketAddr,
+) -> Outcome {
+    use crate::client::{Phase, SessionError};
+    let status = match e {
+        // RFC 3463: 4.4.1 no answer from host; 4.4.2 bad connection.
+        SessionError::Io(_) | SessionError::Timeout(Phase::Connect, _) => "4.4.1",
+        SessionError::Timeout(..) | SessionError::Closed | SessionError::BadReply(_) => "4.4.2",
+        SessionError::Refused(_) => "4.4.1",
+        // 4.7.5: cryptographic failure; 4.7.8: credentials refused.
+        SessionError::TlsRequired(_) => "4.7.5",
+        SessionError::Auth(_) => "4.7.8",
+    };
+    let reply = match e {
+        SessionError::Refused(r) | SessionError::Auth(r) => Some(r.to_string()),
+        _ => None,
+    };
+    Outcome::Temporary(Failure {
+        status: status.into(),
+        text: format!("{host} ({addr}): {e}"),
+        remote_mta: reply.as_ref().map(|_| host.to_string()),
+        smtp_reply: reply,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use correu_smtp::Enhanced;
+
+    #[test]
+    fn classifies_session_errors_table() {
+        use crate::client::{Phase, SessionError};
+        use std::time::Duration;
+        let addr: std::net::SocketAddr = "192.0.2.1:25".parse().unwrap();
+        let refused = Reply::new(554, Enhanced(5, 7, 1), "go away");
+        let cases: Vec<(SessionError, &str, &str)> = vec![
+            (
+                SessionError::Io(std::io::ErrorKind::ConnectionRefused.into()),
+                "4.4.1",
+                "connection refused",
+            ),
+            (
+                SessionError::Timeout(Phase::Connect, Duration::from_secs(30)),
+                "4.4.1",
+                "no reply to connect within 30s",
+            ),
+            (
+                SessionError::Timeout(Phase::DataEnd, Duration::from_secs(600)),
+                "4.4.2",
+                "no reply to data end within 600s",
+            ),
+            (SessionError::Closed, "4.4.2", "closed by the server"),
+            (
+                SessionError::Refused(refused.clone()),
+                "4.4.1",
+                "554 5.7.1 go away",
+            ),
+            (
+                SessionError::TlsRequired("no STARTTLS".into()),
+                "4.7.5",
+                "TLS required: no STARTTLS",
+            ),
+            (SessionError::Auth(refused), "4.7.8", "authentication"),
+        ];
+        for (e, status, says) in cases {
+            let o = from_session_error(&e, "mx.test", addr);
+            let Outcome::Temporary(f) = &o else {
+                panic!("{e}: {o:?} is not temporary")
+            };
+            assert_eq!(f.status, status, "{e}");
+            assert!(f.text.starts_with("mx.test (192.0.2.1:25): "), "{}", f.text);
+            assert!(
+                f.text.to_lowercase().contains(&says.to_lowercase()),
+                "{}",
+                f.text
+            );
+        }
+    }
 
     #[test]
     fn classifies_replies_table() {

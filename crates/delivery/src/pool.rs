@@ -48,7 +48,7 @@ impl Pool {
 
     fn kept(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Vec<(Kept, Instant)>>> {
         // Plain data; a holder that panicked left it consistent.
-        self.kept.lock().unwrap_or_else(|p| p.into_inner())
+        correu_runtime::sync::lock(&self.kept)
     }
 
     /// The freshest kept connection for `key`, if it has been idle less
@@ -101,5 +101,68 @@ impl Pool {
             .drain()
             .flat_map(|(_, list)| list.into_iter().map(|(k, _)| k))
             .collect()
+    }
+}
+
+/// How long a delivery waits for a connection lease to a busy host before
+/// the message goes to a retry tier, and how often it looks meanwhile.
+const LEASE_WAIT: Duration = Duration::from_secs(20);
+const LEASE_POLL: Duration = Duration::from_millis(200);
+
+/// Leases: connections per host, counted across every delivery process
+/// (Redis), held by a connection for as long as it is open.
+impl crate::Deliverer {
+    /// A connection lease for `host`, waiting up to `LEASE_WAIT` for one
+    /// to come free (a burst to one host queues here for seconds instead of
+    /// going to a retry tier for minutes). Releases in this process wake
+    /// the waiters at once; other pods' releases are seen on the next poll.
+    pub(crate) async fn lease(&self, host: &str) -> Option<correu_runtime::limits::Lease> {
+        let deadline = tokio::time::Instant::now() + LEASE_WAIT;
+        loop {
+            let freed = self.lease_freed.notified();
+            if let Some(l) = self.leases.acquire("conn", host, self.max_per_host).await {
+                return Some(l);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::select! {
+                _ = freed => {}
+                _ = tokio::time::sleep(LEASE_POLL) => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+        }
+    }
+
+    pub(crate) async fn release(&self, lease: correu_runtime::limits::Lease) {
+        self.leases.release(lease).await;
+        self.lease_freed.notify_waiters();
+    }
+
+    /// After a transaction: RSET and keep the connection, lease and all,
+    /// for the next message to the same host; QUIT when the pool is full.
+    pub(crate) async fn keep_or_quit(&self, key: Key, mut k: Kept) {
+        if k.client.reset().await.is_err() {
+            self.release(k.lease).await;
+            return;
+        }
+        if let Some(k) = self.pool.put(key, k) {
+            k.client.quit().await;
+            self.release(k.lease).await;
+        }
+    }
+
+    /// Closes kept connections idle past `connection_idle` (all of them
+    /// when `everything`), giving their leases back.
+    pub(crate) async fn close_kept(&self, everything: bool) {
+        let out = if everything {
+            self.pool.drain()
+        } else {
+            self.pool.sweep()
+        };
+        for k in out {
+            k.client.quit().await;
+            self.release(k.lease).await;
+        }
     }
 }

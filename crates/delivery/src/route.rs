@@ -143,16 +143,28 @@ impl Router {
     }
 
     /// The addresses of a hop's host (an IP literal is itself).
-    pub async fn addresses(&self, hop: &Hop) -> Result<Vec<SocketAddr>, String> {
+    pub async fn addresses(&self, hop: &Hop) -> Result<Vec<SocketAddr>, ResolveError> {
         if let Ok(ip) = hop.host.parse::<IpAddr>() {
             return Ok(vec![SocketAddr::new(ip, hop.port)]);
         }
         let fqdn = format!("{}.", hop.host.trim_end_matches('.'));
         match self.resolver.lookup_ip(fqdn.as_str()).await {
             Ok(ips) => Ok(ips.iter().map(|ip| SocketAddr::new(ip, hop.port)).collect()),
-            Err(e) => Err(format!("cannot resolve {}: {e}", hop.host)),
+            Err(source) => Err(ResolveError {
+                host: hop.host.clone(),
+                source,
+            }),
         }
     }
+}
+
+/// A host name that did not resolve.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot resolve {host}: {source}")]
+pub struct ResolveError {
+    pub host: String,
+    #[source]
+    pub source: hickory_resolver::net::NetError,
 }
 
 #[cfg(test)]

@@ -53,12 +53,8 @@ pub struct DeliveryConfig {
     /// DKIM keys by signing domain: outbound mail whose From: is in the
     /// domain is signed (RFC 6376).
     pub dkim: BTreeMap<String, DkimConfig>,
-    /// Time to connect to a remote MX (RFC 5321 suggests at most minutes).
-    pub connect_timeout: Dur,
-    /// Time for each reply of the remote MX (RFC 5321 §4.5.3.2: 5 minutes).
-    pub command_timeout: Dur,
-    /// Time for the reply after the final dot (RFC 5321 §4.5.3.2.6: 10 minutes).
-    pub data_timeout: Dur,
+    /// A deadline per phase of an SMTP session with a remote host.
+    pub timeouts: ClientTimeouts,
     /// Longest one delivery attempt of a message may take; recipients not
     /// done by then are retried. Keep it under RabbitMQ's
     /// `consumer_timeout` (30 minutes by default), which closes consumers
@@ -83,10 +79,48 @@ impl Default for DeliveryConfig {
             dkim: BTreeMap::new(),
             connection_idle: Dur::secs(10),
             delay_warning: Dur::secs(0),
-            connect_timeout: Dur::secs(30),
-            command_timeout: Dur::secs(300),
-            data_timeout: Dur::secs(600),
+            timeouts: ClientTimeouts::default(),
             attempt_timeout: Dur::secs(15 * 60),
+        }
+    }
+}
+
+/// `[delivery.timeouts]`: how long each phase of a session with a remote
+/// host may take, named as KumoMTA names them; a timeout error names its
+/// phase. Defaults from RFC 5321 §4.5.3.2 where it gives one.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
+#[serde(default)]
+pub struct ClientTimeouts {
+    /// The TCP connection.
+    pub connect: Dur,
+    /// The `220` greeting (§4.5.3.2.1: 5 minutes).
+    pub banner: Dur,
+    /// The reply to EHLO or HELO (and to AUTH).
+    pub ehlo: Dur,
+    /// STARTTLS's reply and the TLS handshake.
+    pub starttls: Dur,
+    /// The reply to MAIL (§4.5.3.2.2: 5 minutes), and to RSET and QUIT.
+    pub mail: Dur,
+    /// Each reply to RCPT (§4.5.3.2.3: 5 minutes).
+    pub rcpt: Dur,
+    /// The `354` after DATA (§4.5.3.2.4: 2 minutes).
+    pub data: Dur,
+    /// Sending the message and the reply after its final dot
+    /// (§4.5.3.2.6: 10 minutes).
+    pub data_end: Dur,
+}
+
+impl Default for ClientTimeouts {
+    fn default() -> Self {
+        ClientTimeouts {
+            connect: Dur::secs(30),
+            banner: Dur::secs(300),
+            ehlo: Dur::secs(300),
+            starttls: Dur::secs(60),
+            mail: Dur::secs(300),
+            rcpt: Dur::secs(300),
+            data: Dur::secs(120),
+            data_end: Dur::secs(600),
         }
     }
 }
@@ -195,6 +229,21 @@ impl DeliveryConfig {
         }
         if d.max_connections_per_host == 0 {
             c.err("delivery.max_connections_per_host", "must be more than 0");
+        }
+        let t = &d.timeouts;
+        for (key, v) in [
+            ("connect", t.connect),
+            ("banner", t.banner),
+            ("ehlo", t.ehlo),
+            ("starttls", t.starttls),
+            ("mail", t.mail),
+            ("rcpt", t.rcpt),
+            ("data", t.data),
+            ("data_end", t.data_end),
+        ] {
+            if v.get().is_zero() {
+                c.err(format!("delivery.timeouts.{key}"), "must be more than 0");
+            }
         }
         if d.attempt_timeout.get().is_zero() || d.attempt_timeout > Dur::secs(25 * 60) {
             c.err(

@@ -36,7 +36,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-pub use delivery::{DeliveryConfig, DkimAlgorithm, DkimConfig, OutboundTls, Route};
+pub use delivery::{ClientTimeouts, DeliveryConfig, DkimAlgorithm, DkimConfig, OutboundTls, Route};
 pub use queue::{QueueBackend, QueueConfig};
 pub use redis::RedisConfig;
 pub use smtp::SmtpConfig;
@@ -76,6 +76,17 @@ impl Default for Config {
         }
     }
 }
+
+/// Keys that were renamed, and where they went: a file written for an
+/// older Correu is told what to write instead.
+const MOVED: &[(&str, &str)] = &[
+    ("delivery.connect_timeout", "delivery.timeouts.connect"),
+    (
+        "delivery.command_timeout",
+        "delivery.timeouts.banner, .ehlo, .mail, .rcpt and .data",
+    ),
+    ("delivery.data_timeout", "delivery.timeouts.data_end"),
+];
 
 /// Who the configuration is checked for. Each role checks the sections it
 /// uses and the files it opens; every role refuses unknown keys and values
@@ -251,7 +262,13 @@ impl Config {
                 Some(var) => {
                     tracing::debug!(variable = %var, "a Kubernetes service link, not a setting")
                 }
-                None => errors.push(err(name(k), "unknown key")),
+                None => {
+                    let why = match MOVED.iter().find(|(old, _)| *old == k) {
+                        Some((_, new)) => format!("unknown key (it moved: {new})"),
+                        None => "unknown key".to_string(),
+                    };
+                    errors.push(err(name(k), why))
+                }
             }
         }
         match parsed {
@@ -491,6 +508,20 @@ mod tests {
                 "delivery.routes.*.tls"
             ]
         );
+    }
+
+    #[test]
+    fn moved_keys_say_where_they_went() {
+        let e = load("[delivery]\ndata_timeout = \"10m\"\n", &[]).unwrap_err();
+        assert_eq!(
+            e.0[0].to_string(),
+            "delivery.data_timeout: unknown key (it moved: delivery.timeouts.data_end)"
+        );
+        let c = load("[delivery.timeouts]\nrcpt = \"1m\"\n", &[]).unwrap();
+        assert_eq!(c.delivery.timeouts.rcpt, Dur::secs(60));
+        assert_eq!(c.delivery.timeouts.data_end, Dur::secs(600));
+        let e = load("[delivery.timeouts]\nbanner = 0\n", &[]).unwrap_err();
+        assert_eq!(keys(e), vec!["delivery.timeouts.banner"]);
     }
 
     #[test]

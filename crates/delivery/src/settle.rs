@@ -1,0 +1,516 @@
+//! Settling a message after an attempt. What to do is decided by [`plan`],
+//! a pure function of the message, its recipients' outcomes, the retry
+//! schedule and the message's age; [`Deliverer::settle`] only carries the
+//! plan out: the report is queued first (durably), then the message is
+//! republished to a retry tier with the recipients still pending, or acked.
+
+use std::time::Duration;
+
+use correu_proto::v1::QueuedMessage;
+use correu_queue::{Delivery, Next, Schedule};
+use opentelemetry::KeyValue;
+
+use crate::Deliverer;
+use crate::dsn::{self, Action};
+use crate::outcome::Outcome;
+
+/// What the settling of one attempt follows besides the schedule.
+#[derive(Debug, Clone, Copy)]
+pub struct Rules {
+    /// Send DSNs (`delivery.bounces`).
+    pub bounces: bool,
+    /// Warn the sender once when a message is this old and still pending
+    /// (`delivery.delay_warning`; zero for never).
+    pub delay_warning: Duration,
+}
+
+/// What became of one recipient in this attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Delivered,
+    /// Failed for good: a permanent failure, or the maximum age reached.
+    Failed,
+    /// Tried again later.
+    Deferred,
+}
+
+/// Where the message goes once the report (if any) is queued.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Disposition {
+    Ack,
+    /// Republish to retry tier `tier`, to come back after `delay`, with
+    /// only the pending recipients.
+    Retry {
+        tier: usize,
+        delay: Duration,
+        message: Box<QueuedMessage>,
+    },
+}
+
+/// The whole decision for one attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settlement {
+    /// Per recipient, in the message's order.
+    pub verdicts: Vec<Verdict>,
+    /// Whether the message reached its maximum age in this attempt.
+    pub giving_up: bool,
+    /// The DSN to send: (recipient index, what to report), with each
+    /// recipient's NOTIFY applied; empty for none. Never for `<>`.
+    pub report: Vec<(usize, Action)>,
+    pub next: Disposition,
+}
+
+/// Decides what to do with `msg` after an attempt that ended in
+/// `outcomes` (one per recipient, in order), when the message is `age`
+/// old.
+pub fn plan(
+    msg: &QueuedMessage,
+    outcomes: &[Outcome],
+    schedule: &Schedule,
+    rules: &Rules,
+    age: Duration,
+) -> Settlement {
+    let attempts = msg.attempt + 1;
+    let pending_any = outcomes.iter().any(Outcome::is_temporary);
+    let next = pending_any.then(|| schedule.next(attempts, age));
+    let giving_up = next == Some(Next::GiveUp);
+    // One delay warning per message, once it is old enough.
+    let warn_delay = pending_any
+        && !giving_up
+        && !rules.delay_warning.is_zero()
+        && !msg.delay_warned
+        && age >= rules.delay_warning;
+    let mut verdicts = Vec::with_capacity(outcomes.len());
+    let mut report = Vec::new();
+    let mut pending = Vec::new();
+    let mut last_error = String::new();
+    for (i, (r, o)) in msg.recipients.iter().zip(outcomes).enumerate() {
+        let (verdict, action) = match o {
+            Outcome::Delivered { remote_mta } => (
+                Verdict::Delivered,
+                Some(match remote_mta {
+                    Some(m) => Action::Relayed {
+                        remote_mta: m.clone(),
+                    },
+                    None => Action::Delivered,
+                }),
+            ),
+            Outcome::Permanent(f) => (Verdict::Failed, Some(Action::Failed(f.clone()))),
+            Outcome::Temporary(f) if giving_up => {
+                (Verdict::Failed, Some(Action::Failed(f.clone())))
+            }
+            Outcome::Temporary(f) => {
+                last_error = f.to_string();
+                pending.push(r.clone());
+                (
+                    Verdict::Deferred,
+                    warn_delay.then(|| Action::Delayed(f.clone())),
+                )
+            }
+        };
+        verdicts.push(verdict);
+        if let Some(a) = action
+            && rules.bounces
+            && !msg.sender.is_empty()
+            && dsn::wanted(&r.notify, &a)
+        {
+            report.push((i, a));
+        }
+    }
+    let next = match next {
+        Some(Next::RetryIn { tier, delay }) if !pending.is_empty() => Disposition::Retry {
+            tier,
+            delay,
+            message: Box::new(QueuedMessage {
+                recipients: pending,
+                attempt: attempts,
+                last_error,
+                delay_warned: msg.delay_warned || warn_delay,
+                ..msg.clone()
+            }),
+        },
+        _ => Disposition::Ack,
+    };
+    Settlement {
+        verdicts,
+        giving_up,
+        report,
+        next,
+    }
+}
+
+impl Deliverer {
+    /// Carries out [`plan`] for `msg`: logs and counts each recipient,
+    /// queues the report, then retries or acks.
+    pub(crate) async fn settle(
+        &self,
+        delivery: Delivery,
+        msg: QueuedMessage,
+        outcomes: Vec<Outcome>,
+    ) {
+        let id = msg.queue_id.clone();
+        let attempts = msg.attempt + 1;
+        let age = age_of(msg.received_at_unix_micros);
+        let s = plan(&msg, &outcomes, &self.schedule, &self.rules, age);
+        let m = &crate::metrics::METRICS;
+        for ((r, o), verdict) in msg.recipients.iter().zip(&outcomes).zip(&s.verdicts) {
+            let destination = if self.is_local(&r.address) {
+                "local"
+            } else {
+                "remote"
+            };
+            let label = match verdict {
+                Verdict::Delivered => "delivered",
+                Verdict::Failed => "failed",
+                Verdict::Deferred => "deferred",
+            };
+            m.attempts.add(
+                1,
+                &[
+                    KeyValue::new("outcome", label),
+                    KeyValue::new("destination", destination),
+                ],
+            );
+            match o {
+                Outcome::Delivered { .. } => {
+                    m.time_to_deliver.record(
+                        age.as_secs_f64(),
+                        &[KeyValue::new("destination", destination)],
+                    );
+                    tracing::info!(queue_id = %id, recipient = %r.address, attempt = attempts, "delivered");
+                }
+                Outcome::Permanent(f) => {
+                    tracing::warn!(queue_id = %id, recipient = %r.address, reason = %f, "delivery failed permanently")
+                }
+                Outcome::Temporary(f) if s.giving_up => {
+                    tracing::warn!(queue_id = %id, recipient = %r.address, reason = %f, attempts, ?age, "maximum age reached; giving up")
+                }
+                Outcome::Temporary(f) => {
+                    tracing::info!(queue_id = %id, recipient = %r.address, reason = %f, "delivery deferred")
+                }
+            }
+        }
+        // The report is queued (durably) before the message is settled.
+        if !s.report.is_empty() {
+            let dsn_id = correu_queue::new_queue_id();
+            let now = age_of(0).as_micros() as i64;
+            let reports: Vec<_> = s
+                .report
+                .iter()
+                .map(|(i, a)| (&msg.recipients[*i], a.clone()))
+                .collect();
+            if let Some(mut report) = dsn::build(&self.hostname, &msg, &reports, &dsn_id, now) {
+                // The report belongs to the message's trace.
+                report.traceparent = correu_runtime::telemetry::inject()
+                    .remove("traceparent")
+                    .unwrap_or_default();
+                match self.queue.publish(&report).await {
+                    Ok(()) => {
+                        m.reports.add(1, &[]);
+                        tracing::info!(queue_id = %id, dsn = %dsn_id, to = %msg.sender, "delivery status notification queued")
+                    }
+                    Err(e) => {
+                        tracing::error!(queue_id = %id, error = %e, "cannot queue the DSN; the message goes back to the queue");
+                        return log_settle(&id, delivery.release().await);
+                    }
+                }
+            }
+        }
+        let was_deferred = msg.attempt > 0;
+        let result = match s.next {
+            Disposition::Retry {
+                tier,
+                delay,
+                message,
+            } => {
+                tracing::info!(queue_id = %id, attempts, retry_in = ?delay, pending = message.recipients.len(), "retry scheduled");
+                m.retries.add(1, &[]);
+                let r = delivery.retry(&message, tier, delay).await;
+                if r.is_ok()
+                    && let Some(index) = &self.index
+                {
+                    let entry = correu_queue::admin::Deferred::from_message(
+                        &message,
+                        correu_queue::index::due_in(delay),
+                    );
+                    if let Err(e) = index.record(&entry, delay).await {
+                        tracing::debug!(queue_id = %id, error = %e, "deferred index not updated");
+                    }
+                }
+                return log_settle(&id, r);
+            }
+            Disposition::Ack => delivery.ack().await,
+        };
+        if result.is_ok()
+            && was_deferred
+            && let Some(index) = &self.index
+            && let Err(e) = index.remove(&id).await
+        {
+            tracing::debug!(queue_id = %id, error = %e, "deferred index not updated");
+        }
+        log_settle(&id, result);
+    }
+}
+
+fn log_settle(id: &str, result: Result<(), correu_queue::QueueError>) {
+    if let Err(e) = result {
+        tracing::error!(queue_id = %id, error = %e, "cannot settle message; it will be delivered again");
+    }
+}
+
+/// How long ago a message was received.
+pub(crate) fn age_of(received_at_unix_micros: i64) -> Duration {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_micros() as i64;
+    Duration::from_micros(now.saturating_sub(received_at_unix_micros).max(0) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use correu_proto::v1::Recipient;
+
+    const MIN: Duration = Duration::from_secs(60);
+
+    fn schedule() -> Schedule {
+        Schedule {
+            delays: vec![MIN, 5 * MIN],
+            max_age: Duration::from_secs(5 * 86_400),
+        }
+    }
+
+    fn rules() -> Rules {
+        Rules {
+            bounces: true,
+            delay_warning: Duration::ZERO,
+        }
+    }
+
+    fn message(rcpts: &[(&str, &str)]) -> QueuedMessage {
+        QueuedMessage {
+            queue_id: "Q1".into(),
+            sender: "jo@domini.com".into(),
+            recipients: rcpts
+                .iter()
+                .map(|(a, notify)| Recipient {
+                    address: a.to_string(),
+                    notify: notify.to_string(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn ok() -> Outcome {
+        Outcome::Delivered {
+            remote_mta: Some("mx.remote.test".into()),
+        }
+    }
+    fn temp() -> Outcome {
+        Outcome::temp("4.4.1", "no answer")
+    }
+    fn perm() -> Outcome {
+        Outcome::perm("5.1.1", "no such user")
+    }
+
+    fn kinds(report: &[(usize, Action)]) -> Vec<(usize, &'static str)> {
+        report
+            .iter()
+            .map(|(i, a)| {
+                (
+                    *i,
+                    match a {
+                        Action::Failed(_) => "failed",
+                        Action::Delayed(_) => "delayed",
+                        Action::Delivered => "delivered",
+                        Action::Relayed { .. } => "relayed",
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// (case, recipients with NOTIFY, outcomes, age, attempt already made,
+    ///  verdicts, report, retry tier or none)
+    #[test]
+    fn plans_table() {
+        use Verdict::*;
+        type Case<'a> = (
+            &'a str,
+            Vec<(&'a str, &'a str)>,
+            Vec<Outcome>,
+            Duration,
+            u32,
+            Vec<Verdict>,
+            Vec<(usize, &'a str)>,
+            Option<usize>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "all delivered: ack, no report",
+                vec![("a@x.test", ""), ("b@x.test", "")],
+                vec![ok(), ok()],
+                MIN,
+                0,
+                vec![Delivered, Delivered],
+                vec![],
+                None,
+            ),
+            (
+                "partial success: only the pending one is retried",
+                vec![("a@x.test", ""), ("b@x.test", "")],
+                vec![ok(), temp()],
+                MIN,
+                0,
+                vec![Delivered, Deferred],
+                vec![],
+                Some(0),
+            ),
+            (
+                "a permanent failure bounces; the rest is retried",
+                vec![("a@x.test", ""), ("b@x.test", "")],
+                vec![perm(), temp()],
+                MIN,
+                0,
+                vec![Failed, Deferred],
+                vec![(0, "failed")],
+                Some(0),
+            ),
+            (
+                "the second retry goes to the second tier",
+                vec![("a@x.test", "")],
+                vec![temp()],
+                10 * MIN,
+                1,
+                vec![Deferred],
+                vec![],
+                Some(1),
+            ),
+            (
+                "past the maximum age: given up and bounced",
+                vec![("a@x.test", "")],
+                vec![temp()],
+                Duration::from_secs(6 * 86_400),
+                9,
+                vec![Failed],
+                vec![(0, "failed")],
+                None,
+            ),
+            (
+                "NOTIFY=NEVER: no bounce",
+                vec![("a@x.test", "NEVER")],
+                vec![perm()],
+                MIN,
+                0,
+                vec![Failed],
+                vec![],
+                None,
+            ),
+            (
+                "NOTIFY=SUCCESS: a report of delivery, and only for it",
+                vec![("a@x.test", "SUCCESS"), ("b@x.test", "SUCCESS")],
+                vec![ok(), perm()],
+                MIN,
+                0,
+                vec![Delivered, Failed],
+                vec![(0, "relayed")],
+                None,
+            ),
+            (
+                "NOTIFY=FAILURE,SUCCESS: both",
+                vec![("a@x.test", "FAILURE,SUCCESS"), ("b@x.test", "failure")],
+                vec![ok(), perm()],
+                MIN,
+                0,
+                vec![Delivered, Failed],
+                vec![(0, "relayed"), (1, "failed")],
+                None,
+            ),
+        ];
+        for (name, rcpts, outcomes, age, attempt, verdicts, report, tier) in cases {
+            let mut msg = message(&rcpts);
+            msg.attempt = attempt;
+            let s = plan(&msg, &outcomes, &schedule(), &rules(), age);
+            assert_eq!(s.verdicts, verdicts, "{name}");
+            assert_eq!(kinds(&s.report), report, "{name}");
+            match (&s.next, tier) {
+                (Disposition::Ack, None) => {}
+                (
+                    Disposition::Retry {
+                        tier: t, message, ..
+                    },
+                    Some(want),
+                ) => {
+                    assert_eq!(*t, want, "{name}");
+                    let pending: Vec<_> = verdicts
+                        .iter()
+                        .zip(&rcpts)
+                        .filter(|(v, _)| **v == Deferred)
+                        .map(|(_, r)| r.0.to_string())
+                        .collect();
+                    let kept: Vec<_> = message
+                        .recipients
+                        .iter()
+                        .map(|r| r.address.clone())
+                        .collect();
+                    assert_eq!(kept, pending, "{name}: only pending recipients are retried");
+                    assert_eq!(message.attempt, attempt + 1, "{name}");
+                    assert!(message.last_error.contains("no answer"), "{name}");
+                }
+                (other, want) => panic!("{name}: {other:?}, want tier {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn no_report_to_the_null_sender_or_when_bounces_are_off() {
+        let mut msg = message(&[("a@x.test", "")]);
+        msg.sender.clear();
+        let s = plan(&msg, &[perm()], &schedule(), &rules(), MIN);
+        assert!(s.report.is_empty());
+        let msg = message(&[("a@x.test", "")]);
+        let off = Rules {
+            bounces: false,
+            ..rules()
+        };
+        assert!(
+            plan(&msg, &[perm()], &schedule(), &off, MIN)
+                .report
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn one_delay_warning_when_old_enough() {
+        let warn = Rules {
+            bounces: true,
+            delay_warning: 30 * MIN,
+        };
+        let msg = message(&[("a@x.test", "")]);
+        // Too young: no warning.
+        let s = plan(&msg, &[temp()], &schedule(), &warn, MIN);
+        assert!(s.report.is_empty());
+        // Old enough: one, and the retried message remembers it.
+        let s = plan(&msg, &[temp()], &schedule(), &warn, 31 * MIN);
+        assert_eq!(kinds(&s.report), vec![(0, "delayed")]);
+        let Disposition::Retry {
+            message: retried, ..
+        } = s.next
+        else {
+            panic!("{:?}", s.next)
+        };
+        assert!(retried.delay_warned);
+        // Once warned, never again; NOTIFY without DELAY, never at all.
+        let s = plan(&retried, &[temp()], &schedule(), &warn, 40 * MIN);
+        assert!(s.report.is_empty());
+        let msg = message(&[("a@x.test", "FAILURE")]);
+        assert!(
+            plan(&msg, &[temp()], &schedule(), &warn, 31 * MIN)
+                .report
+                .is_empty()
+        );
+    }
+}
