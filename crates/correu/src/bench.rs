@@ -106,7 +106,9 @@ async fn connection(
     let (rd, mut wr) = stream.into_split();
     let mut rd = BufReader::new(rd);
     let fail = |what: String| {
-        let mut t = tally.lock().unwrap_or_else(|p| p.into_inner());
+        let mut t = tally
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         *t.errors.entry(what).or_default() += 1;
     };
     let greeting = reply(&mut rd).await?;
@@ -156,7 +158,9 @@ async fn connection(
                 .nth(1)
                 .map(|s| s.trim().to_string())
                 .unwrap_or_default();
-            let mut t = tally.lock().unwrap_or_else(|p| p.into_inner());
+            let mut t = tally
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             t.latencies.push(took);
             t.accepted.insert(id, Instant::now());
         } else {
@@ -235,7 +239,9 @@ fn watch(
     let note = move |name: &str, at: Instant| {
         // TIME.QUEUEID_HASH.HOST,S=SIZE
         if let Some(id) = name.split('.').nth(1).and_then(|u| u.split('_').next()) {
-            let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+            let mut seen = seen
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             seen.entry(id.to_string()).or_insert(at);
         }
     };
@@ -301,7 +307,9 @@ pub async fn run(
                 }
                 let count = per.min(a.messages - n * per);
                 if let Err(e) = connection(&a, &body, count, &pace, &tally).await {
-                    let mut t = tally.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut t = tally
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
                     *t.errors
                         .entry(format!("connection: {}", e.kind()))
                         .or_default() += 1;
@@ -320,7 +328,11 @@ pub async fn run(
         }
     }
     let took = started.elapsed();
-    let mut t = std::mem::take(&mut *tally.lock().unwrap_or_else(|p| p.into_inner()));
+    let mut t = std::mem::take(
+        &mut *tally
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
     t.latencies.sort();
     let ok = t.latencies.len();
     let mut e2e: Vec<Duration> = Vec::new();
@@ -332,7 +344,9 @@ pub async fn run(
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             let landed = {
-                let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+                let seen = seen
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 t.accepted
                     .iter()
                     .filter(|(id, _)| seen.contains_key(id.as_str()))
@@ -345,7 +359,11 @@ pub async fn run(
         }
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let _watcher = w.join();
-        let seen = std::mem::take(&mut *seen.lock().unwrap_or_else(|p| p.into_inner()));
+        let seen = std::mem::take(
+            &mut *seen
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
         let mut last = started;
         for (id, at) in &t.accepted {
             if let Some(s) = seen.get(id) {

@@ -269,11 +269,7 @@ async fn accept_loop(
                 1,
                 &[opentelemetry::KeyValue::new("reason", "shutting_down")],
             );
-            let reply = format!(
-                "421 4.3.2 {} Service shutting down, try again later\r\n",
-                shared.session.hostname
-            );
-            tokio::spawn(refuse(stream, reply));
+            tokio::spawn(refuse(stream, shared.session.shutting_down().to_bytes()));
             continue;
         }
         match limit.clone().try_acquire_owned() {
@@ -291,20 +287,18 @@ async fn accept_loop(
                     1,
                     &[opentelemetry::KeyValue::new("reason", "connection_limit")],
                 );
-                let reply = format!(
-                    "421 4.3.2 {} Too many connections, try again later\r\n",
-                    shared.session.hostname
-                );
-                tracker.spawn(refuse(stream, reply));
+                tracker.spawn(refuse(
+                    stream,
+                    shared.session.too_many_connections().to_bytes(),
+                ));
             }
         }
     }
 }
 
 /// Over a limit: say so (RFC 5321 §3.8) and close.
-async fn refuse(mut stream: TcpStream, reply: String) {
-    let sent =
-        tokio::time::timeout(Duration::from_secs(5), stream.write_all(reply.as_bytes())).await;
+async fn refuse(mut stream: TcpStream, reply: Vec<u8>) {
+    let sent = tokio::time::timeout(Duration::from_secs(5), stream.write_all(&reply)).await;
     if !matches!(sent, Ok(Ok(()))) {
         tracing::debug!("could not tell a refused client why");
     }

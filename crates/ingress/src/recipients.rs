@@ -11,7 +11,10 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// Tokio's clock, so tests can pause and advance it.
+use tokio::time::Instant;
 
 /// Most addresses remembered; past it the expired ones go, then all.
 const MAX_REMEMBERED: usize = 100_000;
@@ -32,7 +35,7 @@ impl KnownRecipients {
 
     fn known(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
         // A map of timestamps is consistent whatever panicked while it was held.
-        self.known.lock().unwrap_or_else(|p| p.into_inner())
+        correu_runtime::sync::lock(&self.known)
     }
 
     /// Whether storage said `address` exists less than the lifetime ago.
@@ -67,14 +70,16 @@ impl KnownRecipients {
 mod tests {
     use super::*;
 
-    #[test]
-    fn remembers_for_its_lifetime_only() {
-        let k = KnownRecipients::new(Duration::from_millis(100));
+    #[tokio::test(start_paused = true)]
+    async fn remembers_for_its_lifetime_only() {
+        let k = KnownRecipients::new(Duration::from_secs(10));
         assert!(!k.exists("ana@localhost"));
         k.remember("ana@localhost");
         assert!(k.exists("ana@localhost"));
         assert!(!k.exists("pere@localhost"));
-        std::thread::sleep(Duration::from_millis(150));
+        tokio::time::advance(Duration::from_millis(9_999)).await;
+        assert!(k.exists("ana@localhost"), "still fresh");
+        tokio::time::advance(Duration::from_millis(1)).await;
         assert!(!k.exists("ana@localhost"), "expired");
     }
 

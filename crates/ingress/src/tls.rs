@@ -8,6 +8,7 @@ use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
+use correu_runtime::sync::{read, write};
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -37,6 +38,9 @@ pub struct Tls {
     stamp: RwLock<(Option<SystemTime>, Option<SystemTime>)>,
 }
 
+// Blocking, on purpose: called before the listeners start and from
+// `spawn_blocking` in `watch`, never on a Tokio worker.
+#[allow(clippy::disallowed_methods)]
 fn modified(p: &Path) -> Option<SystemTime> {
     std::fs::metadata(p).and_then(|m| m.modified()).ok()
 }
@@ -78,11 +82,7 @@ impl Tls {
     }
 
     pub fn acceptor(&self) -> TlsAcceptor {
-        let config = self
-            .current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let config = read(&self.current).clone();
         TlsAcceptor::from(config)
     }
 
@@ -90,13 +90,13 @@ impl Tls {
     /// one kept. Returns whether a new configuration is in use.
     pub fn reload_if_changed(&self) -> bool {
         let now = (modified(&self.cert), modified(&self.key));
-        if *self.stamp.read().unwrap_or_else(|p| p.into_inner()) == now {
+        if *read(&self.stamp) == now {
             return false;
         }
-        *self.stamp.write().unwrap_or_else(|p| p.into_inner()) = now;
+        *write(&self.stamp) = now;
         match load(&self.cert, &self.key) {
             Ok(config) => {
-                *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
+                *write(&self.current) = Arc::new(config);
                 tracing::info!(cert = %self.cert.display(), "TLS certificate reloaded");
                 true
             }

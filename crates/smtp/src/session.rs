@@ -244,6 +244,27 @@ fn reply(code: u16, e: (u8, u16, u16), text: impl Into<String>) -> Reply {
     Reply::new(code, Enhanced(e.0, e.1, e.2), text)
 }
 
+impl SessionConfig {
+    /// `421 4.3.2`: the server is stopping (to a new connection or an idle
+    /// session).
+    pub fn shutting_down(&self) -> Reply {
+        reply(
+            421,
+            (4, 3, 2),
+            format!("{} Service shutting down, try again later", self.hostname),
+        )
+    }
+
+    /// `421 4.3.2`: every connection slot is taken.
+    pub fn too_many_connections(&self) -> Reply {
+        reply(
+            421,
+            (4, 3, 2),
+            format!("{} Too many connections, try again later", self.hostname),
+        )
+    }
+}
+
 impl Session {
     pub fn new(cfg: Arc<SessionConfig>, policy: Policy) -> Self {
         Session {
@@ -294,14 +315,7 @@ impl Session {
 
     /// The reply given to new or idle sessions while the server stops.
     pub fn shutting_down(&self) -> Reply {
-        reply(
-            421,
-            (4, 3, 2),
-            format!(
-                "{} Service shutting down, try again later",
-                self.cfg.hostname
-            ),
-        )
+        self.cfg.shutting_down()
     }
 
     /// The reply to a client over its rate of connections or messages.
