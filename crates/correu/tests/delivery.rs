@@ -245,7 +245,7 @@ fn a_smarthost_with_auth() {
     let submission = relay
         .serve_listeners()
         .into_iter()
-        .find(|(_, d)| d.contains("STARTTLS, then AUTH"))
+        .find(|(_, role)| role == "submission")
         .unwrap()
         .0;
     let password = dir.path().join("relay-password");

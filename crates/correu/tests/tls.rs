@@ -45,11 +45,11 @@ fn server(dir: &Path, extra_smtp: &str) -> Server {
     .unwrap();
     let mut proc = Proc::correu(CORREU, "serve", dir, &["serve"], &cfg);
     let l = proc.serve_listeners();
-    let find = |what: &str| l.iter().find(|(_, d)| d.contains(what)).unwrap().0;
+    let find = |role: &str| l.iter().find(|(_, r)| r == role).unwrap().0;
     Server {
-        mx: find("mail for"),
-        submission: find("STARTTLS, then AUTH"),
-        submissions: find("implicit TLS"),
+        mx: find("mx"),
+        submission: find("submission"),
+        submissions: find("submissions"),
         proc,
         cert,
         ca,

@@ -1,0 +1,147 @@
+//! A real OTLP/gRPC trace receiver ([`OtlpReceiver`]) for assertions on spans.
+
+use super::*;
+
+/// One span as an OTLP receiver got it, flattened for assertions.
+#[derive(Debug, Clone)]
+pub struct ReceivedSpan {
+    pub service: String,
+    pub name: String,
+    pub trace_id: String,
+    pub span_id: String,
+    pub parent_span_id: String,
+    /// The trace ids of the span's links.
+    pub links: Vec<String>,
+    /// String, integer and boolean attributes as text.
+    pub attributes: std::collections::HashMap<String, String>,
+}
+
+/// A real OTLP/gRPC trace receiver (opentelemetry-proto's tonic service)
+/// on 127.0.0.1, keeping every span it is sent.
+pub struct OtlpReceiver {
+    pub addr: SocketAddr,
+    spans: std::sync::Arc<std::sync::Mutex<Vec<ReceivedSpan>>>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+struct Collector(std::sync::Arc<std::sync::Mutex<Vec<ReceivedSpan>>>);
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
+    for Collector
+{
+    async fn export(
+        &self,
+        request: tonic::Request<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+        >,
+    ) -> Result<
+        tonic::Response<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
+        >,
+        tonic::Status,
+    > {
+        use opentelemetry_proto::tonic::common::v1::any_value::Value;
+        let text = |v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>| match v
+            .as_ref()
+            .and_then(|v| v.value.as_ref())
+        {
+            Some(Value::StringValue(s)) => s.clone(),
+            Some(Value::IntValue(i)) => i.to_string(),
+            Some(Value::BoolValue(b)) => b.to_string(),
+            Some(Value::DoubleValue(d)) => d.to_string(),
+            _ => String::new(),
+        };
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        let mut got = Vec::new();
+        for rs in request.into_inner().resource_spans {
+            let service = rs
+                .resource
+                .as_ref()
+                .and_then(|r| r.attributes.iter().find(|a| a.key == "service.name"))
+                .map(|a| text(&a.value))
+                .unwrap_or_default();
+            for ss in rs.scope_spans {
+                for s in ss.spans {
+                    got.push(ReceivedSpan {
+                        service: service.clone(),
+                        name: s.name.clone(),
+                        trace_id: hex(&s.trace_id),
+                        span_id: hex(&s.span_id),
+                        parent_span_id: hex(&s.parent_span_id),
+                        links: s.links.iter().map(|l| hex(&l.trace_id)).collect(),
+                        attributes: s
+                            .attributes
+                            .iter()
+                            .map(|a| (a.key.clone(), text(&a.value)))
+                            .collect(),
+                    });
+                }
+            }
+        }
+        self.0.lock().unwrap().extend(got);
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+impl OtlpReceiver {
+    pub fn start() -> OtlpReceiver {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let spans = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let collector = Collector(spans.clone());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                tonic::transport::Server::builder()
+                    .add_service(
+                        opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer::new(collector),
+                    )
+                    .serve_with_incoming_shutdown(
+                        tonic::transport::server::TcpIncoming::from(listener),
+                        async {
+                            let _ = stopped.await;
+                        },
+                    )
+                    .await
+                    .unwrap();
+            });
+        });
+        OtlpReceiver {
+            addr,
+            spans,
+            _stop: stop,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`, for `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn spans(&self) -> Vec<ReceivedSpan> {
+        self.spans.lock().unwrap().clone()
+    }
+
+    /// Waits until `done` holds for the spans received.
+    pub fn wait(
+        &self,
+        within: Duration,
+        mut done: impl FnMut(&[ReceivedSpan]) -> bool,
+    ) -> Vec<ReceivedSpan> {
+        let deadline = Instant::now() + within;
+        loop {
+            let spans = self.spans();
+            if done(&spans) || Instant::now() > deadline {
+                return spans;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
