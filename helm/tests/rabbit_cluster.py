@@ -107,12 +107,14 @@ class Node:
         self.proc.wait(timeout=30)
 
     def client_connections(self):
-        """How many AMQP client connections this node holds now."""
-        r = self.ctl("list_connections", "peer_host", "--quiet", "--no-table-headers", check=False,
+        """How many AMQP client connections this node holds now (the
+        listing is the whole cluster's: each row says its node)."""
+        r = self.ctl("list_connections", "pid", "--quiet", "--no-table-headers", check=False,
                      timeout=30)
         if r.returncode != 0:
             return 0
-        return len([line for line in r.stdout.splitlines() if line.strip()])
+        # An Erlang pid names its node: <NODE.1.2.3>.
+        return sum(1 for line in r.stdout.splitlines() if f"<{self.name}." in line)
 
 
 class Cluster:
@@ -158,6 +160,7 @@ class Cluster:
                     os.killpg(n.proc.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-        # The cluster's own epmd.
-        subprocess.run(["pkill", "-f", f"epmd.*-port {self.epmd_port}"], capture_output=True)
+        # The cluster's own epmd (the nodes started it as a daemon).
+        subprocess.run(["epmd", "-port", str(self.epmd_port), "-kill"], capture_output=True,
+                       env={"PATH": "/usr/bin:/bin", "ERL_EPMD_PORT": str(self.epmd_port)})
         shutil.rmtree(self.dir, ignore_errors=True)
