@@ -198,3 +198,49 @@ fn hundreds_of_idle_connections_do_not_stall_a_working_client() {
     a_normal_client_is_served(addr, [127, 0, 0, 1]);
     drop(idle);
 }
+
+/// Nothing a client sends can add a header line to what Correu writes:
+/// a bare CR or NUL in HELO/EHLO is refused, so is xtext (ENVID, ORCPT)
+/// that decodes to CR LF; the session goes on, and the message that is
+/// finally sent carries a `Received:` with the clean name only.
+#[test]
+fn header_injection_is_refused_at_the_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_p, addr) = serve(dir.path(), "");
+    let mut c = Smtp::connect(addr);
+    assert_eq!(c.read().code, 220);
+    for evil in [
+        "EHLO evil\rX-Injected: cr",
+        "HELO evil\0nul",
+        "EHLO evil\x0bvt",
+    ] {
+        let r = c.cmd(evil);
+        assert_eq!(
+            (r.code, r.enhanced.map(|e| e.to_string())),
+            (501, Some("5.5.4".into())),
+            "{evil:?}: {r}"
+        );
+    }
+    assert_eq!(c.cmd("EHLO clean.example").code, 250);
+    let r = c.cmd("MAIL FROM:<jo@domini.com> ENVID=x+0D+0ABcc:+20evil@example");
+    assert_eq!(r.code, 501, "{r}");
+    assert_eq!(c.cmd("MAIL FROM:<jo@domini.com>").code, 250);
+    let r = c.cmd("RCPT TO:<pere@localhost> ORCPT=rfc822;pere@localhost+0D+0AX-Injected:+20yes");
+    assert_eq!(r.code, 501, "{r}");
+    assert_eq!(c.cmd("RCPT TO:<pere@localhost>").code, 250);
+    assert_eq!(c.cmd("DATA").code, 354);
+    c.send(b"Subject: clean\r\n\r\nbody\r\n.\r\n");
+    assert_eq!(c.read().code, 250);
+    let files = wait_maildir(
+        &dir.path().join("mail/localhost/pere"),
+        1,
+        Duration::from_secs(20),
+    );
+    let text = read(&files[0]);
+    let head = text.split("\r\n\r\n").next().unwrap();
+    assert!(head.contains("Received: from clean.example"), "{head}");
+    assert!(!head.contains("X-Injected"), "{head}");
+    for line in head.split("\r\n") {
+        assert!(!line.contains('\r') && !line.contains('\0'), "{line:?}");
+    }
+}

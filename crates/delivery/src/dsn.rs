@@ -4,7 +4,7 @@
 //! so it can never cause another; none is ever sent to `<>`.
 
 use correu_proto::v1::{QueuedMessage, Recipient};
-use correu_smtp::headers::rfc5322_date;
+use correu_smtp::headers::{field_value, rfc5322_date};
 
 use crate::outcome::Failure;
 
@@ -31,27 +31,7 @@ pub fn wanted(notify: &str, action: &Action) -> bool {
     }
 }
 
-/// Decodes xtext (RFC 3461 §4): `+XX` is the octet XX.
-pub fn decode_xtext(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'+'
-            && i + 2 < b.len()
-            && let Some(v) = std::str::from_utf8(&b[i + 1..i + 3])
-                .ok()
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-        {
-            out.push(v);
-            i += 3;
-            continue;
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
+pub use correu_smtp::command::decode_xtext;
 
 /// Largest original message returned whole when RET is not given.
 const RETURN_WHOLE_UP_TO: usize = 64 * 1024;
@@ -89,7 +69,7 @@ pub fn build(
     let mut m = String::new();
     m.push_str(&format!(
         "From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>\r\nTo: <{sender}>\r\nSubject: {subject}\r\nDate: {date}\r\nMessage-ID: <{new_id}@{reporting_mta}>\r\nAuto-Submitted: auto-replied\r\nMIME-Version: 1.0\r\nContent-Type: multipart/report; report-type=delivery-status;\r\n\tboundary=\"{boundary}\"\r\n\r\nThis is a MIME-encapsulated message.\r\n\r\n",
-        sender = original.sender,
+        sender = field_value(&original.sender),
         date = rfc5322_date(now),
     ));
     // The human part.
@@ -106,15 +86,20 @@ pub fn build(
     }
     for (r, a) in &reports {
         match a {
-            Action::Failed(f) | Action::Delayed(f) => {
-                m.push_str(&format!("<{}>: {}\r\n", r.address, f.text))
-            }
-            Action::Delivered => {
-                m.push_str(&format!("<{}>: delivered to the mailbox\r\n", r.address))
-            }
-            Action::Relayed { remote_mta } => {
-                m.push_str(&format!("<{}>: relayed to {remote_mta}\r\n", r.address))
-            }
+            Action::Failed(f) | Action::Delayed(f) => m.push_str(&format!(
+                "<{}>: {}\r\n",
+                field_value(&r.address),
+                field_value(&f.text)
+            )),
+            Action::Delivered => m.push_str(&format!(
+                "<{}>: delivered to the mailbox\r\n",
+                field_value(&r.address)
+            )),
+            Action::Relayed { remote_mta } => m.push_str(&format!(
+                "<{}>: relayed to {}\r\n",
+                field_value(&r.address),
+                field_value(remote_mta)
+            )),
         }
     }
     // The machine-readable part (RFC 3464 §2).
@@ -128,7 +113,7 @@ pub fn build(
     if !original.dsn_envid.is_empty() {
         m.push_str(&format!(
             "Original-Envelope-Id: {}\r\n",
-            decode_xtext(&original.dsn_envid)
+            field_value(&decode_xtext(&original.dsn_envid))
         ));
     }
     m.push_str(&format!(
@@ -136,11 +121,15 @@ pub fn build(
         rfc5322_date(original.received_at_unix_micros / 1_000_000)
     ));
     for (r, a) in &reports {
-        m.push_str(&format!("\r\nFinal-Recipient: rfc822; {}\r\n", r.address));
+        m.push_str(&format!(
+            "\r\nFinal-Recipient: rfc822; {}\r\n",
+            field_value(&r.address)
+        ));
         if let Some((kind, addr)) = r.orcpt.split_once(';') {
             m.push_str(&format!(
-                "Original-Recipient: {kind}; {}\r\n",
-                decode_xtext(addr)
+                "Original-Recipient: {}; {}\r\n",
+                field_value(kind),
+                field_value(&decode_xtext(addr))
             ));
         }
         match a {
@@ -152,16 +141,23 @@ pub fn build(
                 };
                 m.push_str(&format!("Action: {action}\r\nStatus: {}\r\n", f.status));
                 if let Some(mta) = &f.remote_mta {
-                    m.push_str(&format!("Remote-MTA: dns; {mta}\r\n"));
+                    m.push_str(&format!("Remote-MTA: dns; {}\r\n", field_value(mta)));
                 }
                 match &f.smtp_reply {
-                    Some(reply) => m.push_str(&format!("Diagnostic-Code: smtp; {reply}\r\n")),
-                    None => m.push_str(&format!("Diagnostic-Code: X-Correu; {}\r\n", f.text)),
+                    Some(reply) => m.push_str(&format!(
+                        "Diagnostic-Code: smtp; {}\r\n",
+                        field_value(reply)
+                    )),
+                    None => m.push_str(&format!(
+                        "Diagnostic-Code: X-Correu; {}\r\n",
+                        field_value(&f.text)
+                    )),
                 }
             }
             Action::Delivered => m.push_str("Action: delivered\r\nStatus: 2.0.0\r\n"),
             Action::Relayed { remote_mta } => m.push_str(&format!(
-                "Action: relayed\r\nStatus: 2.0.0\r\nRemote-MTA: dns; {remote_mta}\r\n"
+                "Action: relayed\r\nStatus: 2.0.0\r\nRemote-MTA: dns; {}\r\n",
+                field_value(remote_mta)
             )),
         }
     }
@@ -233,6 +229,43 @@ mod tests {
             remote_mta: Some("mx.test".into()),
             smtp_reply: Some("550 5.1.1 no such user".into()),
         })
+    }
+
+    /// A queued envelope whose ENVID or ORCPT decodes to CR LF (one from
+    /// before the parser refused them, or from another producer) still
+    /// cannot write a line into the report.
+    #[test]
+    fn envelope_values_cannot_add_lines_to_a_report() {
+        let msg = QueuedMessage {
+            queue_id: "Q1".into(),
+            sender: "jo@domini.com".into(),
+            dsn_envid: "x+0D+0ABcc:+20evil@example".into(),
+            content: b"Subject: hi\r\n\r\nbody\r\n".to_vec(),
+            ..Default::default()
+        };
+        let r = Recipient {
+            address: "ana@remote.test".into(),
+            orcpt: "rfc822;ana@remote.test+0D+0AX-Injected:+20yes".into(),
+            ..Default::default()
+        };
+        let failure = Failure {
+            status: "5.1.1".into(),
+            text: "no such user\r\nX-Also: injected".into(),
+            remote_mta: Some("mx.remote.test".into()),
+            smtp_reply: Some("550 5.1.1 no\rX-Third: injected".into()),
+        };
+        let dsn = build("mx.test", &msg, &[(&r, Action::Failed(failure))], "Q2", 0).unwrap();
+        let text = String::from_utf8(dsn.content).unwrap();
+        for line in text.split("\r\n") {
+            assert!(!line.starts_with("Bcc:"), "{line}");
+            assert!(!line.starts_with("X-Injected"), "{line}");
+            assert!(!line.starts_with("X-Also"), "{line}");
+            assert!(!line.contains('\r'), "{line:?}");
+        }
+        assert!(
+            text.contains("Original-Envelope-Id: x??Bcc: evil@example\r\n"),
+            "{text}"
+        );
     }
 
     #[test]

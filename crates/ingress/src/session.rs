@@ -516,21 +516,25 @@ fn received_header(
     id: &str,
     now_secs: i64,
 ) -> String {
+    // Every value that came from the client is made safe for a header
+    // field (the parser already refuses controls in HELO; this holds for
+    // whatever else reaches here).
+    use correu_smtp::headers::field_value;
     let helo = if env.helo.is_empty() {
-        "unknown"
+        "unknown".into()
     } else {
-        env.helo.as_str()
+        field_value(&env.helo)
     };
     let tls = match &env.tls {
-        Some(t) => format!("\r\n\t(using {t})"),
+        Some(t) => format!("\r\n\t(using {})", field_value(t)),
         None => String::new(),
     };
     let user = match &env.user {
-        Some(u) => format!("\r\n\t(Authenticated sender: {u})"),
+        Some(u) => format!("\r\n\t(Authenticated sender: {})", field_value(u)),
         None => String::new(),
     };
     let rcpt = match env.recipients.as_slice() {
-        [one] => format!("\r\n\tfor <{}>", one.address),
+        [one] => format!("\r\n\tfor <{}>", field_value(&one.address.to_string())),
         _ => String::new(),
     };
     format!(

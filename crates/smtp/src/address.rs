@@ -50,9 +50,31 @@ impl Address {
             return Err(AddressError::BadDomain);
         }
         Ok(Address {
-            local: local.to_string(),
+            local: canonical_local(local),
             domain: domain.to_ascii_lowercase(),
         })
+    }
+
+    /// `RCPT TO:<Postmaster>` with no domain (RFC 5321 §4.1.1.3): this
+    /// server's postmaster, whose domain the session fills in.
+    pub fn bare_postmaster() -> Address {
+        Address {
+            local: "postmaster".into(),
+            domain: String::new(),
+        }
+    }
+
+    /// Whether this is [`Address::bare_postmaster`].
+    pub fn is_bare_postmaster(&self) -> bool {
+        self.domain.is_empty()
+    }
+
+    /// `postmaster@domain`.
+    pub fn postmaster_at(domain: &str) -> Address {
+        Address {
+            local: "postmaster".into(),
+            domain: domain.to_ascii_lowercase(),
+        }
     }
 
     pub fn local(&self) -> &str {
@@ -104,6 +126,22 @@ fn valid_local(local: &str) -> bool {
     local
         .split('.')
         .all(|atom| !atom.is_empty() && atom.chars().all(is_atext))
+}
+
+/// A quoted local part that needs no quotes is the same mailbox as its
+/// unquoted form (RFC 5321 §4.1.2: `"destinatari"` is `destinatari`), so
+/// it is written without them; one that needs them keeps them.
+fn canonical_local(local: &str) -> String {
+    if let Some(inner) = local.strip_prefix('"').and_then(|l| l.strip_suffix('"'))
+        && !inner.contains('\\')
+        && !inner.is_empty()
+        && inner
+            .split('.')
+            .all(|atom| !atom.is_empty() && atom.chars().all(is_atext))
+    {
+        return inner.to_string();
+    }
+    local.to_string()
 }
 
 fn valid_domain(domain: &str) -> bool {
@@ -168,6 +206,19 @@ mod tests {
         assert_eq!(Address::parse(&long), Err(AddressError::BadLocalPart));
         let long = format!("a@{}.org", "b".repeat(260));
         assert_eq!(Address::parse(&long), Err(AddressError::TooLong));
+    }
+
+    #[test]
+    fn quoted_local_parts_that_need_no_quotes_lose_them() {
+        for (sent, kept) in [
+            ("\"destinatari\"@example.test", "destinatari@example.test"),
+            ("\"jo.smith\"@example.test", "jo.smith@example.test"),
+            ("\"jo smith\"@example.test", "\"jo smith\"@example.test"),
+            ("\"jo..smith\"@example.test", "\"jo..smith\"@example.test"),
+            ("\"a\\\"b\"@example.test", "\"a\\\"b\"@example.test"),
+        ] {
+            assert_eq!(Address::parse(sent).unwrap().to_string(), kept, "{sent}");
+        }
     }
 
     #[test]

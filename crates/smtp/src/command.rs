@@ -128,12 +128,12 @@ pub fn parse_command(line: &[u8]) -> Result<Command, CommandError> {
     let verb = verb.to_ascii_uppercase();
     let arg = rest.trim_matches(' ');
     match verb.as_str() {
-        "HELO" => Ok(Command::Helo(arg.to_string())),
+        "HELO" => Ok(Command::Helo(helo_name(arg)?)),
         "EHLO" => {
             if arg.is_empty() {
                 return Err(CommandError::Syntax("EHLO hostname"));
             }
-            Ok(Command::Ehlo(arg.to_string()))
+            Ok(Command::Ehlo(helo_name(arg)?))
         }
         "MAIL" => parse_mail(rest),
         "RCPT" => parse_rcpt(rest),
@@ -165,6 +165,22 @@ pub fn parse_command(line: &[u8]) -> Result<Command, CommandError> {
         "HELP" => Ok(Command::Help(arg.to_string())),
         _ => Err(CommandError::Unrecognized),
     }
+}
+
+/// The name a client gives in HELO or EHLO. It goes into `Received:`, so
+/// a control character (a bare CR, NUL, TAB) or white space inside it is
+/// refused: after a relay hop a CR would start a header line of the
+/// client's choosing.
+fn helo_name(arg: &str) -> Result<String, CommandError> {
+    if arg
+        .chars()
+        .any(|c| c.is_control() || c == ' ' || c == '\u{7f}')
+    {
+        return Err(CommandError::Syntax(
+            "HELO/EHLO hostname, without spaces or control characters",
+        ));
+    }
+    Ok(arg.to_string())
 }
 
 fn no_arg(arg: &str, cmd: Command, usage: &'static str) -> Result<Command, CommandError> {
@@ -261,13 +277,45 @@ fn parse_mail(rest: &str) -> Result<Command, CommandError> {
             ("RET", Some(v)) if v.eq_ignore_ascii_case("FULL") => p.ret = Some(Ret::Full),
             ("RET", Some(v)) if v.eq_ignore_ascii_case("HDRS") => p.ret = Some(Ret::Headers),
             ("RET", Some(v)) => return Err(CommandError::ParameterValue(format!("RET={v}"))),
-            // RFC 3461 §4.4: at most 100 characters of xtext.
-            ("ENVID", Some(v)) if v.len() <= 100 && is_xtext(v) => p.envid = Some(v.to_string()),
+            // RFC 3461 §4.4: at most 100 characters of xtext, which may not
+            // decode to control characters (the DSN writes it as a field).
+            ("ENVID", Some(v)) if v.len() <= 100 && is_xtext(v) && decodes_clean(v) => {
+                p.envid = Some(v.to_string())
+            }
             ("ENVID", Some(v)) => return Err(CommandError::ParameterValue(format!("ENVID={v}"))),
             (k, _) => return Err(CommandError::Parameter(k.to_string())),
         }
     }
     Ok(Command::Mail { from, params: p })
+}
+
+/// Decodes xtext (RFC 3461 §4): `+XX` is the octet XX; anything else is
+/// itself. Lenient: a `+` without two hex digits stays a `+`.
+pub fn decode_xtext(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'+'
+            && i + 2 < b.len()
+            && let Some(v) = std::str::from_utf8(&b[i + 1..i + 3])
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(v);
+            i += 3;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Whether xtext decodes to text without control characters (`+0D+0A`
+/// would let the client write header lines into a DSN).
+fn decodes_clean(v: &str) -> bool {
+    !decode_xtext(v).chars().any(|c| c.is_control())
 }
 
 /// xtext (RFC 3461 §4): printable ASCII but `+` and `=`, with `+XX` escapes.
@@ -338,16 +386,20 @@ fn parse_rcpt(rest: &str) -> Result<Command, CommandError> {
         return Err(CommandError::Syntax("RCPT TO:<address>"));
     }
     let path = strip_source_route(path);
-    // "Postmaster" alone names the postmaster of this server (RFC 5321 §4.1.1.3);
-    // it is accepted by the session, which knows the domain.
-    let to = Address::parse(path).map_err(CommandError::Recipient)?;
+    // "Postmaster" alone names the postmaster of this server (RFC 5321
+    // §4.1.1.3, §4.5.1); the session gives it its first local domain.
+    let to = if path.eq_ignore_ascii_case("postmaster") {
+        Address::bare_postmaster()
+    } else {
+        Address::parse(path).map_err(CommandError::Recipient)?
+    };
     let mut p = RcptParams::default();
     for (key, value) in params(rest)? {
         match (key.as_str(), value) {
             ("NOTIFY", Some(v)) => p.notify = Some(parse_notify(v)?),
             // addr-type ";" xtext (RFC 3461 §4.2); the address may be UTF-8
             // with SMTPUTF8 (RFC 6533), so only the shape is checked here.
-            ("ORCPT", Some(v)) if v.contains(';') && v.len() <= 500 => {
+            ("ORCPT", Some(v)) if v.contains(';') && v.len() <= 500 && decodes_clean(v) => {
                 p.orcpt = Some(v.to_string())
             }
             ("ORCPT", Some(v)) => return Err(CommandError::ParameterValue(format!("ORCPT={v}"))),
@@ -497,6 +549,24 @@ mod tests {
     }
 
     #[test]
+    fn postmaster_alone_is_a_recipient() {
+        for line in [
+            "RCPT TO:<Postmaster>",
+            "RCPT TO:<postmaster>",
+            "rcpt to:<POSTMASTER>",
+        ] {
+            match parse_command(line.as_bytes()) {
+                Ok(Command::Rcpt { to, .. }) => assert!(to.is_bare_postmaster(), "{line}"),
+                other => panic!("{line}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            parse_command(b"RCPT TO:<hostmaster>"),
+            Err(CommandError::Recipient(AddressError::NoDomain))
+        ));
+    }
+
+    #[test]
     fn refuses_bad_commands_table() {
         use CommandError::*;
         let cases: Vec<(&[u8], CommandError)> = vec![
@@ -504,6 +574,29 @@ mod tests {
             (b"HELLO there", Unrecognized),
             (b"XYZZY", Unrecognized),
             (b"EHLO", Syntax("EHLO hostname")),
+            // A bare CR, a NUL or a space in the name would be written into
+            // Received: as it came.
+            (
+                b"EHLO evil\rX-Injected: cr",
+                Syntax("HELO/EHLO hostname, without spaces or control characters"),
+            ),
+            (
+                b"HELO evil\0nul",
+                Syntax("HELO/EHLO hostname, without spaces or control characters"),
+            ),
+            (
+                b"EHLO two words",
+                Syntax("HELO/EHLO hostname, without spaces or control characters"),
+            ),
+            // xtext that decodes to CR LF would write lines into a DSN.
+            (
+                b"MAIL FROM:<a@x.org> ENVID=x+0D+0ABcc:+20evil@example",
+                ParameterValue("ENVID=x+0D+0ABcc:+20evil@example".into()),
+            ),
+            (
+                b"RCPT TO:<a@x.org> ORCPT=rfc822;a@x.org+0D+0AX:+20y",
+                ParameterValue("ORCPT=rfc822;a@x.org+0D+0AX:+20y".into()),
+            ),
             (b"MAIL jo@x.org", Syntax("MAIL FROM:<address>")),
             (
                 b"MAIL FROM:<jo@x.org",

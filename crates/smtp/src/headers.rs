@@ -1,6 +1,22 @@
 //! Header fields added on the way: dates (RFC 5322 §3.3) and trace fields,
 //! and the count of trace fields that stops mail loops (RFC 5321 §6.3).
 
+/// A value as it may stand in a header field Correu writes (`Received:`,
+/// `Return-Path:`, a DSN's fields): every control character (CR, LF, NUL,
+/// TAB …) becomes `?`, so no value from the envelope, the client or a
+/// remote server can end the field or start another.
+pub fn field_value(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.chars().any(char::is_control) {
+        std::borrow::Cow::Owned(
+            s.chars()
+                .map(|c| if c.is_control() { '?' } else { c })
+                .collect(),
+        )
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    }
+}
+
 /// Formats seconds since the Unix epoch as an RFC 5322 date in UTC, for
 /// example `Sat, 28 Nov 2026 10:56:21 +0000`.
 pub fn rfc5322_date(unix_secs: i64) -> String {
@@ -95,5 +111,16 @@ mod tests {
         assert_eq!(received_count(b""), 0);
         assert_eq!(received_count(b"\r\nReceived: body\r\n"), 0);
         assert_eq!(received_count(b"Received"), 0);
+    }
+
+    #[test]
+    fn field_values_cannot_start_a_line() {
+        assert_eq!(field_value("mx.example.org"), "mx.example.org");
+        assert_eq!(
+            field_value("evil\r\nX-Injected: yes"),
+            "evil??X-Injected: yes"
+        );
+        assert_eq!(field_value("a\0b\tc\x7fd"), "a?b?c?d");
+        assert_eq!(field_value("josé"), "josé");
     }
 }

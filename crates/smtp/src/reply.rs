@@ -69,6 +69,11 @@ impl Reply {
     /// Appends the reply in wire form to `out`: every line `CODE-` except the
     /// last `CODE `, each ending in CRLF (RFC 5321 §4.2.1). The whole reply is
     /// written at once by the caller, so a multi-line reply is one segment.
+    ///
+    /// Reply text is printable ASCII, whatever went into it (an address
+    /// echoed back, an error from elsewhere): anything else goes out as `?`,
+    /// so no reply carries a control character or a byte a client cannot
+    /// read.
     pub fn write_to(&self, out: &mut Vec<u8>) {
         let last = self.lines.len().saturating_sub(1);
         for (i, line) in self.lines.iter().enumerate() {
@@ -77,7 +82,13 @@ impl Reply {
             if let Some(e) = self.enhanced {
                 out.extend_from_slice(format!("{e} ").as_bytes());
             }
-            out.extend_from_slice(line.as_bytes());
+            out.extend(line.chars().map(|c| {
+                if (' '..='~').contains(&c) {
+                    c as u8
+                } else {
+                    b'?'
+                }
+            }));
             out.extend_from_slice(b"\r\n");
         }
         if self.lines.is_empty() {

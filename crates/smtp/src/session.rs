@@ -517,6 +517,11 @@ impl Session {
         if self.state != State::Mail {
             return self.error(reply(503, (5, 5, 1), "Error: need MAIL command"));
         }
+        // `<Postmaster>` alone: this server's, at its first local domain.
+        let to = match (to.is_bare_postmaster(), self.cfg.local_domains.first()) {
+            (true, Some(domain)) => Address::postmaster_at(domain),
+            _ => to,
+        };
         if to.is_utf8() && !self.params.smtputf8 {
             return self.error(reply(
                 553,
@@ -958,6 +963,17 @@ mod tests {
             let got = text(&step);
             assert!(got.starts_with(want), "{cmd:?}: got {got:?}, want {want:?}");
         }
+    }
+
+    #[test]
+    fn postmaster_without_a_domain_is_this_servers() {
+        let mut s = Session::new(cfg(), Policy::mx(false));
+        s.command(b"EHLO client.example");
+        s.command(b"MAIL FROM:<jo@elsewhere.example>");
+        assert_eq!(
+            text(&s.command(b"RCPT TO:<Postmaster>")),
+            "check postmaster@localhost"
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 use correu_smtp::command::parse_command;
 use correu_smtp::data::{DataReceiver, Progress, dot_stuff};
 use correu_smtp::reply::parse_reply;
+use correu_smtp::session::{Policy, RecipientVerdict, Session, SessionConfig, Step};
 use proptest::prelude::*;
 
 /// Bodies as a mailbox holds them: any octets, lines ending in CRLF.
@@ -73,5 +74,70 @@ proptest! {
     #[test]
     fn reply_parser_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..600)) {
         let _parsed = parse_reply(&bytes);
+    }
+
+    /// Whatever a client sends, every reply is printable ASCII lines ending
+    /// in CRLF (an echoed address or a stray byte never reaches the wire
+    /// as it came).
+    #[test]
+    fn replies_are_ascii_whatever_the_client_sends(
+        lines in prop::collection::vec(
+            prop_oneof![
+                Just(b"EHLO client.example".to_vec()),
+                Just(b"MAIL FROM:<jo@domini.com> SMTPUTF8".to_vec()),
+                Just("RCPT TO:<ànna@localhost>".as_bytes().to_vec()),
+                Just("RCPT TO:<ànna@elsewhere.example>".as_bytes().to_vec()),
+                prop::collection::vec(any::<u8>(), 0..80),
+                prop::collection::vec(any::<u8>(), 0..80).prop_map(|mut v| {
+                    let mut l = b"RCPT TO:<".to_vec();
+                    l.append(&mut v);
+                    l.extend_from_slice(b"@localhost>");
+                    l
+                }),
+            ],
+            1..12,
+        )
+    ) {
+        let cfg = std::sync::Arc::new(SessionConfig {
+            hostname: "mx.test".into(),
+            local_domains: vec!["localhost".into()],
+            max_message_size: 1000,
+            max_recipients: 5,
+            max_errors: 100,
+            max_transactions: 3,
+            max_text_line: 1000,
+            reject_bare_line_ends: false,
+            max_hops: 3,
+        });
+        let mut s = Session::new(cfg, Policy::mx(true));
+        let mut replies = vec![s.greeting()];
+        'lines: for line in lines {
+            let mut step = s.command(&line);
+            loop {
+                match step {
+                    Step::CheckRecipient(to) => {
+                        step = s.recipient_checked(to, RecipientVerdict::Unknown);
+                        continue;
+                    }
+                    Step::Reply(r) => replies.push(r),
+                    // The session now expects a message, TLS or a password,
+                    // not commands: this run ends here.
+                    Step::Close(r) | Step::Data(r) | Step::StartTls(r) => {
+                        replies.push(r);
+                        break 'lines;
+                    }
+                    _ => break 'lines,
+                }
+                break;
+            }
+        }
+        for r in replies {
+            let wire = r.to_bytes();
+            let text = wire.strip_suffix(b"\r\n").unwrap_or(&wire);
+            prop_assert!(
+                text.split(|b| *b == b'\n').all(|l| l.strip_suffix(b"\r").unwrap_or(l).iter().all(|b| (b' '..=b'~').contains(b))),
+                "not printable ASCII: {:?}", String::from_utf8_lossy(&wire)
+            );
+        }
     }
 }

@@ -317,7 +317,12 @@ impl Mailboxes {
             });
         }
         // Return-Path and Delivered-To (RFC 5321 §4.4, RFC 9228) come first.
-        let head = format!("Return-Path: <{sender}>\r\nDelivered-To: {mailbox}\r\n").into_bytes();
+        let head = format!(
+            "Return-Path: <{}>\r\nDelivered-To: {}\r\n",
+            correu_smtp::headers::field_value(sender),
+            correu_smtp::headers::field_value(mailbox)
+        )
+        .into_bytes();
         let size = head.len() + content.len();
         let quota = self.directory.quota(mailbox);
         if quota > 0 {

@@ -511,6 +511,13 @@ mod tests {
     }
 
     #[test]
+    fn a_malformed_broker_url_is_a_config_error() {
+        let e = load("[queue]\nurl = \"amqp://guest:guest@[bad/%2f\"\n", &[]).unwrap_err();
+        assert_eq!(keys(e.clone()), vec!["queue.url"]);
+        assert!(!e.to_string().contains("guest"), "{e}");
+    }
+
+    #[test]
     fn moved_keys_say_where_they_went() {
         let e = load("[delivery]\ndata_timeout = \"10m\"\n", &[]).unwrap_err();
         assert_eq!(

@@ -69,6 +69,8 @@ impl QueueConfig {
         let q = self;
         if !(q.url.starts_with("amqp://") || q.url.starts_with("amqps://")) {
             c.err("queue.url", "must start with amqp:// or amqps://");
+        } else if let Err(why) = url_authority(&q.url) {
+            c.err("queue.url", why);
         }
         if q.prefix.is_empty()
             || !q
@@ -86,6 +88,55 @@ impl QueueConfig {
         }
         if q.publish_timeout.get().is_zero() {
             c.err("queue.publish_timeout", "must be more than 0");
+        }
+    }
+}
+
+/// The host part of a broker URL must be one a client can connect to: the
+/// connection is made lazily, so a malformed URL (`amqp://u:p@[bad`) would
+/// otherwise pass the start and fail every publish. The password is never
+/// repeated in the message.
+pub(crate) fn url_authority(url: &str) -> Result<(), String> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("is not a valid URL: {e}"))?;
+    let Some(authority) = uri.authority() else {
+        return Err("names no host".into());
+    };
+    if authority.host().is_empty() {
+        return Err("names no host".into());
+    }
+    // `host:port` whose port is not a number parses with no port at all.
+    let host_port = authority.as_str().rsplit('@').next().unwrap_or_default();
+    let after_host = host_port.rsplit(']').next().unwrap_or_default();
+    if after_host.contains(':') && authority.port_u16().is_none() {
+        return Err("has a port that is not a number".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_urls_must_name_a_host() {
+        for good in [
+            "amqp://guest:guest@127.0.0.1:5672/%2f",
+            "amqps://correu:s3cret@rabbitmq.mail.svc:5671/mail",
+            "amqp://rabbitmq",
+            "amqp://u:p@[::1]:5672/%2f",
+        ] {
+            assert_eq!(url_authority(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "amqp://guest:guest@[bad/%2f",
+            "amqp://",
+            "amqp:///vhost",
+            "amqp://u:p@host:port/x",
+        ] {
+            let e = url_authority(bad).unwrap_err();
+            assert!(!e.contains("guest"), "{e}");
         }
     }
 }
