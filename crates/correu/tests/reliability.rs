@@ -257,6 +257,98 @@ fn undecodable_messages_are_parked_and_shown() {
     );
 }
 
+/// Envelopes that decode but can never be delivered (no recipients, no
+/// message) are parked with their reason, on both backends, never acked in
+/// silence.
+#[test]
+fn undeliverable_envelopes_are_parked_with_a_reason() {
+    use correu_proto::Message;
+    use correu_proto::v1::{QueuedMessage, Recipient};
+    let no_rcpt = QueuedMessage {
+        queue_id: "1K1AH7X1HXN6Q0Y24".into(),
+        sender: "jo@domini.com".into(),
+        content: b"Subject: nobody\r\n\r\nx\r\n".to_vec(),
+        ..Default::default()
+    };
+    let empty = QueuedMessage {
+        queue_id: "1K1AH7X1HXN6Q0Y25".into(),
+        sender: "jo@domini.com".into(),
+        recipients: vec![Recipient {
+            address: "pere@localhost".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    // The spool.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(
+        &dir.path().join("correu.toml"),
+        "[smtp]\nlisten = [\"127.0.0.1:0\"]\n[storage]\nlisten = \"127.0.0.1:0\"\nroot = \"mail\"\n[queue]\nspool = \"queue\"\n",
+    );
+    let mut serve = Proc::correu(CORREU, "serve", dir.path(), &["serve"], &cfg);
+    serve.serve_smtp_addr();
+    for m in [&no_rcpt, &empty] {
+        std::fs::write(
+            dir.path().join("queue/active").join(&m.queue_id),
+            m.encode_to_vec(),
+        )
+        .unwrap();
+    }
+    serve.wait_for("the envelope has no recipients", Duration::from_secs(20));
+    serve.wait_for("the message is empty", Duration::from_secs(20));
+    let reason = |id: &str| {
+        std::fs::read_to_string(dir.path().join(format!("queue/parked/{id}.reason")))
+            .unwrap_or_default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while reason(&empty.queue_id).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(reason(&no_rcpt.queue_id).contains("no recipients"));
+    assert!(reason(&empty.queue_id).contains("empty"));
+    let health = serve.listening("telemetry listening");
+    let (_, metrics) = http_get(health, "/metrics");
+    assert!(
+        metrics.contains("correu_delivery_parked_total{reason=\"no_recipients\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("correu_delivery_parked_total{reason=\"empty\"} 1"),
+        "{metrics}"
+    );
+
+    // RabbitMQ.
+    let vhost = Vhost::create("park-undeliverable");
+    let amqp_cfg = write(
+        &dir.path().join("amqp.toml"),
+        &format!(
+            "[smtp]\nlisten = [\"127.0.0.1:0\"]\n[storage]\nlisten = \"127.0.0.1:0\"\nroot = \"mail2\"\n[queue]\nbackend = \"rabbitmq\"\nurl = \"{}\"\n",
+            vhost.url(RABBITMQ.parse().unwrap())
+        ),
+    );
+    let mut amqp_serve = Proc::correu(CORREU, "serve-amqp", dir.path(), &["serve"], &amqp_cfg);
+    amqp_serve.serve_smtp_addr();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let qcfg = correu_runtime::config::QueueConfig {
+            url: vhost.url(RABBITMQ.parse().unwrap()),
+            ..Default::default()
+        };
+        let q = correu_queue::amqp::AmqpQueue::new(&qcfg);
+        q.publish_work(&no_rcpt).await.unwrap();
+        q.publish_work(&empty).await.unwrap();
+    });
+    amqp_serve.wait_for("the envelope has no recipients", Duration::from_secs(20));
+    amqp_serve.wait_for("the message is empty", Duration::from_secs(20));
+    assert_eq!(
+        vhost.wait_queue_len("correu.parked", 2, Duration::from_secs(10)),
+        2
+    );
+}
+
 #[test]
 fn rabbitmq_restarted_while_clients_send_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -331,5 +423,68 @@ fn rabbitmq_restarted_while_clients_send_loses_nothing() {
         "clients were told 451 while the broker was down"
     );
     assert_delivered_once(&pere, &accepted, Duration::from_secs(60));
+    drop(serve);
+}
+
+/// A full disk under `correu serve`'s spool: every client gets `451`, the
+/// server says it is not ready, the journal does not grow a file per
+/// failed batch, and once there is room again it is ready and takes mail.
+#[test]
+fn a_full_spool_disk_is_not_ready_and_makes_no_files_per_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = SmallDisk::mount(&dir.path().join("queue"), "4m");
+    let cfg = write(
+        &dir.path().join("correu.toml"),
+        "[smtp]\nlisten = [\"127.0.0.1:0\"]\n[storage]\nlisten = \"127.0.0.1:0\"\nroot = \"mail\"\n[queue]\nspool = \"queue\"\n",
+    );
+    let mut serve = Proc::correu(CORREU, "serve", dir.path(), &["serve"], &cfg);
+    let addr = serve.serve_smtp_addr();
+    let health = serve.listening("telemetry listening");
+    assert_eq!(http_get(health, "/readyz").0, 200);
+    disk.fill();
+    let mut c = Smtp::connect(addr);
+    c.read();
+    c.cmd("EHLO client.example");
+    for i in 0..30 {
+        assert_eq!(c.cmd("MAIL FROM:<jo@domini.com>").code, 250);
+        assert_eq!(c.cmd("RCPT TO:<pere@localhost>").code, 250);
+        assert_eq!(c.cmd("DATA").code, 354);
+        c.send(format!("Subject: full {i}\r\n\r\nno room\r\n").as_bytes());
+        let r = c.cmd(".");
+        assert_eq!(
+            (r.code, r.enhanced.map(|e| e.to_string())),
+            (451, Some("4.3.0".into())),
+            "{r}"
+        );
+    }
+    let (status, body) = http_get(health, "/readyz");
+    assert_eq!(
+        status, 503,
+        "not ready while the spool cannot write: {body}"
+    );
+    assert!(body.contains("queue"), "{body}");
+    let segments = std::fs::read_dir(disk.dir.join("journal")).unwrap().count();
+    assert!(
+        segments <= 2,
+        "{segments} journal segments after 30 failed writes"
+    );
+    disk.free();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http_get(health, "/readyz").0 != 200 {
+        assert!(Instant::now() < deadline, "never ready again");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let id = queue_id(&c.send_mail(
+        "jo@domini.com",
+        &["pere@localhost"],
+        "Subject: room again\r\n\r\nok\r\n",
+    ));
+    let files = wait_maildir(
+        &dir.path().join("mail/localhost/pere"),
+        1,
+        Duration::from_secs(20),
+    );
+    assert_eq!(files.len(), 1);
+    assert!(files[0].to_string_lossy().contains(&id));
     drop(serve);
 }

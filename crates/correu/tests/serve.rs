@@ -306,3 +306,57 @@ fn correu_bench_reports_what_the_server_stored() {
         body.len()
     );
 }
+
+/// Mail and queued messages are private whatever the umask: every file
+/// `0600`, every directory Correu makes `0700` (Dovecot reads them as the
+/// same user).
+#[test]
+fn mail_and_spool_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = serve_config(dir.path(), "", "", "");
+    let (_serve, addr) = start(dir.path(), &cfg);
+    let mut c = Smtp::connect(addr);
+    c.read();
+    c.cmd("EHLO client.example");
+    let id = queue_id(&c.send_mail(
+        "jo@domini.com",
+        &["pere@localhost"],
+        "Subject: private\r\n\r\nx\r\n",
+    ));
+    let files = wait_maildir(
+        &dir.path().join("mail/localhost/pere"),
+        1,
+        Duration::from_secs(20),
+    );
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert!(files[0].to_string_lossy().contains(&id));
+    assert_eq!(mode(&files[0]), 0o600, "{}", files[0].display());
+    for d in [
+        "mail",
+        "mail/localhost",
+        "mail/localhost/pere",
+        "mail/localhost/pere/new",
+        "mail/localhost/pere/cur",
+        "mail/localhost/pere/tmp",
+    ] {
+        assert_eq!(mode(&dir.path().join(d)), 0o700, "{d}");
+    }
+    for d in [
+        "queue/journal",
+        "queue/active",
+        "queue/deferred",
+        "queue/parked",
+        "queue/tmp",
+    ] {
+        assert_eq!(mode(&dir.path().join(d)), 0o700, "{d}");
+    }
+    let segments: Vec<_> = std::fs::read_dir(dir.path().join("queue/journal"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(!segments.is_empty());
+    for s in segments {
+        assert_eq!(mode(&s), 0o600, "{}", s.display());
+    }
+}

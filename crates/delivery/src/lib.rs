@@ -158,22 +158,30 @@ impl Deliverer {
                 bytes = delivery.raw.len(),
                 "undecodable queue message; parking it"
             );
-            if let Err(e) = delivery.park("envelope does not decode").await {
-                tracing::error!(error = %e, "cannot park undecodable message");
-            }
+            park(delivery, "", "undecodable", "envelope does not decode").await;
             return;
         };
+        // An envelope that decodes but names nobody, or carries no message,
+        // can never be delivered: it is kept for an operator, never dropped
+        // in silence.
+        let unusable = if msg.recipients.is_empty() {
+            Some(("no_recipients", "the envelope has no recipients"))
+        } else if msg.content.is_empty() {
+            Some(("empty", "the message is empty"))
+        } else {
+            None
+        };
+        if let Some((label, why)) = unusable {
+            tracing::error!(queue_id = %msg.queue_id, reason = why, "undeliverable queue message; parking it");
+            park(delivery, &msg.queue_id, label, why).await;
+            return;
+        }
         let panicked = self.panics().get(&msg.queue_id).copied().unwrap_or(0);
         if panicked >= MAX_PANICS {
             tracing::error!(queue_id = %msg.queue_id, panicked, "delivery keeps failing on this message; parking it");
             let why = format!("delivery panicked on it {panicked} times");
-            match delivery.park(&why).await {
-                Ok(()) => {
-                    self.panics().remove(&msg.queue_id);
-                }
-                Err(e) => {
-                    tracing::error!(queue_id = %msg.queue_id, error = %e, "cannot park message")
-                }
+            if park(delivery, &msg.queue_id, "panics", &why).await {
+                self.panics().remove(&msg.queue_id);
             }
             return;
         }
@@ -217,6 +225,22 @@ impl Deliverer {
                     tracing::error!(queue_id = %msg.queue_id, error = %e, "cannot give the message back; it returns on reconnection");
                 }
             }
+        }
+    }
+}
+
+/// Parks `delivery` with `why`, counted under `label`; whether it worked.
+async fn park(delivery: Delivery, queue_id: &str, label: &'static str, why: &str) -> bool {
+    match delivery.park(why).await {
+        Ok(()) => {
+            metrics::METRICS
+                .parked
+                .add(1, &[opentelemetry::KeyValue::new("reason", label)]);
+            true
+        }
+        Err(e) => {
+            tracing::error!(%queue_id, error = %e, "cannot park message; it stays in the queue");
+            false
         }
     }
 }

@@ -14,6 +14,9 @@ pub struct DeliveryMetrics {
     pub retries: Counter<u64>,
     /// Delivery status notifications queued, by `action`.
     pub reports: Counter<u64>,
+    /// Messages parked for an operator, by `reason` (`undecodable`,
+    /// `no_recipients`, `empty`, `panics`).
+    pub parked: Counter<u64>,
 }
 
 pub static METRICS: LazyLock<DeliveryMetrics> = LazyLock::new(|| {
@@ -44,6 +47,11 @@ pub static METRICS: LazyLock<DeliveryMetrics> = LazyLock::new(|| {
             .with_description(
                 "Delivery status notifications (bounces, delay warnings, success reports) queued",
             )
+            .build(),
+        parked: m
+            .u64_counter("correu.delivery.parked")
+            .with_unit("{message}")
+            .with_description("Messages parked for an operator, by reason")
             .build(),
     }
 });

@@ -29,6 +29,7 @@ use correu_runtime::sync::{lock, sync_dir};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, IoSlice, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
@@ -432,15 +433,19 @@ impl Writer {
         }
         if let Some((_, msg)) = &failed {
             // What follows the failed write in this file is unknown: cut it
-            // off where possible (its clients were told 451, so it must not
-            // come back at a restart) and start a new segment (the records
-            // before it were flushed and stay).
-            if let Some(f) = &self.file {
-                let _best_effort = f.set_len(self.offset);
-            }
+            // off (its clients were told 451, so it must not come back at a
+            // restart). Once cut, the segment goes on from there (appends
+            // write at its end); only one that cannot be cut is left for a
+            // new one, so a full disk makes no file per failed batch.
+            let cut = self.file.as_ref().map(|f| f.set_len(self.offset));
             tracing::error!(error = %msg, "spool journal write failed; the clients were told 451");
-            if let Err(e) = self.rotate() {
-                tracing::error!(error = %e, "cannot open a spool journal segment");
+            if !matches!(cut, Some(Ok(()))) {
+                if let Some(Err(e)) = cut {
+                    tracing::error!(error = %e, "cannot cut the failed write off its segment; starting another");
+                }
+                if let Err(e) = self.rotate() {
+                    tracing::error!(error = %e, "cannot open a spool journal segment");
+                }
             }
         } else if self.offset >= SEGMENT_BYTES
             && let Err(e) = self.rotate()
@@ -475,7 +480,12 @@ impl Writer {
             let seg = self.next_seg;
             self.next_seg += 1;
             let path = self.dir.join(segment_name(seg));
-            match OpenOptions::new().create_new(true).append(true).open(&path) {
+            match OpenOptions::new()
+                .create_new(true)
+                .append(true)
+                .mode(0o600)
+                .open(&path)
+            {
                 Ok(file) => {
                     self.live_per_segment.entry(seg).or_insert(0);
                     sync_dir(&self.dir)?;

@@ -249,14 +249,23 @@ impl Delivery {
     }
 }
 
-/// A readiness check: the broker (or the spool) answers, and its queue
-/// depths go to the `correu.queue.depth` gauge on the way.
+/// A readiness check: the broker (or the spool) answers, the spool can
+/// write, and the queue depths go to the `correu.queue.depth` gauge on the
+/// way.
 pub fn ready_check(queue: Queue) -> correu_runtime::health::Check {
     std::sync::Arc::new(move || {
         let q = queue.clone();
         Box::pin(async move {
             let counts = q.counts().await.map_err(|e| e.to_string())?;
             metrics::record_depths(&counts);
+            // The spool must be able to take a message now: a full disk
+            // answers every client 451, and such a server is not ready.
+            if let Queue::Spool(s) = &q {
+                let tmp = s.root().join("tmp");
+                tokio::task::spawn_blocking(move || correu_runtime::sync::probe_writable(&tmp))
+                    .await
+                    .map_err(|e| format!("spool probe: {e}"))??;
+            }
             Ok(())
         })
     })

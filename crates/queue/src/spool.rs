@@ -43,6 +43,13 @@ const SCAN_BATCH: usize = 1024;
 /// How often a consumer with nothing to do looks for due retries.
 const IDLE_POLL: Duration = Duration::from_millis(500);
 
+/// How long a message waits to be handed out again after `failures`
+/// failed settles in a row: doubling from half a second to a minute.
+fn settle_backoff(failures: u32) -> Duration {
+    let steps = failures.saturating_sub(1).min(7);
+    (IDLE_POLL * 2u32.pow(steps)).min(Duration::from_secs(60))
+}
+
 pub struct Spool {
     root: PathBuf,
     state: Arc<State>,
@@ -63,6 +70,8 @@ struct State {
     pending: Mutex<VecDeque<(String, Source)>>,
     /// Bytes of journal messages held in `pending`.
     held: AtomicUsize,
+    /// Failed settles in a row, per message: the next try waits longer.
+    settle_failures: Mutex<std::collections::HashMap<String, u32>>,
 }
 
 /// Where a message to hand out is.
@@ -87,7 +96,7 @@ fn now_millis() -> u128 {
 /// Writes `data` to `tmp/name`, fsyncs, renames to `dest`, fsyncs `dest`'s folder.
 fn write_durably(root: &Path, name: &str, data: &[u8], dest: &Path) -> std::io::Result<()> {
     let tmp = root.join("tmp").join(name);
-    let mut f = std::fs::File::create(&tmp)?;
+    let mut f = create_private(&tmp)?;
     f.write_all(data)?;
     f.sync_all()?;
     drop(f);
@@ -95,7 +104,9 @@ fn write_durably(root: &Path, name: &str, data: &[u8], dest: &Path) -> std::io::
     sync_dir(dest.parent().unwrap_or(root))
 }
 
-use correu_runtime::sync::{lock, sync_dir};
+use std::os::unix::fs::OpenOptionsExt;
+
+use correu_runtime::sync::{create_private, create_private_dirs, lock, sync_dir};
 
 impl Spool {
     /// Opens (creating) the spool and clears `tmp/` of unfinished writes:
@@ -122,7 +133,7 @@ impl Spool {
         let (r, st) = (root.clone(), state.clone());
         let (journal, owner) = tokio::task::spawn_blocking(move || {
             for d in ["tmp", "active", "deferred", "parked", "journal"] {
-                std::fs::create_dir_all(r.join(d))?;
+                create_private_dirs(&r.join(d))?;
             }
             // The directories' names are durable before anything in them is.
             sync_dir(&r)?;
@@ -130,6 +141,7 @@ impl Spool {
                 return Ok((None, None));
             }
             let lock_file = std::fs::OpenOptions::new()
+                .mode(0o600)
                 .create(true)
                 .truncate(false)
                 .write(true)
@@ -273,6 +285,7 @@ impl Spool {
     }
 
     fn settle(&self, id: &str) {
+        lock(&self.state.settle_failures).remove(id);
         lock(&self.state.inflight).remove(id);
     }
 
@@ -285,7 +298,10 @@ impl Spool {
                 lock(&self.state.inflight).remove(id);
                 pending.push_front((id.to_string(), Source::Journal(loc, None)));
             }
-            None => self.settle(id),
+            // A file is found again by the next scan.
+            None => {
+                lock(&self.state.inflight).remove(id);
+            }
         }
         self.state.notify.notify_one();
     }
@@ -530,11 +546,20 @@ impl SpoolHandle {
     }
 
     /// After a failure to settle: the message is handed out again, not at
-    /// once (a failing disk would make that a hot loop).
+    /// once, and later after each failure in a row (0.5 s, 1 s, 2 s … up to
+    /// a minute): a failing disk must not make a hot loop.
     fn give_back_later(self) {
         let SpoolHandle { spool, id, journal } = self;
+        let failures = {
+            let mut f = lock(&spool.state.settle_failures);
+            let n = f.entry(id.clone()).or_insert(0);
+            *n = n.saturating_add(1);
+            *n
+        };
+        let delay = settle_backoff(failures);
+        tracing::warn!(queue_id = %id, failures, retry_in = ?delay, "cannot settle; the message is handed out again later");
         tokio::spawn(async move {
-            tokio::time::sleep(IDLE_POLL).await;
+            tokio::time::sleep(delay).await;
             spool.give_back(&id, journal);
         });
     }
@@ -618,5 +643,23 @@ impl SpoolHandle {
             }
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failing_settle_is_tried_again_later_each_time() {
+        let got: Vec<u64> = (1..=10)
+            .map(|n| settle_backoff(n).as_millis() as u64)
+            .collect();
+        assert_eq!(
+            got,
+            [
+                500, 1000, 2000, 4000, 8000, 16000, 32000, 60000, 60000, 60000
+            ]
+        );
     }
 }

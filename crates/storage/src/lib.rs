@@ -99,7 +99,7 @@ pub async fn run_with(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    std::fs::create_dir_all(boxes.root()).map_err(|e| {
+    correu_runtime::sync::create_private_dirs(boxes.root()).map_err(|e| {
         anyhow::anyhow!("cannot make {} (storage.root): {e}", boxes.root().display())
     })?;
     let addr = listener.local_addr()?;
@@ -164,29 +164,9 @@ pub fn writable_check(root: std::path::PathBuf) -> correu_runtime::health::Check
     std::sync::Arc::new(move || {
         let root = root.clone();
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || probe_write(&root))
+            tokio::task::spawn_blocking(move || correu_runtime::sync::probe_writable(&root))
                 .await
                 .map_err(|e| format!("probe task failed: {e}"))?
         })
     })
-}
-
-fn probe_write(root: &std::path::Path) -> Result<(), String> {
-    use std::io::Write;
-    let path = root.join(format!(".correu-ready.{}", std::process::id()));
-    let said = |what: &str, e: std::io::Error| format!("{}: cannot {what}: {e}", root.display());
-    let result = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .map_err(|e| said("create a file", e))
-        .and_then(|mut f| {
-            f.write_all(b"ready\n")
-                .and_then(|()| f.sync_data())
-                .map_err(|e| said("write a file", e))
-        });
-    let removed = std::fs::remove_file(&path);
-    result?;
-    removed.map_err(|e| said("remove a file", e))
 }

@@ -11,7 +11,7 @@
 //! the file to `cur/` and renamed it with flags.
 
 use std::collections::HashMap;
-use std::fs::File;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -129,7 +129,7 @@ impl DirSync {
     }
 }
 
-use correu_runtime::sync::{lock, sync_dir};
+use correu_runtime::sync::{create_private, create_private_dirs, lock, sync_dir, write_private};
 
 /// FNV-1a, 64 bits: a stable hash of the recipient for file names (not a
 /// security boundary: the queue id already makes names unguessable enough).
@@ -337,12 +337,12 @@ impl Mailboxes {
         let secs = received_at_unix_micros.div_euclid(1_000_000);
         let name = format!("{secs}.{key}.{},S={size}", self.host);
         let tmp = dir.join("tmp").join(unique(&name));
-        let mut f = match File::create(&tmp) {
+        let mut f = match create_private(&tmp) {
             Ok(f) => f,
             // A mailbox's first message makes its directories.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 self.make_dirs(&dir)?;
-                File::create(&tmp)?
+                create_private(&tmp)?
             }
             Err(e) => return Err(e.into()),
         };
@@ -378,12 +378,12 @@ impl Mailboxes {
         if !duplicate && quota > 0 {
             self.count(&dir, size as i64, 1)?;
         }
-        if let Err(e) = std::fs::write(&marker, &name) {
+        if let Err(e) = write_private(&marker, name.as_bytes()) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 return Err(e.into());
             }
-            std::fs::create_dir_all(&marker_dir)?;
-            std::fs::write(&marker, &name)?;
+            create_private_dirs(&marker_dir)?;
+            write_private(&marker, name.as_bytes())?;
         }
         Ok(Delivered {
             mailbox: mailbox.to_string(),
@@ -394,7 +394,7 @@ impl Mailboxes {
 
     fn make_dirs(&self, dir: &Path) -> std::io::Result<()> {
         for sub in ["tmp", "new", "cur"] {
-            std::fs::create_dir_all(dir.join(sub))?;
+            create_private_dirs(&dir.join(sub))?;
         }
         Ok(())
     }
@@ -489,8 +489,8 @@ impl Mailboxes {
         if quota > 0 && dir.exists() {
             let line = format!("{quota}S\n{} {}\n", u.bytes, u.messages);
             let tmp = dir.join("tmp").join(unique("maildirsize"));
-            std::fs::create_dir_all(dir.join("tmp"))?;
-            std::fs::write(&tmp, line)?;
+            create_private_dirs(&dir.join("tmp"))?;
+            write_private(&tmp, line.as_bytes())?;
             if !missing {
                 // Stale (too long, or for another quota): recalculated, as
                 // Maildir++ does.
@@ -646,7 +646,7 @@ impl Mailboxes {
         let sorted: String = FLAGS.chars().filter(|c| flags.contains(*c)).collect();
         let from = self.find(address, id)?;
         let dir = self.resolve(address)?;
-        std::fs::create_dir_all(dir.join("cur"))?;
+        create_private_dirs(&dir.join("cur"))?;
         let to = dir.join("cur").join(format!("{id}:2,{sorted}"));
         if from != to {
             std::fs::rename(&from, &to).map_err(|e| match e.kind() {

@@ -125,3 +125,59 @@ fn pump(
         }
     }
 }
+
+/// A small tmpfs mounted at `dir` (root only, as the tests run), so a test
+/// can fill a disk and free it again; unmounted when dropped.
+pub struct SmallDisk {
+    pub dir: PathBuf,
+    filler: PathBuf,
+}
+
+impl SmallDisk {
+    pub fn mount(dir: &Path, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(dir).unwrap();
+        let (st, out, err) = run(
+            "mount",
+            &[
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "tmpfs",
+                dir.to_str().unwrap(),
+            ],
+        );
+        assert!(st.success(), "mount tmpfs at {}: {out}{err}", dir.display());
+        SmallDisk {
+            dir: dir.to_path_buf(),
+            filler: dir.join(".filler"),
+        }
+    }
+
+    /// Fills the disk to the last byte.
+    pub fn fill(&self) {
+        let mut f = std::fs::File::create(&self.filler).unwrap();
+        let block = vec![0u8; 64 << 10];
+        loop {
+            match f.write(&block) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(28) => break,
+                Err(e) => panic!("filling {}: {e}", self.dir.display()),
+            }
+        }
+        // The last partial block.
+        let _ = f.write(&[0u8; 1]);
+    }
+
+    /// Gives the space back.
+    pub fn free(&self) {
+        std::fs::remove_file(&self.filler).unwrap();
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _unmounted = run("umount", &["-l", self.dir.to_str().unwrap()]);
+    }
+}
