@@ -48,8 +48,13 @@ enum DkimAction {
         /// rsa-sha256 (2048 bits) or ed25519-sha256.
         #[arg(long, default_value = "rsa-sha256")]
         algorithm: String,
+        /// Where the private key goes (made 0600).
         #[arg(long)]
         out: PathBuf,
+        /// Replace a key that is already there (without it, an existing
+        /// file is left alone and the command fails).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -118,6 +123,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    quiet_on_closed_pipe();
     let cli = Cli::parse();
     let path = cli.config.clone();
     match cli.command {
@@ -190,8 +196,9 @@ fn main() -> ExitCode {
                     selector,
                     algorithm,
                     out,
+                    force,
                 },
-        } => dkim_keygen(&domain, &selector, &algorithm, &out),
+        } => dkim_keygen(&domain, &selector, &algorithm, &out, force),
         Command::Mailbox { action } => with_config(path, "correu", Role::Admin, move |cfg, _| {
             mailbox::run(cfg, action)
         }),
@@ -253,6 +260,31 @@ fn probe(url: &str) -> ExitCode {
     }
 }
 
+/// A TXT record's text as DNS wants it: strings of at most 255 octets
+/// each, quoted (RFC 1035 §3.3.14; a 2048-bit RSA key takes two).
+fn txt_strings(text: &str) -> String {
+    text.as_bytes()
+        .chunks(255)
+        .map(|c| format!("\"{}\"", String::from_utf8_lossy(c)))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Makes writing to a closed pipe (`correu queue list | head`) end the
+/// command quietly, as Unix tools do, instead of with a panic message:
+/// exit 141, the status of a process SIGPIPE killed.
+fn quiet_on_closed_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if info.payload_as_str().is_some_and(|m| {
+            m.starts_with("failed printing to stdout") && m.contains("Broken pipe")
+        }) {
+            std::process::exit(141);
+        }
+        default(info)
+    }));
+}
+
 /// Runs `f` with the configuration from `path`.
 fn with_config<F, Fut>(path: Option<PathBuf>, name: &'static str, role: Role, f: F) -> ExitCode
 where
@@ -265,7 +297,13 @@ where
     }
 }
 
-fn dkim_keygen(domain: &str, selector: &str, algorithm: &str, out: &std::path::Path) -> ExitCode {
+fn dkim_keygen(
+    domain: &str,
+    selector: &str,
+    algorithm: &str,
+    out: &std::path::Path,
+    force: bool,
+) -> ExitCode {
     use correu_runtime::config::DkimAlgorithm;
     let alg = match algorithm {
         "rsa-sha256" => DkimAlgorithm::RsaSha256,
@@ -282,7 +320,31 @@ fn dkim_keygen(domain: &str, selector: &str, algorithm: &str, out: &std::path::P
             return ExitCode::FAILURE;
         }
     };
-    if let Err(e) = std::fs::write(out, pem) {
+    // The private key is the owner's alone, and an existing one is never
+    // replaced by accident (it may be the one DNS publishes).
+    let written = {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut open = std::fs::OpenOptions::new();
+        open.write(true).mode(0o600);
+        if force {
+            open.create(true).truncate(true);
+        } else {
+            open.create_new(true);
+        }
+        open.open(out).and_then(|mut f| {
+            f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+            f.write_all(pem.as_bytes())
+        })
+    };
+    if let Err(e) = written {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            eprintln!(
+                "{} exists: not replaced (--force replaces it)",
+                out.display()
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
         eprintln!("cannot write {}: {e}", out.display());
         return ExitCode::FAILURE;
     }
@@ -290,10 +352,32 @@ fn dkim_keygen(domain: &str, selector: &str, algorithm: &str, out: &std::path::P
         "private key written to {}; publish this TXT record:",
         out.display()
     );
-    println!("{selector}._domainkey.{domain}. IN TXT \"{txt}\"");
+    println!(
+        "{selector}._domainkey.{domain}. IN TXT {}",
+        txt_strings(&txt)
+    );
     println!(
         "and configure:\n[delivery.dkim.\"{domain}\"]\nselector = \"{selector}\"\nkey_file = \"{}\"\nalgorithm = \"{algorithm}\"",
         out.display()
     );
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_txt_records_are_split_into_dns_strings() {
+        let key = "x".repeat(392);
+        let txt = txt_strings(&key);
+        let parts: Vec<&str> = txt.split(' ').collect();
+        assert_eq!(parts.len(), 2);
+        assert_eq!(parts[0].len(), 255 + 2);
+        assert_eq!(parts[1].len(), 392 - 255 + 2);
+        assert_eq!(
+            txt_strings("v=DKIM1; k=ed25519; p=abc"),
+            "\"v=DKIM1; k=ed25519; p=abc\""
+        );
+    }
 }

@@ -311,3 +311,55 @@ fn the_connection_limit_per_host_holds_across_two_delivery_processes() {
         "the second delivery process took part:\n{second_log}"
     );
 }
+
+/// The README's "one config file shared by all three" on one host: each
+/// role binds a telemetry port of its own (9725, 9726, 9727), so all three
+/// start and serve.
+#[test]
+fn one_config_file_serves_the_three_services_on_one_host() {
+    for port in [9725, 9726, 9727] {
+        assert!(
+            std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),
+            "port {port} is taken: this test needs the roles' default telemetry ports free"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let vhost = Vhost::create("one-file");
+    let storage_port = free_port();
+    let cfg = dir.path().join("correu.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "hostname = \"mx.example.org\"\ndomains = [\"localhost\"]\n[smtp]\nlisten = [\"127.0.0.1:0\"]\n[queue]\nurl = \"{}\"\n[storage]\nlisten = \"127.0.0.1:{storage_port}\"\nendpoint = \"http://127.0.0.1:{storage_port}\"\nroot = \"{}\"\n",
+            vhost.url(RABBITMQ.parse().unwrap()),
+            dir.path().join("mail").display(),
+        ),
+    )
+    .unwrap();
+    let c = cfg.to_str().unwrap();
+    let mut procs = Vec::new();
+    for role in ["storage", "delivery", "ingress"] {
+        let p = Proc::spawn_own_ports(role, dir.path(), CORREU, &[role, "--config", c], &[]);
+        procs.push(p);
+    }
+    let mut health = Vec::new();
+    for p in &mut procs {
+        health.push(p.listening("telemetry listening").port());
+    }
+    assert_eq!(health, vec![9727, 9726, 9725]);
+    let smtp = procs[2].listening("SMTP listening");
+    let mut s = Smtp::connect(smtp);
+    s.read();
+    s.cmd("EHLO client.example");
+    let id = queue_id(&s.send_mail(
+        "jo@domini.com",
+        &["pere@localhost"],
+        "Subject: one file\r\n\r\nx\r\n",
+    ));
+    let files = wait_maildir(
+        &dir.path().join("mail/localhost/pere"),
+        1,
+        Duration::from_secs(30),
+    );
+    assert!(files[0].to_string_lossy().contains(&id));
+}

@@ -18,6 +18,29 @@ impl Proc {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Proc {
+        Self::spawn_inner(name, dir, program, args, env, true)
+    }
+
+    /// As [`Proc::spawn`], but the service binds the telemetry port its
+    /// configuration says (no `127.0.0.1:0` override).
+    pub fn spawn_own_ports(
+        name: &str,
+        dir: &Path,
+        program: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Proc {
+        Self::spawn_inner(name, dir, program, args, env, false)
+    }
+
+    fn spawn_inner(
+        name: &str,
+        dir: &Path,
+        program: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        any_telemetry_port: bool,
+    ) -> Proc {
         let stdout = dir.join(format!("{name}.out"));
         let stderr = dir.join(format!("{name}.err"));
         let mut cmd = Command::new(program);
@@ -33,8 +56,10 @@ impl Proc {
             .stdout(std::fs::File::create(&stdout).unwrap())
             .stderr(std::fs::File::create(&stderr).unwrap())
             .env("CORREU_LOG_FORMAT", "json")
-            .env("CORREU_TELEMETRY_LISTEN", "127.0.0.1:0")
             .env("CORREU_LOG", "info");
+        if any_telemetry_port {
+            cmd.env("CORREU_TELEMETRY_LISTEN", "127.0.0.1:0");
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }

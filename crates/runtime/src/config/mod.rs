@@ -127,6 +127,17 @@ impl Role {
     fn opens_files(self) -> bool {
         !matches!(self, Role::Admin)
     }
+
+    /// `telemetry.listen` when the configuration does not set it: one port
+    /// per role, so one file serves all three on one host.
+    pub fn default_telemetry_listen(self) -> std::net::SocketAddr {
+        let port = match self {
+            Role::Serve | Role::Ingress | Role::Admin => 9725,
+            Role::Delivery => 9726,
+            Role::Storage => 9727,
+        };
+        std::net::SocketAddr::from(([127, 0, 0, 1], port))
+    }
 }
 
 impl std::str::FromStr for Role {
@@ -251,6 +262,10 @@ impl Config {
             Some(var) => format!("{path} (from {var})"),
             None => path,
         };
+        let telemetry_set = table
+            .get("telemetry")
+            .and_then(toml::Value::as_table)
+            .is_some_and(|t| t.contains_key("listen"));
         let mut unknown = Vec::new();
         let value = toml::Value::Table(table);
         let mut track = |p: serde_ignored::Path<'_>| unknown.push(p.to_string());
@@ -272,7 +287,10 @@ impl Config {
             }
         }
         match parsed {
-            Ok(config) => {
+            Ok(mut config) => {
+                if !telemetry_set {
+                    config.telemetry.listen = role.default_telemetry_listen();
+                }
                 errors.extend(config.validate(role));
                 if errors.is_empty() {
                     Ok(config)
@@ -508,6 +526,24 @@ mod tests {
                 "delivery.routes.*.tls"
             ]
         );
+    }
+
+    #[test]
+    fn each_role_has_its_own_telemetry_port_unless_set() {
+        let port = |role, text| load_as(role, text, &[]).unwrap().telemetry.listen.port();
+        assert_eq!(port(Role::Serve, ""), 9725);
+        assert_eq!(port(Role::Ingress, ""), 9725);
+        assert_eq!(port(Role::Delivery, ""), 9726);
+        assert_eq!(port(Role::Storage, ""), 9727);
+        let set = "[telemetry]\nlisten = \"0.0.0.0:9999\"\n";
+        assert_eq!(port(Role::Storage, set), 9999);
+        let c = load_as(
+            Role::Delivery,
+            "",
+            &[("CORREU_TELEMETRY_LISTEN", "0.0.0.0:9725")],
+        )
+        .unwrap();
+        assert_eq!(c.telemetry.listen.port(), 9725);
     }
 
     #[test]

@@ -9,7 +9,10 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct TelemetryConfig {
-    /// The HTTP port with `/livez`, `/readyz` and `/metrics`.
+    /// The HTTP port with `/livez`, `/readyz` and `/metrics`. Unset, each
+    /// role has its own, so the three services run on one host from one
+    /// file: 127.0.0.1:9725 for `serve` and ingress, :9726 for delivery,
+    /// :9727 for storage.
     pub listen: SocketAddr,
     /// Put envelope addresses (sender, recipients) in spans. Off: spans
     /// carry queue ids, sizes and counts, never an address.
