@@ -91,14 +91,15 @@ CONFIG = obj({
     "smtp": obj({
         "listen": many(ADDR), "trusted_networks": many(NET), "max_message_size": i(1),
         "max_recipients": i(1), "max_errors": i(1), "max_line_length": i(512),
-        "max_connections": i(1), "command_timeout": DUR, "data_timeout": DUR,
+        "max_connections": i(1), "command_timeout": DUR, "data_timeout": DUR, "min_data_rate": i(0),
         "recipient_check_timeout": DUR, "recipient_cache": DUR, "shutdown_grace": DUR,
         "drain_delay": DUR, "submission": many(ADDR), "submissions": many(ADDR),
         "tls_certificate": s(), "tls_key": s(), "tls_handshake_timeout": DUR, "auth_file": s(),
         "proxy_networks": many(NET), "proxy_timeout": DUR, "max_transactions": i(1),
         "max_text_line": i(0), "reject_bare_line_ends": B, "max_hops": i(1),
         "max_connections_per_client": i(1), "max_session_time": DUR, "connection_rate": RATE,
-        "message_rate": RATE, "user_message_rate": RATE,
+        "message_rate": RATE, "user_message_rate": RATE, "auth_failure_delay": DUR,
+        "auth_client_failures": RATE, "auth_account_failures": RATE,
     }),
     "queue": obj({
         "backend": {"enum": ["rabbitmq", "embedded"]}, "url": s(pattern="^amqps?://"),

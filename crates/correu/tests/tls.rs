@@ -491,3 +491,66 @@ fn sslyze_finds_the_mozilla_intermediate_profile() {
     assert!(out.contains("OK - Compliant"), "{out}");
     drop(s.proc);
 }
+
+/// Brute force, across replicas: an address that fails AUTH too often is
+/// turned away (`421 4.7.0`) by every ingress sharing the Redis, while the
+/// account's owner, from elsewhere, still logs in.
+#[test]
+fn failed_logins_are_limited_per_address_across_replicas() {
+    let prefix = format!("correu-test-auth-{}", std::process::id());
+    let extra = format!(
+        "auth_failure_delay = \"10ms\"\nauth_client_failures = \"3/15m\"\n[redis]\nurl = \"redis://127.0.0.1:6379\"\nprefix = \"{prefix}\""
+    );
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let one = server(d1.path(), &extra);
+    let two = server(d2.path(), &extra);
+    let login = |s: &Server, from: &str, password: &str| {
+        let server = s.submission.to_string();
+        swaks(&[
+            "--server",
+            &server,
+            "--local-interface",
+            from,
+            "--tls",
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            "jo@localhost",
+            "--auth-password",
+            password,
+            "--quit-after",
+            "AUTH",
+            "--from",
+            "jo@localhost",
+            "--to",
+            "ana@elsewhere.example",
+        ])
+    };
+    for _ in 0..3 {
+        let (ok, out) = login(&one, "127.0.0.1", "wrong");
+        assert!(!ok && out.contains("535 5.7.8"), "{out}");
+    }
+    let (ok, out) = login(&one, "127.0.0.1", "secret");
+    assert!(
+        !ok && out.contains("421 4.7.0"),
+        "the fourth try is turned away: {out}"
+    );
+    let (ok, out) = login(&two, "127.0.0.1", "secret");
+    assert!(
+        !ok && out.contains("421 4.7.0"),
+        "the other replica knows: {out}"
+    );
+    let (ok, out) = login(&one, "127.0.0.2", "secret");
+    assert!(
+        ok && out.contains("235 2.7.0"),
+        "the owner, elsewhere, logs in: {out}"
+    );
+    let (_, keys, _) = run(
+        "redis-cli",
+        &["--scan", "--pattern", &format!("{prefix}:*")],
+    );
+    for k in keys.split_whitespace() {
+        run("redis-cli", &["del", k]);
+    }
+    drop((one, two));
+}

@@ -29,8 +29,13 @@ use crate::Shared;
 use crate::proxy::{self, Header};
 use crate::tls::{MaybeTls, describe};
 
-/// Bytes read at a time.
+/// Bytes read at a time while a message comes in.
 const READ_CHUNK: usize = 16 * 1024;
+/// Bytes read at a time while waiting for commands (a line is 512 at
+/// most; pipelined ones come in several reads). An idle session holds
+/// this, not a message-sized buffer: thousands of idle connections would
+/// otherwise keep 16 KiB each, and leave the heap fragmented when they go.
+const COMMAND_CHUNK: usize = 1024;
 
 /// How a session ended, for logs.
 #[derive(Debug, PartialEq, Eq)]
@@ -70,7 +75,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 
     /// Reads more bytes within `wait`.
     async fn fill(&mut self, wait: Duration) -> std::io::Result<Read> {
-        self.rbuf.reserve(READ_CHUNK);
+        self.fill_by(wait, READ_CHUNK).await
+    }
+
+    /// Reads what there is (at most `chunk` more octets of room).
+    async fn fill_by(&mut self, wait: Duration, chunk: usize) -> std::io::Result<Read> {
+        self.rbuf.reserve(chunk);
         match timeout(wait, self.stream.read_buf(&mut self.rbuf)).await {
             Err(_) => Ok(Read::TimedOut),
             Ok(Ok(0)) => Ok(Read::Closed),
@@ -81,6 +91,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 
     fn reply(&mut self, r: &Reply) {
         r.write_to(&mut self.wbuf);
+    }
+
+    /// After a message: the read buffer goes back to command size (a
+    /// session that sent one large message does not keep its buffer).
+    fn shrink(&mut self) {
+        self.rbuf.shrink_to(COMMAND_CHUNK.max(self.rbuf.len()));
     }
 
     async fn say_and_end(&mut self, r: &Reply, end: End) -> std::io::Result<End> {
@@ -203,7 +219,7 @@ where
                 }
                 let wait = shared.command_timeout.min(deadline - now);
                 tokio::select! {
-                    r = conn.fill(wait) => match r? {
+                    r = conn.fill_by(wait, COMMAND_CHUNK) => match r? {
                         Read::Data => continue,
                         Read::Closed => return Ok(End::ClientClosed),
                         Read::TimedOut if Instant::now() >= deadline => {
@@ -226,10 +242,32 @@ where
                     continue;
                 }
                 Step::CheckCredentials { user, password } => {
+                    let ip = client.ip().to_string();
+                    let throttle = &shared.auth_throttle;
+                    match throttle.before(&shared.rates, &ip, &user).await {
+                        crate::auth::Before::TooMany => {
+                            tracing::warn!(client = %client, user = %user, "too many failed logins from this address; turned away");
+                            refused("auth_failures");
+                            return conn
+                                .say_and_end(&session.too_many_failed_logins(), End::Refused)
+                                .await;
+                        }
+                        crate::auth::Before::Check(wait) if !wait.is_zero() => {
+                            tracing::info!(client = %client, user = %user, ?wait, "an account with many failed logins: slowing down");
+                            tokio::time::sleep(wait).await;
+                        }
+                        crate::auth::Before::Check(_) => {}
+                    }
                     let verdict = match &shared.auth {
                         Some(a) => a.check(&user, &password.0).await,
                         None => CredentialVerdict::Invalid,
                     };
+                    if verdict == CredentialVerdict::Invalid {
+                        // The answer to a wrong password comes later each
+                        // time (and says nothing sooner for a missing account).
+                        let wait = throttle.failed(&shared.rates, &ip, &user).await;
+                        tokio::time::sleep(wait).await;
+                    }
                     match verdict {
                         CredentialVerdict::Valid => {
                             tracing::Span::current().record("enduser.id", user.as_str());
@@ -285,6 +323,7 @@ where
                         }
                     };
                     conn.reply(&reply);
+                    conn.shrink();
                 }
                 Step::Chunk { size, last, first } => {
                     if first {
@@ -318,6 +357,7 @@ where
                             let data = std::mem::take(&mut body);
                             let reply = deliver(shared, &mut session, env, data, client).await;
                             conn.reply(&reply);
+                            conn.shrink();
                         }
                     }
                 }
@@ -347,7 +387,7 @@ async fn read_proxy_header<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
         let left = deadline.saturating_duration_since(Instant::now());
-        match conn.fill(left).await? {
+        match conn.fill_by(left, COMMAND_CHUNK).await? {
             Read::Data => {}
             Read::Closed | Read::TimedOut => return Ok(None),
         }

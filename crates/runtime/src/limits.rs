@@ -122,6 +122,43 @@ impl RateLimiter {
         *n <= rate.count
     }
 
+    /// Events of `kind` for `id` in the current window of `per` (shared
+    /// through Redis), after adding `add` (0 to only look).
+    pub async fn tally(&self, kind: &str, id: &str, per: Duration, add: u64) -> u64 {
+        let per = per.as_secs().max(1);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let key = format!("{}:tally:{kind}:{id}:{}", self.prefix, now / per);
+        if let Some(pool) = &self.redis {
+            let work = async {
+                if add == 0 {
+                    let mut c = pool.get().await?;
+                    let n: Option<u64> = deadpool_redis::redis::cmd("GET")
+                        .arg(&key)
+                        .query_async(&mut c)
+                        .await?;
+                    Ok::<_, anyhow::Error>(n.unwrap_or(0))
+                } else {
+                    incr_by(pool, &key, add, per * 2).await
+                }
+            };
+            match tokio::time::timeout(self.timeout, work).await {
+                Ok(Ok(n)) => return n,
+                Ok(Err(e)) => self.warn(&e.to_string()),
+                Err(_) => self.warn("timed out"),
+            }
+        }
+        let mut local = lock(&self.local);
+        if local.len() >= LOCAL_KEYS {
+            local.clear();
+        }
+        let n = local.entry(key).or_insert(0);
+        *n += add;
+        *n
+    }
+
     fn warn(&self, why: &str) {
         let mut last = lock(&self.last_warning);
         if last.is_none_or(|t| t.elapsed() > WARN_EVERY) {
@@ -343,10 +380,14 @@ fn warn_redis(last: &Mutex<Option<Instant>>, why: &str) {
 }
 
 async fn incr(pool: &Pool, key: &str, ttl_secs: u64) -> anyhow::Result<u64> {
+    incr_by(pool, key, 1, ttl_secs).await
+}
+
+async fn incr_by(pool: &Pool, key: &str, by: u64, ttl_secs: u64) -> anyhow::Result<u64> {
     let mut conn = pool.get().await?;
     let (n,): (u64,) = deadpool_redis::redis::pipe()
         .atomic()
-        .incr(key, 1u64)
+        .incr(key, by)
         .expire(key, ttl_secs as i64)
         .ignore()
         .query_async(&mut conn)

@@ -304,6 +304,18 @@ impl Session {
         )
     }
 
+    /// `421 4.7.0`: the client's address failed to log in too often.
+    pub fn too_many_failed_logins(&self) -> Reply {
+        reply(
+            421,
+            (4, 7, 0),
+            format!(
+                "{} Error: too many failed logins from your address, try again later",
+                self.cfg.hostname
+            ),
+        )
+    }
+
     /// The reply given when a session has lasted longer than allowed.
     pub fn session_too_long(&self) -> Reply {
         reply(

@@ -185,23 +185,112 @@ pub fn parse_aliases(text: &str) -> (Aliases, Vec<String>) {
     (out, errors)
 }
 
+/// The Argon2 Correu hashes new passwords with: argon2id, 19 MiB of
+/// memory, 2 passes, 1 lane. That is OWASP's first recommendation and the
+/// argon2 crate's default: about 40 ms per check on this kind of machine,
+/// slow enough against a stolen file, and a 19 MiB working set that
+/// [`check_password`] bounds in number.
+pub const ARGON2_MEMORY_KIB: u32 = 19 * 1024;
+pub const ARGON2_PASSES: u32 = 2;
+pub const ARGON2_LANES: u32 = 1;
+
+/// A hash that asks for more memory than this is not checked at all (an
+/// accounts file with one would let each login take that much).
+const MAX_VERIFY_MEMORY_KIB: u32 = 64 * 1024;
+
+fn argon2() -> Argon2<'static> {
+    let params = argon2::Params::new(ARGON2_MEMORY_KIB, ARGON2_PASSES, ARGON2_LANES, None)
+        // Constant, valid parameters (the crate's own defaults).
+        .unwrap_or_default();
+    Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
+}
+
 /// An argon2id hash of `password` in PHC form, for the accounts file.
 pub fn hash_password(password: &str) -> Result<String, argon2::password_hash::Error> {
     let bytes: [u8; 16] = rand::random();
     let salt = argon2::password_hash::SaltString::encode_b64(&bytes)?;
-    Ok(Argon2::default()
+    Ok(argon2()
         .hash_password(password.as_bytes(), &salt)?
         .to_string())
 }
 
-/// Whether `password` matches the PHC `hash` (slow on purpose: call it off
-/// the async threads).
+/// Whether `password` matches the PHC `hash`, with the parameters the hash
+/// names (slow on purpose: blocking; services call [`check_password`]).
 pub fn verify_password(hash: &str, password: &str) -> bool {
+    VERIFICATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     PasswordHash::new(hash).is_ok_and(|parsed| {
+        let m = parsed.params.get_decimal("m").unwrap_or(ARGON2_MEMORY_KIB);
+        if m > MAX_VERIFY_MEMORY_KIB {
+            tracing::warn!(
+                memory_kib = m,
+                "a password hash asks for too much memory; refused"
+            );
+            return false;
+        }
         Argon2::default()
             .verify_password(password.as_bytes(), &parsed)
             .is_ok()
     })
+}
+
+/// Argon2 checks made by this process (a dummy check counts too).
+static VERIFICATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many Argon2 checks this process has made.
+pub fn verifications() -> u64 {
+    VERIFICATIONS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Password checks running at once in this process, at most: each holds
+/// a 19 MiB working set, so a flood of logins waits here instead of
+/// growing memory (forty at once took a server to 3.9 GB).
+pub fn max_checks_in_flight() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .clamp(1, 4)
+}
+
+static CHECKS: std::sync::LazyLock<tokio::sync::Semaphore> =
+    std::sync::LazyLock::new(|| tokio::sync::Semaphore::new(max_checks_in_flight()));
+
+/// Checked against when there is no hash to check (no such account, or
+/// one that cannot log in), so that answer takes as long as a wrong
+/// password for a real account: the time does not say which accounts exist.
+static DUMMY_HASH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    hash_password("correu dummy password, never anyone's").unwrap_or_default()
+});
+
+static IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static MOST_IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// The most checks seen running at once (for tests and metrics).
+pub fn most_checks_in_flight() -> usize {
+    MOST_IN_FLIGHT.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Whether `password` matches `hash` (`None`: no account, or no password,
+/// checked against a dummy hash all the same), with at most
+/// [`max_checks_in_flight`] checks at once, on the blocking pool.
+pub async fn check_password(hash: Option<String>, password: String) -> bool {
+    use std::sync::atomic::Ordering::Relaxed;
+    // The semaphore is never closed.
+    let Ok(_permit) = CHECKS.acquire().await else {
+        return false;
+    };
+    let now = IN_FLIGHT.fetch_add(1, Relaxed) + 1;
+    MOST_IN_FLIGHT.fetch_max(now, Relaxed);
+    let ok = tokio::task::spawn_blocking(move || match hash {
+        Some(h) => verify_password(&h, &password),
+        None => {
+            let _same_time = verify_password(&DUMMY_HASH, &password);
+            false
+        }
+    })
+    .await
+    .unwrap_or(false);
+    IN_FLIGHT.fetch_sub(1, Relaxed);
+    ok
 }
 
 /// How often a watched file's modification time is looked at.
@@ -309,6 +398,37 @@ impl<T> WatchedFile<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A login flood waits for a few checks at a time; an unknown account
+    /// costs an Argon2 check like a known one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn password_checks_are_bounded_and_unknown_accounts_cost_the_same() {
+        let hash = hash_password("right").unwrap();
+        let checks: Vec<_> = (0..24)
+            .map(|i| {
+                let h = (i % 2 == 0).then(|| hash.clone());
+                tokio::spawn(check_password(h, "wrong".into()))
+            })
+            .collect();
+        for c in checks {
+            assert!(!c.await.unwrap());
+        }
+        assert!(most_checks_in_flight() <= max_checks_in_flight());
+        assert!(most_checks_in_flight() >= 1);
+        let before = verifications();
+        assert!(!check_password(None, "anything".into()).await);
+        assert_eq!(verifications(), before + 1, "a dummy check was made");
+        assert!(check_password(Some(hash), "right".into()).await);
+    }
+
+    #[test]
+    fn hashes_use_the_chosen_parameters_and_greedy_ones_are_refused() {
+        let h = hash_password("pw").unwrap();
+        assert!(h.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{h}");
+        // A hash that would take 1 GiB per check is not checked.
+        let greedy = h.replace("m=19456", "m=1048576");
+        assert!(!verify_password(&greedy, "pw"));
+    }
 
     #[test]
     fn sizes() {

@@ -134,10 +134,16 @@ impl Directory {
     /// The account `address` logs in as, when `password` is its password.
     /// Blocking (argon2): call it from `spawn_blocking`.
     pub fn authenticate(&self, address: &str, password: &str) -> Option<String> {
+        let (account, hash) = self.credentials(address)?;
+        verify_password(&hash?, password).then_some(account)
+    }
+
+    /// The account `address` names, with its password hash (`None`: it
+    /// cannot log in); `None` when there is no such account.
+    pub fn credentials(&self, address: &str) -> Option<(String, Option<String>)> {
         let accounts = self.accounts.as_ref()?.get();
         let account = accounts.get(&address.to_lowercase())?;
-        let hash = account.hash.as_deref()?;
-        verify_password(hash, password).then(|| account.address.clone())
+        Some((account.address.clone(), account.hash.clone()))
     }
 }
 

@@ -28,10 +28,18 @@ pub struct SmtpConfig {
     pub max_line_length: usize,
     /// Open SMTP connections at most; more get `421 4.3.2`.
     pub max_connections: usize,
-    /// Time to wait for a command (RFC 5321 §4.5.3.2.7: 5 minutes).
+    /// Time for a whole command to arrive, from its first byte (or the end
+    /// of the one before) to its line end (RFC 5321 §4.5.3.2.7: 5 minutes).
+    /// It is not renewed by each byte: one byte every few seconds does not
+    /// keep a connection.
     pub command_timeout: Dur,
     /// Time to wait for each chunk of DATA (RFC 5321 §4.5.3.2.5: 3 minutes).
     pub data_timeout: Dur,
+    /// Slowest a message may come, in bytes per second, once it has had
+    /// `data_timeout`: a DATA or BDAT transfer must end by `data_timeout`
+    /// plus its bytes at this rate (Postfix's `smtpd_min_data_rate`); 0
+    /// for no floor.
+    pub min_data_rate: u64,
     /// Time for storage to say whether a local recipient exists.
     pub recipient_check_timeout: Dur,
     /// How long a local recipient storage said exists is taken as existing
@@ -91,6 +99,17 @@ pub struct SmtpConfig {
     pub message_rate: Rate,
     /// Messages per authenticated user.
     pub user_message_rate: Rate,
+    /// A failed AUTH is answered after this, doubled at each failure from
+    /// the same address in the window, up to 30 times it.
+    pub auth_failure_delay: Dur,
+    /// Failed AUTHs from one client address (`N/DURATION`); past it the
+    /// address gets `421 4.7.0` at AUTH until the window ends. Shared by
+    /// every ingress replica through Redis.
+    pub auth_client_failures: Rate,
+    /// Failed AUTHs for one account from anywhere; past it every AUTH for
+    /// that account waits the longest delay first (the right password
+    /// still works: the account is slowed down, never locked out).
+    pub auth_account_failures: Rate,
 }
 
 impl Default for SmtpConfig {
@@ -105,6 +124,7 @@ impl Default for SmtpConfig {
             max_connections: 1000,
             command_timeout: Dur::secs(300),
             data_timeout: Dur::secs(180),
+            min_data_rate: 500,
             recipient_check_timeout: Dur::secs(5),
             recipient_cache: Dur::secs(10),
             shutdown_grace: Dur::secs(25),
@@ -126,6 +146,9 @@ impl Default for SmtpConfig {
             connection_rate: Rate::per(120, 60),
             message_rate: Rate::per(600, 60),
             user_message_rate: Rate::per(1000, 3600),
+            auth_failure_delay: Dur::secs(1),
+            auth_client_failures: Rate::per(10, 900),
+            auth_account_failures: Rate::per(20, 900),
         }
     }
 }
