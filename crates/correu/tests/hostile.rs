@@ -78,12 +78,32 @@ fn one_address_cannot_take_every_connection() {
     );
 }
 
+/// Writes `bytes` one at a time, `every` apart, and returns what the server
+/// said until it closed (or `give_up` passed).
+fn drip(s: &mut TcpStream, bytes: &[u8], every: Duration, give_up: Duration) -> String {
+    s.set_read_timeout(Some(every)).unwrap();
+    let started = Instant::now();
+    let mut got = Vec::new();
+    for b in bytes.iter().cycle() {
+        if started.elapsed() > give_up || s.write_all(&[*b]).is_err() {
+            break;
+        }
+        let mut buf = [0u8; 512];
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
 #[test]
-fn slow_clients_meet_the_session_and_command_deadlines() {
+fn slow_clients_meet_the_command_data_and_session_deadlines() {
     let dir = tempfile::tempdir().unwrap();
     let (_p, addr) = serve(
         dir.path(),
-        "command_timeout = \"1s\"\nmax_session_time = \"3s\"",
+        "command_timeout = \"1s\"\ndata_timeout = \"1s\"\nmin_data_rate = 100\nmax_session_time = \"4s\"",
     );
     // Silent after the greeting: 421 4.4.2 after the command timeout.
     let mut silent = connect_from([127, 0, 0, 1], addr);
@@ -91,32 +111,132 @@ fn slow_clients_meet_the_session_and_command_deadlines() {
     let started = Instant::now();
     let r = first_reply(&mut silent);
     assert!(r.starts_with("421 4.4.2"), "{r}");
-    assert!(started.elapsed() < Duration::from_secs(5));
-    // One byte every 300 ms never trips the command timeout, but the
-    // session deadline ends it.
-    let mut drip = connect_from([127, 0, 0, 1], addr);
-    first_reply(&mut drip);
-    drip.set_read_timeout(Some(Duration::from_millis(300)))
-        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(3));
+
+    // A byte every 200 ms: each byte is "activity", but no command line
+    // is whole within the command timeout, so the command times out
+    // (before this was fixed, only the session deadline ended it).
+    let mut slow = connect_from([127, 0, 0, 1], addr);
+    first_reply(&mut slow);
     let started = Instant::now();
-    let mut got = Vec::new();
-    while started.elapsed() < Duration::from_secs(8) {
-        if drip.write_all(b"N").is_err() {
-            break;
-        }
-        let mut buf = [0u8; 256];
-        match drip.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(_) => {}
-        }
+    let text = drip(
+        &mut slow,
+        b"NOOP and more and more\r\n",
+        Duration::from_millis(200),
+        Duration::from_secs(8),
+    );
+    assert!(
+        text.contains("421 4.4.2") && text.contains("timeout exceeded"),
+        "{text}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // The same drip inside DATA: 5 octets/s is under min_data_rate, so
+    // the transfer ends about data_timeout after the 354.
+    let mut data = connect_from([127, 0, 0, 1], addr);
+    first_reply(&mut data);
+    data.write_all(
+        b"HELO drip\r\nMAIL FROM:<jo@domini.com>\r\nRCPT TO:<pere@localhost>\r\nDATA\r\n",
+    )
+    .unwrap();
+    let mut c = Smtp::from_stream(data);
+    for want in [250, 250, 250, 354] {
+        assert_eq!(c.read().code, want);
     }
-    let text = String::from_utf8_lossy(&got);
+    let mut data = c.into_stream();
+    let started = Instant::now();
+    let text = drip(
+        &mut data,
+        b"Subject: slow\r\n\r\nslow body\r\n",
+        Duration::from_millis(200),
+        Duration::from_secs(8),
+    );
+    assert!(text.contains("421 4.4.2"), "{text}");
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // Whole commands, each in time (a NOOP every 300 ms): the session
+    // deadline ends it.
+    let mut chatty = connect_from([127, 0, 0, 1], addr);
+    first_reply(&mut chatty);
+    let started = Instant::now();
+    let text = drip(
+        &mut chatty,
+        b"NOOP\r\n",
+        Duration::from_millis(50),
+        Duration::from_secs(8),
+    );
+    assert!(text.contains("250 2.0.0"), "{text}");
     assert!(
         text.contains("421 4.4.2") && text.contains("session time limit"),
         "{text}"
     );
     assert!(started.elapsed() < Duration::from_secs(6));
+}
+
+#[test]
+fn when_every_slot_is_taken_the_idlest_session_gives_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_p, addr) = serve(dir.path(), "trusted_networks = []\nmax_connections = 4");
+    // The oldest session is in the middle of a message: never idle.
+    let mut busy = Smtp::connect(addr);
+    busy.read();
+    busy.cmd("EHLO busy.example");
+    assert_eq!(busy.cmd("MAIL FROM:<jo@domini.com>").code, 250);
+    assert_eq!(busy.cmd("RCPT TO:<pere@localhost>").code, 250);
+    assert_eq!(busy.cmd("DATA").code, 354);
+    busy.send(b"Subject: slow writer\r\n");
+    std::thread::sleep(Duration::from_millis(200));
+    // Three idle ones after it; the first of them is the idlest.
+    let mut idle: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            let mut s = connect_from([127, 0, 0, 1], addr);
+            assert!(first_reply(&mut s).starts_with("220 "));
+            std::thread::sleep(Duration::from_millis(100));
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1200));
+
+    // Every slot is taken; a new client is served all the same.
+    let mut new = connect_from([127, 0, 0, 2], addr);
+    let r = first_reply(&mut new);
+    assert!(r.starts_with("220 "), "{r}");
+    let r = first_reply(&mut idle[0]);
+    assert!(
+        r.starts_with("421 4.4.2") && r.contains("idle too long"),
+        "{r}"
+    );
+    // The others and the message in progress are untouched.
+    for s in &mut idle[1..] {
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        assert!(s.read(&mut buf).is_err(), "still open, nothing said");
+    }
+    busy.send(b"\r\nstill coming\r\n.\r\n");
+    assert_eq!(busy.read().code, 250);
+    drop((busy, idle, new));
+    std::thread::sleep(Duration::from_millis(300));
+
+    // Four fresh sessions, none idle for long: the fifth is refused.
+    let _fresh: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let mut s = connect_from([127, 0, 0, 1], addr);
+            assert!(first_reply(&mut s).starts_with("220 "));
+            s
+        })
+        .collect();
+    let mut fifth = connect_from([127, 0, 0, 2], addr);
+    let r = first_reply(&mut fifth);
+    assert!(r.starts_with("421 4.3.2"), "{r}");
 }
 
 #[test]

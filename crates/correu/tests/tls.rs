@@ -554,3 +554,47 @@ fn failed_logins_are_limited_per_address_across_replicas() {
     }
     drop((one, two));
 }
+
+/// On the implicit-TLS port nothing is said in the clear: with every slot
+/// taken a new connection is closed without a word, and a client over its
+/// connection rate hears `421` inside TLS. Handshakes that never started
+/// used up the rate.
+#[test]
+fn implicit_tls_refusals_are_never_in_the_clear() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(
+        dir.path(),
+        "trusted_networks = []\nmax_connections = 3\nconnection_rate = \"3/60s\"",
+    );
+    let stalled: Vec<std::net::TcpStream> = (0..3)
+        .map(|_| std::net::TcpStream::connect(s.submissions).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut over = std::net::TcpStream::connect(s.submissions).unwrap();
+    over.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut said = Vec::new();
+    let n = over.read_to_end(&mut said).unwrap();
+    assert_eq!(
+        n,
+        0,
+        "closed without a word: {:?}",
+        String::from_utf8_lossy(&said)
+    );
+    drop(stalled);
+    std::thread::sleep(Duration::from_millis(300));
+
+    let out = py(&format!(
+        r#"
+import socket, ssl
+ctx = ssl.create_default_context(cafile={ca:?})
+with socket.create_connection(("127.0.0.1", {port}), timeout=10) as raw:
+    with ctx.wrap_socket(raw, server_hostname="localhost") as t:
+        print(t.recv(512).decode())
+"#,
+        ca = s.ca.display().to_string(),
+        port = s.submissions.port()
+    ));
+    assert!(out.starts_with("421 4.7.0"), "{out}");
+    drop(s.proc);
+}

@@ -10,11 +10,13 @@
 //! - [`run`]: listeners, connection limits and graceful shutdown.
 //! - [`session`]: one SMTP session over any stream (TCP here, memory in tests).
 //! - [`tls`]: rustls configuration, reloading, the plain-or-TLS stream.
-//! - [`auth`]: credential checks (the password file for now).
+//! - [`auth`]: credential checks and the failed-login throttle.
+//! - [`idle`]: which sessions are idle, so the idlest gives way when slots run out.
 //! - [`proxy`]: the PROXY protocol v1/v2 parser.
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod idle;
 pub mod metrics;
 pub mod proxy;
 pub mod recipients;
@@ -60,6 +62,9 @@ pub struct Shared {
     pub max_line: usize,
     pub command_timeout: Duration,
     pub data_timeout: Duration,
+    /// Octets per second a DATA or BDAT transfer must keep up, after
+    /// `data_timeout` (0: the timeout applies to each read instead).
+    pub min_data_rate: u64,
     pub tls_handshake_timeout: Duration,
     pub proxy_timeout: Duration,
     pub max_session_time: Duration,
@@ -67,6 +72,8 @@ pub struct Shared {
     pub known_recipients: recipients::KnownRecipients,
     /// Cancelled when the server stops: idle sessions get `421 4.3.2`.
     pub shutdown: CancellationToken,
+    /// The open sessions, for evicting the idlest when slots run out.
+    pub sessions: Arc<idle::Sessions>,
 }
 
 impl Shared {
@@ -125,12 +132,14 @@ impl Shared {
             max_line: s.max_line_length,
             command_timeout: s.command_timeout.get(),
             data_timeout: s.data_timeout.get(),
+            min_data_rate: s.min_data_rate,
             tls_handshake_timeout: s.tls_handshake_timeout.get(),
             proxy_timeout: s.proxy_timeout.get(),
             max_session_time: s.max_session_time.get(),
             recipient_check_timeout: s.recipient_check_timeout.get(),
             known_recipients: recipients::KnownRecipients::new(s.recipient_cache.get()),
             shutdown,
+            sessions: Arc::new(idle::Sessions::default()),
         })
     }
 }
@@ -270,23 +279,26 @@ async fn accept_loop(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
+        let role = listener.role;
         if shared.shutdown.is_cancelled() {
             metrics::METRICS.connections_refused.add(
                 1,
                 &[opentelemetry::KeyValue::new("reason", "shutting_down")],
             );
-            tokio::spawn(refuse(stream, shared.session.shutting_down().to_bytes()));
+            tokio::spawn(refuse(
+                stream,
+                role,
+                shared.session.shutting_down().to_bytes(),
+            ));
             continue;
         }
-        match limit.clone().try_acquire_owned() {
-            Ok(permit) => {
-                metrics::METRICS.connections_accepted.add(1, &[]);
-                let shared = shared.clone();
-                let role = listener.role;
-                tracker.spawn(async move {
-                    serve(&shared, stream, peer, role).await;
-                    drop(permit);
-                });
+        let permit = match limit.clone().try_acquire_owned() {
+            Ok(permit) => Some(permit),
+            // Every slot is taken: the session idle longest gives way,
+            // and this client waits for its slot while it says goodbye.
+            Err(_) if shared.sessions.evict_idlest(idle::EVICT_AFTER) => {
+                metrics::METRICS.sessions_evicted.add(1, &[]);
+                None
             }
             Err(_) => {
                 metrics::METRICS.connections_refused.add(
@@ -295,15 +307,47 @@ async fn accept_loop(
                 );
                 tracker.spawn(refuse(
                     stream,
+                    role,
                     shared.session.too_many_connections().to_bytes(),
                 ));
+                continue;
             }
-        }
+        };
+        let shared = shared.clone();
+        let limit = limit.clone();
+        tracker.spawn(async move {
+            let permit = match permit {
+                Some(p) => p,
+                None => match tokio::time::timeout(EVICTION_WAIT, limit.acquire_owned()).await {
+                    Ok(Ok(p)) => p,
+                    _ => {
+                        metrics::METRICS.connections_refused.add(
+                            1,
+                            &[opentelemetry::KeyValue::new("reason", "connection_limit")],
+                        );
+                        let reply = shared.session.too_many_connections().to_bytes();
+                        return refuse(stream, role, reply).await;
+                    }
+                },
+            };
+            metrics::METRICS.connections_accepted.add(1, &[]);
+            serve(&shared, stream, peer, role).await;
+            drop(permit);
+        });
     }
 }
 
-/// Over a limit: say so (RFC 5321 §3.8) and close.
-async fn refuse(mut stream: TcpStream, reply: Vec<u8>) {
+/// How long a new client waits for the slot of an evicted idle session.
+const EVICTION_WAIT: Duration = Duration::from_secs(2);
+
+/// Over a limit: say so (RFC 5321 §3.8) and close. On an implicit-TLS
+/// port nothing is said: a reply in the clear is not what the client
+/// expects there (it would read it as a broken handshake), and a server
+/// out of slots should not spend a handshake on saying so.
+async fn refuse(mut stream: TcpStream, role: Role, reply: Vec<u8>) {
+    if role == Role::Submissions {
+        return;
+    }
     let sent = tokio::time::timeout(Duration::from_secs(5), stream.write_all(&reply)).await;
     if !matches!(sent, Ok(Ok(()))) {
         tracing::debug!("could not tell a refused client why");

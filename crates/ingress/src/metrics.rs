@@ -11,6 +11,8 @@ pub struct IngressMetrics {
     /// By `reason`: `connection_limit`, `client_limit`, `client_rate`,
     /// `shutting_down`.
     pub connections_refused: Counter<u64>,
+    /// Idle sessions closed to make room for a new connection.
+    pub sessions_evicted: Counter<u64>,
     /// By `result` (`accepted`, `rejected`) and `reply_class` (`2xx`…).
     pub transactions: Counter<u64>,
     pub message_size: Histogram<u64>,
@@ -35,6 +37,11 @@ pub static METRICS: LazyLock<IngressMetrics> = LazyLock::new(|| {
             .u64_counter("correu.smtp.connections.refused")
             .with_unit("{connection}")
             .with_description("SMTP connections refused, by reason")
+            .build(),
+        sessions_evicted: m
+            .u64_counter("correu.smtp.sessions.evicted")
+            .with_unit("{session}")
+            .with_description("Idle SMTP sessions closed to make room when every slot was taken")
             .build(),
         transactions: m
             .u64_counter("correu.smtp.transactions")

@@ -48,6 +48,8 @@ pub enum End {
     Closed,
     /// Refused before the greeting: a limit or a bad PROXY header.
     Refused,
+    /// Idle while every slot was taken: closed for a new client.
+    Evicted,
 }
 
 struct Conn<S> {
@@ -119,13 +121,21 @@ where
 {
     let started = Instant::now();
     let deadline = started + shared.max_session_time;
+    // Idle (giving way to new clients when slots run out) from the start:
+    // a connection that has not finished its PROXY header or handshake has
+    // not said anything either.
+    let idle = shared.sessions.register();
     let mut conn = Conn {
         stream: MaybeTls::Plain(stream),
         rbuf: Vec::new(),
         wbuf: Vec::new(),
     };
     let client = if shared.proxies.iter().any(|n| n.contains(peer.ip())) {
-        match read_proxy_header(shared, &mut conn).await? {
+        let header = tokio::select! {
+            h = read_proxy_header(shared, &mut conn) => h?,
+            _ = idle.evicted() => return Ok(End::Evicted),
+        };
+        match header {
             Some(Header::Proxied(addr)) => addr,
             Some(Header::Local) => peer,
             None => return Ok(End::Refused),
@@ -135,37 +145,45 @@ where
     };
     let trusted = shared.trusted.iter().any(|n| n.contains(client.ip()));
     // Limits apply to the real client, and never to trusted networks
-    // (Postfix's anvil exceptions).
+    // (Postfix's anvil exceptions). Each connection counts toward the
+    // client's rate before anything else, a TLS handshake included, so
+    // handshakes that never finish use it up too.
+    let mut refusal = None;
     let _slot = if trusted {
         None
     } else {
         let probe = Session::new(shared.session.clone(), Policy::mx(false));
-        let Some(slot) = shared.per_client.enter(client.ip()) else {
-            refused("client_limit");
-            return conn
-                .say_and_end(
-                    &probe.rate_limited("connections from your address"),
-                    End::Refused,
-                )
-                .await;
-        };
-        if !shared
+        let slot = shared.per_client.enter(client.ip());
+        if slot.is_none() {
+            refusal = Some((
+                probe.rate_limited("connections from your address"),
+                "client_limit",
+            ));
+        } else if !shared
             .rates
             .allow("conn", &client.ip().to_string(), shared.connection_rate)
             .await
         {
-            refused("client_rate");
-            return conn
-                .say_and_end(&probe.rate_limited("connections"), End::Refused)
-                .await;
+            refusal = Some((probe.rate_limited("connections"), "client_rate"));
         }
-        Some(slot)
+        slot
     };
+    // On the implicit-TLS port the refusal is said inside TLS, as
+    // everything there is (a plain-text line would be read as a broken
+    // handshake).
     if role == Role::Submissions {
-        conn = match start_tls(shared, conn).await? {
+        let tls = tokio::select! {
+            c = start_tls(shared, conn) => c?,
+            _ = idle.evicted() => return Ok(End::Evicted),
+        };
+        conn = match tls {
             Some(c) => c,
             None => return Ok(End::Closed),
         };
+    }
+    if let Some((reply, reason)) = refusal {
+        refused(reason);
+        return conn.say_and_end(&reply, End::Refused).await;
     }
     let tls_desc = match &conn.stream {
         MaybeTls::Tls(s) => Some(describe(s)),
@@ -194,14 +212,22 @@ where
     // `body` keeps them only up to the size limit.
     let mut body = Vec::new();
     let mut bdat_total: u64 = 0;
+    // When the session began waiting for the next command line: a whole
+    // line must come within `command_timeout` of it, however it trickles
+    // in, and the session is idle (evictable) meanwhile.
+    let mut waiting_since: Option<Instant> = None;
     loop {
         let step = match lines.next_line(&conn.rbuf) {
             Line::Complete { len, consumed } => {
+                waiting_since = None;
+                idle.busy();
                 let step = session.command(&conn.rbuf[..len]);
                 conn.rbuf.drain(..consumed);
                 step
             }
             Line::TooLong { consumed } => {
+                waiting_since = None;
+                idle.busy();
                 conn.rbuf.drain(..consumed);
                 session.line_too_long()
             }
@@ -217,7 +243,15 @@ where
                         .say_and_end(&session.session_too_long(), End::Timeout)
                         .await;
                 }
-                let wait = shared.command_timeout.min(deadline - now);
+                let since = *waiting_since.get_or_insert_with(|| {
+                    idle.waiting(now);
+                    now
+                });
+                let line_deadline = since + shared.command_timeout;
+                if now >= line_deadline {
+                    return conn.say_and_end(&session.timeout(), End::Timeout).await;
+                }
+                let wait = line_deadline.min(deadline) - now;
                 tokio::select! {
                     r = conn.fill_by(wait, COMMAND_CHUNK) => match r? {
                         Read::Data => continue,
@@ -229,6 +263,10 @@ where
                     },
                     _ = shared.shutdown.cancelled() => {
                         return conn.say_and_end(&session.shutting_down(), End::Shutdown).await;
+                    }
+                    _ = idle.evicted() => {
+                        tracing::info!(client = %client, idle = ?since.elapsed(), "every slot taken: closing the idlest session");
+                        return conn.say_and_end(&session.evicted(), End::Evicted).await;
                     }
                 }
             }
@@ -439,9 +477,44 @@ async fn start_tls<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// The wait for the next read: the phase timeout, cut by the session deadline.
-fn wait_for(phase: Duration, deadline: Instant) -> Duration {
-    phase.min(deadline.saturating_duration_since(Instant::now()))
+/// The deadline of a DATA or BDAT transfer (Postfix's
+/// `smtpd_min_data_rate`): `data_timeout` from its start, pushed back by
+/// each octet received at `min_data_rate` octets per second, and never
+/// past the session's deadline. A client that sends a byte now and then
+/// runs out of time; one on a slow but honest link does not. With a rate
+/// of 0, `data_timeout` applies to each read instead.
+struct TransferClock {
+    end: Instant,
+    session_end: Instant,
+    phase: Duration,
+    rate: u64,
+}
+
+impl TransferClock {
+    fn start(shared: &Shared, session_end: Instant) -> Self {
+        TransferClock {
+            end: Instant::now() + shared.data_timeout,
+            session_end,
+            phase: shared.data_timeout,
+            rate: shared.min_data_rate,
+        }
+    }
+
+    /// `n` more octets arrived.
+    fn credit(&mut self, n: usize) {
+        if self.rate == 0 {
+            self.end = Instant::now() + self.phase;
+        } else if n > 0 {
+            self.end += Duration::from_secs_f64(n as f64 / self.rate as f64);
+        }
+    }
+
+    /// How long the next read may take.
+    fn wait(&self) -> Duration {
+        self.end
+            .min(self.session_end)
+            .saturating_duration_since(Instant::now())
+    }
 }
 
 /// Reads the message after `354`. `None`: the client closed; `Some(Err)`:
@@ -453,15 +526,19 @@ async fn receive_data<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> std::io::Result<Option<Result<(Vec<u8>, correu_smtp::session::BodyReport), ()>>> {
     let mut rx = DataReceiver::new(shared.session.max_message_size);
     let mut body = Vec::new();
+    let mut clock = TransferClock::start(shared, deadline);
     loop {
         match rx.feed(&conn.rbuf, &mut body) {
             Progress::Done(n) => {
                 conn.rbuf.drain(..n);
                 return Ok(Some(Ok((body, rx.report()))));
             }
-            Progress::More => conn.rbuf.clear(),
+            Progress::More => {
+                clock.credit(conn.rbuf.len());
+                conn.rbuf.clear();
+            }
         }
-        match conn.fill(wait_for(shared.data_timeout, deadline)).await? {
+        match conn.fill(clock.wait()).await? {
             Read::Data => {}
             Read::Closed => return Ok(None),
             Read::TimedOut => return Ok(Some(Err(()))),
@@ -486,6 +563,7 @@ async fn read_chunk<S: AsyncRead + AsyncWrite + Unpin>(
     deadline: Instant,
 ) -> std::io::Result<ChunkRead> {
     let mut left = size;
+    let mut clock = TransferClock::start(shared, deadline);
     loop {
         let take = usize::try_from(left)
             .unwrap_or(usize::MAX)
@@ -493,11 +571,12 @@ async fn read_chunk<S: AsyncRead + AsyncWrite + Unpin>(
         let room = (max + 1).saturating_sub(body.len());
         body.extend_from_slice(&conn.rbuf[..take.min(room)]);
         conn.rbuf.drain(..take);
+        clock.credit(take);
         left -= take as u64;
         if left == 0 {
             return Ok(ChunkRead::Done);
         }
-        match conn.fill(wait_for(shared.data_timeout, deadline)).await? {
+        match conn.fill(clock.wait()).await? {
             Read::Data => {}
             Read::Closed => return Ok(ChunkRead::Closed),
             Read::TimedOut => return Ok(ChunkRead::TimedOut),

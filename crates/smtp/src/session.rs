@@ -304,6 +304,19 @@ impl Session {
         )
     }
 
+    /// `421 4.4.2`: every connection slot was taken and this session had
+    /// waited longest for its client, so it gives way to a new one.
+    pub fn evicted(&self) -> Reply {
+        reply(
+            421,
+            (4, 4, 2),
+            format!(
+                "{} Error: idle too long while the server is busy, closing",
+                self.cfg.hostname
+            ),
+        )
+    }
+
     /// `421 4.7.0`: the client's address failed to log in too often.
     pub fn too_many_failed_logins(&self) -> Reply {
         reply(

@@ -31,6 +31,17 @@ impl Smtp {
         }
     }
 
+    /// The connection, to write to it byte by byte; nothing unread may
+    /// be pending.
+    pub fn into_stream(self) -> TcpStream {
+        assert!(
+            self.buf.is_empty(),
+            "unread replies: {:?}",
+            String::from_utf8_lossy(&self.buf)
+        );
+        self.stream
+    }
+
     pub fn read(&mut self) -> Reply {
         loop {
             if let Some((r, used)) = parse_reply(&self.buf).expect("server sent a valid reply") {
