@@ -103,7 +103,7 @@ CONFIG = obj({
     }),
     "queue": obj({
         "backend": {"enum": ["rabbitmq", "embedded"]}, "url": s(pattern="^amqps?://"),
-        "prefix": s(pattern="^[A-Za-z0-9._-]+$"), "spool": s(), "publish_timeout": DUR,
+        "prefix": s(pattern="^[A-Za-z0-9._-]+$"), "spool": s(), "publish_timeout": DUR, "confirm_timeout": DUR,
         "connect_timeout": DUR, "prefetch": i(1, 65535), "retry_delays": many(DUR), "max_age": DUR,
     }),
     "storage": obj({

@@ -26,7 +26,7 @@ pub async fn serve(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<(
         .with_context(|| format!("cannot listen on {} (storage.listen)", cfg.storage.listen))?;
     let storage_addr = storage_listener.local_addr()?;
     let backend = cfg.queue_backend(QueueBackend::Embedded);
-    let queue = Queue::open(&cfg.queue, backend)
+    let queue = Queue::open(&cfg.queue, backend, &cfg.redis)
         .await
         .with_context(|| format!("cannot open the queue at {}", cfg.queue.spool.display()))?;
     // Ingress and delivery call storage in this process; the gRPC port is

@@ -240,7 +240,7 @@ fn undecodable_messages_are_parked_and_shown() {
             url: vhost.url(RABBITMQ.parse().unwrap()),
             ..Default::default()
         };
-        let q = correu_queue::amqp::AmqpQueue::new(&qcfg);
+        let q = correu_queue::amqp::AmqpQueue::new(&qcfg, None);
         q.publish_raw(b"\xff\xfe not a protobuf").await.unwrap();
     });
     amqp_serve.wait_for("undecodable queue message", Duration::from_secs(20));
@@ -337,9 +337,13 @@ fn undeliverable_envelopes_are_parked_with_a_reason() {
             url: vhost.url(RABBITMQ.parse().unwrap()),
             ..Default::default()
         };
-        let q = correu_queue::amqp::AmqpQueue::new(&qcfg);
-        q.publish_work(&no_rcpt).await.unwrap();
-        q.publish_work(&empty).await.unwrap();
+        let q = correu_queue::amqp::AmqpQueue::new(&qcfg, None);
+        q.publish_work(&no_rcpt, std::future::pending())
+            .await
+            .unwrap();
+        q.publish_work(&empty, std::future::pending())
+            .await
+            .unwrap();
     });
     amqp_serve.wait_for("the envelope has no recipients", Duration::from_secs(20));
     amqp_serve.wait_for("the message is empty", Duration::from_secs(20));

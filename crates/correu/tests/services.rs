@@ -15,7 +15,7 @@ const CORREU: &str = env!("CARGO_BIN_EXE_correu");
 
 struct Cluster {
     _storage: Proc,
-    _delivery: Proc,
+    delivery: Proc,
     ingress: Proc,
     smtp: SocketAddr,
 }
@@ -54,7 +54,7 @@ fn cluster(dir: &Path, vhost: &Vhost, ingress_amqp: SocketAddr, extra: &str) -> 
     let smtp = ingress.listening("SMTP listening");
     Cluster {
         _storage: storage,
-        _delivery: delivery,
+        delivery,
         ingress,
         smtp,
     }
@@ -162,12 +162,58 @@ fn local_and_remote_recipients_through_three_processes_and_rabbitmq() {
     drop(c.ingress);
 }
 
+/// A Redis prefix of the test's own, and its keys removed when dropped.
+struct RedisPrefix(String);
+
+impl RedisPrefix {
+    fn new(name: &str) -> RedisPrefix {
+        RedisPrefix(format!("correu-test-{name}-{}", std::process::id()))
+    }
+
+    /// `[redis]` for the services' config.
+    fn section(&self) -> String {
+        format!(
+            "[redis]\nurl = \"redis://127.0.0.1:6379\"\nprefix = \"{}\"\n",
+            self.0
+        )
+    }
+}
+
+impl Drop for RedisPrefix {
+    fn drop(&mut self) {
+        let (_, keys, _) = run(
+            "redis-cli",
+            &["--scan", "--pattern", &format!("{}:*", self.0)],
+        );
+        for k in keys.split_whitespace() {
+            run("redis-cli", &["del", k]);
+        }
+    }
+}
+
+fn stored_subjects(files: &[PathBuf]) -> Vec<String> {
+    files
+        .iter()
+        .map(|f| {
+            read(f)
+                .lines()
+                .find_map(|l| l.strip_prefix("Subject: ").map(str::to_string))
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// The broker unreachable, then silent (it takes the bytes and never
+/// confirms). Every 451 is the truth: what was refused is never
+/// delivered, even though the silent broker gets the message in the end.
 #[test]
-fn rabbitmq_unreachable_or_silent_gives_451_and_recovers() {
+fn rabbitmq_unreachable_or_silent_gives_451_and_nothing_refused_is_delivered() {
     let dir = tempfile::tempdir().unwrap();
     let vhost = Vhost::create("fault");
+    let redis = RedisPrefix::new("fault");
     let proxy = FaultProxy::start(RABBITMQ.parse().unwrap());
-    let c = cluster(dir.path(), &vhost, proxy.addr, "");
+    let extra = format!("confirm_timeout = \"3s\"\n{}", redis.section());
+    let mut c = cluster(dir.path(), &vhost, proxy.addr, &extra);
     let pere = maildir(dir.path(), "pere");
 
     // Broker unreachable: the client is told to retry, and nothing is queued.
@@ -182,8 +228,6 @@ fn rabbitmq_unreachable_or_silent_gives_451_and_recovers() {
     );
     assert!(r.to_string().starts_with("451 4.3.0"), "{r}");
 
-    // Broker silent (takes the bytes, never confirms): 451 after the
-    // publish timeout, not a hang.
     proxy.restore();
     let r = loop {
         // The first tries may still fall in the reconnection backoff.
@@ -195,25 +239,54 @@ fn rabbitmq_unreachable_or_silent_gives_451_and_recovers() {
         if r.code == 250 {
             break r;
         }
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(Duration::from_millis(200));
     };
     let warm_id = queue_id(&r);
+
+    // Broker silent: the message went out and no confirm comes. The
+    // client waits past publish_timeout (2 s), up to confirm_timeout
+    // (3 s), then hears 451 and the message is withdrawn.
     proxy.stall();
+    let smtp = c.smtp;
+    let stalled = std::thread::spawn(move || {
+        let mut s = Smtp::connect(smtp);
+        s.read();
+        s.cmd("HELO client");
+        let started = std::time::Instant::now();
+        let r = s.send_mail(
+            "jo@domini.com",
+            &["pere@localhost"],
+            "Subject: stalled\r\n\r\nno\r\n",
+        );
+        (r, started.elapsed())
+    });
+    // Meanwhile, with a confirm overdue, a new message is not even sent:
+    // 451 at once.
+    std::thread::sleep(Duration::from_millis(2500));
     let started = std::time::Instant::now();
     let r = s.send_mail(
         "jo@domini.com",
         &["pere@localhost"],
-        "Subject: stalled\r\n\r\nno\r\n",
+        "Subject: while stalled\r\n\r\nno\r\n",
     );
     assert!(r.to_string().starts_with("451 4.3.0"), "{r}");
     assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "answered within the publish timeout"
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    let (r, waited) = stalled.join().unwrap();
+    assert!(r.to_string().starts_with("451 4.3.0"), "{r}");
+    assert!(
+        waited >= Duration::from_millis(2900) && waited < Duration::from_secs(6),
+        "answered at the confirm timeout: {waited:?}"
     );
 
-    // Back: the next message is accepted and delivered.
-    proxy.cut();
+    // The broker wakes up and takes the held message after all; delivery
+    // finds it withdrawn and drops it.
     proxy.restore();
+    c.delivery
+        .wait_for("withdrawn by ingress", Duration::from_secs(30));
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let id = loop {
         let r = s.send_mail(
@@ -227,27 +300,84 @@ fn rabbitmq_unreachable_or_silent_gives_451_and_recovers() {
         assert!(r.to_string().starts_with("451 4.3.0"), "{r}");
         assert!(
             std::time::Instant::now() < deadline,
-            "ingress did not reconnect"
+            "ingress did not recover"
         );
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(Duration::from_millis(200));
     };
     s.cmd("QUIT");
-    let files = wait_maildir(&pere, 2, Duration::from_secs(30));
+    wait_maildir(&pere, 2, Duration::from_secs(30));
+    // A moment more, for anything that should not come.
+    std::thread::sleep(Duration::from_secs(1));
+    let files = wait_maildir(&pere, 0, Duration::ZERO);
     let names: Vec<String> = files
         .iter()
         .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
         .collect();
+    assert!(names.iter().any(|n| n.contains(&warm_id)), "{names:?}");
+    assert!(names.iter().any(|n| n.contains(&id)), "{names:?}");
+    let mut subjects = stored_subjects(&files);
+    subjects.sort();
     assert_eq!(
-        names.len(),
-        2,
-        "only the two accepted messages are stored: {names:?}"
+        subjects,
+        ["back", "warm-up"],
+        "only the messages answered 250 are stored"
     );
-    assert!(names.iter().any(|n| n.contains(&warm_id)));
-    assert!(names.iter().any(|n| n.contains(&id)));
-    let all: String = files.iter().map(|f| read(f)).collect();
-    assert!(!all.contains("Subject: lost?"));
-    // The stalled publish may reach the broker after all; if it does it
-    // was never acknowledged to the client, which retries (at least once).
+    assert_eq!(vhost.queue_len("correu.delivery"), 0, "nothing left behind");
+    drop(c.ingress);
+}
+
+/// The confirm is lost but the broker has the message and delivery takes
+/// it: ingress, giving up, finds delivery has it and answers 250, and the
+/// message is stored once.
+#[test]
+fn a_lost_confirm_for_a_message_delivery_already_has_is_a_250() {
+    let dir = tempfile::tempdir().unwrap();
+    let vhost = Vhost::create("lostack");
+    let redis = RedisPrefix::new("lostack");
+    let proxy = FaultProxy::start(RABBITMQ.parse().unwrap());
+    let extra = format!("confirm_timeout = \"3s\"\n{}", redis.section());
+    let c = cluster(dir.path(), &vhost, proxy.addr, &extra);
+    let pere = maildir(dir.path(), "pere");
+    let mut s = Smtp::connect(c.smtp);
+    s.read();
+    s.cmd("HELO client");
+    loop {
+        let r = s.send_mail(
+            "jo@domini.com",
+            &["pere@localhost"],
+            "Subject: warm-up\r\n\r\nx\r\n",
+        );
+        if r.code == 250 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    proxy.stall_replies();
+    let started = std::time::Instant::now();
+    let r = s.send_mail(
+        "jo@domini.com",
+        &["pere@localhost"],
+        "Subject: confirm lost\r\n\r\nstill here\r\n",
+    );
+    assert_eq!(r.code, 250, "{r}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(2900),
+        "{:?}",
+        started.elapsed()
+    );
+    let id = queue_id(&r);
+    proxy.restore();
+    wait_maildir(&pere, 2, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(1));
+    let files = wait_maildir(&pere, 0, Duration::ZERO);
+    let subjects = stored_subjects(&files);
+    assert_eq!(
+        subjects.iter().filter(|s| *s == "confirm lost").count(),
+        1,
+        "{subjects:?}"
+    );
+    assert!(files.iter().any(|f| f.to_string_lossy().contains(&id)));
+    s.cmd("QUIT");
     drop(c.ingress);
 }
 

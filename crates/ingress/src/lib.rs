@@ -382,7 +382,7 @@ async fn serve(shared: &Shared, stream: TcpStream, peer: SocketAddr, role: Role)
 /// and storage at `storage.endpoint`.
 pub async fn standalone(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let listeners = bind(&cfg).await?;
-    let queue = correu_queue::open_for_service(&cfg.queue).await?;
+    let queue = correu_queue::open_for_service(&cfg.queue, &cfg.redis).await?;
     let storage = correu_storage_client::connect(&cfg.storage, &cfg.storage.endpoint)?;
     let health = correu_runtime::health::Health::new(shutdown.clone())
         .check("queue", correu_queue::ready_check(queue.clone()))

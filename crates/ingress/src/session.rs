@@ -95,6 +95,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         r.write_to(&mut self.wbuf);
     }
 
+    /// Resolves if the client closes the connection (or it breaks) while
+    /// the server works on its message, so a message whose answer nobody
+    /// will read can be withdrawn. What the client sends meanwhile
+    /// (pipelined commands) is kept, up to a few kilobytes.
+    async fn gone(&mut self) {
+        loop {
+            if self.rbuf.len() >= 4 * COMMAND_CHUNK {
+                return std::future::pending().await;
+            }
+            self.rbuf.reserve(COMMAND_CHUNK);
+            match self.stream.read_buf(&mut self.rbuf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    }
+
     /// After a message: the read buffer goes back to command size (a
     /// session that sent one large message does not keep its buffer).
     fn shrink(&mut self) {
@@ -356,7 +373,10 @@ where
                                     rejected(r.code);
                                     r
                                 }
-                                Ok(env) => deliver(shared, &mut session, env, data, client).await,
+                                Ok(env) => {
+                                    deliver(shared, &mut session, env, data, client, conn.gone())
+                                        .await
+                                }
                             }
                         }
                     };
@@ -393,7 +413,8 @@ where
                         }
                         Chunked::Queue(env) => {
                             let data = std::mem::take(&mut body);
-                            let reply = deliver(shared, &mut session, env, data, client).await;
+                            let reply =
+                                deliver(shared, &mut session, env, data, client, conn.gone()).await;
                             conn.reply(&reply);
                             conn.shrink();
                         }
@@ -672,6 +693,7 @@ async fn deliver(
     env: Envelope,
     body: Vec<u8>,
     client: SocketAddr,
+    gone: impl std::future::Future<Output = ()>,
 ) -> Reply {
     let trusted = shared.trusted.iter().any(|n| n.contains(client.ip()));
     let over = if let Some(user) = &env.user {
@@ -720,7 +742,7 @@ async fn deliver(
         span.record("smtp.mail_from", env.from.as_string().as_str());
     }
     let size = body.len() as u64;
-    let outcome = queue_message(shared, env, body, client)
+    let outcome = queue_message(shared, env, body, client, gone)
         .instrument(span.clone())
         .await;
     let reply = session.queued(outcome.as_deref().map_err(|_| QueueFailure::Unavailable));
@@ -765,6 +787,7 @@ async fn queue_message(
     env: Envelope,
     body: Vec<u8>,
     client: SocketAddr,
+    gone: impl std::future::Future<Output = ()>,
 ) -> Result<String, ()> {
     let id = correu_queue::new_queue_id();
     let now = unix_micros();
@@ -817,7 +840,12 @@ async fn queue_message(
         .in_scope(correu_runtime::telemetry::inject)
         .remove("traceparent")
         .unwrap_or_default();
-    match shared.queue.publish(&msg).instrument(span).await {
+    match shared
+        .queue
+        .publish_while(&msg, gone)
+        .instrument(span)
+        .await
+    {
         Ok(()) => {
             tracing::info!(queue_id = %id, from = %msg.sender, recipients = msg.recipients.len(), size, client = %client, "queued");
             Ok(id)

@@ -49,7 +49,7 @@ async fn rig(tune: impl FnOnce(&mut Config)) -> Rig {
         format!("http://{addr}")
     };
     let storage = correu_storage_client::connect(&cfg.storage, &endpoint).unwrap();
-    let queue = Queue::open(&cfg.queue, QueueBackend::Embedded)
+    let queue = Queue::open(&cfg.queue, QueueBackend::Embedded, &cfg.redis)
         .await
         .unwrap();
     let Queue::Spool(spool) = queue.clone() else {

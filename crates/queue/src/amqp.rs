@@ -13,7 +13,10 @@
 //! - `correu.parked`: a quorum queue for what cannot be processed.
 //!
 //! Every publish is persistent (delivery mode 2), mandatory, and waits for
-//! the broker's confirm under `queue.publish_timeout`.
+//! the broker's confirm under `queue.publish_timeout`. A new message
+//! (ingress's) whose confirm is late waits longer, up to
+//! `queue.confirm_timeout`, and is then withdrawn ([`crate::fate`]): a
+//! `451` is only said of a message that will not be delivered.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -106,18 +109,27 @@ pub struct AmqpQueue {
     url: String,
     topology: Topology,
     publish_timeout: Duration,
+    confirm_timeout: Duration,
     connect_timeout: Duration,
     prefetch: u16,
     link: Mutex<Link>,
+    /// Withdrawals and claims, when Redis is configured.
+    fates: Option<crate::fate::Fates>,
+    /// New messages handed to the broker and unconfirmed past
+    /// `publish_timeout`: while there are any, new ones are not sent.
+    overdue: std::sync::atomic::AtomicUsize,
 }
 
 impl AmqpQueue {
-    pub fn new(cfg: &QueueConfig) -> Self {
+    pub fn new(cfg: &QueueConfig, fates: Option<crate::fate::Fates>) -> Self {
         let delays: Vec<Duration> = cfg.retry_delays.iter().map(|d| d.get()).collect();
         AmqpQueue {
             url: cfg.url.clone(),
             topology: Topology::new(&cfg.prefix, &delays),
             publish_timeout: cfg.publish_timeout.get(),
+            confirm_timeout: cfg.confirm_timeout.get(),
+            fates,
+            overdue: std::sync::atomic::AtomicUsize::new(0),
             connect_timeout: cfg.connect_timeout.get(),
             prefetch: cfg.prefetch,
             link: Mutex::new(Link {
@@ -265,6 +277,9 @@ impl AmqpQueue {
         self.link.lock().await.publisher = None;
     }
 
+    /// Publishes `payload` and waits for the confirm, all within
+    /// `publish_timeout` (retries, parking and operators' moves: the
+    /// message they settle stays in its queue when this fails).
     async fn publish(
         &self,
         exchange: &str,
@@ -272,52 +287,143 @@ impl AmqpQueue {
         payload: &[u8],
         props: BasicProperties,
     ) -> Result<(), PublishError> {
-        let ch = self.publisher().await?;
-        let send = async {
-            ch.basic_publish(
-                exchange.into(),
-                routing_key.into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
-                payload,
-                props,
-            )
-            .await?
-            .await
-        };
-        let outcome = timeout(self.publish_timeout, send).await;
-        let result = match outcome {
+        let deadline = Instant::now() + self.publish_timeout;
+        let ch = self.publisher_by(deadline).await?;
+        let send = send(&ch, exchange, routing_key, payload, props);
+        let result = match tokio::time::timeout_at(deadline, send).await {
             Err(_) => Err(PublishError::Timeout(self.publish_timeout)),
-            Ok(Err(e)) => Err(PublishError::unavailable(e)),
-            // Acked but returned: no queue took it (topology missing).
-            Ok(Ok(Confirmation::Ack(Some(_)))) => Err(PublishError::Unroutable),
-            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-            Ok(Ok(Confirmation::Nack(_))) => Err(PublishError::Nacked),
-            Ok(Ok(Confirmation::NotRequested)) => Err(PublishError::NotConfirmed),
+            Ok(r) => confirmed(r),
         };
-        if matches!(
-            result,
-            Err(PublishError::Timeout(_)
-                | PublishError::Unavailable(_)
-                | PublishError::NotConfirmed)
-        ) {
+        if result.as_ref().is_err_and(PublishError::breaks_channel) {
             self.forget_publisher().await;
         }
         result
     }
 
-    /// Publishes a new message to the work exchange.
-    pub async fn publish_work(&self, msg: &QueuedMessage) -> Result<(), PublishError> {
+    /// The publishing channel, by `deadline`.
+    async fn publisher_by(&self, deadline: Instant) -> Result<Channel, PublishError> {
+        tokio::time::timeout_at(deadline, self.publisher())
+            .await
+            .map_err(|_| PublishError::Timeout(self.publish_timeout))?
+    }
+
+    /// Publishes a new message to the work exchange. `Ok` only when the
+    /// broker confirmed it (or delivery already has it); an error only
+    /// when it will not be delivered, or (without Redis) cannot be
+    /// withdrawn, which is logged. `gone` resolves if the client stops
+    /// waiting for the answer; the message is then withdrawn, since the
+    /// client will send it again.
+    pub async fn publish_work(
+        &self,
+        msg: &QueuedMessage,
+        gone: impl std::future::Future<Output = ()>,
+    ) -> Result<(), PublishError> {
+        use std::sync::atomic::Ordering;
+        let id = msg.queue_id.as_str();
+        let started = Instant::now();
+        let deadline = started + self.publish_timeout;
+        // Not sent: a 451 is the truth.
+        let overdue = self.overdue.load(Ordering::Relaxed);
+        if overdue > 0 {
+            return Err(PublishError::Stalled(overdue));
+        }
+        let ch = self.publisher_by(deadline).await?;
         let payload = msg.encode_to_vec();
-        self.publish(
+        let send = send(
+            &ch,
             &self.topology.work_exchange,
             ROUTING_KEY,
             &payload,
             properties(msg),
-        )
-        .await
+        );
+        tokio::pin!(send);
+        // A client that leaves matters only once the confirm is late, and
+        // only if the message can be withdrawn: a client that closes its
+        // side as soon as it has sent (and still reads) must not lose a
+        // message the broker confirms at once.
+        let gone = async {
+            tokio::time::sleep_until(deadline).await;
+            match self.fates {
+                Some(_) => gone.await,
+                None => std::future::pending().await,
+            }
+        };
+        // From here the message may be in the broker whatever happens.
+        let waited = async {
+            if let Ok(r) = tokio::time::timeout_at(deadline, &mut send).await {
+                return Some(r);
+            }
+            let _overdue = Overdue::count(&self.overdue);
+            tracing::warn!(queue_id = id, waited = ?self.publish_timeout, "RabbitMQ has not confirmed; new messages are refused until it does");
+            tokio::time::timeout_at(started + self.confirm_timeout, &mut send)
+                .await
+                .ok()
+        };
+        let (result, why) = tokio::select! {
+            r = waited => match r {
+                Some(r) => match confirmed(r) {
+                    Ok(()) => return Ok(()),
+                    // Returned unroutable: no queue took it.
+                    Err(e @ PublishError::Unroutable) => return Err(e),
+                    Err(e) => {
+                        if e.breaks_channel() {
+                            self.forget_publisher().await;
+                        }
+                        let why = e.to_string();
+                        (e, why)
+                    }
+                },
+                None => (
+                    PublishError::Timeout(self.confirm_timeout),
+                    format!("no confirm within {:?}", self.confirm_timeout),
+                ),
+            },
+            _ = gone => (
+                PublishError::ClientGone,
+                "the client left before the confirm".to_string(),
+            ),
+        };
+        self.withdraw(id, result, &why).await
+    }
+
+    /// A new message whose fate the broker did not tell: withdrawn so it
+    /// is never delivered, unless delivery has it already.
+    async fn withdraw(&self, id: &str, cause: PublishError, why: &str) -> Result<(), PublishError> {
+        let unconfirmed = &crate::metrics::METRICS.unconfirmed;
+        let Some(fates) = &self.fates else {
+            unconfirmed.add(1, &[opentelemetry::KeyValue::new("outcome", "unknown")]);
+            tracing::error!(
+                queue_id = id,
+                reason = why,
+                "the broker did not confirm a message and it cannot be withdrawn without redis.url: it may still be delivered after the client was told 451"
+            );
+            return Err(cause);
+        };
+        match fates.withdraw(id).await {
+            Ok(crate::fate::Fate::Withdrawn) => {
+                unconfirmed.add(1, &[opentelemetry::KeyValue::new("outcome", "withdrawn")]);
+                tracing::warn!(
+                    queue_id = id,
+                    reason = why,
+                    "message withdrawn: it will not be delivered"
+                );
+                Err(PublishError::Withdrawn(Box::new(cause)))
+            }
+            Ok(crate::fate::Fate::Delivering) => {
+                unconfirmed.add(1, &[opentelemetry::KeyValue::new("outcome", "delivering")]);
+                tracing::info!(
+                    queue_id = id,
+                    reason = why,
+                    "no confirm, but delivery already has the message: it is queued"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                unconfirmed.add(1, &[opentelemetry::KeyValue::new("outcome", "unknown")]);
+                tracing::error!(queue_id = id, reason = why, error = %e, "the broker did not confirm a message and Redis could not record its withdrawal: it may still be delivered after the client was told 451");
+                Err(cause)
+            }
+        }
     }
 
     /// Publishes bytes as they are to the work exchange (for tools that
@@ -447,6 +553,56 @@ impl AmqpQueue {
     }
 }
 
+/// Hands `payload` to the broker and waits for its confirm.
+async fn send(
+    ch: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    payload: &[u8],
+    props: BasicProperties,
+) -> lapin::Result<Confirmation> {
+    ch.basic_publish(
+        exchange.into(),
+        routing_key.into(),
+        BasicPublishOptions {
+            mandatory: true,
+            ..Default::default()
+        },
+        payload,
+        props,
+    )
+    .await?
+    .await
+}
+
+/// What a confirm (or its failure) means for the message.
+fn confirmed(r: lapin::Result<Confirmation>) -> Result<(), PublishError> {
+    match r {
+        Err(e) => Err(PublishError::unavailable(e)),
+        // Acked but returned: no queue took it (topology missing).
+        Ok(Confirmation::Ack(Some(_))) => Err(PublishError::Unroutable),
+        Ok(Confirmation::Ack(None)) => Ok(()),
+        Ok(Confirmation::Nack(_)) => Err(PublishError::Nacked),
+        Ok(Confirmation::NotRequested) => Err(PublishError::NotConfirmed),
+    }
+}
+
+/// Counts one overdue publish while alive.
+struct Overdue<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Overdue<'a> {
+    fn count(n: &'a std::sync::atomic::AtomicUsize) -> Self {
+        n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Overdue(n)
+    }
+}
+
+impl Drop for Overdue<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Persistent, with the queue id, attempt, first-received time and trace
 /// context in headers so they can be read without decoding the body.
 fn properties(msg: &QueuedMessage) -> BasicProperties {
@@ -519,6 +675,11 @@ impl AmqpConsumer {
                 item = stream.next() => match item {
                     Some(Ok(d)) => {
                         let message = QueuedMessage::decode(d.data.as_slice()).ok();
+                        if let Some(m) = &message
+                            && !self.claim(m, &d.acker, stop).await
+                        {
+                            continue;
+                        }
                         return Some(Delivery {
                             message,
                             raw: d.data,
@@ -537,6 +698,57 @@ impl AmqpConsumer {
                         self.stream = None;
                     }
                 },
+            }
+        }
+    }
+}
+
+impl AmqpConsumer {
+    /// Takes a message ingress published (attempt 0) from under a
+    /// possible withdrawal ([`crate::fate`]); whether to deliver it. A
+    /// withdrawn one is acked and dropped. When Redis cannot say, the
+    /// message goes back to the queue after a pause: delivered later,
+    /// never twice.
+    async fn claim(
+        &self,
+        m: &QueuedMessage,
+        acker: &lapin::Acker,
+        stop: &CancellationToken,
+    ) -> bool {
+        let Some(fates) = &self.queue.fates else {
+            return true;
+        };
+        if m.attempt > 0 {
+            return true;
+        }
+        let id = m.queue_id.as_str();
+        match fates.claim(id).await {
+            Ok(crate::fate::Fate::Delivering) => true,
+            Ok(crate::fate::Fate::Withdrawn) => {
+                tracing::warn!(
+                    queue_id = id,
+                    "message withdrawn by ingress (the client was told 451); dropped undelivered"
+                );
+                crate::metrics::METRICS.withdrawn_dropped.add(1, &[]);
+                if let Err(e) = acker.ack(BasicAckOptions::default()).await {
+                    tracing::warn!(queue_id = id, error = %e, "cannot ack a withdrawn message; it will be dropped when it comes back");
+                }
+                false
+            }
+            Err(e) => {
+                tracing::warn!(queue_id = id, error = %e, "cannot check whether the message was withdrawn; it goes back to the queue");
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                let requeue = BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                };
+                if let Err(e) = acker.nack(requeue).await {
+                    tracing::warn!(queue_id = id, error = %e, "cannot give the message back; it returns on reconnection");
+                }
+                false
             }
         }
     }

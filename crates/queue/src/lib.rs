@@ -12,6 +12,7 @@
 //! ingress answer `250`.
 //!
 //! # Layout
+//! - [`fate`]: withdrawing a message whose confirm never came.
 //! - [`id`]: queue ids. [`schedule`]: the retry schedule, a pure function.
 //! - [`admin`]: counts, the deferred list and operator actions;
 //!   [`index`]: the informational Redis index of RabbitMQ's deferred messages.
@@ -19,6 +20,7 @@
 
 pub mod admin;
 pub mod amqp;
+pub mod fate;
 pub mod id;
 pub mod index;
 mod journal;
@@ -30,7 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use correu_proto::v1::QueuedMessage;
-use correu_runtime::config::{QueueBackend, QueueConfig};
+use correu_runtime::config::{QueueBackend, QueueConfig, RedisConfig};
 
 pub use id::new_queue_id;
 pub use schedule::{Next, Schedule};
@@ -51,6 +53,17 @@ pub enum PublishError {
     /// The channel was not in confirm mode (it is made anew).
     #[error("the channel does not confirm publishes")]
     NotConfirmed,
+    /// Earlier messages are still unconfirmed past `publish_timeout`;
+    /// this one was not sent.
+    #[error("RabbitMQ has not confirmed {0} earlier message(s) in time; not sending more")]
+    Stalled(usize),
+    /// The confirm did not come and the message was withdrawn: it will
+    /// not be delivered.
+    #[error("withdrawn after {0}")]
+    Withdrawn(#[source] Box<PublishError>),
+    /// The client left while the confirm was awaited.
+    #[error("the client left before the broker confirmed")]
+    ClientGone,
     #[error("not a queue id: {0:?}")]
     BadQueueId(String),
     /// The spool was opened by an operator's command, which publishes nothing.
@@ -83,6 +96,14 @@ impl PublishError {
     pub fn unavailable(e: impl Into<QueueError>) -> PublishError {
         PublishError::Unavailable(Box::new(e.into()))
     }
+
+    /// After this error the publishing channel is made anew.
+    pub(crate) fn breaks_channel(&self) -> bool {
+        matches!(
+            self,
+            PublishError::Timeout(_) | PublishError::Unavailable(_) | PublishError::NotConfirmed
+        )
+    }
 }
 
 /// A queue, cheap to clone and shared by every session and worker.
@@ -96,9 +117,18 @@ impl Queue {
     /// Opens the configured backend. RabbitMQ is not required to be up: the
     /// connection is made (and remade) when needed, and publishes fail with
     /// [`PublishError::Unavailable`] meanwhile.
-    pub async fn open(cfg: &QueueConfig, backend: QueueBackend) -> Result<Queue, QueueError> {
+    /// With `redis.url` set, a new message whose confirm never comes is
+    /// withdrawn ([`fate`]).
+    pub async fn open(
+        cfg: &QueueConfig,
+        backend: QueueBackend,
+        redis: &RedisConfig,
+    ) -> Result<Queue, QueueError> {
         Ok(match backend {
-            QueueBackend::Rabbitmq => Queue::Amqp(Arc::new(amqp::AmqpQueue::new(cfg))),
+            QueueBackend::Rabbitmq => Queue::Amqp(Arc::new(amqp::AmqpQueue::new(
+                cfg,
+                fate::Fates::new(cfg, redis)?,
+            ))),
             QueueBackend::Embedded => Queue::Spool(Arc::new(spool::Spool::open(&cfg.spool).await?)),
         })
     }
@@ -110,7 +140,7 @@ impl Queue {
         backend: QueueBackend,
     ) -> Result<Queue, QueueError> {
         Ok(match backend {
-            QueueBackend::Rabbitmq => Queue::Amqp(Arc::new(amqp::AmqpQueue::new(cfg))),
+            QueueBackend::Rabbitmq => Queue::Amqp(Arc::new(amqp::AmqpQueue::new(cfg, None))),
             QueueBackend::Embedded => {
                 Queue::Spool(Arc::new(spool::Spool::open_for_admin(&cfg.spool).await?))
             }
@@ -119,9 +149,21 @@ impl Queue {
 
     /// Publishes a new message for delivery; `Ok` only once it is durable.
     pub async fn publish(&self, msg: &QueuedMessage) -> Result<(), PublishError> {
+        self.publish_while(msg, std::future::pending()).await
+    }
+
+    /// The same, for a client that may leave meanwhile: `gone` resolves
+    /// when it has. An error means the message will not be delivered
+    /// (short of a broker that lost its confirm with no Redis to record
+    /// the withdrawal, which is logged).
+    pub async fn publish_while(
+        &self,
+        msg: &QueuedMessage,
+        gone: impl std::future::Future<Output = ()>,
+    ) -> Result<(), PublishError> {
         let started = std::time::Instant::now();
         let result = match self {
-            Queue::Amqp(q) => q.publish_work(msg).await,
+            Queue::Amqp(q) => q.publish_work(msg, gone).await,
             Queue::Spool(s) => s.publish(msg).await,
         };
         let attrs = [opentelemetry::KeyValue::new(
@@ -162,9 +204,9 @@ impl Queue {
 
 /// The queue of a service running on its own (ingress or delivery as a
 /// separate process): RabbitMQ. The embedded spool serves one process only.
-pub async fn open_for_service(cfg: &QueueConfig) -> Result<Queue, QueueError> {
+pub async fn open_for_service(cfg: &QueueConfig, redis: &RedisConfig) -> Result<Queue, QueueError> {
     match cfg.backend.unwrap_or(QueueBackend::Rabbitmq) {
-        QueueBackend::Rabbitmq => Queue::open(cfg, QueueBackend::Rabbitmq).await,
+        QueueBackend::Rabbitmq => Queue::open(cfg, QueueBackend::Rabbitmq, redis).await,
         QueueBackend::Embedded => Err(QueueError::Io(std::io::Error::other(
             "queue.backend = \"embedded\" works only inside `correu serve`; separate services need RabbitMQ",
         ))),

@@ -14,6 +14,12 @@ pub struct QueueMetrics {
     pub errors: Counter<u64>,
     /// Messages per queue, as last read from the broker.
     pub depth: Gauge<u64>,
+    /// New messages whose confirm never came, by `outcome`: `withdrawn`
+    /// (the client got 451; never delivered), `delivering` (delivery had
+    /// it; the client got 250), `unknown` (no Redis to withdraw it).
+    pub unconfirmed: Counter<u64>,
+    /// Withdrawn messages delivery found in the queue and dropped.
+    pub withdrawn_dropped: Counter<u64>,
 }
 
 pub static METRICS: LazyLock<QueueMetrics> = LazyLock::new(|| {
@@ -36,6 +42,16 @@ pub static METRICS: LazyLock<QueueMetrics> = LazyLock::new(|| {
             .u64_gauge("correu.queue.depth")
             .with_unit("{message}")
             .with_description("Messages waiting per queue, from the broker")
+            .build(),
+        unconfirmed: m
+            .u64_counter("correu.queue.unconfirmed")
+            .with_unit("{message}")
+            .with_description("New messages the broker never confirmed, by what became of them")
+            .build(),
+        withdrawn_dropped: m
+            .u64_counter("correu.queue.withdrawn.dropped")
+            .with_unit("{message}")
+            .with_description("Withdrawn messages found in the queue and dropped undelivered")
             .build(),
     }
 });

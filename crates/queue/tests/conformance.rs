@@ -31,7 +31,9 @@ fn config(dir: &std::path::Path) -> QueueConfig {
 async fn spool() -> Backend {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path());
-    let queue = Queue::open(&cfg, QueueBackend::Embedded).await.unwrap();
+    let queue = Queue::open(&cfg, QueueBackend::Embedded, &Default::default())
+        .await
+        .unwrap();
     Backend {
         queue,
         cfg,
@@ -47,7 +49,9 @@ async fn rabbitmq(tag: &str) -> Backend {
         url: vhost.url(RABBITMQ.parse().unwrap()),
         ..config(dir.path())
     };
-    let queue = Queue::open(&cfg, QueueBackend::Rabbitmq).await.unwrap();
+    let queue = Queue::open(&cfg, QueueBackend::Rabbitmq, &Default::default())
+        .await
+        .unwrap();
     Backend {
         queue,
         cfg,
@@ -224,11 +228,15 @@ async fn spool_keeps_unsettled_messages_across_a_restart() {
         queue, cfg, _dir, ..
     } = b;
     assert!(
-        Queue::open(&cfg, QueueBackend::Embedded).await.is_err(),
+        Queue::open(&cfg, QueueBackend::Embedded, &Default::default())
+            .await
+            .is_err(),
         "a second server cannot take the spool"
     );
     drop(queue);
-    let reopened = Queue::open(&cfg, QueueBackend::Embedded).await.unwrap();
+    let reopened = Queue::open(&cfg, QueueBackend::Embedded, &Default::default())
+        .await
+        .unwrap();
     let mut c = reopened.consumer();
     let d = next(&mut c, Duration::from_secs(5))
         .await
@@ -247,7 +255,9 @@ async fn rabbitmq_unreachable_publish_fails_fast() {
         connect_timeout: Dur::secs(2),
         ..config(dir.path())
     };
-    let q = Queue::open(&cfg, QueueBackend::Rabbitmq).await.unwrap();
+    let q = Queue::open(&cfg, QueueBackend::Rabbitmq, &Default::default())
+        .await
+        .unwrap();
     let started = std::time::Instant::now();
     let e = q.publish(&message(1)).await.unwrap_err();
     assert!(
@@ -406,4 +416,58 @@ async fn spool_keeps_a_journal_message_whose_id_is_busy() {
     assert_eq!(second.message.as_ref().unwrap().attempt, 0);
     second.ack().await.unwrap();
     assert!(next(&mut c, Duration::from_millis(1200)).await.is_none());
+}
+
+/// Whoever decides first decides a message's fate, once: a withdrawal
+/// before delivery takes it means it is dropped; delivery first means
+/// ingress's late withdrawal finds it delivering (and answers 250). The
+/// keys expire: a claim after ingress's longest wait, a withdrawal after
+/// the message's longest life.
+#[tokio::test]
+async fn the_first_to_decide_a_messages_fate_decides_it() {
+    use correu_queue::fate::{Fate, Fates};
+    use correu_runtime::config::RedisConfig;
+    let prefix = format!("correu-test-fate-{}", std::process::id());
+    let redis = RedisConfig {
+        url: Some("redis://127.0.0.1:6379".into()),
+        prefix: prefix.clone(),
+        ..RedisConfig::default()
+    };
+    let cfg = QueueConfig {
+        confirm_timeout: Dur::secs(30),
+        ..QueueConfig::default()
+    };
+    let fates = Fates::new(&cfg, &redis).unwrap().expect("redis.url is set");
+
+    let (a, b) = (new_queue_id(), new_queue_id());
+    assert_eq!(fates.withdraw(&a).await.unwrap(), Fate::Withdrawn);
+    assert_eq!(fates.claim(&a).await.unwrap(), Fate::Withdrawn);
+    assert_eq!(fates.claim(&b).await.unwrap(), Fate::Delivering);
+    assert_eq!(
+        fates.claim(&b).await.unwrap(),
+        Fate::Delivering,
+        "a redelivery"
+    );
+    assert_eq!(fates.withdraw(&b).await.unwrap(), Fate::Delivering);
+
+    let mut c = deadpool_redis::redis::Client::open("redis://127.0.0.1:6379")
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let ttl = |id: String| {
+        let key = format!("{prefix}:fate:{id}");
+        deadpool_redis::redis::cmd("TTL").arg(key).to_owned()
+    };
+    let claim_ttl: i64 = ttl(b.clone()).query_async(&mut c).await.unwrap();
+    assert!((60..=90).contains(&claim_ttl), "{claim_ttl}");
+    let withdrawal_ttl: i64 = ttl(a.clone()).query_async(&mut c).await.unwrap();
+    assert!(withdrawal_ttl > 5 * 24 * 3600, "{withdrawal_ttl}");
+    for id in [a, b] {
+        let _: i64 = deadpool_redis::redis::cmd("DEL")
+            .arg(format!("{prefix}:fate:{id}"))
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
 }

@@ -18,6 +18,13 @@ const DOWN: u8 = 1;
 
 const STALL: u8 = 2;
 
+/// Holds what the server sends only (requests still reach it).
+const STALL_REPLIES: u8 = 3;
+
+fn holds(mode: u8, from_server: bool) -> bool {
+    mode == STALL || (from_server && mode == STALL_REPLIES)
+}
+
 impl FaultProxy {
     pub fn start(upstream: SocketAddr) -> FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -43,12 +50,16 @@ impl FaultProxy {
                     o.push(client.try_clone().unwrap());
                     o.push(server.try_clone().unwrap());
                 }
-                for (from, to) in [
-                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                    (server, client),
+                for (from, to, from_server) in [
+                    (
+                        client.try_clone().unwrap(),
+                        server.try_clone().unwrap(),
+                        false,
+                    ),
+                    (server, client, true),
                 ] {
                     let (m, g) = (m.clone(), g.clone());
-                    std::thread::spawn(move || pump(from, to, m, g, born));
+                    std::thread::spawn(move || pump(from, to, m, g, born, from_server));
                 }
             }
         });
@@ -74,6 +85,12 @@ impl FaultProxy {
         self.mode.store(STALL, Ordering::SeqCst);
     }
 
+    /// Holds every byte from the server only: a broker that takes the
+    /// messages and acts on them, but whose confirms never arrive.
+    pub fn stall_replies(&self) {
+        self.mode.store(STALL_REPLIES, Ordering::SeqCst);
+    }
+
     pub fn restore(&self) {
         self.mode.store(PASS, Ordering::SeqCst);
     }
@@ -85,6 +102,7 @@ fn pump(
     mode: Arc<AtomicU8>,
     generation: Arc<std::sync::atomic::AtomicU64>,
     born: u64,
+    from_server: bool,
 ) {
     from.set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
@@ -95,7 +113,7 @@ fn pump(
             let _b = to.shutdown(std::net::Shutdown::Both);
             return;
         }
-        if mode.load(Ordering::SeqCst) == STALL {
+        if holds(mode.load(Ordering::SeqCst), from_server) {
             std::thread::sleep(Duration::from_millis(20));
             continue;
         }
@@ -106,7 +124,7 @@ fn pump(
             }
             Ok(n) => {
                 // Bytes read just as the proxy stalled are held too.
-                while mode.load(Ordering::SeqCst) == STALL {
+                while holds(mode.load(Ordering::SeqCst), from_server) {
                     if generation.load(Ordering::SeqCst) != born {
                         break;
                     }

@@ -28,8 +28,19 @@ pub struct QueueConfig {
     pub prefix: String,
     /// The embedded backend's spool directory.
     pub spool: PathBuf,
-    /// Time for the broker to confirm a publish before the client gets `451`.
+    /// Time to hand a new message to the broker and have it confirmed in
+    /// the ordinary course: connecting, the channel and the confirm all
+    /// count. A message not yet handed over by then gets `451` at once;
+    /// while one handed over is still unconfirmed past it, new messages
+    /// are refused (`451`) without being sent.
     pub publish_timeout: Dur,
+    /// How long a message handed to the broker may wait for its confirm,
+    /// the client waiting for its reply meanwhile (RFC 5321 §4.5.3.2.6
+    /// gives clients 10 minutes after the end of DATA). Past it the
+    /// message is withdrawn (a record in Redis that delivery checks) and
+    /// the client gets `451`; without `redis.url` it cannot be withdrawn
+    /// and may still be delivered.
+    pub confirm_timeout: Dur,
     /// Time to connect to the broker.
     pub connect_timeout: Dur,
     /// Unacknowledged messages per delivery consumer.
@@ -49,6 +60,7 @@ impl Default for QueueConfig {
             prefix: "correu".into(),
             spool: PathBuf::from("data/queue"),
             publish_timeout: Dur::secs(10),
+            confirm_timeout: Dur::secs(300),
             connect_timeout: Dur::secs(5),
             prefetch: 32,
             // Postfix-like: minutes first, then hours.
@@ -88,6 +100,12 @@ impl QueueConfig {
         }
         if q.publish_timeout.get().is_zero() {
             c.err("queue.publish_timeout", "must be more than 0");
+        }
+        if q.confirm_timeout.get() < q.publish_timeout.get() {
+            c.err(
+                "queue.confirm_timeout",
+                "must be at least queue.publish_timeout",
+            );
         }
     }
 }
