@@ -12,13 +12,11 @@
 //! - [`tls`]: rustls configuration, reloading, the plain-or-TLS stream.
 //! - [`auth`]: credential checks and the failed-login throttle.
 //! - [`idle`]: which sessions are idle, so the idlest gives way when slots run out.
-//! - [`proxy`]: the PROXY protocol v1/v2 parser.
 #![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod idle;
 pub mod metrics;
-pub mod proxy;
 pub mod recipients;
 pub mod session;
 pub mod tls;

@@ -14,7 +14,7 @@ use correu_proto::v1::check_recipient_response::Status as RcptStatus;
 use correu_proto::v1::{CheckRecipientRequest, QueuedMessage, Recipient};
 use correu_smtp::command::Ret;
 use correu_smtp::data::{DataReceiver, Progress};
-use correu_smtp::headers::{received_count, rfc5322_date};
+use correu_smtp::headers::received_count;
 use correu_smtp::session::{
     BodyReport, Chunked, CredentialVerdict, Envelope, Line, LineReader, Policy, QueueFailure,
     RecipientVerdict, Role, Session, Step,
@@ -26,8 +26,8 @@ use tokio::time::{Instant, timeout};
 use tracing::Instrument;
 
 use crate::Shared;
-use crate::proxy::{self, Header};
 use crate::tls::{MaybeTls, describe};
+use correu_smtp::proxy::{self, Header};
 
 /// Bytes read at a time while a message comes in.
 const READ_CHUNK: usize = 16 * 1024;
@@ -647,8 +647,7 @@ fn unix_micros() -> i64 {
         .as_micros() as i64
 }
 
-/// The trace header every SMTP server adds (RFC 5321 §4.4), with the TLS
-/// in use and the protocol name of RFC 3848.
+/// The trace header every SMTP server adds, for this session's message.
 fn received_header(
     shared: &Shared,
     env: &Envelope,
@@ -656,34 +655,7 @@ fn received_header(
     id: &str,
     now_secs: i64,
 ) -> String {
-    // Every value that came from the client is made safe for a header
-    // field (the parser already refuses controls in HELO; this holds for
-    // whatever else reaches here).
-    use correu_smtp::headers::field_value;
-    let helo = if env.helo.is_empty() {
-        "unknown".into()
-    } else {
-        field_value(&env.helo)
-    };
-    let tls = match &env.tls {
-        Some(t) => format!("\r\n\t(using {})", field_value(t)),
-        None => String::new(),
-    };
-    let user = match &env.user {
-        Some(u) => format!("\r\n\t(Authenticated sender: {})", field_value(u)),
-        None => String::new(),
-    };
-    let rcpt = match env.recipients.as_slice() {
-        [one] => format!("\r\n\tfor <{}>", field_value(&one.address.to_string())),
-        _ => String::new(),
-    };
-    format!(
-        "Received: from {helo} ([{ip}]){tls}{user}\r\n\tby {host} (Correu) with {proto} id {id}{rcpt};\r\n\t{date}\r\n",
-        ip = client.ip(),
-        host = shared.session.hostname,
-        proto = env.protocol,
-        date = rfc5322_date(now_secs),
-    )
+    correu_smtp::headers::received(env, client.ip(), &shared.session.hostname, id, now_secs)
 }
 
 /// Checks the message rates, queues the message, and returns the reply.

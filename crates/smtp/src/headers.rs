@@ -77,6 +77,45 @@ pub fn received_count(message: &[u8]) -> usize {
     count
 }
 
+/// The `Received:` field a server adds for a message it takes (RFC 5321
+/// §4.4), with the TLS in use, the authenticated user and the protocol
+/// name of RFC 3848. Every value that came from the client is made safe
+/// for a header field (the parser already refuses controls in HELO; this
+/// holds for whatever else reaches here), so the field is always exactly
+/// its own lines.
+pub fn received(
+    env: &crate::session::Envelope,
+    client: std::net::IpAddr,
+    host: &str,
+    id: &str,
+    now_secs: i64,
+) -> String {
+    let helo = if env.helo.is_empty() {
+        "unknown".into()
+    } else {
+        field_value(&env.helo)
+    };
+    let tls = match &env.tls {
+        Some(t) => format!("\r\n\t(using {})", field_value(t)),
+        None => String::new(),
+    };
+    let user = match &env.user {
+        Some(u) => format!("\r\n\t(Authenticated sender: {})", field_value(u)),
+        None => String::new(),
+    };
+    let rcpt = match env.recipients.as_slice() {
+        [one] => format!("\r\n\tfor <{}>", field_value(&one.address.to_string())),
+        _ => String::new(),
+    };
+    format!(
+        "Received: from {helo} ([{client}]){tls}{user}\r\n\tby {host} (Correu) with {proto} id {id}{rcpt};\r\n\t{date}\r\n",
+        host = field_value(host),
+        proto = env.protocol,
+        id = field_value(id),
+        date = rfc5322_date(now_secs),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

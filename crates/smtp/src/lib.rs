@@ -13,12 +13,14 @@
 //! - [`data`]: the DATA receiver (dot-unstuffing, the final dot) and
 //!   dot-stuffing for sending.
 //! - [`headers`]: trace headers and dates (RFC 5322 §3.3).
+//! - [`proxy`]: the PROXY protocol v1/v2 header load balancers send first.
 #![forbid(unsafe_code)]
 
 pub mod address;
 pub mod command;
 pub mod data;
 pub mod headers;
+pub mod proxy;
 pub mod reply;
 pub mod session;
 

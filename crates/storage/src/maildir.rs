@@ -158,6 +158,19 @@ fn encode_local(local: &str) -> String {
     out
 }
 
+/// Where the mailbox of `address` lives under the root: `domain/local`,
+/// both lower-cased, the local part encoded by [`encode_local`]. Always
+/// exactly two plain path components that stay under the root (no `..`,
+/// no separator, no leading dot), and two addresses share a directory
+/// only if they are the same address ignoring case.
+pub fn relative_dir(address: &str) -> Result<PathBuf, MailboxError> {
+    let (local, domain) = Mailboxes::split(address)?;
+    if domain.contains(['/', '\\', '\0']) || domain.starts_with('.') {
+        return Err(MailboxError::UnknownRecipient(address.to_string()));
+    }
+    Ok(PathBuf::from(domain).join(encode_local(&local)))
+}
+
 /// A message id names a file in `new/` or `cur/`: no separators or flags.
 fn valid_id(id: &str) -> bool {
     !id.is_empty()
@@ -215,11 +228,7 @@ impl Mailboxes {
 
     /// The directory of a mailbox (an address that has one).
     fn dir_of(&self, mailbox: &str) -> Result<PathBuf, MailboxError> {
-        let (local, domain) = Self::split(mailbox)?;
-        if domain.contains(['/', '\\', '\0']) || domain.starts_with('.') {
-            return Err(MailboxError::UnknownRecipient(mailbox.to_string()));
-        }
-        Ok(self.root.join(domain).join(encode_local(&local)))
+        Ok(self.root.join(relative_dir(mailbox)?))
     }
 
     /// The mailbox directory of `address`, which must have a mailbox of
