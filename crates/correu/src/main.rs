@@ -11,6 +11,9 @@
 //! - `correu smoke-test`: one message through ingress into storage (`helm test`).
 #![forbid(unsafe_code)]
 
+#[global_allocator]
+static ALLOCATOR: correu_runtime::Allocator = correu_runtime::Allocator;
+
 mod account;
 mod bench;
 mod mailbox;

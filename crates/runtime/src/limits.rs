@@ -98,39 +98,24 @@ impl RateLimiter {
         if rate.is_unlimited() {
             return true;
         }
-        let per = rate.per.as_secs().max(1);
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let key = format!("{}:rate:{kind}:{id}:{}", self.prefix, now / per);
-        if let Some(pool) = &self.redis {
-            match tokio::time::timeout(self.timeout, incr(pool, &key, per * 2)).await {
-                Ok(Ok(n)) => return n <= rate.count,
-                Ok(Err(e)) => self.warn(&e.to_string()),
-                Err(_) => self.warn("timed out"),
-            }
-        }
-        let mut local = lock(&self.local);
-        if local.len() >= LOCAL_KEYS {
-            // Windows are short: forgetting them all costs at most one
-            // window of leniency.
-            local.clear();
-        }
-        let n = local.entry(key).or_insert(0);
-        *n += 1;
-        *n <= rate.count
+        self.count("rate", kind, id, rate.per, 1).await <= rate.count
     }
 
     /// Events of `kind` for `id` in the current window of `per` (shared
     /// through Redis), after adding `add` (0 to only look).
     pub async fn tally(&self, kind: &str, id: &str, per: Duration, add: u64) -> u64 {
+        self.count("tally", kind, id, per, add).await
+    }
+
+    /// The counter behind both: one key per window, in Redis (expiring
+    /// after two windows) or, without it or while it fails, in this process.
+    async fn count(&self, space: &str, kind: &str, id: &str, per: Duration, add: u64) -> u64 {
         let per = per.as_secs().max(1);
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let key = format!("{}:tally:{kind}:{id}:{}", self.prefix, now / per);
+        let key = format!("{}:{space}:{kind}:{id}:{}", self.prefix, now / per);
         if let Some(pool) = &self.redis {
             let work = async {
                 if add == 0 {
@@ -152,6 +137,8 @@ impl RateLimiter {
         }
         let mut local = lock(&self.local);
         if local.len() >= LOCAL_KEYS {
+            // Windows are short: forgetting them all costs at most one
+            // window of leniency.
             local.clear();
         }
         let n = local.entry(key).or_insert(0);
@@ -377,10 +364,6 @@ fn warn_redis(last: &Mutex<Option<Instant>>, why: &str) {
             "Redis unavailable: limits are per process until it is back"
         );
     }
-}
-
-async fn incr(pool: &Pool, key: &str, ttl_secs: u64) -> anyhow::Result<u64> {
-    incr_by(pool, key, 1, ttl_secs).await
 }
 
 async fn incr_by(pool: &Pool, key: &str, by: u64, ttl_secs: u64) -> anyhow::Result<u64> {

@@ -2,10 +2,9 @@
 
 use super::*;
 
-/// Asserts that the messages in `files` are subjects `{prefix}0` to
-/// `{prefix}{total-1}`, each exactly once.
-pub fn assert_subjects_once(files: &[PathBuf], prefix: &str, total: usize) {
-    let mut subjects: Vec<String> = files
+/// The `Subject:` of each message file (empty when it has none).
+pub fn subjects(files: &[PathBuf]) -> Vec<String> {
+    files
         .iter()
         .map(|f| {
             read(f)
@@ -13,7 +12,13 @@ pub fn assert_subjects_once(files: &[PathBuf], prefix: &str, total: usize) {
                 .find_map(|l| l.strip_prefix("Subject: ").map(str::to_string))
                 .unwrap_or_default()
         })
-        .collect();
+        .collect()
+}
+
+/// Asserts that the messages in `files` are subjects `{prefix}0` to
+/// `{prefix}{total-1}`, each exactly once.
+pub fn assert_subjects_once(files: &[PathBuf], prefix: &str, total: usize) {
+    let mut subjects = subjects(files);
     subjects.sort();
     let mut want: Vec<String> = (0..total).map(|i| format!("{prefix}{i}")).collect();
     want.sort();
