@@ -5,9 +5,8 @@ use super::*;
 /// A TCP connection to `to` from the loopback address `src` (Linux routes
 /// all of 127/8 to lo: a test can be several clients).
 pub fn connect_from(src: [u8; 4], to: SocketAddr) -> TcpStream {
-    let sock = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5));
     if src == [127, 0, 0, 1] {
-        return sock.unwrap();
+        return std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5)).unwrap();
     }
     // std cannot bind a client socket before connecting; tokio can.
     let rt = tokio::runtime::Builder::new_current_thread()
