@@ -101,6 +101,13 @@ CONFIG = obj({
         "message_rate": RATE, "user_message_rate": RATE, "auth_failure_delay": DUR,
         "auth_client_failures": RATE, "auth_account_failures": RATE,
     }),
+    "inbound": obj({
+        "verify": B, "timeout": DUR, "authserv_id": s(pattern="^[A-Za-z0-9.-]+$"),
+        "dmarc": {"enum": ["enforce", "monitor"]}, "spf_fail": {"enum": ["accept", "reject"]},
+        "domains": {"type": "object", "additionalProperties": obj({
+            "dmarc": {"enum": ["enforce", "monitor"]}, "spf_fail": {"enum": ["accept", "reject"]}})},
+    }),
+    "dns": obj({"server": ADDR, "cache_size": i(0)}),
     "queue": obj({
         "backend": {"enum": ["rabbitmq", "embedded"]}, "url": s(pattern="^amqps?://"),
         "prefix": s(pattern="^[A-Za-z0-9._-]+$"), "spool": s(), "publish_timeout": DUR, "confirm_timeout": DUR,
@@ -111,7 +118,7 @@ CONFIG = obj({
         "accounts_file": s(), "aliases_file": s(), "default_quota": SIZE, "request_timeout": DUR,
     }),
     "delivery": obj({
-        "concurrency": i(1), "dns_server": ADDR, "mx_port": i(1, 65535),
+        "concurrency": i(1), "mx_port": i(1, 65535),
         "routes": {"type": "object", "additionalProperties": {"anyOf": [
             s(pattern=r"^.+:[0-9]+$"),
             obj({"host": s(minLength=1), "port": i(1, 65535),

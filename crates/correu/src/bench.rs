@@ -44,6 +44,10 @@ pub struct BenchArgs {
     pub from: String,
     #[arg(long, default_value = "pere@localhost")]
     pub to: String,
+    /// Send this message (a file, CRLF or LF lines) instead of a made-up
+    /// one of `--size` (a DKIM-signed message, to measure verification).
+    #[arg(long)]
+    pub message: Option<PathBuf>,
     /// A Maildir `new/` to watch: reports the time from `250` to stored.
     #[arg(long)]
     pub watch: Option<PathBuf>,
@@ -205,6 +209,23 @@ fn message(size: usize) -> Vec<u8> {
     m
 }
 
+/// A message from a file as DATA sends it: CRLF line ends, dot-stuffed,
+/// and the ending dot.
+fn given_message(text: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(text.len() + 16);
+    for line in text.split_inclusive(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\n").unwrap_or(line);
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.first() == Some(&b'.') {
+            m.push(b'.');
+        }
+        m.extend_from_slice(line);
+        m.extend_from_slice(b"\r\n");
+    }
+    m.extend_from_slice(b".\r\n");
+    m
+}
+
 fn pct(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -274,7 +295,13 @@ pub async fn run(
     a: BenchArgs,
     interrupt: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
-    let body = Arc::new(message(a.size));
+    let body = Arc::new(match &a.message {
+        Some(path) => given_message(
+            &std::fs::read(path)
+                .map_err(|e| anyhow::anyhow!("cannot read {} (--message): {e}", path.display()))?,
+        ),
+        None => message(a.size),
+    });
     let tally = Arc::new(Mutex::new(Tally::default()));
     let pace = Arc::new(Pace {
         every: (a.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / a.rate)),
@@ -424,6 +451,14 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_given_message_is_sent_with_crlf_stuffed_and_ended() {
+        assert_eq!(
+            given_message(b"Subject: x\n\n.hidden\r\nlast"),
+            b"Subject: x\r\n\r\n..hidden\r\nlast\r\n.\r\n".to_vec()
+        );
+    }
 
     #[test]
     fn messages_have_the_size_asked_and_end_with_the_dot() {

@@ -82,7 +82,7 @@ fn mx_fallback_tls_partial_success_and_the_bounce() {
         dir.path(),
         "a",
         &format!(
-            "[delivery]\ndns_server = \"127.0.0.1:{dns_port}\"\nmx_port = {}\n",
+            "[dns]\nserver = \"127.0.0.1:{dns_port}\"\n[delivery]\nmx_port = {}\n",
             postfix.port
         ),
     );
@@ -127,7 +127,7 @@ fn a_null_mx_bounces_at_once() {
     let (_serve, addr) = serve(
         dir.path(),
         "a",
-        &format!("[delivery]\ndns_server = \"127.0.0.1:{dns_port}\"\n"),
+        &format!("[dns]\nserver = \"127.0.0.1:{dns_port}\"\n"),
     );
     send(addr, &["x@nullmx.test"], "nowhere");
     let dsn = only_file(&maildir(dir.path(), "a", "jo"), Duration::from_secs(30));
@@ -380,9 +380,11 @@ fn outbound_mail_is_dkim_signed_and_verifies() {
         .build()
         .unwrap();
     let results = rt.block_on(async {
-        let resolver =
-            correu_delivery::route::resolver(Some(SocketAddr::from(([127, 0, 0, 1], dns_port))))
-                .unwrap();
+        let resolver = correu_runtime::dns::resolver(&correu_runtime::config::DnsConfig {
+            server: Some(SocketAddr::from(([127, 0, 0, 1], dns_port))),
+            ..Default::default()
+        })
+        .unwrap();
         let auth = mail_auth::MessageAuthenticator(resolver);
         let msg = mail_auth::AuthenticatedMessage::parse(got.as_bytes()).unwrap();
         auth.verify_dkim(&msg)
@@ -513,7 +515,7 @@ fn mta_sts_enforce_sends_only_to_named_mx_hosts_over_verified_tls() {
         dir.path(),
         "a",
         &format!(
-            "[delivery]\ndns_server = \"127.0.0.1:{dns_port}\"\nmx_port = {}\nmta_sts_port = {https_port}\ntls_ca_file = \"{}\"\n",
+            "[dns]\nserver = \"127.0.0.1:{dns_port}\"\n[delivery]\nmx_port = {}\nmta_sts_port = {https_port}\ntls_ca_file = \"{}\"\n",
             postfix.port,
             cert.ca.display()
         ),

@@ -78,7 +78,7 @@ fn local_and_remote_recipients_through_three_processes_and_rabbitmq() {
         ],
     );
     let extra = format!(
-        "[delivery]\ndns_server = \"127.0.0.1:{dns_port}\"\nmx_port = {mx_port}\n[delivery.routes]\n\"routed.test\" = \"127.0.0.1:{mx_port}\"\n"
+        "[dns]\nserver = \"127.0.0.1:{dns_port}\"\n[delivery]\nmx_port = {mx_port}\n[delivery.routes]\n\"routed.test\" = \"127.0.0.1:{mx_port}\"\n"
     );
     let c = cluster(dir.path(), &vhost, RABBITMQ.parse().unwrap(), &extra);
 

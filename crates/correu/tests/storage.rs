@@ -266,6 +266,7 @@ fn two_storage_replicas_on_one_volume_store_each_message_once() {
                         content: format!("Subject: {i}\r\n\r\n{}\r\n", "x".repeat(i * 7))
                             .into_bytes(),
                         received_at_unix_micros: 1_790_000_000_000_000,
+                        folder: String::new(),
                     };
                     tasks.spawn(async move { c.deliver(req).await.map(|r| r.into_inner()) });
                 }

@@ -71,6 +71,7 @@ impl Deliverer {
             recipient: rcpt.to_string(),
             content: msg.content.clone(),
             received_at_unix_micros: msg.received_at_unix_micros,
+            folder: msg.folder.clone(),
         };
         let mut client = self.storage.clone();
         let span = tracing::info_span!(

@@ -88,7 +88,7 @@ pub struct Deliverer {
 
 impl Deliverer {
     pub fn new(cfg: &Config, queue: Queue, storage: StorageClient) -> anyhow::Result<Self> {
-        let resolver = route::resolver(cfg.delivery.dns_server)?;
+        let resolver = correu_runtime::dns::resolver(&cfg.dns)?;
         let verified = tls::verified(cfg.delivery.tls_ca_file.as_deref())?;
         // One Redis pool for leases, rates and the deferred index.
         let redis = correu_runtime::redis::pool(&cfg.redis)?;

@@ -6,8 +6,6 @@ use std::net::{IpAddr, SocketAddr};
 
 use correu_runtime::config::{OutboundTls, Route};
 use hickory_resolver::TokioResolver;
-use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
-use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::rr::RData;
 use rand::seq::SliceRandom;
 
@@ -29,32 +27,6 @@ pub struct Router {
     resolver: TokioResolver,
     routes: BTreeMap<String, Route>,
     mx_port: u16,
-}
-
-/// Builds the resolver: the system's, or one DNS server given as host:port.
-/// The cache is off when a server is given, so tests see every change.
-pub fn resolver(server: Option<SocketAddr>) -> anyhow::Result<TokioResolver> {
-    let provider = TokioRuntimeProvider::default();
-    let builder = match server {
-        None => TokioResolver::builder_tokio()?,
-        Some(addr) => {
-            let mut udp = ConnectionConfig::udp();
-            udp.port = addr.port();
-            let mut tcp = ConnectionConfig::tcp();
-            tcp.port = addr.port();
-            let ns = NameServerConfig::new(addr.ip(), true, vec![udp, tcp]);
-            let mut b = TokioResolver::builder_with_config(
-                ResolverConfig::from_parts(None, vec![], vec![ns]),
-                provider,
-            );
-            b.options_mut().cache_size = 0;
-            b
-        }
-    };
-    let mut builder = builder;
-    // Look names up as given: no search domains from resolv.conf.
-    builder.options_mut().ndots = 0;
-    Ok(builder.build()?)
 }
 
 /// Sorts MX records by preference, shuffling equal ones (RFC 5321 §5.1).

@@ -16,6 +16,7 @@
 
 pub mod auth;
 pub mod idle;
+pub mod inbound;
 pub mod metrics;
 pub mod recipients;
 pub mod session;
@@ -72,6 +73,11 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// The open sessions, for evicting the idlest when slots run out.
     pub sessions: Arc<idle::Sessions>,
+    /// SPF, DKIM, ARC and DMARC on the MX port (`inbound.verify`).
+    pub verifier: Option<Arc<inbound::Verifier>>,
+    /// The name of this server's `Authentication-Results`; such fields
+    /// that come with a message are removed.
+    pub authserv_id: String,
 }
 
 impl Shared {
@@ -138,6 +144,16 @@ impl Shared {
             known_recipients: recipients::KnownRecipients::new(s.recipient_cache.get()),
             shutdown,
             sessions: Arc::new(idle::Sessions::default()),
+            verifier: if cfg.inbound.verify {
+                Some(Arc::new(inbound::Verifier::new(cfg)?))
+            } else {
+                None
+            },
+            authserv_id: cfg
+                .inbound
+                .authserv_id
+                .clone()
+                .unwrap_or_else(|| cfg.hostname.clone()),
         })
     }
 }

@@ -18,6 +18,12 @@ pub struct IngressMetrics {
     pub message_size: Histogram<u64>,
     /// By `tls.protocol.version` and `result`.
     pub tls_handshakes: Counter<u64>,
+    /// Inbound verification, by `method` (`spf.mailfrom`, `spf.helo`,
+    /// `dkim`, `arc`, `dmarc`) and `result` (RFC 8601's words).
+    pub auth_results: Counter<u64>,
+    /// What inbound policy did, by `action` (`accept`, `quarantine`,
+    /// `reject`) and `reason` (`pass`, `dmarc`, `spf`, `none`).
+    pub auth_actions: Counter<u64>,
 }
 
 pub static METRICS: LazyLock<IngressMetrics> = LazyLock::new(|| {
@@ -68,6 +74,18 @@ pub static METRICS: LazyLock<IngressMetrics> = LazyLock::new(|| {
             .u64_counter("correu.tls.handshakes")
             .with_unit("{handshake}")
             .with_description("TLS handshakes on SMTP, by version and result")
+            .build(),
+        auth_results: m
+            .u64_counter("correu.smtp.auth.results")
+            .with_unit("{result}")
+            .with_description("Inbound SPF, DKIM, ARC and DMARC results, by method and result")
+            .build(),
+        auth_actions: m
+            .u64_counter("correu.smtp.auth.actions")
+            .with_unit("{message}")
+            .with_description(
+                "What inbound policy did with verified messages, by action and reason",
+            )
             .build(),
     }
 });

@@ -25,8 +25,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, timeout};
 use tracing::Instrument;
 
-use crate::Shared;
 use crate::tls::{MaybeTls, describe};
+use crate::{Shared, inbound};
 use correu_smtp::proxy::{self, Header};
 
 /// Bytes read at a time while a message comes in.
@@ -374,8 +374,8 @@ where
                                     r
                                 }
                                 Ok(env) => {
-                                    deliver(shared, &mut session, env, data, client, conn.gone())
-                                        .await
+                                    let to = Arrival { client, role };
+                                    deliver(shared, &mut session, env, data, to, conn.gone()).await
                                 }
                             }
                         }
@@ -413,8 +413,9 @@ where
                         }
                         Chunked::Queue(env) => {
                             let data = std::mem::take(&mut body);
+                            let to = Arrival { client, role };
                             let reply =
-                                deliver(shared, &mut session, env, data, client, conn.gone()).await;
+                                deliver(shared, &mut session, env, data, to, conn.gone()).await;
                             conn.reply(&reply);
                             conn.shrink();
                         }
@@ -658,15 +659,23 @@ fn received_header(
     correu_smtp::headers::received(env, client.ip(), &shared.session.hostname, id, now_secs)
 }
 
-/// Checks the message rates, queues the message, and returns the reply.
+/// Where a message came from: the client and the port's role.
+struct Arrival {
+    client: SocketAddr,
+    role: Role,
+}
+
+/// Checks the message rates, verifies it (MX port), queues it, and
+/// returns the reply.
 async fn deliver(
     shared: &Shared,
     session: &mut Session,
     env: Envelope,
     body: Vec<u8>,
-    client: SocketAddr,
+    arrival: Arrival,
     gone: impl std::future::Future<Output = ()>,
 ) -> Reply {
+    let client = arrival.client;
     let trusted = shared.trusted.iter().any(|n| n.contains(client.ip()));
     let over = if let Some(user) = &env.user {
         !shared
@@ -714,7 +723,44 @@ async fn deliver(
         span.record("smtp.mail_from", env.from.as_string().as_str());
     }
     let size = body.len() as u64;
-    let outcome = queue_message(shared, env, body, client, gone)
+    let id = correu_queue::new_queue_id();
+    span.record("queue_id", id.as_str());
+    // Mail from the internet is verified; submission and trusted
+    // networks are not (their mail is their own).
+    let verify = match &shared.verifier {
+        Some(v) if arrival.role == Role::Mx && !trusted && env.user.is_none() => Some(v),
+        _ => None,
+    };
+    let mut added = String::new();
+    let mut folder = String::new();
+    if let Some(v) = verify {
+        match verify_message(v, &env, &body, client, &id)
+            .instrument(span.clone())
+            .await
+        {
+            (_, inbound::Action::Reject(r)) => {
+                let reply = session.queued(Err(QueueFailure::Refused(r)));
+                span.record("smtp.reply.code", reply.code);
+                rejected(reply.code);
+                return reply;
+            }
+            (header, inbound::Action::Quarantine) => {
+                added = header;
+                folder = "Junk".into();
+            }
+            (header, inbound::Action::Accept) => added = header,
+        }
+    }
+    // Only this server writes its Authentication-Results (RFC 8601 §5).
+    let body = match correu_smtp::headers::without_auth_results(&body, &shared.authserv_id) {
+        std::borrow::Cow::Borrowed(_) => body,
+        std::borrow::Cow::Owned(stripped) => {
+            tracing::info!(queue_id = %id, "removed Authentication-Results that claimed to be this server's");
+            stripped
+        }
+    };
+    let prepared = Prepared { id, added, folder };
+    let outcome = queue_message(shared, env, body, client, prepared, gone)
         .instrument(span.clone())
         .await;
     let reply = session.queued(outcome.as_deref().map_err(|_| QueueFailure::Unavailable));
@@ -753,17 +799,63 @@ fn refused(reason: &'static str) {
         .add(1, &[KeyValue::new("reason", reason)]);
 }
 
+/// Verifies a message from the internet and logs the decision with its
+/// queue id: the `Authentication-Results` field and what to do.
+async fn verify_message(
+    v: &inbound::Verifier,
+    env: &Envelope,
+    body: &[u8],
+    client: SocketAddr,
+    id: &str,
+) -> (String, inbound::Action) {
+    let from = env.from.as_string();
+    let input = inbound::Input {
+        client: client.ip(),
+        helo: &env.helo,
+        mail_from: &from,
+        recipient_domains: env.recipients.iter().map(|r| r.address.domain()).collect(),
+    };
+    let verdict = v.verify(&input, body).await;
+    let results: Vec<String> = verdict
+        .results
+        .iter()
+        .map(|(m, r)| format!("{m}={r}"))
+        .collect();
+    let action = inbound::action_label(&verdict.action);
+    match &verdict.action {
+        inbound::Action::Accept => {
+            tracing::info!(queue_id = id, action, reason = verdict.reason, results = %results.join(" "), "inbound verification")
+        }
+        _ => {
+            tracing::warn!(queue_id = id, action, reason = verdict.reason, results = %results.join(" "), client = %client, from = %from, "inbound verification")
+        }
+    }
+    (verdict.header, verdict.action)
+}
+
+/// What is decided about a message before it is queued.
+struct Prepared {
+    id: String,
+    /// Fields to add above `Received:` (`Authentication-Results`).
+    added: String,
+    /// The folder local copies go to ("" or "Junk").
+    folder: String,
+}
+
 /// Publishes the message; `Ok(queue id)` once it is durable.
 async fn queue_message(
     shared: &Shared,
     env: Envelope,
     body: Vec<u8>,
     client: SocketAddr,
+    prepared: Prepared,
     gone: impl std::future::Future<Output = ()>,
 ) -> Result<String, ()> {
-    let id = correu_queue::new_queue_id();
+    let Prepared { id, added, folder } = prepared;
     let now = unix_micros();
-    let mut content = received_header(shared, &env, client, &id, now / 1_000_000).into_bytes();
+    let mut content = added.into_bytes();
+    content
+        .extend_from_slice(received_header(shared, &env, client, &id, now / 1_000_000).as_bytes());
     content.extend_from_slice(&body);
     drop(body);
     let size = content.len();
@@ -795,6 +887,7 @@ async fn queue_message(
         smtputf8: env.params.smtputf8,
         authenticated_user: env.user.clone().unwrap_or_default(),
         delay_warned: false,
+        folder,
     };
     tracing::Span::current().record("queue_id", id.as_str());
     let span = tracing::info_span!(

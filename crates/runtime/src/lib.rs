@@ -25,6 +25,7 @@ pub mod backoff;
 pub use tikv_jemallocator::Jemalloc as Allocator;
 pub mod cli;
 pub mod config;
+pub mod dns;
 pub mod health;
 pub mod lifecycle;
 pub mod limits;

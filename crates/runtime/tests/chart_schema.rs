@@ -9,13 +9,18 @@ use correu_runtime::Config;
 use serde_json::Value;
 
 /// Dotted keys of a value: objects are walked, except the maps whose keys
-/// are the user's (routes and DKIM keys by domain).
+/// are the user's (routes, DKIM keys and inbound policies by domain).
 fn config_keys(v: &Value, prefix: &str, out: &mut BTreeSet<String>) {
     let Value::Object(map) = v else { return };
     for (k, v) in map {
         let key = format!("{prefix}{k}");
         match v {
-            Value::Object(_) if !matches!(key.as_str(), "delivery.routes" | "delivery.dkim") => {
+            Value::Object(_)
+                if !matches!(
+                    key.as_str(),
+                    "delivery.routes" | "delivery.dkim" | "inbound.domains"
+                ) =>
+            {
                 config_keys(v, &format!("{key}."), out)
             }
             _ => {

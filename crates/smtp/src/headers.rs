@@ -77,6 +77,87 @@ pub fn received_count(message: &[u8]) -> usize {
     count
 }
 
+/// `message` without the `Authentication-Results:` fields of its header
+/// section that name `authserv_id` (RFC 8601 §5: a receiver removes such
+/// fields arriving from outside, since only it may write them; others'
+/// fields stay). Comments and white space before the id are skipped; ids
+/// compare without case. Borrowed when nothing is removed.
+pub fn without_auth_results<'m>(
+    message: &'m [u8],
+    authserv_id: &str,
+) -> std::borrow::Cow<'m, [u8]> {
+    const NAME: &[u8] = b"authentication-results";
+    // Each field of the header section: (start, end) including its
+    // continuation lines and line ends.
+    let mut fields: Vec<(usize, usize, bool)> = Vec::new();
+    let mut at = 0;
+    while at < message.len() {
+        let end = message[at..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(message.len(), |i| at + i + 1);
+        let line = &message[at..end];
+        let bare = line
+            .strip_suffix(b"\n")
+            .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+            .unwrap_or(line);
+        if bare.is_empty() {
+            break;
+        }
+        match (bare[0], fields.last_mut()) {
+            (b' ' | b'\t', Some(f)) => f.1 = end,
+            _ => fields.push((at, end, false)),
+        }
+        at = end;
+    }
+    for f in &mut fields {
+        let field = &message[f.0..f.1];
+        let Some(colon) = field.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        let name = field[..colon].trim_ascii_end();
+        if !name.eq_ignore_ascii_case(NAME) {
+            continue;
+        }
+        f.2 = first_token(&field[colon + 1..]).eq_ignore_ascii_case(authserv_id.as_bytes());
+    }
+    if !fields.iter().any(|f| f.2) {
+        return std::borrow::Cow::Borrowed(message);
+    }
+    let mut out = Vec::with_capacity(message.len());
+    let mut copied = 0;
+    for f in fields.iter().filter(|f| f.2) {
+        out.extend_from_slice(&message[copied..f.0]);
+        copied = f.1;
+    }
+    out.extend_from_slice(&message[copied..]);
+    std::borrow::Cow::Owned(out)
+}
+
+/// The first token of a structured field value: white space (folding
+/// included) and `(comments)` skipped, up to `;`, white space or `(`.
+fn first_token(value: &[u8]) -> &[u8] {
+    let mut i = 0;
+    let mut depth = 0usize;
+    while i < value.len() {
+        match value[i] {
+            b'(' => depth += 1,
+            b')' if depth > 0 => depth -= 1,
+            b'\\' if depth > 0 => i += 1,
+            b' ' | b'\t' | b'\r' | b'\n' => {}
+            _ if depth > 0 => {}
+            _ => break,
+        }
+        i += 1;
+    }
+    let rest = &value[i.min(value.len())..];
+    let end = rest
+        .iter()
+        .position(|&b| matches!(b, b';' | b' ' | b'\t' | b'\r' | b'\n' | b'('))
+        .unwrap_or(rest.len());
+    &rest[..end]
+}
+
 /// The `Received:` field a server adds for a message it takes (RFC 5321
 /// §4.4), with the TLS in use, the authenticated user and the protocol
 /// name of RFC 3848. Every value that came from the client is made safe
@@ -150,6 +231,44 @@ mod tests {
         assert_eq!(received_count(b""), 0);
         assert_eq!(received_count(b"\r\nReceived: body\r\n"), 0);
         assert_eq!(received_count(b"Received"), 0);
+    }
+
+    #[test]
+    fn forged_authentication_results_for_this_server_are_removed() {
+        let m = concat!(
+            "Authentication-Results: mx.correu.test; spf=pass\r\n",
+            "Received: from a\r\n",
+            "authentication-results : (forged) MX.Correu.Test;\r\n",
+            "\tdkim=pass header.d=bank.test\r\n",
+            "Authentication-Results: other.test; dmarc=pass\r\n",
+            "Authentication-Results: mx.correu.test.evil; spf=pass\r\n",
+            "Subject: hi\r\n",
+            "\r\n",
+            "Authentication-Results: mx.correu.test; in the body\r\n",
+        );
+        let out = without_auth_results(m.as_bytes(), "mx.correu.test");
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            concat!(
+                "Received: from a\r\n",
+                "Authentication-Results: other.test; dmarc=pass\r\n",
+                "Authentication-Results: mx.correu.test.evil; spf=pass\r\n",
+                "Subject: hi\r\n",
+                "\r\n",
+                "Authentication-Results: mx.correu.test; in the body\r\n",
+            )
+        );
+        // Nothing to remove: the same bytes, not a copy.
+        let clean = b"Subject: x\r\n\r\nbody\r\n";
+        assert!(matches!(
+            without_auth_results(clean, "mx.correu.test"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        // A message that is all header, ending without a line end.
+        assert_eq!(
+            &*without_auth_results(b"Authentication-Results: mx.correu.test", "mx.correu.test"),
+            b""
+        );
     }
 
     #[test]

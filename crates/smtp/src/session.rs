@@ -188,6 +188,8 @@ pub struct BodyReport {
 pub enum QueueFailure {
     /// The queue is unreachable or did not confirm in time: `451 4.3.0`.
     Unavailable,
+    /// Refused by inbound policy (DMARC, SPF), with its reply.
+    Refused(Reply),
 }
 
 /// Where an AUTH exchange is.
@@ -726,6 +728,7 @@ impl Session {
             Err(QueueFailure::Unavailable) => {
                 reply(451, (4, 3, 0), "Error: queue unavailable, try again later")
             }
+            Err(QueueFailure::Refused(r)) => r,
         }
     }
 

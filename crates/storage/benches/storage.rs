@@ -76,6 +76,7 @@ async fn main() {
                     recipient: format!("user{}@example.org", i % 100),
                     content: format!("Subject: {i}\r\n\r\n{body}\r\n").into_bytes(),
                     received_at_unix_micros: 1_790_000_000_000_000,
+                    folder: String::new(),
                 };
                 let t = Instant::now();
                 c.deliver(req).await.expect("deliver");

@@ -158,6 +158,35 @@ fn encode_local(local: &str) -> String {
     out
 }
 
+/// Where in a mailbox a message is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Folder {
+    Inbox,
+    /// Maildir++ `.Junk/`, which Dovecot shows as the Junk folder.
+    Junk,
+}
+
+impl Folder {
+    /// From a request: empty or `INBOX` for the inbox, `Junk`.
+    pub fn parse(name: &str) -> Result<Folder, MailboxError> {
+        match name {
+            "" | "INBOX" => Ok(Folder::Inbox),
+            "Junk" => Ok(Folder::Junk),
+            other => Err(MailboxError::Invalid(format!(
+                "unknown folder {:?} (\"\" or \"Junk\")",
+                other.escape_debug().to_string()
+            ))),
+        }
+    }
+
+    fn subdir(self) -> Option<&'static str> {
+        match self {
+            Folder::Inbox => None,
+            Folder::Junk => Some(".Junk"),
+        }
+    }
+}
+
 /// Where the mailbox of `address` lives under the root: `domain/local`,
 /// both lower-cased, the local part encoded by [`encode_local`]. Always
 /// exactly two plain path components that stay under the root (no `..`,
@@ -282,10 +311,31 @@ impl Mailboxes {
         Ok(Standing::OverQuota(boxes))
     }
 
-    /// Stores `content` for `recipient` in every mailbox it leads to, once
-    /// per (queue id, mailbox). Blocking: call it from `spawn_blocking`.
+    /// Stores `content` for `recipient` in the inbox of every mailbox it
+    /// leads to, once per (queue id, mailbox). Blocking: call it from
+    /// `spawn_blocking`.
     pub fn deliver(
         &self,
+        queue_id: &str,
+        sender: &str,
+        recipient: &str,
+        content: &[u8],
+        received_at_unix_micros: i64,
+    ) -> Result<Vec<Delivered>, MailboxError> {
+        self.deliver_in(
+            Folder::Inbox,
+            queue_id,
+            sender,
+            recipient,
+            content,
+            received_at_unix_micros,
+        )
+    }
+
+    /// [`Mailboxes::deliver`], into `folder` of each mailbox.
+    pub fn deliver_in(
+        &self,
+        folder: Folder,
         queue_id: &str,
         sender: &str,
         recipient: &str,
@@ -298,19 +348,35 @@ impl Mailboxes {
         let boxes = self.mailboxes_of(recipient)?;
         boxes
             .iter()
-            .map(|b| self.deliver_to(queue_id, sender, b, content, received_at_unix_micros))
+            .map(|b| {
+                self.deliver_to(
+                    folder,
+                    queue_id,
+                    sender,
+                    b,
+                    content,
+                    received_at_unix_micros,
+                )
+            })
             .collect()
     }
 
     fn deliver_to(
         &self,
+        folder: Folder,
         queue_id: &str,
         sender: &str,
         mailbox: &str,
         content: &[u8],
         received_at_unix_micros: i64,
     ) -> Result<Delivered, MailboxError> {
-        let dir = self.dir_of(mailbox)?;
+        // The quota (`maildirsize`) is the mailbox's, folders included;
+        // the file goes to the folder's own Maildir.
+        let root = self.dir_of(mailbox)?;
+        let dir = match folder.subdir() {
+            Some(sub) => root.join(sub),
+            None => root.clone(),
+        };
         let key = format!("{queue_id}_{:016x}", fnv1a(mailbox));
         let marker_dir = self
             .root
@@ -338,9 +404,12 @@ impl Mailboxes {
             // The mailbox exists before its usage is read, so that its
             // `maildirsize` is made by the first delivery, before any file
             // it could count twice (see `usage_of`).
-            self.make_dirs(&dir)?;
+            self.make_dirs(&root)?;
         }
-        if quota > 0 && self.usage_of(&dir, quota)?.bytes + size as u64 > quota {
+        if folder != Folder::Inbox {
+            self.make_folder(&dir)?;
+        }
+        if quota > 0 && self.usage_of(&root, quota)?.bytes + size as u64 > quota {
             return Err(MailboxError::OverQuota(mailbox.to_string()));
         }
         let secs = received_at_unix_micros.div_euclid(1_000_000);
@@ -385,7 +454,7 @@ impl Mailboxes {
         std::fs::remove_file(&tmp)?;
         self.sync_new(&dir)?;
         if !duplicate && quota > 0 {
-            self.count(&dir, size as i64, 1)?;
+            self.count(&root, size as i64, 1)?;
         }
         if let Err(e) = write_private(&marker, name.as_bytes()) {
             if e.kind() != std::io::ErrorKind::NotFound {
@@ -399,6 +468,18 @@ impl Mailboxes {
             message_id: name,
             duplicate,
         })
+    }
+
+    /// A Maildir++ folder (`.Junk/`): its own `tmp`, `new`, `cur`, and the
+    /// `maildirfolder` file that marks it as a folder of the mailbox above
+    /// (Dovecot and Courier read quotas from there).
+    fn make_folder(&self, dir: &Path) -> std::io::Result<()> {
+        let mark = dir.join("maildirfolder");
+        if mark.exists() {
+            return Ok(());
+        }
+        self.make_dirs(dir)?;
+        write_private(&mark, b"")
     }
 
     fn make_dirs(&self, dir: &Path) -> std::io::Result<()> {

@@ -17,7 +17,7 @@ use tokio::io::AsyncReadExt;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::maildir::{MailboxError, Mailboxes, Standing};
+use crate::maildir::{Folder, MailboxError, Mailboxes, Standing};
 
 /// Chunk size of `GetMessage` streams.
 const CHUNK: usize = 64 * 1024;
@@ -111,7 +111,8 @@ impl Storage for StorageService {
         let queue_id = r.queue_id.clone();
         let recipient = r.recipient.clone();
         let delivered = blocking(move || {
-            boxes.deliver(
+            boxes.deliver_in(
+                Folder::parse(&r.folder)?,
                 &r.queue_id,
                 &r.sender,
                 &r.recipient,

@@ -85,6 +85,7 @@ fn deliver(queue_id: &str, to: &str, body: &str) -> DeliverRequest {
         recipient: to.into(),
         content: format!("Subject: {queue_id}\r\n\r\n{body}\r\n").into_bytes(),
         received_at_unix_micros: 1_790_000_000_000_000,
+        folder: String::new(),
     }
 }
 
@@ -437,6 +438,17 @@ async fn bad_requests_get_the_right_codes() {
                 .await
                 .map(drop),
             Code::NotFound,
+        ),
+        (
+            // Only the inbox and Junk: no path reaches past the mailbox.
+            s.client
+                .deliver(DeliverRequest {
+                    folder: "../../other/.Junk".into(),
+                    ..deliver("Q2", "pere@example.org", "x")
+                })
+                .await
+                .map(drop),
+            Code::InvalidArgument,
         ),
         (
             s.client

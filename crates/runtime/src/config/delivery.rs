@@ -2,7 +2,6 @@
 //! destination, timeouts and bounces.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Deserializer, Serialize};
@@ -15,8 +14,6 @@ use super::values::{Dur, Rate, is_domain, split_host_port};
 pub struct DeliveryConfig {
     /// Messages delivered at once by one delivery process.
     pub concurrency: usize,
-    /// The DNS server for MX lookups (`host:port`); unset: the system's.
-    pub dns_server: Option<SocketAddr>,
     /// Port of remote MX hosts (25; another only for tests and labs).
     pub mx_port: u16,
     /// Fixed next hops by domain (`"*"` for all) instead of MX: `host:port`,
@@ -66,7 +63,6 @@ impl Default for DeliveryConfig {
     fn default() -> Self {
         DeliveryConfig {
             concurrency: 16,
-            dns_server: None,
             mx_port: 25,
             routes: BTreeMap::new(),
             tls: OutboundTls::Opportunistic,

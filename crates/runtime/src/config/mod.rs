@@ -12,8 +12,9 @@
 //!
 //! # Layout
 //! - this file: [`Config`], loading, and the [`Role`] a check is made for;
-//! - one file per section ([`smtp`], [`queue`], [`storage`], [`delivery`],
-//!   [`redis`], [`telemetry`]), each with its defaults and its checks;
+//! - one file per section ([`smtp`], [`inbound`], [`dns`], [`queue`],
+//!   [`storage`], [`delivery`], [`redis`], [`telemetry`]), each with its
+//!   defaults and its checks;
 //! - [`values`]: durations, rates, sizes, networks;
 //! - `env`: the `CORREU_…` overlay, and the Kubernetes service-link
 //!   variables it sets aside.
@@ -23,7 +24,9 @@
 //! Unknown keys and values of the wrong type are errors for every role.
 
 mod delivery;
+mod dns;
 mod env;
+mod inbound;
 mod queue;
 mod redis;
 mod smtp;
@@ -37,6 +40,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 pub use delivery::{ClientTimeouts, DeliveryConfig, DkimAlgorithm, DkimConfig, OutboundTls, Route};
+pub use dns::DnsConfig;
+pub use inbound::{DmarcAction, InboundConfig, InboundPolicy, SpfFailAction};
 pub use queue::{QueueBackend, QueueConfig};
 pub use redis::RedisConfig;
 pub use smtp::SmtpConfig;
@@ -55,6 +60,8 @@ pub struct Config {
     #[serde(deserialize_with = "one_or_many")]
     pub domains: Vec<String>,
     pub smtp: SmtpConfig,
+    pub inbound: InboundConfig,
+    pub dns: DnsConfig,
     pub queue: QueueConfig,
     pub storage: StorageConfig,
     pub delivery: DeliveryConfig,
@@ -68,6 +75,8 @@ impl Default for Config {
             hostname: "localhost".into(),
             domains: vec!["localhost".into()],
             smtp: SmtpConfig::default(),
+            inbound: InboundConfig::default(),
+            dns: DnsConfig::default(),
             queue: QueueConfig::default(),
             storage: StorageConfig::default(),
             delivery: DeliveryConfig::default(),
@@ -86,6 +95,7 @@ const MOVED: &[(&str, &str)] = &[
         "delivery.timeouts.banner, .ehlo, .mail, .rcpt and .data",
     ),
     ("delivery.data_timeout", "delivery.timeouts.data_end"),
+    ("delivery.dns_server", "dns.server"),
 ];
 
 /// Who the configuration is checked for. Each role checks the sections it
@@ -328,6 +338,8 @@ impl Config {
             }
         }
         self.smtp.validate(&mut c);
+        self.inbound.validate(&self.hostname, &self.domains, &mut c);
+        self.dns.validate(&mut c);
         self.queue.validate(&mut c);
         self.storage.validate(&self.domains, &mut c);
         self.redis.validate(&mut c);

@@ -1,0 +1,38 @@
+//! `[dns]`: the one resolver of a process, shared by inbound verification
+//! (SPF, DKIM, DMARC, ARC) and delivery (MX, addresses, MTA-STS), caching
+//! answers for as long as their TTL says.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use super::Check;
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct DnsConfig {
+    /// One DNS server (`host:port`) to ask; unset: the system's
+    /// (`/etc/resolv.conf`).
+    pub server: Option<SocketAddr>,
+    /// Answers kept (each for its TTL); `0` asks every time.
+    pub cache_size: usize,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            server: None,
+            cache_size: 4096,
+        }
+    }
+}
+
+impl DnsConfig {
+    pub(crate) fn validate(&self, c: &mut Check) {
+        if let Some(s) = self.server
+            && s.port() == 0
+        {
+            c.err("dns.server", "needs a port other than 0 (53 for DNS)");
+        }
+    }
+}
