@@ -106,6 +106,11 @@ CONFIG = obj({
         "dmarc": {"enum": ["enforce", "monitor"]}, "spf_fail": {"enum": ["accept", "reject"]},
         "domains": {"type": "object", "additionalProperties": obj({
             "dmarc": {"enum": ["enforce", "monitor"]}, "spf_fail": {"enum": ["accept", "reject"]}})},
+        "blocklists": {"type": "array", "items": obj({
+            "zone": s(minLength=1), "kind": {"enum": ["ip", "domain"]}, "weight": {"type": "number", "minimum": 0},
+            "codes": many(s(pattern=r"^[0-9.]+$"))}, required=["zone"])},
+        "blocklist_threshold": {"type": "number", "exclusiveMinimum": 0},
+        "greylist": obj({"enabled": B, "delay": DUR, "expire": DUR, "pass_for": DUR, "skip_domains": many(s())}),
     }),
     "dns": obj({"server": ADDR, "cache_size": i(0)}),
     "queue": obj({

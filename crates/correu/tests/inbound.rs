@@ -361,3 +361,162 @@ fn mail_from_the_internet_is_verified_marked_and_policed() {
         "{metrics}"
     );
 }
+
+/// `correu serve` for the blocklist and greylisting tests: every loopback
+/// client is from the internet; `extra` is more of `[inbound]`.
+fn serve_inbound(dir: &Path, name: &str, dns_port: u16, extra: &str) -> (Proc, SocketAddr) {
+    let cfg = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "hostname = \"mx.correu.test\"\n\
+             [smtp]\nlisten = [\"127.0.0.1:0\"]\ntrusted_networks = []\n\
+             [dns]\nserver = \"127.0.0.1:{dns_port}\"\n\
+             [storage]\nlisten = \"127.0.0.1:0\"\nroot = \"{name}-mail\"\n[queue]\nspool = \"{name}-queue\"\n\
+             {extra}\n"
+        ),
+    )
+    .unwrap();
+    let mut p = Proc::correu(CORREU, name, dir, &["serve"], &cfg);
+    let addr = p.serve_smtp_addr();
+    (p, addr)
+}
+
+/// The greeting a client at `src` gets.
+fn greeting(src: [u8; 4], addr: SocketAddr) -> correu_smtp::Reply {
+    let mut c = Smtp::from_stream(connect_from(src, addr));
+    c.read()
+}
+
+#[test]
+fn blocklists_turn_away_listed_clients_and_domains_by_weight() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_dns, dns_port) = dnsmasq(
+        dir.path(),
+        &[
+            // 127.0.0.3 is on the strong list; 127.0.0.4 on one weak list,
+            // 127.0.0.5 on both; 127.0.0.6 gets the "query refused" code.
+            "address=/3.0.0.127.strong.test/127.0.0.2",
+            "address=/4.0.0.127.weak1.test/127.0.0.2",
+            "address=/5.0.0.127.weak1.test/127.0.0.2",
+            "address=/5.0.0.127.weak2.test/127.0.0.10",
+            "address=/6.0.0.127.strong.test/127.255.255.254",
+            // A domain list naming spammer.test.
+            "address=/spammer.test.dbl.test/127.0.1.2",
+        ],
+    );
+    let (mut p, addr) = serve_inbound(
+        dir.path(),
+        "serve",
+        dns_port,
+        "[[inbound.blocklists]]\nzone = \"strong.test\"\n\
+         [[inbound.blocklists]]\nzone = \"weak1.test\"\nweight = 0.5\n\
+         [[inbound.blocklists]]\nzone = \"weak2.test\"\nweight = 0.5\n\
+         [[inbound.blocklists]]\nzone = \"dbl.test\"\nkind = \"domain\"\n",
+    );
+    // Not listed, listed on one weak list only, or answered "refused":
+    // served.
+    for src in [[127, 0, 0, 1], [127, 0, 0, 4], [127, 0, 0, 6]] {
+        let r = greeting(src, addr);
+        assert_eq!(r.code, 220, "{src:?}: {r}");
+    }
+    // Listed on the strong list, or on two weak ones: refused before the
+    // greeting, naming the lists.
+    let r = greeting([127, 0, 0, 3], addr);
+    assert_eq!(
+        r.to_string(),
+        "554 5.7.1 Error: client [127.0.0.3] is listed by strong.test"
+    );
+    let r = greeting([127, 0, 0, 5], addr);
+    assert!(
+        r.to_string().starts_with("554 5.7.1 ") && r.text().contains("weak1.test, weak2.test"),
+        "{r}"
+    );
+    // A sender domain on the domain list: refused once the message is in.
+    let r = send(
+        addr,
+        "jo@spammer.test",
+        "pere@localhost",
+        &message("jo@spammer.test", "spam"),
+    );
+    assert_eq!(r.code, 554, "{r}");
+    assert!(r.text().contains("listed by dbl.test"), "{r}");
+    // The same from a clean domain is accepted.
+    let r = send(
+        addr,
+        "jo@clean.test",
+        "pere@localhost",
+        &message("jo@clean.test", "ham"),
+    );
+    assert_eq!(r.code, 250, "{r}");
+    let log = p.output();
+    assert!(log.contains("client listed in DNS blocklists"), "{log}");
+    let (_, metrics) = http_get(p.listening("telemetry listening"), "/metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("correu_smtp_blocklist_hits") && l.contains("zone=\"dbl.test\"")),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn greylisting_is_shared_by_two_ingress_processes_through_redis() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_dns, dns_port) = dnsmasq(
+        dir.path(),
+        &["txt-record=bigmail.test,\"v=spf1 ip4:127.0.0.0/8 -all\""],
+    );
+    let prefix = format!("correu-test-grey-{}", std::process::id());
+    let extra = format!(
+        "[inbound.greylist]\nenabled = true\ndelay = \"2s\"\nskip_domains = [\"bigmail.test\"]\n\
+         [redis]\nurl = \"redis://127.0.0.1:6379\"\nprefix = \"{prefix}\"\n"
+    );
+    let (_a, one) = serve_inbound(dir.path(), "one", dns_port, &extra);
+    let (_b, two) = serve_inbound(dir.path(), "two", dns_port, &extra);
+    let body = message("jo@sender.test", "grey");
+
+    // First try on one replica: deferred. The retry on the other, too
+    // soon: still deferred (it knows the triplet).
+    let r = send(one, "jo@sender.test", "pere@localhost", &body);
+    assert_eq!(r.code, 451, "{r}");
+    assert!(r.to_string().starts_with("451 4.7.1 Greylisted"), "{r}");
+    let r = send(two, "jo@sender.test", "pere@localhost", &body);
+    assert_eq!(r.code, 451, "{r}");
+    // After the delay the retry passes, wherever it lands, and the
+    // triplet then passes at once.
+    std::thread::sleep(Duration::from_millis(2200));
+    assert_eq!(
+        send(two, "jo@sender.test", "pere@localhost", &body).code,
+        250
+    );
+    assert_eq!(
+        send(one, "jo@sender.test", "pere@localhost", &body).code,
+        250
+    );
+    // Another sender is another triplet.
+    assert_eq!(
+        send(one, "ana@sender.test", "pere@localhost", &body).code,
+        451
+    );
+    // A sender of a skipped domain whose SPF passes is never held.
+    let r = send(
+        one,
+        "jo@bigmail.test",
+        "pere@localhost",
+        &message("jo@bigmail.test", "big"),
+    );
+    assert_eq!(r.code, 250, "{r}");
+
+    let (_, keys, _) = run(
+        "redis-cli",
+        &["--scan", "--pattern", &format!("{prefix}:*")],
+    );
+    assert!(
+        keys.contains(":grey:127.0.0.0/24:"),
+        "triplets are in Redis: {keys}"
+    );
+    for k in keys.split_whitespace() {
+        run("redis-cli", &["del", k]);
+    }
+}

@@ -64,6 +64,8 @@ pub struct Verdict {
     pub reason: &'static str,
     /// The results by method, for the log line.
     pub results: Vec<(&'static str, &'static str)>,
+    /// The domains SPF (MAIL FROM) or DKIM passed for.
+    pub passed: Vec<String>,
 }
 
 pub struct Verifier {
@@ -125,6 +127,7 @@ impl Verifier {
             action,
             reason,
             results: verdict.results,
+            passed: verdict.passed,
         }
     }
 
@@ -154,6 +157,7 @@ impl Verifier {
             };
             return Checked {
                 header: format!("Authentication-Results: {ar}\r\n"),
+                passed: spf_passed(&spf_from, input, helo),
                 spf_mail_from: spf_from.result(),
                 results: vec![
                     ("spf.helo", spf_label(spf_helo.result())),
@@ -229,8 +233,15 @@ impl Verifier {
         for d in &dkim {
             results.push(("dkim", dkim_label(d.result())));
         }
+        let mut passed = spf_passed(&spf_from, input, helo);
+        passed.extend(
+            dkim.iter()
+                .filter(|d| *d.result() == DkimResult::Pass)
+                .filter_map(|d| d.signature().map(|s| s.d.clone())),
+        );
         Checked {
             header,
+            passed,
             spf_mail_from: spf_from.result(),
             results,
             dmarc,
@@ -241,6 +252,7 @@ impl Verifier {
         tracing::warn!(client = %input.client, timeout = ?self.timeout, "inbound verification timed out: temperror");
         let why = "(verification timed out)";
         Checked {
+            passed: Vec::new(),
             header: format!(
                 "Authentication-Results: {};\r\n\tspf=temperror {why} smtp.mailfrom={};\r\n\tdkim=temperror {why};\r\n\tdmarc=temperror {why}\r\n",
                 self.authserv_id,
@@ -268,9 +280,19 @@ impl Verifier {
 /// What the checks found, before policy.
 struct Checked {
     header: String,
+    passed: Vec<String>,
     spf_mail_from: SpfResult,
     results: Vec<(&'static str, &'static str)>,
     dmarc: Dmarc,
+}
+
+/// The MAIL FROM domain (HELO's for the null sender) when SPF passed.
+fn spf_passed(spf: &mail_auth::SpfOutput, input: &Input<'_>, helo: &str) -> Vec<String> {
+    if spf.result() != SpfResult::Pass {
+        return Vec::new();
+    }
+    let domain = input.mail_from.rsplit_once('@').map_or(helo, |(_, d)| d);
+    vec![domain.to_string()]
 }
 
 /// The policy's decision, and its reason. DMARC first: a domain that

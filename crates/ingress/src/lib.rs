@@ -15,6 +15,8 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod blocklist;
+pub mod greylist;
 pub mod idle;
 pub mod inbound;
 pub mod metrics;
@@ -75,6 +77,10 @@ pub struct Shared {
     pub sessions: Arc<idle::Sessions>,
     /// SPF, DKIM, ARC and DMARC on the MX port (`inbound.verify`).
     pub verifier: Option<Arc<inbound::Verifier>>,
+    /// DNS blocklists (`inbound.blocklists`), on the MX port.
+    pub blocklists: Option<Arc<blocklist::Blocklists>>,
+    /// Greylisting (`inbound.greylist`), on the MX port.
+    pub greylist: Option<Arc<greylist::Greylist>>,
     /// The name of this server's `Authentication-Results`; such fields
     /// that come with a message are removed.
     pub authserv_id: String,
@@ -144,6 +150,17 @@ impl Shared {
             known_recipients: recipients::KnownRecipients::new(s.recipient_cache.get()),
             shutdown,
             sessions: Arc::new(idle::Sessions::default()),
+            blocklists: blocklist::Blocklists::new(
+                &cfg.inbound,
+                correu_runtime::dns::resolver(&cfg.dns)?,
+            )
+            .map(Arc::new),
+            greylist: greylist::Greylist::new(
+                &cfg.inbound.greylist,
+                &cfg.redis,
+                correu_runtime::redis::pool(&cfg.redis)?,
+            )
+            .map(Arc::new),
             verifier: if cfg.inbound.verify {
                 Some(Arc::new(inbound::Verifier::new(cfg)?))
             } else {

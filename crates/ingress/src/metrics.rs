@@ -24,6 +24,10 @@ pub struct IngressMetrics {
     /// What inbound policy did, by `action` (`accept`, `quarantine`,
     /// `reject`) and `reason` (`pass`, `dmarc`, `spf`, `none`).
     pub auth_actions: Counter<u64>,
+    /// Listings found in DNS blocklists, by `zone` (configured zones).
+    pub blocklist_hits: Counter<u64>,
+    /// Greylisting decisions, by `result` (`deferred`, `passed`, `skipped`).
+    pub greylist: Counter<u64>,
 }
 
 pub static METRICS: LazyLock<IngressMetrics> = LazyLock::new(|| {
@@ -86,6 +90,16 @@ pub static METRICS: LazyLock<IngressMetrics> = LazyLock::new(|| {
             .with_description(
                 "What inbound policy did with verified messages, by action and reason",
             )
+            .build(),
+        blocklist_hits: m
+            .u64_counter("correu.smtp.blocklist.hits")
+            .with_unit("{listing}")
+            .with_description("Clients and domains found in DNS blocklists, by zone")
+            .build(),
+        greylist: m
+            .u64_counter("correu.smtp.greylist")
+            .with_unit("{message}")
+            .with_description("Greylisting decisions, by result")
             .build(),
     }
 });

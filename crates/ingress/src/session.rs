@@ -198,6 +198,21 @@ where
             None => return Ok(End::Closed),
         };
     }
+    // A client listed in the DNS blocklists is turned away before the
+    // greeting, on the MX port only: submission clients authenticate.
+    if refusal.is_none()
+        && role == Role::Mx
+        && !trusted
+        && let Some(lists) = &shared.blocklists
+        && let Some((reply, listed)) = lists.client(client.ip()).await
+    {
+        let zones: Vec<String> = listed
+            .iter()
+            .map(|l| format!("{}={}", l.zone, l.answer))
+            .collect();
+        tracing::warn!(client = %client, lists = %zones.join(" "), "client listed in DNS blocklists: refused");
+        refusal = Some((reply, "blocklist"));
+    }
     if let Some((reply, reason)) = refusal {
         refused(reason);
         return conn.say_and_end(&reply, End::Refused).await;
@@ -733,23 +748,54 @@ async fn deliver(
     };
     let mut added = String::new();
     let mut folder = String::new();
-    if let Some(v) = verify {
+    let from_internet = arrival.role == Role::Mx && !trusted && env.user.is_none();
+    let mut refusal = None;
+    if from_internet && let Some(lists) = &shared.blocklists {
+        let from = env.from.as_string();
+        let mut domains = vec![env.helo.as_str()];
+        if let Some((_, d)) = from.rsplit_once('@') {
+            domains.push(d);
+        }
+        if let Some((reply, listed)) = lists.domains(&domains).await {
+            let found: Vec<String> = listed
+                .iter()
+                .map(|l| format!("{}@{}={}", l.subject, l.zone, l.answer))
+                .collect();
+            tracing::warn!(queue_id = %id, client = %client, lists = %found.join(" "), "a domain of the message is listed in DNS blocklists: refused");
+            refusal = Some(reply);
+        }
+    }
+    let mut passed = Vec::new();
+    if refusal.is_none()
+        && let Some(v) = verify
+    {
         match verify_message(v, &env, &body, client, &id)
             .instrument(span.clone())
             .await
         {
-            (_, inbound::Action::Reject(r)) => {
-                let reply = session.queued(Err(QueueFailure::Refused(r)));
-                span.record("smtp.reply.code", reply.code);
-                rejected(reply.code);
-                return reply;
-            }
-            (header, inbound::Action::Quarantine) => {
+            (_, _, inbound::Action::Reject(r)) => refusal = Some(r),
+            (header, domains, inbound::Action::Quarantine) => {
                 added = header;
+                passed = domains;
                 folder = "Junk".into();
             }
-            (header, inbound::Action::Accept) => added = header,
+            (header, domains, inbound::Action::Accept) => {
+                added = header;
+                passed = domains;
+            }
         }
+    }
+    if refusal.is_none()
+        && from_internet
+        && let Some(grey) = &shared.greylist
+    {
+        refusal = greylisted(grey, &env, client, &passed, &id).await;
+    }
+    if let Some(r) = refusal {
+        let reply = session.queued(Err(QueueFailure::Refused(r)));
+        span.record("smtp.reply.code", reply.code);
+        rejected(reply.code);
+        return reply;
     }
     // Only this server writes its Authentication-Results (RFC 8601 §5).
     let body = match correu_smtp::headers::without_auth_results(&body, &shared.authserv_id) {
@@ -799,15 +845,58 @@ fn refused(reason: &'static str) {
         .add(1, &[KeyValue::new("reason", reason)]);
 }
 
+/// Greylisting's answer for a message: `None` to go on, or the deferral.
+async fn greylisted(
+    grey: &crate::greylist::Greylist,
+    env: &Envelope,
+    client: SocketAddr,
+    passed: &[String],
+    id: &str,
+) -> Option<Reply> {
+    let count = |result: &'static str| {
+        crate::metrics::METRICS
+            .greylist
+            .add(1, &[KeyValue::new("result", result)])
+    };
+    if grey.skips(passed) {
+        count("skipped");
+        return None;
+    }
+    let rcpts: Vec<String> = env
+        .recipients
+        .iter()
+        .map(|r| r.address.to_string())
+        .collect();
+    match grey.check(client.ip(), &env.from.as_string(), &rcpts).await {
+        crate::greylist::Grey::Pass => {
+            count("passed");
+            None
+        }
+        crate::greylist::Grey::Wait(left) => {
+            count("deferred");
+            tracing::info!(queue_id = id, client = %client, wait = ?left, "greylisted: deferred");
+            Some(Reply::new(
+                451,
+                correu_smtp::Enhanced(4, 7, 1),
+                format!(
+                    "Greylisted: please try again in {} seconds",
+                    left.as_secs().max(1)
+                ),
+            ))
+        }
+    }
+}
+
 /// Verifies a message from the internet and logs the decision with its
-/// queue id: the `Authentication-Results` field and what to do.
+/// queue id: the `Authentication-Results` field, the domains that passed
+/// SPF or DKIM, and what to do.
 async fn verify_message(
     v: &inbound::Verifier,
     env: &Envelope,
     body: &[u8],
     client: SocketAddr,
     id: &str,
-) -> (String, inbound::Action) {
+) -> (String, Vec<String>, inbound::Action) {
     let from = env.from.as_string();
     let input = inbound::Input {
         client: client.ip(),
@@ -830,7 +919,7 @@ async fn verify_message(
             tracing::warn!(queue_id = id, action, reason = verdict.reason, results = %results.join(" "), client = %client, from = %from, "inbound verification")
         }
     }
-    (verdict.header, verdict.action)
+    (verdict.header, verdict.passed, verdict.action)
 }
 
 /// What is decided about a message before it is queued.

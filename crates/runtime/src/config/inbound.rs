@@ -30,6 +30,75 @@ pub struct InboundConfig {
     pub spf_fail: SpfFailAction,
     /// The policy for mail to one local domain.
     pub domains: BTreeMap<String, InboundPolicy>,
+    /// DNS blocklists: of client addresses (DNSBL, asked at connect) and
+    /// of sender and HELO domains (RHSBL, asked when the message is in).
+    pub blocklists: Vec<Blocklist>,
+    /// A client or message is refused (`554 5.7.1`) when the weights of
+    /// the lists naming it add up to this.
+    pub blocklist_threshold: f64,
+    pub greylist: GreylistConfig,
+}
+
+/// One DNS blocklist zone.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Blocklist {
+    /// The zone, as `zen.spamhaus.org` or `dbl.example.net`.
+    pub zone: String,
+    /// `ip`: the client's address, reversed (`4.3.2.1.zone`); `domain`:
+    /// the MAIL FROM and HELO domains (`example.com.zone`).
+    #[serde(default)]
+    pub kind: BlocklistKind,
+    /// Added to the score when the list names the client or a domain.
+    #[serde(default = "one")]
+    pub weight: f64,
+    /// Answers that count as listed; empty: any in 127.0.0.0/8 except
+    /// 127.255.255.0/24, which lists use to say a query was refused.
+    #[serde(default)]
+    pub codes: Vec<std::net::Ipv4Addr>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BlocklistKind {
+    #[default]
+    Ip,
+    Domain,
+}
+
+/// Greylisting (RFC 6647): the first message of a (client network,
+/// sender, recipient) triplet is deferred with `451 4.7.1`; a retry after
+/// `delay` passes, and the triplet is let through for `pass_for`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct GreylistConfig {
+    pub enabled: bool,
+    /// How long a new triplet waits (Postgrey: 5 minutes).
+    pub delay: Dur,
+    /// A triplet never retried is forgotten after this.
+    pub expire: Dur,
+    /// A triplet that passed is let through without waiting for this long
+    /// (renewed by each message).
+    pub pass_for: Dur,
+    /// Senders whose domain is one of these (or under one) skip it when
+    /// SPF or DKIM passes for that domain.
+    pub skip_domains: Vec<String>,
+}
+
+impl Default for GreylistConfig {
+    fn default() -> Self {
+        GreylistConfig {
+            enabled: false,
+            delay: Dur::secs(300),
+            expire: Dur::secs(86_400),
+            pass_for: Dur::secs(35 * 86_400),
+            skip_domains: Vec::new(),
+        }
+    }
 }
 
 /// What to do with what verification found.
@@ -77,6 +146,9 @@ impl Default for InboundConfig {
             dmarc: DmarcAction::Enforce,
             spf_fail: SpfFailAction::Accept,
             domains: BTreeMap::new(),
+            blocklists: Vec::new(),
+            blocklist_threshold: 1.0,
+            greylist: GreylistConfig::default(),
         }
     }
 }
@@ -125,6 +197,38 @@ impl InboundConfig {
                 "inbound.authserv_id",
                 format!("`{id}` is not a host name (hostname `{hostname}` is used when unset)"),
             );
+        }
+        for (i, b) in self.blocklists.iter().enumerate() {
+            if !is_domain(&b.zone) {
+                c.err(
+                    format!("inbound.blocklists[{i}].zone"),
+                    format!("`{}` is not a DNS zone", b.zone),
+                );
+            }
+            if !(b.weight.is_finite() && b.weight >= 0.0) {
+                c.err(
+                    format!("inbound.blocklists[{i}].weight"),
+                    "must be a number of 0 or more",
+                );
+            }
+        }
+        if !(self.blocklist_threshold.is_finite() && self.blocklist_threshold > 0.0) {
+            c.err("inbound.blocklist_threshold", "must be more than 0");
+        }
+        let g = &self.greylist;
+        if g.enabled && g.delay.get() >= g.expire.get() {
+            c.err(
+                "inbound.greylist.delay",
+                "must be shorter than inbound.greylist.expire, or no retry could pass",
+            );
+        }
+        for (i, d) in g.skip_domains.iter().enumerate() {
+            if !is_domain(d) {
+                c.err(
+                    format!("inbound.greylist.skip_domains[{i}]"),
+                    format!("`{d}` is not a domain"),
+                );
+            }
         }
         for d in self.domains.keys() {
             if !local.iter().any(|l| l.eq_ignore_ascii_case(d)) {

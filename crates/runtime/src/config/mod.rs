@@ -41,7 +41,10 @@ use serde::{Deserialize, Serialize};
 
 pub use delivery::{ClientTimeouts, DeliveryConfig, DkimAlgorithm, DkimConfig, OutboundTls, Route};
 pub use dns::DnsConfig;
-pub use inbound::{DmarcAction, InboundConfig, InboundPolicy, SpfFailAction};
+pub use inbound::{
+    Blocklist, BlocklistKind, DmarcAction, GreylistConfig, InboundConfig, InboundPolicy,
+    SpfFailAction,
+};
 pub use queue::{QueueBackend, QueueConfig};
 pub use redis::RedisConfig;
 pub use smtp::SmtpConfig;
