@@ -111,6 +111,10 @@ CONFIG = obj({
             "codes": many(s(pattern=r"^[0-9.]+$"))}, required=["zone"])},
         "blocklist_threshold": {"type": "number", "exclusiveMinimum": 0},
         "greylist": obj({"enabled": B, "delay": DUR, "expire": DUR, "pass_for": DUR, "skip_domains": many(s())}),
+        "milters": {"type": "array", "items": obj({
+            "name": s(minLength=1), "address": s(pattern=r"^(unix:/.+|.+:[0-9]+)$"), "timeout": DUR,
+            "default_action": {"enum": ["tempfail", "accept"]},
+            "ports": many({"enum": ["mx", "submission", "submissions"]})}, required=["name", "address"])},
     }),
     "dns": obj({"server": ADDR, "cache_size": i(0)}),
     "queue": obj({

@@ -85,6 +85,21 @@ fn stored(dir: &Path, subject: &str) -> String {
     }
 }
 
+/// Sends a plain message from `from` to pere@localhost, which must be
+/// accepted and stored in `inbox`; this server's `Authentication-Results`.
+fn accepted(addr: SocketAddr, inbox: &Path, from: &str, subject: &str) -> String {
+    let r = send(addr, from, "pere@localhost", &message(from, subject));
+    assert_eq!(r.code, 250, "{from}: {r}");
+    auth_results(&stored(inbox, subject)).remove(0)
+}
+
+/// Sends a message and asserts it was refused with a 550: the reply.
+fn refused(addr: SocketAddr, from: &str, to: &str, subject: &str) -> String {
+    let r = send(addr, from, to, &message(from, subject));
+    assert_eq!(r.code, 550, "{from} to {to}: {r:?}");
+    r.to_string()
+}
+
 /// The `Authentication-Results` field(s) of a stored message, unfolded.
 fn auth_results(text: &str) -> Vec<String> {
     let head = text.split("\r\n\r\n").next().unwrap_or("");
@@ -229,17 +244,10 @@ fn mail_from_the_internet_is_verified_marked_and_policed() {
     assert!(ours.contains("dmarc=pass"), "{ours}");
 
     // 3. DMARC p=reject and nothing aligned: refused, naming the policy.
-    let r = send(
-        addr,
-        "ceo@forged.test",
-        "pere@localhost",
-        &message("ceo@forged.test", "wire money"),
-    );
-    assert_eq!(r.code, 550, "{r:?}");
+    let r = refused(addr, "ceo@forged.test", "pere@localhost", "wire money");
     assert!(
-        r.to_string().contains("550 5.7.1")
-            && r.to_string().contains("DMARC policy of forged.test"),
-        "{r:?}"
+        r.contains("550 5.7.1") && r.contains("DMARC policy of forged.test"),
+        "{r}"
     );
 
     // 4. DMARC p=quarantine: accepted, into the Junk folder (Maildir++).
@@ -259,49 +267,19 @@ fn mail_from_the_internet_is_verified_marked_and_policed() {
     );
 
     // 5. SPF softfail and none are marked, never refused.
-    assert_eq!(
-        send(
-            addr,
-            "a@soft.test",
-            "pere@localhost",
-            &message("a@soft.test", "soft")
-        )
-        .code,
-        250
-    );
-    let ours = auth_results(&stored(&inbox, "soft")).remove(0);
+    let ours = accepted(addr, &inbox, "a@soft.test", "soft");
     assert!(
         ours.contains("spf=softfail") && ours.contains("dmarc=none"),
         "{ours}"
     );
-    assert_eq!(
-        send(
-            addr,
-            "a@nothing.test",
-            "pere@localhost",
-            &message("a@nothing.test", "plain")
-        )
-        .code,
-        250
-    );
-    let ours = auth_results(&stored(&inbox, "plain")).remove(0);
+    let ours = accepted(addr, &inbox, "a@nothing.test", "plain");
     assert!(
         ours.contains("spf=none") && ours.contains("dkim=none"),
         "{ours}"
     );
 
     // 6. The sender's DNS fails: temperror, accepted.
-    assert_eq!(
-        send(
-            addr,
-            "a@broken.test",
-            "pere@localhost",
-            &message("a@broken.test", "dns down")
-        )
-        .code,
-        250
-    );
-    let ours = auth_results(&stored(&inbox, "dns down")).remove(0);
+    let ours = accepted(addr, &inbox, "a@broken.test", "dns down");
     assert!(
         ours.contains("spf=temperror") && !ours.contains("timed out"),
         "{ours}"
@@ -309,26 +287,10 @@ fn mail_from_the_internet_is_verified_marked_and_policed() {
 
     // 7. SPF fail: recorded for localhost, refused for strict.test, whose
     // policy says so.
-    assert_eq!(
-        send(
-            addr,
-            "a@hardfail.test",
-            "pere@localhost",
-            &message("a@hardfail.test", "spf fail")
-        )
-        .code,
-        250
-    );
-    let ours = auth_results(&stored(&inbox, "spf fail")).remove(0);
+    let ours = accepted(addr, &inbox, "a@hardfail.test", "spf fail");
     assert!(ours.contains("spf=fail"), "{ours}");
-    let r = send(
-        addr,
-        "a@hardfail.test",
-        "pere@strict.test",
-        &message("a@hardfail.test", "spf strict"),
-    );
-    assert_eq!(r.code, 550, "{r:?}");
-    assert!(r.to_string().starts_with("550 5.7.23"), "{r:?}");
+    let r = refused(addr, "a@hardfail.test", "pere@strict.test", "spf strict");
+    assert!(r.starts_with("550 5.7.23"), "{r}");
 
     // 8. A trusted network is not verified (but forgeries are still removed).
     let mut c = Smtp::from_stream(connect_from([127, 0, 0, 2], addr));

@@ -20,6 +20,7 @@ pub mod greylist;
 pub mod idle;
 pub mod inbound;
 pub mod metrics;
+pub mod milter;
 pub mod recipients;
 pub mod session;
 pub mod tls;
@@ -81,6 +82,8 @@ pub struct Shared {
     pub blocklists: Option<Arc<blocklist::Blocklists>>,
     /// Greylisting (`inbound.greylist`), on the MX port.
     pub greylist: Option<Arc<greylist::Greylist>>,
+    /// Milters (`inbound.milters`), each with the ports it serves.
+    pub milters: Vec<correu_runtime::config::Milter>,
     /// The name of this server's `Authentication-Results`; such fields
     /// that come with a message are removed.
     pub authserv_id: String,
@@ -161,6 +164,7 @@ impl Shared {
                 correu_runtime::redis::pool(&cfg.redis)?,
             )
             .map(Arc::new),
+            milters: cfg.inbound.milters.clone(),
             verifier: if cfg.inbound.verify {
                 Some(Arc::new(inbound::Verifier::new(cfg)?))
             } else {

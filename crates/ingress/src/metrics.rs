@@ -28,6 +28,11 @@ pub struct IngressMetrics {
     pub blocklist_hits: Counter<u64>,
     /// Greylisting decisions, by `result` (`deferred`, `passed`, `skipped`).
     pub greylist: Counter<u64>,
+    /// Milters that failed (their default action applied), by `milter`.
+    pub milter_failures: Counter<u64>,
+    /// What milters decided, by `verdict` (`accept`, `quarantine`,
+    /// `discard`, `reject`, `tempfail`).
+    pub milter_verdicts: Counter<u64>,
 }
 
 pub static METRICS: LazyLock<IngressMetrics> = LazyLock::new(|| {
@@ -100,6 +105,16 @@ pub static METRICS: LazyLock<IngressMetrics> = LazyLock::new(|| {
             .u64_counter("correu.smtp.greylist")
             .with_unit("{message}")
             .with_description("Greylisting decisions, by result")
+            .build(),
+        milter_failures: m
+            .u64_counter("correu.smtp.milter.failures")
+            .with_unit("{failure}")
+            .with_description("Milters that could not be asked, by milter")
+            .build(),
+        milter_verdicts: m
+            .u64_counter("correu.smtp.milter.verdicts")
+            .with_unit("{message}")
+            .with_description("What the milters decided about messages, by verdict")
             .build(),
     }
 });

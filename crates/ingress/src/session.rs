@@ -740,6 +740,15 @@ async fn deliver(
     let size = body.len() as u64;
     let id = correu_queue::new_queue_id();
     span.record("queue_id", id.as_str());
+    // Only this server writes its Authentication-Results (RFC 8601 §5): fields that
+    // arrive claiming it go first, so that only ours and our milters' stay.
+    let body = match correu_smtp::headers::without_auth_results(&body, &shared.authserv_id) {
+        std::borrow::Cow::Borrowed(_) => body,
+        std::borrow::Cow::Owned(stripped) => {
+            tracing::info!(queue_id = %id, "removed Authentication-Results that claimed to be this server's");
+            stripped
+        }
+    };
     // Mail from the internet is verified; submission and trusted
     // networks are not (their mail is their own).
     let verify = match &shared.verifier {
@@ -791,20 +800,48 @@ async fn deliver(
     {
         refusal = greylisted(grey, &env, client, &passed, &id).await;
     }
+    // The milters configured for this port see the message as it would
+    // be queued (with our Authentication-Results) and may change it.
+    let port = match arrival.role {
+        Role::Mx => "mx",
+        Role::Submission => "submission",
+        Role::Submissions => "submissions",
+    };
+    let milters: Vec<_> = shared
+        .milters
+        .iter()
+        .filter(|m| m.ports.iter().any(|p| p == port))
+        .cloned()
+        .collect();
+    let mut env = env;
+    let mut body = body;
+    if refusal.is_none() && !milters.is_empty() {
+        let mut content = std::mem::take(&mut added).into_bytes();
+        content.extend_from_slice(&body);
+        match filter(shared, &milters, &mut env, content, client, &id).await {
+            Filtered::Go {
+                content,
+                quarantine,
+            } => {
+                body = content;
+                if quarantine {
+                    folder = "Junk".into();
+                }
+            }
+            Filtered::Refused(r) => refusal = Some(r),
+            Filtered::Discarded => {
+                let reply = session.queued(Ok(&id));
+                span.record("smtp.reply.code", reply.code);
+                return reply;
+            }
+        }
+    }
     if let Some(r) = refusal {
         let reply = session.queued(Err(QueueFailure::Refused(r)));
         span.record("smtp.reply.code", reply.code);
         rejected(reply.code);
         return reply;
     }
-    // Only this server writes its Authentication-Results (RFC 8601 §5).
-    let body = match correu_smtp::headers::without_auth_results(&body, &shared.authserv_id) {
-        std::borrow::Cow::Borrowed(_) => body,
-        std::borrow::Cow::Owned(stripped) => {
-            tracing::info!(queue_id = %id, "removed Authentication-Results that claimed to be this server's");
-            stripped
-        }
-    };
     let prepared = Prepared { id, added, folder };
     let outcome = queue_message(shared, env, body, client, prepared, gone)
         .instrument(span.clone())
@@ -843,6 +880,120 @@ fn refused(reason: &'static str) {
     crate::metrics::METRICS
         .connections_refused
         .add(1, &[KeyValue::new("reason", reason)]);
+}
+
+/// What the milters made of a message.
+enum Filtered {
+    Go {
+        content: Vec<u8>,
+        quarantine: bool,
+    },
+    Refused(Reply),
+    /// Answered 250 and not queued, as a milter asked.
+    Discarded,
+}
+
+/// Runs the message through `milters`, applying their changes to the
+/// envelope and the content; logs and counts the verdict with the queue id.
+async fn filter(
+    shared: &Shared,
+    milters: &[correu_runtime::config::Milter],
+    env: &mut Envelope,
+    content: Vec<u8>,
+    client: SocketAddr,
+    id: &str,
+) -> Filtered {
+    use crate::milter::{Message, Verdict};
+    let (headers, body) = Message::split(&content);
+    drop(content);
+    let mut msg = Message {
+        client,
+        client_name: String::new(),
+        helo: env.helo.clone(),
+        sender: env.from.as_string(),
+        recipients: env
+            .recipients
+            .iter()
+            .map(|r| r.address.to_string())
+            .collect(),
+        queue_id: id.to_string(),
+        hostname: shared.session.hostname.clone(),
+        user: env.user.clone(),
+        headers,
+        body,
+    };
+    let verdict = crate::milter::run(milters, &mut msg).await;
+    let label = match &verdict {
+        Verdict::Accept => "accept",
+        Verdict::Quarantine(_) => "quarantine",
+        Verdict::Discard(_) => "discard",
+        Verdict::Reply(r) if r.code < 500 => "tempfail",
+        Verdict::Reply(_) => "reject",
+    };
+    crate::metrics::METRICS
+        .milter_verdicts
+        .add(1, &[KeyValue::new("verdict", label)]);
+    match verdict {
+        Verdict::Reply(r) => {
+            tracing::warn!(queue_id = id, client = %client, reply = %r, "refused by a milter");
+            return Filtered::Refused(r);
+        }
+        Verdict::Discard(why) => {
+            tracing::warn!(queue_id = id, client = %client, reason = %why, "discarded by a milter: answered 250, not delivered");
+            return Filtered::Discarded;
+        }
+        Verdict::Quarantine(ref why) => {
+            tracing::warn!(queue_id = id, reason = %why, "quarantined by a milter: delivered to Junk")
+        }
+        Verdict::Accept => {}
+    }
+    // The envelope as the milters left it.
+    let sender = msg.sender.trim();
+    if sender != env.from.as_string() {
+        match sender {
+            "" => env.from = correu_smtp::command::ReversePath::Null,
+            s => match Address::parse(s) {
+                Ok(a) => env.from = correu_smtp::command::ReversePath::Mailbox(a),
+                Err(e) => {
+                    tracing::warn!(queue_id = id, sender = s, error = %e, "a milter's new sender is not an address; kept the old one")
+                }
+            },
+        }
+    }
+    env.recipients.retain(|r| {
+        msg.recipients
+            .iter()
+            .any(|m| m.eq_ignore_ascii_case(&r.address.to_string()))
+    });
+    for added in &msg.recipients {
+        if env
+            .recipients
+            .iter()
+            .any(|r| r.address.to_string().eq_ignore_ascii_case(added))
+        {
+            continue;
+        }
+        match Address::parse(added) {
+            Ok(address) => env.recipients.push(correu_smtp::session::Rcpt {
+                address,
+                params: Default::default(),
+            }),
+            Err(e) => {
+                tracing::warn!(queue_id = id, recipient = %added, error = %e, "a milter's new recipient is not an address; left out")
+            }
+        }
+    }
+    if env.recipients.is_empty() {
+        tracing::warn!(
+            queue_id = id,
+            "the milters removed every recipient: answered 250, not delivered"
+        );
+        return Filtered::Discarded;
+    }
+    Filtered::Go {
+        content: msg.join(),
+        quarantine: matches!(verdict, Verdict::Quarantine(_)),
+    }
 }
 
 /// Greylisting's answer for a message: `None` to go on, or the deferral.

@@ -77,19 +77,12 @@ pub fn received_count(message: &[u8]) -> usize {
     count
 }
 
-/// `message` without the `Authentication-Results:` fields of its header
-/// section that name `authserv_id` (RFC 8601 §5: a receiver removes such
-/// fields arriving from outside, since only it may write them; others'
-/// fields stay). Comments and white space before the id are skipped; ids
-/// compare without case. Borrowed when nothing is removed.
-pub fn without_auth_results<'m>(
-    message: &'m [u8],
-    authserv_id: &str,
-) -> std::borrow::Cow<'m, [u8]> {
-    const NAME: &[u8] = b"authentication-results";
-    // Each field of the header section: (start, end) including its
-    // continuation lines and line ends.
-    let mut fields: Vec<(usize, usize, bool)> = Vec::new();
+/// The fields of a message's header section, each as the range of its
+/// lines (continuation lines and line ends included), and where the body
+/// starts: after the empty line, or at the end when there is none. A line
+/// starting with white space continues the field before it.
+pub fn fields(message: &[u8]) -> (Vec<std::ops::Range<usize>>, usize) {
+    let mut fields: Vec<std::ops::Range<usize>> = Vec::new();
     let mut at = 0;
     while at < message.len() {
         let end = message[at..]
@@ -102,33 +95,47 @@ pub fn without_auth_results<'m>(
             .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
             .unwrap_or(line);
         if bare.is_empty() {
-            break;
+            return (fields, end);
         }
         match (bare[0], fields.last_mut()) {
-            (b' ' | b'\t', Some(f)) => f.1 = end,
-            _ => fields.push((at, end, false)),
+            (b' ' | b'\t', Some(f)) => f.end = end,
+            _ => fields.push(at..end),
         }
         at = end;
     }
-    for f in &mut fields {
-        let field = &message[f.0..f.1];
-        let Some(colon) = field.iter().position(|&b| b == b':') else {
-            continue;
-        };
-        let name = field[..colon].trim_ascii_end();
-        if !name.eq_ignore_ascii_case(NAME) {
-            continue;
-        }
-        f.2 = first_token(&field[colon + 1..]).eq_ignore_ascii_case(authserv_id.as_bytes());
-    }
-    if !fields.iter().any(|f| f.2) {
+    (fields, message.len())
+}
+
+/// `message` without the `Authentication-Results:` fields of its header
+/// section that name `authserv_id` (RFC 8601 §5: a receiver removes such
+/// fields arriving from outside, since only it may write them; others'
+/// fields stay). Comments and white space before the id are skipped; ids
+/// compare without case. Borrowed when nothing is removed.
+pub fn without_auth_results<'m>(
+    message: &'m [u8],
+    authserv_id: &str,
+) -> std::borrow::Cow<'m, [u8]> {
+    const NAME: &[u8] = b"authentication-results";
+    let ours: Vec<std::ops::Range<usize>> = fields(message)
+        .0
+        .into_iter()
+        .filter(|f| {
+            let field = &message[f.clone()];
+            let Some(colon) = field.iter().position(|&b| b == b':') else {
+                return false;
+            };
+            field[..colon].trim_ascii_end().eq_ignore_ascii_case(NAME)
+                && first_token(&field[colon + 1..]).eq_ignore_ascii_case(authserv_id.as_bytes())
+        })
+        .collect();
+    if ours.is_empty() {
         return std::borrow::Cow::Borrowed(message);
     }
     let mut out = Vec::with_capacity(message.len());
     let mut copied = 0;
-    for f in fields.iter().filter(|f| f.2) {
-        out.extend_from_slice(&message[copied..f.0]);
-        copied = f.1;
+    for f in ours {
+        out.extend_from_slice(&message[copied..f.start]);
+        copied = f.end;
     }
     out.extend_from_slice(&message[copied..]);
     std::borrow::Cow::Owned(out)

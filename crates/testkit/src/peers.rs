@@ -1,6 +1,7 @@
-//! Real peers: aiosmtpd as a remote MX (plain, flaky, counting connections), an MTA-STS policy server, dnsmasq as DNS, Postfix and Dovecot.
+//! Real peers: aiosmtpd as a remote MX (plain, flaky, counting connections), an MTA-STS policy server, dnsmasq as DNS (on a port of its own, or on port 53 of a loopback address with a private resolv.conf), Postfix and Dovecot.
 
 use super::*;
+use std::net::Ipv4Addr;
 
 /// aiosmtpd as a remote MX on 127.0.0.1:PORT, writing what it receives
 /// into the Maildir `dir`.
@@ -178,9 +179,31 @@ pub fn mta_sts_server(dir: &Path, cert: &TestCert, policies: &[(&str, &str)]) ->
 /// returns it and its port.
 pub fn dnsmasq(dir: &Path, lines: &[&str]) -> (Proc, u16) {
     let port = free_udp_port();
+    let p = dnsmasq_on(dir, Ipv4Addr::LOCALHOST, port, lines);
+    (p, port)
+}
+
+/// dnsmasq on port 53 of a loopback address of its own (127.53.x.y), for
+/// programs that can only ask the system resolver: run them with
+/// [`with_resolver`]. Returns it and its address.
+pub fn dnsmasq_at_53(dir: &Path, lines: &[&str]) -> (Proc, Ipv4Addr) {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let salt = std::process::id().wrapping_mul(251);
+    loop {
+        let n = salt.wrapping_add(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        let ip = Ipv4Addr::new(127, 53, (n >> 8) as u8, (n as u8).max(1));
+        let free = std::net::TcpListener::bind((ip, 53)).is_ok()
+            && std::net::UdpSocket::bind((ip, 53)).is_ok();
+        if free {
+            return (dnsmasq_on(dir, ip, 53, lines), ip);
+        }
+    }
+}
+
+fn dnsmasq_on(dir: &Path, ip: Ipv4Addr, port: u16, lines: &[&str]) -> Proc {
     let conf = dir.join("dnsmasq.conf");
     let mut text = format!(
-        "port={port}\nlisten-address=127.0.0.1\nbind-interfaces\nno-resolv\nno-hosts\nno-daemon\nuser=root\npid-file=\nlocal=/test/\n"
+        "port={port}\nlisten-address={ip}\nbind-interfaces\nno-resolv\nno-hosts\nno-daemon\nuser=root\npid-file=\nlocal=/test/\n"
     );
     for l in lines {
         text.push_str(l);
@@ -198,8 +221,41 @@ pub fn dnsmasq(dir: &Path, lines: &[&str]) -> (Proc, u16) {
         &[],
     );
     // dnsmasq answers TCP too: use that to know it is up.
-    wait_port(port, Duration::from_secs(10), &p);
-    (p, port)
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect((ip, port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "dnsmasq never listened on {ip}:{port}\n{}",
+            p.output()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    p
+}
+
+/// The command line that runs `program` with `resolver` as its only name
+/// server: in a mount namespace of its own, where a resolv.conf naming it
+/// is mounted over /etc/resolv.conf (for programs with no setting of
+/// their own, such as OpenDMARC). Needs root, as CI has.
+pub fn with_resolver(dir: &Path, resolver: Ipv4Addr, program: &str, args: &[&str]) -> Vec<String> {
+    let conf = dir.join("resolv.conf");
+    std::fs::write(
+        &conf,
+        format!("nameserver {resolver}\noptions attempts:1 timeout:2\n"),
+    )
+    .unwrap();
+    let mut cmd = vec![
+        "-m".to_string(),
+        "sh".to_string(),
+        "-c".to_string(),
+        format!(
+            "mount --bind '{}' /etc/resolv.conf && exec \"$0\" \"$@\"",
+            conf.display()
+        ),
+        program.to_string(),
+    ];
+    cmd.extend(args.iter().map(|a| a.to_string()));
+    cmd
 }
 
 /// A private Postfix instance (Debian's postfix, run as

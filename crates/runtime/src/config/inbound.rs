@@ -37,6 +37,46 @@ pub struct InboundConfig {
     /// the lists naming it add up to this.
     pub blocklist_threshold: f64,
     pub greylist: GreylistConfig,
+    /// Milters (the Sendmail/Postfix mail filter protocol: rspamd,
+    /// OpenDKIM, OpenDMARC), asked in order once a message is in.
+    pub milters: Vec<Milter>,
+}
+
+/// One milter.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Milter {
+    /// A name for logs and metrics.
+    pub name: String,
+    /// `host:port`, or `unix:/path/to/socket`.
+    pub address: String,
+    /// Connecting, and each reply.
+    #[serde(default = "milter_timeout")]
+    pub timeout: Dur,
+    /// When the milter cannot be reached or does not answer: `tempfail`
+    /// (`451 4.7.1`) or `accept` (as if it were not configured).
+    #[serde(default)]
+    pub default_action: MilterDefault,
+    /// The listeners whose mail it sees: `mx`, `submission`,
+    /// `submissions`.
+    #[serde(default = "mx_only")]
+    pub ports: Vec<String>,
+}
+
+fn milter_timeout() -> Dur {
+    Dur::secs(30)
+}
+
+fn mx_only() -> Vec<String> {
+    vec!["mx".to_string()]
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MilterDefault {
+    #[default]
+    Tempfail,
+    Accept,
 }
 
 /// One DNS blocklist zone.
@@ -149,6 +189,7 @@ impl Default for InboundConfig {
             blocklists: Vec::new(),
             blocklist_threshold: 1.0,
             greylist: GreylistConfig::default(),
+            milters: Vec::new(),
         }
     }
 }
@@ -214,6 +255,32 @@ impl InboundConfig {
         }
         if !(self.blocklist_threshold.is_finite() && self.blocklist_threshold > 0.0) {
             c.err("inbound.blocklist_threshold", "must be more than 0");
+        }
+        for (i, m) in self.milters.iter().enumerate() {
+            let at = |k: &str| format!("inbound.milters[{i}].{k}");
+            if m.name.is_empty() {
+                c.err(at("name"), "must not be empty");
+            }
+            match m.address.strip_prefix("unix:") {
+                Some(path) if path.starts_with('/') => {}
+                Some(_) => c.err(at("address"), "unix: needs an absolute path"),
+                None if super::values::split_host_port(&m.address).is_none() => c.err(
+                    at("address"),
+                    format!("`{}` is neither host:port nor unix:/path", m.address),
+                ),
+                None => {}
+            }
+            if m.timeout.get().is_zero() {
+                c.err(at("timeout"), "must be more than 0s");
+            }
+            for (j, p) in m.ports.iter().enumerate() {
+                if !matches!(p.as_str(), "mx" | "submission" | "submissions") {
+                    c.err(
+                        format!("inbound.milters[{i}].ports[{j}]"),
+                        format!("`{p}` is not mx, submission or submissions"),
+                    );
+                }
+            }
         }
         let g = &self.greylist;
         if g.enabled && g.delay.get() >= g.expire.get() {

@@ -42,8 +42,8 @@ use serde::{Deserialize, Serialize};
 pub use delivery::{ClientTimeouts, DeliveryConfig, DkimAlgorithm, DkimConfig, OutboundTls, Route};
 pub use dns::DnsConfig;
 pub use inbound::{
-    Blocklist, BlocklistKind, DmarcAction, GreylistConfig, InboundConfig, InboundPolicy,
-    SpfFailAction,
+    Blocklist, BlocklistKind, DmarcAction, GreylistConfig, InboundConfig, InboundPolicy, Milter,
+    MilterDefault, SpfFailAction,
 };
 pub use queue::{QueueBackend, QueueConfig};
 pub use redis::RedisConfig;
