@@ -120,6 +120,46 @@ fn mx_fallback_tls_partial_success_and_the_bounce() {
     );
 }
 
+/// One caching resolver per process: mail relayed to one domain asks its
+/// MX and the MX host's address once while the answers live (dnsmasq
+/// gives them a TTL of 300 s and logs every query it gets).
+#[test]
+fn relayed_mail_asks_dns_once_while_the_answers_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = test_cert(dir.path(), "mx");
+    let postfix = remote_postfix(dir.path(), &cert);
+    let (dns, dns_port) = dnsmasq(
+        dir.path(),
+        &[
+            "mx-host=remote.test,mx.remote.test,10",
+            "address=/mx.remote.test/127.0.0.1",
+            "local-ttl=300",
+            "log-queries",
+            "log-facility=-",
+        ],
+    );
+    let (_serve, addr) = serve(
+        dir.path(),
+        "a",
+        &format!(
+            "[dns]\nserver = \"127.0.0.1:{dns_port}\"\n[delivery]\nmx_port = {}\n",
+            postfix.port
+        ),
+    );
+    // The first message fills the cache; the next 19 find it there.
+    send(addr, &["ana@remote.test"], "cached 0");
+    only_file(&postfix.vmail.join("ana"), Duration::from_secs(60));
+    for i in 1..20 {
+        send(addr, &["ana@remote.test"], &format!("cached {i}"));
+    }
+    let got = wait_maildir(&postfix.vmail.join("ana"), 20, Duration::from_secs(60));
+    assert_eq!(got.len(), 20);
+    let log = dns.output();
+    let asked = |what: &str| log.lines().filter(|l| l.contains(what)).count();
+    assert_eq!(asked("query[MX] remote.test "), 1, "{log}");
+    assert_eq!(asked("query[A] mx.remote.test "), 1, "{log}");
+}
+
 #[test]
 fn a_null_mx_bounces_at_once() {
     let dir = tempfile::tempdir().unwrap();

@@ -181,7 +181,7 @@ fn rspamd(dir: &Path) -> (Proc, u16) {
         std::fs::write(conf.join(name), text).unwrap();
     }
     let var = |k: &str, sub: &str| format!("{k}={}", conf.join(sub).display());
-    let p = Proc::spawn(
+    let p = Proc::spawn_group(
         "rspamd",
         dir,
         "rspamd",
@@ -419,7 +419,7 @@ fn opendmarc(dir: &Path, dns: std::net::Ipv4Addr) -> (Proc, u16) {
     .unwrap();
     let args = with_resolver(dir, dns, "opendmarc", &["-f", "-c", conf.to_str().unwrap()]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let p = Proc::spawn("opendmarc", dir, "unshare", &args, &[]);
+    let p = Proc::spawn_group("opendmarc", dir, "unshare", &args, &[]);
     wait_port(port, Duration::from_secs(20), &p);
     (p, port)
 }

@@ -8,6 +8,9 @@ pub struct Proc {
     child: Child,
     pub stdout: PathBuf,
     pub stderr: PathBuf,
+    /// Started as the leader of its own process group, which is killed
+    /// whole when dropped.
+    group: bool,
 }
 
 impl Proc {
@@ -18,7 +21,20 @@ impl Proc {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Proc {
-        Self::spawn_inner(name, dir, program, args, env, true)
+        Self::spawn_inner(name, dir, program, args, env, true, false)
+    }
+
+    /// As [`Proc::spawn`], for a program that forks workers of its own
+    /// (rspamd): it leads a process group, and dropping it kills the
+    /// whole group, so no worker outlives the test.
+    pub fn spawn_group(
+        name: &str,
+        dir: &Path,
+        program: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Proc {
+        Self::spawn_inner(name, dir, program, args, env, true, true)
     }
 
     /// As [`Proc::spawn`], but the service binds the telemetry port its
@@ -30,7 +46,7 @@ impl Proc {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Proc {
-        Self::spawn_inner(name, dir, program, args, env, false)
+        Self::spawn_inner(name, dir, program, args, env, false, false)
     }
 
     fn spawn_inner(
@@ -40,6 +56,7 @@ impl Proc {
         args: &[&str],
         env: &[(&str, &str)],
         any_telemetry_port: bool,
+        group: bool,
     ) -> Proc {
         let stdout = dir.join(format!("{name}.out"));
         let stderr = dir.join(format!("{name}.err"));
@@ -63,6 +80,9 @@ impl Proc {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        if group {
+            std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        }
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
@@ -71,6 +91,7 @@ impl Proc {
             child,
             stdout,
             stderr,
+            group,
         }
     }
 
@@ -200,6 +221,11 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        if self.group {
+            let _killed = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", self.child.id())])
+                .status();
+        }
         let _killed = self.child.kill();
         let _reaped = self.child.wait();
         if std::thread::panicking() {
