@@ -25,7 +25,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use correu_runtime::cli::{EXIT_CONFIG, run_with};
+use correu_runtime::cli::{EXIT_CONFIG, run_command, run_with};
 use correu_runtime::config::Role;
 
 #[derive(Parser)]
@@ -35,6 +35,11 @@ struct Cli {
     /// variables override it.
     #[arg(short, long, global = true, env = "CORREU_CONFIG")]
     config: Option<PathBuf>,
+    /// Operator commands (queue, mailbox, account, alias) log warnings
+    /// and errors only; -v adds info, -vv debug, -vvv trace. Services log
+    /// as CORREU_LOG says.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
     #[command(subcommand)]
     command: Command,
 }
@@ -129,6 +134,7 @@ fn main() -> ExitCode {
     quiet_on_closed_pipe();
     let cli = Cli::parse();
     let path = cli.config.clone();
+    let verbose = cli.verbose;
     match cli.command {
         Command::Serve => with_config(path, "correu", Role::Serve, serve::serve),
         Command::Ingress => with_config(
@@ -189,9 +195,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Queue { action } => with_config(path, "correu", Role::Admin, move |cfg, _| {
-            queue::run(cfg, action)
-        }),
+        Command::Queue { action } => admin(path, verbose, move |cfg| queue::run(cfg, action)),
         Command::Dkim {
             action:
                 DkimAction::Keygen {
@@ -202,15 +206,11 @@ fn main() -> ExitCode {
                     force,
                 },
         } => dkim_keygen(&domain, &selector, &algorithm, &out, force),
-        Command::Mailbox { action } => with_config(path, "correu", Role::Admin, move |cfg, _| {
-            mailbox::run(cfg, action)
-        }),
-        Command::Account { action } => with_config(path, "correu", Role::Admin, move |cfg, _| {
-            account::account(cfg, action)
-        }),
-        Command::Alias { action } => with_config(path, "correu", Role::Admin, move |cfg, _| {
-            account::alias(cfg, action)
-        }),
+        Command::Mailbox { action } => admin(path, verbose, move |cfg| mailbox::run(cfg, action)),
+        Command::Account { action } => {
+            admin(path, verbose, move |cfg| account::account(cfg, action))
+        }
+        Command::Alias { action } => admin(path, verbose, move |cfg| account::alias(cfg, action)),
         Command::Probe { url } => probe(&url),
         Command::SmokeTest(args) => run_with(
             "correu-smoke-test",
@@ -296,6 +296,19 @@ where
 {
     match correu_runtime::cli::load(path.as_deref(), role) {
         Ok(cfg) => run_with(name, cfg, f),
+        Err(code) => code,
+    }
+}
+
+/// Runs an operator's command with the configuration from `path`: it
+/// logs warnings and errors only, unless `-v` (`verbose`) asks for more.
+fn admin<F, Fut>(path: Option<PathBuf>, verbose: u8, f: F) -> ExitCode
+where
+    F: FnOnce(correu_runtime::Config) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    match correu_runtime::cli::load(path.as_deref(), Role::Admin) {
+        Ok(cfg) => run_command("correu", cfg, verbose, move |cfg, _| f(cfg)),
         Err(code) => code,
     }
 }

@@ -73,6 +73,33 @@ where
     F: FnOnce(Config, CancellationToken) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
+    run_logging(name, cfg, None, service)
+}
+
+/// Runs an operator's command (`correu queue`, `account`, `alias`,
+/// `mailbox`): as [`run_with`], but it logs only warnings and errors
+/// unless `verbosity` (the count of `-v`) asks for more, and a failure is
+/// said once, on standard error, not also as a log line.
+pub fn run_command<F, Fut>(name: &'static str, cfg: Config, verbosity: u8, command: F) -> ExitCode
+where
+    F: FnOnce(Config, CancellationToken) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    run_logging(name, cfg, Some(verbosity), command)
+}
+
+/// `verbosity`: `None` for a service (logs as the environment says),
+/// `Some(-v count)` for an operator's command.
+fn run_logging<F, Fut>(
+    name: &'static str,
+    cfg: Config,
+    verbosity: Option<u8>,
+    service: F,
+) -> ExitCode
+where
+    F: FnOnce(Config, CancellationToken) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -84,13 +111,18 @@ where
         }
     };
     rt.block_on(async move {
-        let telemetry = crate::telemetry::init(name);
+        let telemetry = match verbosity {
+            None => crate::telemetry::init(name),
+            Some(v) => crate::telemetry::init_cli(name, v),
+        };
         let shutdown = crate::lifecycle::shutdown_on_signals();
         let code = match service(cfg, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 let why = describe(&e);
-                tracing::error!(error = %why, "{name} failed");
+                if verbosity.is_none() {
+                    tracing::error!(error = %why, "{name} failed");
+                }
                 eprintln!("{name}: {why}");
                 ExitCode::FAILURE
             }

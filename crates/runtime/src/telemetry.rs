@@ -2,7 +2,9 @@
 //!
 //! Logs: the level comes from `CORREU_LOG`, else `RUST_LOG`, else `info`;
 //! they go to standard error, human-readable on a terminal and as JSON
-//! lines elsewhere (or as `CORREU_LOG_FORMAT=json|text` says). A log line
+//! lines elsewhere (or as `CORREU_LOG_FORMAT=json|text` says). Operator
+//! commands log warnings and errors only, as text, unless `-v`
+//! ([`init_cli`]). A log line
 //! inside a message's span carries its queue id and trace id.
 //!
 //! Traces and metrics follow OpenTelemetry's standard environment:
@@ -156,6 +158,32 @@ pub fn init(service: &'static str) -> Telemetry {
         Ok("text") => false,
         _ => !std::io::stderr().is_terminal(),
     };
+    init_with(service, filter, json)
+}
+
+/// The level an operator's command logs at: `warn` and above by default,
+/// `info` with `-v`, `debug` with `-vv`, `trace` with `-vvv`.
+pub fn cli_level(verbosity: u8) -> &'static str {
+    match verbosity {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    }
+}
+
+/// As [`init`], for an operator's command (`correu queue`, `account`,
+/// `alias`, `mailbox`): the command prints what was asked for, and logs
+/// only warnings and errors unless `-v` asks for more ([`cli_level`]).
+/// `CORREU_LOG` and `RUST_LOG` are the services' and are not read here
+/// (a shell in a service's pod or unit inherits them). Logs are text on
+/// standard error unless `CORREU_LOG_FORMAT=json`.
+pub fn init_cli(service: &'static str, verbosity: u8) -> Telemetry {
+    let json = matches!(std::env::var("CORREU_LOG_FORMAT").as_deref(), Ok("json"));
+    init_with(service, EnvFilter::new(cli_level(verbosity)), json)
+}
+
+fn init_with(service: &'static str, filter: EnvFilter, json: bool) -> Telemetry {
     let resource = resource(service);
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
 
@@ -228,7 +256,11 @@ pub fn init(service: &'static str) -> Telemetry {
             .try_init()
     } else {
         registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(std::io::stderr().is_terminal())
+                    .with_writer(std::io::stderr),
+            )
             .try_init()
     };
     if result.is_ok() {

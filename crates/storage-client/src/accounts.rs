@@ -24,12 +24,12 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use argon2::password_hash::{PasswordHash, PasswordVerifier};
 use argon2::{Argon2, PasswordHasher};
-use correu_runtime::sync::{read, write};
+use correu_runtime::sync::{lock, read, write};
 
 /// An account of the accounts file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -299,7 +299,8 @@ const RECHECK: Duration = Duration::from_secs(1);
 /// A file parsed into `T`, reread when its modification time changes. A
 /// thread of its own looks once a second, so a caller of [`Watched::get`]
 /// (an async task answering RCPT) never waits on the disk. A file that
-/// cannot be read keeps the last good contents in force.
+/// cannot be read keeps the last good contents in force; a file that does
+/// not exist yet counts as empty until it appears.
 pub struct Watched<T> {
     inner: Arc<WatchedFile<T>>,
 }
@@ -308,24 +309,47 @@ struct WatchedFile<T> {
     path: PathBuf,
     what: &'static str,
     parse: fn(&str) -> (T, Vec<String>),
+    /// The modification time read (`None`: the file was never there) and
+    /// what it held.
     state: RwLock<(Option<SystemTime>, Arc<T>)>,
+    /// The last problem logged, so a file that stays missing or unreadable
+    /// is reported once, not every second.
+    problem: Mutex<Option<String>>,
 }
 
 impl<T: Send + Sync + 'static> Watched<T> {
-    /// Reads the file now; one that cannot be read stops the start. The
-    /// watcher thread ends with the last `Watched`.
+    /// Reads the file now. One that does not exist yet is an empty set,
+    /// with a warning naming it, and is read when it appears; one that
+    /// exists but cannot be read stops the start. The watcher thread ends
+    /// with the last `Watched`.
     pub fn open(
         path: &Path,
         what: &'static str,
         parse: fn(&str) -> (T, Vec<String>),
     ) -> std::io::Result<Watched<T>> {
-        let mtime = std::fs::metadata(path)?.modified().ok();
-        let value = WatchedFile::load(path, what, parse)?;
+        let (mtime, value, problem) = match std::fs::metadata(path) {
+            Ok(m) => (
+                m.modified().ok(),
+                WatchedFile::load(path, what, parse)?,
+                None,
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                tracing::warn!(
+                    file = %path.display(),
+                    "{what}: {} does not exist yet; starting with none, and reading it when it appears",
+                    path.display()
+                );
+                // What an empty file holds.
+                (None, parse("").0, Some(missing(&e)))
+            }
+            Err(e) => return Err(e),
+        };
         let inner = Arc::new(WatchedFile {
             path: path.into(),
             what,
             parse,
             state: RwLock::new((mtime, Arc::new(value))),
+            problem: Mutex::new(problem),
         });
         let weak = Arc::downgrade(&inner);
         std::thread::Builder::new()
@@ -341,7 +365,9 @@ impl<T: Send + Sync + 'static> Watched<T> {
             })?;
         Ok(Watched { inner })
     }
+}
 
+impl<T> Watched<T> {
     pub fn path(&self) -> &Path {
         &self.inner.path
     }
@@ -351,11 +377,16 @@ impl<T: Send + Sync + 'static> Watched<T> {
         read(&self.inner.state).1.clone()
     }
 
-    /// Rereads the file now if its modification time moved (the watcher
-    /// does this every second). Blocking.
+    /// Rereads the file now if its modification time moved, or it
+    /// appeared (the watcher does this every second). Blocking.
     pub fn reload_if_changed(&self) {
         self.inner.reload_if_changed()
     }
+}
+
+/// How a missing file's problem is remembered (one message per kind).
+fn missing(e: &std::io::Error) -> String {
+    format!("missing: {e}")
 }
 
 impl<T> WatchedFile<T> {
@@ -373,24 +404,38 @@ impl<T> WatchedFile<T> {
         Ok(value)
     }
 
+    /// Logs a problem with the file once, until it changes or is solved.
+    fn complain(&self, key: String, e: &std::io::Error) {
+        let mut last = lock(&self.problem);
+        if last.as_deref() != Some(key.as_str()) {
+            tracing::error!(file = %self.path.display(), error = %e, "{}: cannot read; keeping the last contents", self.what);
+            *last = Some(key);
+        }
+    }
+
     fn reload_if_changed(&self) {
         let mtime = match std::fs::metadata(&self.path) {
             Ok(m) => m.modified().ok(),
             Err(e) => {
-                tracing::error!(file = %self.path.display(), error = %e, "{}: cannot read; keeping the last contents", self.what);
+                let key = match e.kind() {
+                    std::io::ErrorKind::NotFound => missing(&e),
+                    _ => e.to_string(),
+                };
+                self.complain(key, &e);
                 return;
             }
         };
         if read(&self.state).0 == mtime {
+            // As last read (it may have been away and come back).
+            *lock(&self.problem) = None;
             return;
         }
         match Self::load(&self.path, self.what, self.parse) {
             Ok(value) => {
                 *write(&self.state) = (mtime, Arc::new(value));
+                *lock(&self.problem) = None;
             }
-            Err(e) => {
-                tracing::error!(file = %self.path.display(), error = %e, "{}: cannot read; keeping the last contents", self.what);
-            }
+            Err(e) => self.complain(e.to_string(), &e),
         }
     }
 }
@@ -525,6 +570,28 @@ mod tests {
         std::fs::remove_file(w.path()).unwrap();
         w.reload_if_changed();
         assert!(w.get().contains_key("ana@example.org"));
+    }
+
+    /// A file that does not exist yet is an empty set, then read when it
+    /// appears.
+    #[test]
+    fn a_missing_file_is_empty_until_it_appears() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("accounts");
+        let w = Watched::open(&path, "accounts", parse_accounts).unwrap();
+        assert!(w.get().is_empty());
+        w.reload_if_changed();
+        assert!(w.get().is_empty());
+        std::fs::write(&path, "pere@example.org:\n").unwrap();
+        w.reload_if_changed();
+        assert!(w.get().contains_key("pere@example.org"));
+        // Aliases too.
+        let path = dir.path().join("aliases");
+        let a = Watched::open(&path, "aliases", parse_aliases).unwrap();
+        assert!(a.get().aliases.is_empty());
+        std::fs::write(&path, "team@example.org: pere@example.org\n").unwrap();
+        a.reload_if_changed();
+        assert!(a.get().aliases.contains_key("team@example.org"));
     }
 
     fn watched<T: Send + Sync + 'static>(
