@@ -13,16 +13,20 @@ use correu_runtime::config::QueueBackend;
 pub enum Action {
     /// Messages per queue (the default).
     Status,
-    /// The deferred messages, soonest first.
+    /// The deferred messages, soonest first; with --parked, the parked
+    /// ones and why.
     List {
         #[arg(long, default_value_t = 100)]
         limit: usize,
+        /// List the parked messages (with their reasons) instead.
+        #[arg(long)]
+        parked: bool,
     },
     /// Try deferred messages now: one by its queue id, or all.
     Retry { id: Option<String> },
     /// Delete a deferred or parked message.
     Delete { id: String },
-    /// Give parked messages back to delivery: one, or all.
+    /// Give parked messages back to delivery: one by its id, or all.
     Requeue { id: Option<String> },
 }
 
@@ -53,7 +57,34 @@ pub async fn run(cfg: Config, action: Option<Action>) -> anyhow::Result<()> {
                 println!("  {:<28} {:>8}", c.name, c.messages);
             }
         }
-        Action::List { limit } => {
+        Action::List {
+            limit,
+            parked: true,
+        } => {
+            let list = queue.parked(limit).await?;
+            if list.is_empty() {
+                println!("no parked messages ({place})");
+            }
+            for p in &list {
+                let id = if p.queue_id.is_empty() {
+                    "(no id)"
+                } else {
+                    p.queue_id.as_str()
+                };
+                let when = p.parked_at_unix_ms.map_or(String::new(), |ms| {
+                    format!("  parked {}", correu_smtp::headers::rfc5322_date(ms / 1000))
+                });
+                println!("{id}  {} bytes{when}", p.bytes);
+                println!("    reason: {}", p.reason);
+            }
+            if list.len() == limit {
+                println!("(the first {limit}; more with --limit)");
+            }
+        }
+        Action::List {
+            limit,
+            parked: false,
+        } => {
             let index = DeferredIndex::new(&cfg.redis)?;
             if backend == QueueBackend::Rabbitmq && index.is_none() {
                 println!(
@@ -85,7 +116,9 @@ pub async fn run(cfg: Config, action: Option<Action>) -> anyhow::Result<()> {
             println!("{n} message(s) handed back to delivery");
         }
         Action::Delete { id } => {
-            let n = queue.delete(&id).await?;
+            // The deferred index too, so `queue list` no longer shows it.
+            let index = DeferredIndex::new(&cfg.redis)?;
+            let n = queue.delete(&id, index.as_ref()).await?;
             if n == 0 {
                 anyhow::bail!("{id}: not found among deferred or parked messages");
             }

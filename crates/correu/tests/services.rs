@@ -162,35 +162,6 @@ fn local_and_remote_recipients_through_three_processes_and_rabbitmq() {
     drop(c.ingress);
 }
 
-/// A Redis prefix of the test's own, and its keys removed when dropped.
-struct RedisPrefix(String);
-
-impl RedisPrefix {
-    fn new(name: &str) -> RedisPrefix {
-        RedisPrefix(format!("correu-test-{name}-{}", std::process::id()))
-    }
-
-    /// `[redis]` for the services' config.
-    fn section(&self) -> String {
-        format!(
-            "[redis]\nurl = \"redis://127.0.0.1:6379\"\nprefix = \"{}\"\n",
-            self.0
-        )
-    }
-}
-
-impl Drop for RedisPrefix {
-    fn drop(&mut self) {
-        let (_, keys, _) = run(
-            "redis-cli",
-            &["--scan", "--pattern", &format!("{}:*", self.0)],
-        );
-        for k in keys.split_whitespace() {
-            run("redis-cli", &["del", k]);
-        }
-    }
-}
-
 /// The broker unreachable, then silent (it takes the bytes and never
 /// confirms). Every 451 is the truth: what was refused is never
 /// delivered, even though the silent broker gets the message in the end.

@@ -1,6 +1,6 @@
 //! What `correu queue` shows and does, for both backends: counts per
-//! queue, the deferred messages, and the operator's actions (retry now,
-//! delete, requeue what was parked).
+//! queue, the deferred and the parked messages, and the operator's actions
+//! (retry now, delete, requeue what was parked).
 //!
 //! The spool's files are the truth and are read directly. RabbitMQ's retry
 //! queues cannot be browsed without taking messages out, so the deferred
@@ -44,6 +44,18 @@ impl Deferred {
             recipients: msg.recipients.iter().map(|r| r.address.clone()).collect(),
         }
     }
+}
+
+/// A message kept aside for an operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parked {
+    /// Empty when the message carries no id anywhere (a broken producer
+    /// that set no `message_id`, and a body that does not decode).
+    pub queue_id: String,
+    pub reason: String,
+    pub bytes: u64,
+    /// Unix time in milliseconds when it was parked, when known.
+    pub parked_at_unix_ms: Option<i64>,
 }
 
 /// Which messages an action applies to.
@@ -133,8 +145,40 @@ impl Queue {
         }
     }
 
-    /// Deletes a deferred or parked message; returns how many were found.
-    pub async fn delete(&self, id: &str) -> Result<usize, QueueError> {
+    /// Up to `limit` parked messages, with their reasons (spool: from
+    /// `parked/`; RabbitMQ: looked at in the parked queue and given back).
+    pub async fn parked(&self, limit: usize) -> Result<Vec<Parked>, QueueError> {
+        let mut list = match self {
+            Queue::Spool(s) => {
+                let spool = s.clone();
+                tokio::task::spawn_blocking(move || spool.parked())
+                    .await
+                    .map_err(|e| QueueError::Io(std::io::Error::other(e)))??
+            }
+            Queue::Amqp(q) => q.parked(limit).await?,
+        };
+        list.sort_by_key(|p| p.parked_at_unix_ms);
+        list.truncate(limit);
+        Ok(list)
+    }
+
+    /// Deletes a deferred or parked message, with its entry in the
+    /// deferred index when one is given; returns how many copies were
+    /// found in the queue. The index entry goes whatever that number:
+    /// without the message it would only list a message that is gone.
+    pub async fn delete(
+        &self,
+        id: &str,
+        index: Option<&crate::index::DeferredIndex>,
+    ) -> Result<usize, QueueError> {
+        let n = self.delete_queued(id).await?;
+        if let Some(index) = index {
+            index.remove(id).await?;
+        }
+        Ok(n)
+    }
+
+    async fn delete_queued(&self, id: &str) -> Result<usize, QueueError> {
         match self {
             Queue::Spool(s) => Ok(s.delete(id)?),
             Queue::Amqp(q) => {

@@ -26,8 +26,9 @@ use correu_runtime::backoff::Backoff;
 use correu_runtime::config::QueueConfig;
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
+    BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{
@@ -41,6 +42,12 @@ use tokio_util::sync::CancellationToken;
 use crate::{Delivery, Handle, PublishError, QueueError};
 
 const ROUTING_KEY: &str = "delivery";
+
+/// Headers of a parked message: why, and when (Unix milliseconds).
+const PARK_REASON: &str = "x-correu-park-reason";
+const PARKED_AT: &str = "x-correu-parked-at";
+/// The queue id in the headers of what Correu publishes.
+const QUEUE_ID: &str = "x-correu-queue-id";
 
 /// The names of everything Correu declares, from the prefix.
 #[derive(Debug, Clone)]
@@ -434,6 +441,19 @@ impl AmqpQueue {
             .await
     }
 
+    /// The same with an AMQP `message_id`, as another producer would set it.
+    pub async fn publish_raw_with_id(
+        &self,
+        payload: &[u8],
+        message_id: &str,
+    ) -> Result<(), PublishError> {
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_message_id(message_id.into());
+        self.publish(&self.topology.work_exchange, ROUTING_KEY, payload, props)
+            .await
+    }
+
     /// Messages per queue, from passive declares.
     pub async fn counts(&self) -> Result<Vec<crate::admin::QueueCount>, QueueError> {
         let conn = {
@@ -502,20 +522,13 @@ impl AmqpQueue {
                     }
                 };
                 seen += 1;
-                let header_id = d
-                    .properties
-                    .headers()
-                    .as_ref()
-                    .and_then(|h| h.inner().get("x-correu-queue-id").cloned())
-                    .and_then(|v| match v {
-                        AMQPValue::LongString(s) => Some(s.to_string()),
-                        _ => None,
-                    });
+                let header_id = property_id(&d.properties);
                 if !which.matches_raw(&d.data, header_id.as_deref()) {
                     continue;
                 }
                 if republish {
-                    let props = d.properties.clone();
+                    // As it came, less what parking added.
+                    let props = republished(&d.properties, &[PARK_REASON, PARKED_AT], Vec::new());
                     self.publish(&self.topology.work_exchange, ROUTING_KEY, &d.data, props)
                         .await?;
                 }
@@ -526,6 +539,52 @@ impl AmqpQueue {
         // Unacked messages go back to the queue.
         ch.close(200, "swept".into()).await?;
         Ok(moved)
+    }
+
+    /// Up to `limit` parked messages, oldest first, looked at without
+    /// taking them: each is fetched unacknowledged and given back
+    /// (`basic.nack` with requeue) once all are seen, and if this process
+    /// dies meanwhile the broker returns them when the connection closes.
+    pub async fn parked(&self, limit: usize) -> Result<Vec<crate::admin::Parked>, QueueError> {
+        let conn = {
+            let mut link = self.link.lock().await;
+            self.connection(&mut link).await?
+        };
+        let ch = conn.create_channel().await?;
+        let queue = self.topology.parked_queue.as_str();
+        let total = ready(&ch, queue).await? as usize;
+        let mut held = Vec::new();
+        let mut out = Vec::new();
+        let looked = async {
+            while out.len() < total.min(limit) {
+                let got = timeout(
+                    crate::admin::SWEEP_IDLE,
+                    ch.basic_get(queue.into(), BasicGetOptions { no_ack: false }),
+                )
+                .await;
+                let Ok(got) = got else { break };
+                let Some(m) = got? else { break };
+                let d = m.delivery;
+                out.push(parked_entry(&d.properties, &d.data));
+                held.push(d.acker);
+            }
+            Ok::<_, QueueError>(())
+        }
+        .await;
+        let requeue = BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        };
+        for acker in held {
+            // What is not given back here returns when the channel closes.
+            if let Err(e) = acker.nack(requeue).await {
+                tracing::warn!(error = %e, "cannot give a parked message back; it returns when the channel closes");
+                break;
+            }
+        }
+        ch.close(200, "listed".into()).await?;
+        looked?;
+        Ok(out)
     }
 
     /// Opens a consuming channel on the delivery queue.
@@ -608,7 +667,7 @@ impl Drop for Overdue<'_> {
 fn properties(msg: &QueuedMessage) -> BasicProperties {
     let mut h = FieldTable::default();
     h.insert(
-        "x-correu-queue-id".into(),
+        QUEUE_ID.into(),
         AMQPValue::LongString(msg.queue_id.as_str().into()),
     );
     h.insert(
@@ -630,6 +689,117 @@ fn properties(msg: &QueuedMessage) -> BasicProperties {
         .with_content_type("application/x-protobuf".into())
         .with_message_id(msg.queue_id.as_str().into())
         .with_headers(h)
+}
+
+/// The queue id a message carries in its properties: Correu's header,
+/// else the AMQP `message_id` (what another producer sets).
+fn property_id(p: &BasicProperties) -> Option<String> {
+    let header = p
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(QUEUE_ID).cloned())
+        .and_then(|v| match v {
+            AMQPValue::LongString(s) => Some(s.to_string()),
+            AMQPValue::ShortString(s) => Some(s.to_string()),
+            _ => None,
+        });
+    header
+        .or_else(|| p.message_id().as_ref().map(|m| m.to_string()))
+        .filter(|id| !id.is_empty())
+}
+
+/// A header's text, when it has some.
+fn header_text(p: &BasicProperties, name: &str) -> Option<String> {
+    match p.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(s.to_string()),
+        AMQPValue::ShortString(s) => Some(s.to_string()),
+        _ => None,
+    }
+}
+
+/// What `queue list --parked` shows of a parked message.
+fn parked_entry(p: &BasicProperties, data: &[u8]) -> crate::admin::Parked {
+    let queue_id = property_id(p)
+        .or_else(|| {
+            QueuedMessage::decode(data)
+                .ok()
+                .map(|m| m.queue_id)
+                .filter(|id| !id.is_empty())
+        })
+        .unwrap_or_default();
+    let parked_at_unix_ms = p
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(PARKED_AT).cloned())
+        .and_then(|v| match v {
+            AMQPValue::LongLongInt(ms) => Some(ms),
+            _ => None,
+        });
+    crate::admin::Parked {
+        queue_id,
+        reason: header_text(p, PARK_REASON).unwrap_or_default(),
+        bytes: data.len() as u64,
+        parked_at_unix_ms,
+    }
+}
+
+/// `p` for publishing a message again (parked, or moved by an operator):
+/// every property kept, persistent, except `expiration` (it must not
+/// expire where it goes) and `user_id` (the broker refuses one that is not
+/// the publishing connection's user); headers named in `strip` left out,
+/// those in `add` set.
+fn republished(
+    p: &BasicProperties,
+    strip: &[&str],
+    add: Vec<(&str, AMQPValue)>,
+) -> BasicProperties {
+    let mut out = BasicProperties::default().with_delivery_mode(2);
+    if let Some(v) = p.content_type() {
+        out = out.with_content_type(v.clone());
+    }
+    if let Some(v) = p.content_encoding() {
+        out = out.with_content_encoding(v.clone());
+    }
+    if let Some(v) = p.priority() {
+        out = out.with_priority(*v);
+    }
+    if let Some(v) = p.correlation_id() {
+        out = out.with_correlation_id(v.clone());
+    }
+    if let Some(v) = p.reply_to() {
+        out = out.with_reply_to(v.clone());
+    }
+    if let Some(v) = p.message_id() {
+        out = out.with_message_id(v.clone());
+    }
+    if let Some(v) = p.timestamp() {
+        out = out.with_timestamp(*v);
+    }
+    if let Some(v) = p.kind() {
+        out = out.with_type(v.clone());
+    }
+    if let Some(v) = p.app_id() {
+        out = out.with_app_id(v.clone());
+    }
+    if let Some(v) = p.cluster_id() {
+        out = out.with_cluster_id(v.clone());
+    }
+    let mut h = FieldTable::default();
+    if let Some(old) = p.headers() {
+        for (k, v) in old.inner() {
+            if !strip.contains(&k.as_str()) {
+                h.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    for (k, v) in add {
+        h.insert(k.into(), v);
+    }
+    if h.inner().is_empty() {
+        out
+    } else {
+        out.with_headers(h)
+    }
 }
 
 /// Consumes the delivery queue, reconnecting with backoff.
@@ -686,6 +856,7 @@ impl AmqpConsumer {
                             handle: Handle::Amqp(AmqpHandle {
                                 queue: self.queue.clone(),
                                 acker: d.acker,
+                                properties: Box::new(d.properties),
                             }),
                         });
                     }
@@ -757,6 +928,9 @@ impl AmqpConsumer {
 pub(crate) struct AmqpHandle {
     queue: Arc<AmqpQueue>,
     acker: lapin::Acker,
+    /// As published: a parked message keeps them (boxed: they are large
+    /// and rarely read).
+    properties: Box<BasicProperties>,
 }
 
 impl AmqpHandle {
@@ -801,15 +975,21 @@ impl AmqpHandle {
         Ok(())
     }
 
+    /// Moves the message to the parked queue as it came (its properties,
+    /// message id and headers kept, so an operator can find it by id even
+    /// when its body does not decode), with the reason and the time.
     pub(crate) async fn park(self, raw: &[u8], reason: &str) -> Result<(), QueueError> {
-        let mut h = FieldTable::default();
-        h.insert(
-            "x-correu-park-reason".into(),
-            AMQPValue::LongString(reason.into()),
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let props = republished(
+            &self.properties,
+            &[],
+            vec![
+                (PARK_REASON, AMQPValue::LongString(reason.into())),
+                (PARKED_AT, AMQPValue::LongLongInt(now_ms)),
+            ],
         );
-        let props = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_headers(h);
         let parked = self.queue.topology.parked_queue.clone();
         match self.queue.publish("", &parked, raw, props).await {
             Ok(()) => self.ack().await,

@@ -397,6 +397,36 @@ impl Spool {
         Ok(n)
     }
 
+    /// The parked messages with their reasons; when each was parked is
+    /// the time of its `.reason` file.
+    pub fn parked(&self) -> std::io::Result<Vec<crate::admin::Parked>> {
+        let dir = self.root.join("parked");
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&dir)? {
+            let e = e?;
+            let id = e.file_name().to_string_lossy().into_owned();
+            if !is_queue_id(&id) {
+                continue;
+            }
+            // Requeued or deleted meanwhile: skip.
+            let Ok(meta) = e.metadata() else { continue };
+            let reason_file = dir.join(format!("{id}.reason"));
+            let reason = std::fs::read_to_string(&reason_file).unwrap_or_default();
+            let parked_at_unix_ms = std::fs::metadata(&reason_file)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map(|d| d.as_millis() as i64);
+            out.push(crate::admin::Parked {
+                queue_id: id,
+                reason: reason.trim_end().to_string(),
+                bytes: meta.len(),
+                parked_at_unix_ms,
+            });
+        }
+        Ok(out)
+    }
+
     /// Gives parked messages back to delivery.
     pub fn requeue_parked(&self, which: crate::admin::Which<'_>) -> std::io::Result<usize> {
         let mut n = 0;

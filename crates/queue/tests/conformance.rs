@@ -73,6 +73,7 @@ fn message(n: usize) -> QueuedMessage {
                 address: format!("b{n}@remote.test"),
                 notify: "FAILURE,DELAY".into(),
                 orcpt: "rfc822;b{n}@remote.test".into(),
+                ..Recipient::default()
             },
         ],
         received_at_unix_micros: 1_700_000_000_000_000 + n as i64,
@@ -299,7 +300,7 @@ async fn admin_actions(b: Backend) {
         .sum();
     assert_eq!(deferred, 2, "{counts:?}");
 
-    let deleted = b.queue.delete(&d.queue_id).await.unwrap();
+    let deleted = b.queue.delete(&d.queue_id, None).await.unwrap();
     assert_eq!(
         deleted,
         1,

@@ -33,6 +33,7 @@ pub mod pki;
 pub mod ports;
 pub mod process;
 pub mod rabbitmq;
+pub mod redis;
 pub mod smtp;
 
 pub use faults::*;
@@ -43,4 +44,5 @@ pub use pki::*;
 pub use ports::*;
 pub use process::*;
 pub use rabbitmq::*;
+pub use redis::*;
 pub use smtp::*;
