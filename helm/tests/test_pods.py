@@ -31,6 +31,7 @@ Then what the chart promises under failure:
     .venv/bin/python helm/tests/test_pods.py       (CHART_TEST_CORREU: the binary)
 """
 
+import base64
 import imaplib
 import json
 import os
@@ -167,6 +168,8 @@ class Material:
                 data[k] = self.read(k)
             elif k.endswith(".pem"):
                 data[k] = self.read(k)
+            elif k == "secret":
+                data[k] = base64.b64encode(os.urandom(32))
             elif k in ("url", "host"):
                 data[k] = urls["redis" if "redis" in name else "rabbitmq"]
             else:
@@ -645,6 +648,7 @@ def main():
             production["tls"]["existingSecret"]: ["tls.crt", "tls.key"],
             production["accounts"]["existingSecret"]: ["accounts", "aliases"],
             production["dkim"]["existingSecret"]: ["example.org.pem", "example.net.pem"],
+            production["srs"]["existingSecret"]: ["secret"],
         }
         sets = [
             ("defaults", {"rabbitmq": {"url": "amqp://placeholder"}}, {}),

@@ -124,7 +124,8 @@ CONFIG = obj({
     }),
     "storage": obj({
         "listen": ADDR, "endpoint": s(pattern="^https?://"), "root": s(), "mailboxes": many(s()),
-        "accounts_file": s(), "aliases_file": s(), "default_quota": SIZE, "request_timeout": DUR,
+        "accounts_file": s(), "aliases_file": s(), "srs_secret_file": s(), "default_quota": SIZE,
+        "request_timeout": DUR,
     }),
     "delivery": obj({
         "concurrency": i(1), "mx_port": i(1, 65535),
@@ -190,6 +191,7 @@ SCHEMA = {
         "dkim": obj({"existingSecret": s(), "domains": {"type": "object", "additionalProperties": obj({
             "selector": s(minLength=1), "key": s(minLength=1),
             "algorithm": {"enum": ["rsa-sha256", "ed25519-sha256"]}}, required=["selector", "key"])}}),
+        "srs": obj({"existingSecret": s(description="a Secret with key `secret`: signs SRS senders")}),
         "serviceAccount": obj({
             "create": B, "name": s(),
             "annotations": dict(STRMAP, description="IRSA (eks.amazonaws.com/role-arn), Workload Identity"),

@@ -1,9 +1,11 @@
 //! `correu account` and `correu alias`: edit `storage.accounts_file` and
 //! `storage.aliases_file` safely. The new text is written to a file beside
 //! the old one, synced, and renamed over it, so a storage replica reading
-//! the file sees the old or the new one, never half. Lines this command
-//! does not touch (comments, other accounts, Dovecot's extra fields) are
-//! kept as they were.
+//! the file sees the old or the new one, never half; the new file keeps
+//! the old one's owner, group, mode and POSIX ACL, so a Dovecot reading it
+//! as group `dovecot` still can. Lines this command does not touch
+//! (comments, other accounts, Dovecot's extra fields) are kept as they
+//! were.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -63,9 +65,98 @@ fn read(path: &Path) -> anyhow::Result<String> {
     }
 }
 
+/// The extended attribute holding a file's POSIX ACL (`setfacl -m`).
+const ACL_XATTR: &str = "system.posix_acl_access";
+
+/// The ACL of the file at `path`, if it has one (`None` also where the
+/// filesystem has no ACLs).
+fn read_acl(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
+    use rustix::io::Errno;
+    loop {
+        let len = match rustix::fs::getxattr_query(path, ACL_XATTR) {
+            Ok(n) => n,
+            Err(Errno::NODATA | Errno::NOTSUP) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let mut value = vec![0u8; len];
+        match rustix::fs::getxattr(path, ACL_XATTR, &mut value[..]) {
+            Ok(n) => {
+                value.truncate(n);
+                return Ok(Some(value));
+            }
+            // Changed between the two calls: ask again.
+            Err(Errno::RANGE) => continue,
+            Err(Errno::NODATA | Errno::NOTSUP) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Gives the new file `f` what the old one had: owner, group, mode and
+/// ACL. Dovecot's auth reads the accounts file as group `dovecot` (mode
+/// `0640`), so a file that came back as root's alone would lock every
+/// IMAP login out.
+fn keep_access(
+    f: &std::fs::File,
+    path: &Path,
+    old: &std::fs::Metadata,
+    acl: Option<&[u8]>,
+) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let new = f.metadata()?;
+    if (new.uid(), new.gid()) != (old.uid(), old.gid()) {
+        std::os::unix::fs::fchown(f, Some(old.uid()), Some(old.gid())).with_context(|| {
+            format!(
+                "cannot give the new {} the owner and group of the old one ({}:{}); \
+                 run this as root or as the file's owner",
+                path.display(),
+                old.uid(),
+                old.gid()
+            )
+        })?;
+    }
+    // After the owner: chown may clear set-id bits.
+    f.set_permissions(old.permissions())?;
+    match acl {
+        Some(value) => rustix::fs::fsetxattr(f, ACL_XATTR, value, rustix::fs::XattrFlags::empty())
+            .map_err(std::io::Error::from)
+            .with_context(|| format!("cannot copy the ACL of {}", path.display()))?,
+        // No ACL on the old file: none on the new one either, not even
+        // one inherited from the directory's default ACL.
+        None => match rustix::fs::fremovexattr(f, ACL_XATTR) {
+            Ok(()) | Err(rustix::io::Errno::NODATA | rustix::io::Errno::NOTSUP) => {}
+            Err(e) => return Err(std::io::Error::from(e).into()),
+        },
+    }
+    Ok(())
+}
+
+/// Makes the new file's modification time fall in a later second than
+/// the old one's. Dovecot's passwd-file rereads the file when its mtime,
+/// in whole seconds, or its size changed: a `passwd` (same size) in the
+/// same second as the edit before it would otherwise go unnoticed, and
+/// the old password would stay in force. Waits under a second, and only
+/// for edits that close together.
+fn later_second(f: &std::fs::File, old: &std::fs::Metadata) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+    if f.metadata()?.mtime() != old.mtime() {
+        return Ok(());
+    }
+    // The same second: wait for the next one and stamp the file with it.
+    let into = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    std::thread::sleep(Duration::from_nanos(u64::from(1_000_000_000 - into)));
+    f.set_modified(SystemTime::now())
+}
+
 /// Replaces `path` with `text`: write beside it, sync, rename, sync the
-/// directory. The file's permissions are kept (a passwd file is private).
+/// directory. The file keeps its owner, group, mode and POSIX ACL (a
+/// passwd file is private, and Dovecot may read it as its group); a new
+/// file is `0600`.
 fn replace(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -73,23 +164,44 @@ fn replace(path: &Path, text: &str) -> anyhow::Result<()> {
     let name = path
         .file_name()
         .ok_or_else(|| anyhow!("{} is not a file name", path.display()))?;
+    let old = match std::fs::metadata(path) {
+        Ok(m) => Some(m),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(anyhow!("cannot read {}: {e}", path.display())),
+    };
+    let acl = match old {
+        Some(_) => {
+            read_acl(path).with_context(|| format!("cannot read the ACL of {}", path.display()))?
+        }
+        None => None,
+    };
     let tmp = dir.join(format!(
         ".{}.{}.tmp",
         name.to_string_lossy(),
         std::process::id()
     ));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        if let Ok(meta) = std::fs::metadata(path) {
-            f.set_permissions(meta.permissions())?;
-        } else {
-            use std::os::unix::fs::PermissionsExt;
-            f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    let result = (|| -> anyhow::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        match &old {
+            Some(meta) => keep_access(&f, path, meta, acl.as_deref())?,
+            None => {
+                use std::os::unix::fs::PermissionsExt;
+                f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+            }
         }
         f.write_all(text.as_bytes())?;
+        if let Some(meta) = &old {
+            later_second(&f, meta)?;
+        }
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
+        std::fs::File::open(dir)?.sync_all()?;
+        Ok(())
     })();
     if result.is_err() {
         let _cleanup = std::fs::remove_file(&tmp);
@@ -240,6 +352,52 @@ pub async fn account(cfg: Config, action: AccountAction) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Refuses a target that mail could not reach: an address of a local
+/// domain with no mailbox, alias or catch-all. Targets in other domains
+/// are forwarded; returns how many there are.
+fn servable_targets(
+    cfg: &Config,
+    aliases_text: &str,
+    alias: &str,
+    targets: &[String],
+) -> anyhow::Result<usize> {
+    let local = |a: &str| {
+        a.rsplit_once('@')
+            .is_some_and(|(_, d)| cfg.domains.iter().any(|x| x.eq_ignore_ascii_case(d)))
+    };
+    let accounts = match &cfg.storage.accounts_file {
+        Some(p) => Some(parse_accounts(&read(p)?).0),
+        None => None,
+    };
+    let open = accounts.is_none() && cfg.storage.mailboxes.is_empty();
+    let aliases = parse_aliases(aliases_text).0;
+    let mut forwards = 0;
+    for t in targets {
+        let t = t.trim().to_lowercase();
+        if !local(&t) {
+            forwards += 1;
+            continue;
+        }
+        let domain = t.rsplit_once('@').map_or("", |(_, d)| d);
+        let has_box = open
+            || cfg
+                .storage
+                .mailboxes
+                .iter()
+                .any(|m| m.eq_ignore_ascii_case(&t))
+            || accounts.as_ref().is_some_and(|a| a.contains_key(&t));
+        let leads_on = t != alias
+            && (aliases.aliases.contains_key(&t) || aliases.catch_all.contains_key(domain));
+        if !has_box && !leads_on {
+            bail!(
+                "{t} has no mailbox, alias or catch-all here, so mail to it would go nowhere; \
+                 add the account first (correu account add {t})"
+            );
+        }
+    }
+    Ok(forwards)
+}
+
 pub async fn alias(cfg: Config, action: AliasAction) -> anyhow::Result<()> {
     let path = file(&cfg, "aliases")?;
     let text = read(&path)?;
@@ -254,6 +412,13 @@ pub async fn alias(cfg: Config, action: AliasAction) -> anyhow::Result<()> {
             let line = format!("{alias}: {}", targets.join(", ").to_lowercase());
             if let Some(e) = parse_aliases(&line).1.first() {
                 bail!("{}", e.trim_start_matches("line 1: "));
+            }
+            let forwards = servable_targets(&cfg, &text, &alias, &targets)?;
+            if forwards > 0 && cfg.storage.srs_secret_file.is_none() {
+                eprintln!(
+                    "note: mail to {alias} is forwarded to other domains with its sender as it is; \
+                     set storage.srs_secret_file so SPF passes at the next hop (SRS)"
+                );
             }
             let (new, found) = edit(&text, &alias, Some(&line));
             let new = if found { new } else { append(&text, &line) };
@@ -323,5 +488,62 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&p).unwrap(), "two\n");
         // Only the file itself: the temporary name is gone.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    /// A POSIX ACL in its extended-attribute form: version 2, then (tag,
+    /// permissions, id) entries in tag order.
+    fn acl(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+        let mut v = 2u32.to_le_bytes().to_vec();
+        for (tag, perm, id) in entries {
+            v.extend(tag.to_le_bytes());
+            v.extend(perm.to_le_bytes());
+            v.extend(id.to_le_bytes());
+        }
+        v
+    }
+
+    #[test]
+    fn replace_keeps_owner_group_mode_and_acl() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("accounts");
+        replace(&p, "one\n").unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o7777, 0o600);
+        // As root (CI), the file is someone else's; otherwise ours.
+        if std::fs::metadata(&p).unwrap().uid() == 0 {
+            std::os::unix::fs::chown(&p, Some(65534), Some(65534)).unwrap();
+        }
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
+        // user::rw- user:65533:r-- group::r-- mask::r-- other::---
+        const UNDEFINED: u32 = u32::MAX;
+        let access = acl(&[
+            (0x01, 6, UNDEFINED),
+            (0x02, 4, 65533),
+            (0x04, 4, UNDEFINED),
+            (0x10, 4, UNDEFINED),
+            (0x20, 0, UNDEFINED),
+        ]);
+        let with_acl =
+            match rustix::fs::setxattr(&p, ACL_XATTR, &access, rustix::fs::XattrFlags::empty()) {
+                Ok(()) => true,
+                // A filesystem without ACLs: owner, group and mode still count.
+                Err(rustix::io::Errno::NOTSUP) => false,
+                Err(e) => panic!("setxattr: {e}"),
+            };
+        let before = std::fs::metadata(&p).unwrap();
+        replace(&p, "two\n").unwrap();
+        let after = std::fs::metadata(&p).unwrap();
+        assert_ne!(before.ino(), after.ino(), "a new file took its place");
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "two\n");
+        assert_eq!(
+            (after.uid(), after.gid(), after.mode() & 0o7777),
+            (before.uid(), before.gid(), before.mode() & 0o7777)
+        );
+        assert_eq!(after.mode() & 0o7777, 0o640);
+        if with_acl {
+            assert_eq!(read_acl(&p).unwrap(), Some(access));
+        } else {
+            assert_eq!(read_acl(&p).unwrap(), None);
+        }
     }
 }

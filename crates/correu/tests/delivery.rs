@@ -598,3 +598,211 @@ fn mta_sts_enforce_sends_only_to_named_mx_hosts_over_verified_tls() {
         );
     }
 }
+
+/// An alias that forwards to another domain (Postfix's
+/// `virtual_alias_maps`): the local target gets the message with its
+/// sender, the remote one through its real MX with an SRS sender at the
+/// alias's domain; a bounce the remote MX sends to that SRS address comes
+/// back through Correu to the original sender; a forged SRS address and a
+/// local target without a mailbox are refused.
+#[test]
+fn an_alias_forwards_to_another_domain_with_srs_and_bounces_find_the_sender() {
+    let dir = tempfile::tempdir().unwrap();
+    let correu_port = free_port();
+    // Postfix is the MX of remote.test and of signed.test (where the
+    // original sender lives); it takes mail for gone@remote.test and
+    // bounces it after one failed attempt (its next hop is a closed port,
+    // and nothing waits in its queue), and sends mail for fwd.test to
+    // Correu.
+    let postfix = Postfix::start(
+        &dir.path().join("postfix"),
+        &format!(
+            "virtual_mailbox_domains = remote.test, signed.test\nvirtual_mailbox_base = {{VMAIL}}\n\
+             virtual_mailbox_maps = inline:{{ana@remote.test=ana/, gone@remote.test=gone/, jo@signed.test=jo/}}\n\
+             virtual_uid_maps = static:65534\nvirtual_gid_maps = static:65534\nvirtual_transport = virtual\n\
+             transport_maps = inline:{{gone@remote.test=smtp:[127.0.0.1]:1, fwd.test=smtp:[127.0.0.1]:{correu_port}}}\n\
+             smtp_tls_security_level = none\nmaximal_queue_lifetime = 0\nbounce_queue_lifetime = 0\n"
+        ),
+    );
+    let (_dns, dns_port) = dnsmasq(
+        dir.path(),
+        &[
+            "mx-host=remote.test,mx.remote.test,10",
+            "mx-host=signed.test,mx.remote.test,10",
+            "address=/mx.remote.test/127.0.0.1",
+        ],
+    );
+    std::fs::write(
+        dir.path().join("aliases"),
+        "mix@fwd.test: pere@fwd.test, ana@remote.test\nbye@fwd.test: gone@remote.test\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("srs.secret"),
+        "a secret of 32 characters, or so\n",
+    )
+    .unwrap();
+    // fwd.test's DKIM key seals what its aliases forward (ARC).
+    let key = dir.path().join("fwd.pem");
+    let record = dkim_rsa_key(&key);
+    let cfg = dir.path().join("f.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "hostname = \"mx.fwd.test\"\ndomains = [\"fwd.test\"]\n\
+             [smtp]\nlisten = [\"127.0.0.1:{correu_port}\"]\ntrusted_networks = []\n\
+             [storage]\nlisten = \"127.0.0.1:0\"\nroot = \"f-mail\"\naliases_file = \"{d}/aliases\"\nsrs_secret_file = \"{d}/srs.secret\"\n\
+             [queue]\nspool = \"f-queue\"\nretry_delays = [\"1m\"]\n\
+             [dns]\nserver = \"127.0.0.1:{dns_port}\"\n[delivery]\nmx_port = {}\n\
+             [delivery.dkim.\"fwd.test\"]\nselector = \"s1\"\nkey_file = \"{}\"\n",
+            postfix.port,
+            key.display(),
+            d = dir.path().display()
+        ),
+    )
+    .unwrap();
+    let mut serve = Proc::correu(CORREU, "f", dir.path(), &["serve"], &cfg);
+    let addr = serve.serve_smtp_addr();
+
+    let mut c = Smtp::connect(addr);
+    c.read();
+    c.cmd("EHLO client.signed.test");
+    let id = queue_id(&c.send_mail(
+        "jo@signed.test",
+        &["mix@fwd.test"],
+        "From: jo@signed.test\r\nSubject: forwarded\r\n\r\nfor the alias\r\n",
+    ));
+    // A forged SRS address, and one whose hash is right but for another
+    // secret, lead nowhere: no open relay.
+    c.cmd("MAIL FROM:<>");
+    let forged = c.cmd("RCPT TO:<SRS0=abcd=AA=victim.test=x@fwd.test>");
+    assert_eq!(forged.code, 550, "{forged}");
+    c.cmd("RSET");
+    c.cmd("QUIT");
+
+    // The local target: the original sender.
+    let local = only_file(
+        &dir.path().join("f-mail/fwd.test/pere"),
+        Duration::from_secs(30),
+    );
+    assert!(
+        local.starts_with("Return-Path: <jo@signed.test>\r\n") && local.contains("for the alias"),
+        "{local}"
+    );
+    // The remote one: at Postfix, from the SRS address at fwd.test.
+    let remote = only_file(&postfix.vmail.join("ana"), Duration::from_secs(60));
+    let return_path = remote
+        .lines()
+        .find_map(|l| l.strip_prefix("Return-Path: <"))
+        .and_then(|l| l.strip_suffix('>'))
+        .unwrap_or_else(|| panic!("no Return-Path: {remote}"))
+        .to_string();
+    assert!(
+        return_path.starts_with("SRS0=") && return_path.ends_with("=signed.test=jo@fwd.test"),
+        "{return_path}"
+    );
+    assert!(
+        remote.contains(&format!("id {id}")),
+        "one queue id: {remote}"
+    );
+    // Sealed with ARC by fwd.test (RFC 8617): the seal and the message
+    // signature verify with dkimpy, and the results it carries are ours.
+    assert!(
+        remote.contains("ARC-Seal: i=1;") && remote.contains("d=fwd.test"),
+        "{remote}"
+    );
+    assert!(
+        remote.contains("ARC-Authentication-Results: i=1; mx.fwd.test"),
+        "{remote}"
+    );
+    let script = format!(
+        "import sys,dkim\nmsg=sys.stdin.buffer.read()\nrec={record:?}.encode()\n\
+         cv,res,why=dkim.arc_verify(msg,dnsfunc=lambda name,timeout=5: rec)\nprint(cv.decode(), why)\n"
+    );
+    let crlf = remote.replace("\r\n", "\n").replace('\n', "\r\n");
+    let (_, out, err) = run_with_stdin(&python(), &["-c", &script], &crlf);
+    assert!(out.starts_with("pass"), "ARC: {out} {err}\n{remote}");
+
+    // Postfix bounces mail for gone@ to the SRS address it was sent from;
+    // Correu takes the bounce and relays it to jo@signed.test.
+    let mut c = Smtp::connect(addr);
+    c.read();
+    c.cmd("EHLO client.signed.test");
+    c.send_mail(
+        "jo@signed.test",
+        &["bye@fwd.test"],
+        "From: jo@signed.test\r\nSubject: to be bounced\r\n\r\nnobody reads this\r\n",
+    );
+    c.cmd("QUIT");
+    let bounce = only_file(&postfix.vmail.join("jo"), Duration::from_secs(90));
+    assert!(
+        bounce.contains("Return-Path: <>") && bounce.contains("MAILER-DAEMON@postfix.test"),
+        "the bounce reached the original sender: {bounce}"
+    );
+    assert!(bounce.contains("Subject: to be bounced"), "{bounce}");
+    serve.wait_for(
+        "SRS address: forwarding to the original sender",
+        Duration::from_secs(1),
+    );
+
+    // `correu alias add` refuses a local target that leads nowhere and
+    // takes a remote one.
+    let (st, _, err) = run(
+        CORREU,
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "alias",
+            "add",
+            "x@fwd.test",
+            "ghost@fwd.test",
+        ],
+    );
+    // fwd.test has no accounts file: every local part has a mailbox.
+    assert!(st.success(), "{err}");
+    let _ = std::fs::write(dir.path().join("accounts"), "pere@fwd.test:\n");
+    let cfg2 = dir.path().join("f2.toml");
+    std::fs::write(
+        &cfg2,
+        std::fs::read_to_string(&cfg).unwrap().replace(
+            "aliases_file",
+            &format!(
+                "accounts_file = \"{}/accounts\"\naliases_file",
+                dir.path().display()
+            ),
+        ),
+    )
+    .unwrap();
+    let (st, _, err) = run(
+        CORREU,
+        &[
+            "--config",
+            cfg2.to_str().unwrap(),
+            "alias",
+            "add",
+            "y@fwd.test",
+            "ghost@fwd.test",
+        ],
+    );
+    assert!(
+        !st.success() && err.contains("ghost@fwd.test has no mailbox"),
+        "{err}"
+    );
+    let (st, out, err) = run(
+        CORREU,
+        &[
+            "--config",
+            cfg2.to_str().unwrap(),
+            "alias",
+            "add",
+            "y@fwd.test",
+            "pere@fwd.test",
+            "c@remote.test",
+        ],
+    );
+    assert!(st.success(), "{err}");
+    assert!(
+        out.contains("y@fwd.test: pere@fwd.test, c@remote.test"),
+        "{out}"
+    );
+}

@@ -113,6 +113,22 @@ fn dovecot_serves_what_correu_stored_to_the_same_accounts() {
     assert!(full.to_string().contains("4.2.2"), "{full:?}");
     assert_eq!(c.cmd("RCPT TO:<pere@example.org>").code, 250);
     c.cmd("RSET");
+    // With 900 of 1024 bytes used, a message declared at 100 bytes fits
+    // and one declared at 200 does not: 452 4.2.2 at RCPT (RFC 1870), as
+    // Dovecot's LMTP answers, not a bounce days later.
+    std::fs::write(tiny.join("maildirsize"), "1024S\n900 1\n").unwrap();
+    c.cmd("MAIL FROM:<jo@domini.com> SIZE=100");
+    assert_eq!(c.cmd("RCPT TO:<tiny@example.org>").code, 250);
+    c.cmd("RSET");
+    c.cmd("MAIL FROM:<jo@domini.com> SIZE=200");
+    let over = c.cmd("RCPT TO:<tiny@example.org>");
+    assert_eq!(over.code, 452, "{over:?}");
+    assert!(over.to_string().contains("4.2.2"), "{over:?}");
+    // Without SIZE= the message might fit: taken, as before.
+    c.cmd("RSET");
+    c.cmd("MAIL FROM:<jo@domini.com>");
+    assert_eq!(c.cmd("RCPT TO:<tiny@example.org>").code, 250);
+    c.cmd("RSET");
     c.cmd("QUIT");
     let stored = wait_maildir(&root.join("example.org/pere"), 1, Duration::from_secs(30));
     assert_eq!(stored.len(), 1);

@@ -29,8 +29,10 @@ impl Deliverer {
             )
         };
         let mut outcomes = vec![Outcome::temp("4.4.7", "not attempted"); msg.recipients.len()];
-        // Remote recipients grouped by domain: one connection per domain.
-        let mut remote: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        // Remote recipients grouped by domain and envelope sender (an
+        // alias's forwarded copies go out from their SRS address): one
+        // transaction each.
+        let mut remote: BTreeMap<(String, &str), Vec<usize>> = BTreeMap::new();
         for (i, r) in msg.recipients.iter().enumerate() {
             if self.is_local(&r.address) {
                 outcomes[i] =
@@ -43,7 +45,12 @@ impl Deliverer {
                     .rsplit_once('@')
                     .map_or("", |(_, d)| d)
                     .to_lowercase();
-                remote.entry(domain).or_default().push(i);
+                let sender = if r.sender.is_empty() {
+                    &msg.sender
+                } else {
+                    &r.sender
+                };
+                remote.entry((domain, sender)).or_default().push(i);
             }
         }
         let content = if remote.is_empty() {
@@ -52,11 +59,13 @@ impl Deliverer {
             self.signed(msg).await
         };
         let content = content.as_deref().unwrap_or(&msg.content);
-        for (domain, idx) in remote {
-            let got =
-                tokio::time::timeout_at(deadline, self.deliver_remote(msg, content, &domain, &idx))
-                    .await
-                    .unwrap_or_else(|_| vec![late(); idx.len()]);
+        for ((domain, sender), idx) in remote {
+            let got = tokio::time::timeout_at(
+                deadline,
+                self.deliver_remote(msg, sender, content, &domain, &idx),
+            )
+            .await
+            .unwrap_or_else(|_| vec![late(); idx.len()]);
             for (k, &i) in idx.iter().enumerate() {
                 outcomes[i] = got[k].clone();
             }
@@ -127,6 +136,7 @@ impl Deliverer {
     async fn deliver_remote(
         &self,
         msg: &QueuedMessage,
+        sender: &str,
         content: &[u8],
         domain: &str,
         rcpts: &[usize],
@@ -173,7 +183,7 @@ impl Deliverer {
                     "smtp.reply.code" = tracing::field::Empty,
                 );
                 let tried = self
-                    .try_host(msg, content, &hop, addr, rcpts)
+                    .try_host(msg, sender, content, &hop, addr, rcpts)
                     .instrument(span.clone())
                     .await;
                 match &tried {
@@ -274,6 +284,7 @@ impl Deliverer {
     async fn try_host(
         &self,
         msg: &QueuedMessage,
+        sender: &str,
         content: &[u8],
         hop: &route::Hop,
         addr: std::net::SocketAddr,
@@ -291,7 +302,7 @@ impl Deliverer {
             })
             .collect();
         let t = Transaction {
-            sender: &msg.sender,
+            sender,
             recipients: &params,
             content,
             smtputf8: msg.smtputf8,

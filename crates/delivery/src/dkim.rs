@@ -3,14 +3,12 @@
 //! domain chosen by the message's From: address.
 
 use std::collections::HashMap;
-use std::path::Path;
 
 use correu_runtime::config::{DkimAlgorithm, DkimConfig};
+use correu_runtime::keys::SigningKey;
 use mail_auth::common::crypto::{Ed25519Key, RsaKey, Sha256};
 use mail_auth::common::headers::HeaderWriter;
 use mail_auth::dkim::{DkimSigner, Done};
-use rustls_pki_types::PrivateKeyDer;
-use rustls_pki_types::pem::PemObject;
 
 /// Headers signed when present (and over-signed for From and Subject).
 const SIGNED: [&str; 12] = [
@@ -28,11 +26,6 @@ const SIGNED: [&str; 12] = [
     "Content-Transfer-Encoding",
 ];
 
-enum Key {
-    Rsa(RsaKey<Sha256>),
-    Ed25519(Ed25519Key),
-}
-
 /// A signer ready for its domain: the key, the selector, the headers.
 enum Signer {
     Rsa(DkimSigner<RsaKey<Sha256>, Done>),
@@ -44,40 +37,22 @@ pub struct Dkim {
     signers: HashMap<String, Signer>,
 }
 
-fn load(path: &Path, algorithm: DkimAlgorithm) -> anyhow::Result<Key> {
-    let der = PrivateKeyDer::from_pem_file(path)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    Ok(match (algorithm, der) {
-        (DkimAlgorithm::RsaSha256, der) => Key::Rsa(
-            RsaKey::<Sha256>::from_key_der(der)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
-        ),
-        (DkimAlgorithm::Ed25519Sha256, PrivateKeyDer::Pkcs8(der)) => Key::Ed25519(
-            Ed25519Key::from_pkcs8_der(der.secret_pkcs8_der())
-                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
-        ),
-        (DkimAlgorithm::Ed25519Sha256, _) => {
-            anyhow::bail!("{}: an Ed25519 key must be PKCS#8", path.display())
-        }
-    })
-}
-
 impl Dkim {
     /// Loads every key now: a bad key stops the start.
     pub fn new(keys: &std::collections::BTreeMap<String, DkimConfig>) -> anyhow::Result<Dkim> {
         let mut signers = HashMap::new();
         for (domain, k) in keys {
-            let key = load(&k.key_file, k.algorithm)
+            let key = correu_runtime::keys::load(&k.key_file, k.algorithm)
                 .map_err(|e| anyhow::anyhow!("delivery.dkim.{domain}: {e}"))?;
             let d = domain.to_lowercase();
             let signer = match key {
-                Key::Rsa(k2) => Signer::Rsa(
+                SigningKey::Rsa(k2) => Signer::Rsa(
                     DkimSigner::from_key(k2)
                         .domain(&d)
                         .selector(&k.selector)
                         .headers(SIGNED),
                 ),
-                Key::Ed25519(k2) => Signer::Ed25519(
+                SigningKey::Ed25519(k2) => Signer::Ed25519(
                     DkimSigner::from_key(k2)
                         .domain(&d)
                         .selector(&k.selector)

@@ -219,6 +219,7 @@ mod tests {
             address: address.into(),
             notify: notify.into(),
             orcpt: format!("rfc822;{}", address.replace('@', "+40")),
+            ..Recipient::default()
         }
     }
 

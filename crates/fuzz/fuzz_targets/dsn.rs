@@ -41,6 +41,7 @@ fuzz_target!(|input: (String, Vec<(String, String, String)>, String, String, Opt
                 address: address.clone(),
                 notify: notify.clone(),
                 orcpt: orcpt.clone(),
+                ..Recipient::default()
             })
             .collect(),
         content,

@@ -18,6 +18,7 @@ fuzz_target!(|input: (String, Option<String>, Option<String>, String, [u8; 16], 
             vec![Rcpt {
                 address,
                 params: Default::default(),
+                forward: None,
             }]
         })
         .unwrap_or_default();

@@ -9,11 +9,15 @@
 //! message is never dropped here: it is refused with a reply the client
 //! sees, put in the Junk folder, or accepted.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
 use correu_runtime::config::{DmarcAction, InboundConfig, InboundPolicy, SpfFailAction};
+use correu_runtime::keys::SigningKey;
 use correu_smtp::{Enhanced, Reply};
+use mail_auth::arc::ArcSealer;
+use mail_auth::common::headers::HeaderWriter;
 use mail_auth::dmarc::Policy;
 use mail_auth::spf::verify::SpfParameters;
 use mail_auth::{
@@ -30,6 +34,9 @@ pub struct Input<'a> {
     pub mail_from: &'a str,
     /// The recipients' domains (their policies apply).
     pub recipient_domains: Vec<&'a str>,
+    /// The domain of an alias that forwards the message to another
+    /// domain: its key seals the verdict with ARC (RFC 8617).
+    pub seal_as: Option<&'a str>,
 }
 
 /// What happens to the message.
@@ -66,10 +73,76 @@ pub struct Verdict {
     pub results: Vec<(&'static str, &'static str)>,
     /// The domains SPF (MAIL FROM) or DKIM passed for.
     pub passed: Vec<String>,
+    /// `ARC-Seal`, `ARC-Message-Signature` and `ARC-Authentication-Results`
+    /// for a forwarded message, when its alias's domain has a key.
+    pub arc_set: Option<String>,
 }
+
+/// What seals for one domain: its DKIM key (as PEM, parsed for each
+/// seal, since a sealer names its header fields once and forwarding is
+/// rare) and selector.
+struct Sealer {
+    pem: Vec<u8>,
+    algorithm: correu_runtime::config::DkimAlgorithm,
+    selector: String,
+}
+
+impl Sealer {
+    /// The ARC set for `msg`, signing the [`ARC_SIGNED`] fields it has
+    /// (a field signed while absent could not be added downstream).
+    fn seal(
+        &self,
+        domain: &str,
+        msg: &AuthenticatedMessage<'_>,
+        results: &AuthenticationResults<'_>,
+        arc: &mail_auth::ArcOutput<'_>,
+    ) -> anyhow::Result<String> {
+        let present: Vec<&str> = ARC_SIGNED
+            .iter()
+            .copied()
+            .filter(|name| {
+                msg.headers
+                    .iter()
+                    .any(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            })
+            .collect();
+        Ok(
+            match correu_runtime::keys::from_pem(&self.pem, self.algorithm)? {
+                SigningKey::Rsa(key) => ArcSealer::from_key(key)
+                    .domain(domain)
+                    .selector(&self.selector)
+                    .headers(present)
+                    .seal(msg, results, arc)?
+                    .to_header(),
+                SigningKey::Ed25519(key) => ArcSealer::from_key(key)
+                    .domain(domain)
+                    .selector(&self.selector)
+                    .headers(present)
+                    .seal(msg, results, arc)?
+                    .to_header(),
+            },
+        )
+    }
+}
+
+/// Header fields the ARC-Message-Signature covers, when present.
+pub const ARC_SIGNED: [&str; 10] = [
+    "From",
+    "To",
+    "Cc",
+    "Subject",
+    "Date",
+    "Message-ID",
+    "MIME-Version",
+    "Content-Type",
+    "Reply-To",
+    "DKIM-Signature",
+];
 
 pub struct Verifier {
     auth: MessageAuthenticator,
+    /// By domain: the keys of `delivery.dkim`.
+    sealers: HashMap<String, Sealer>,
     authserv_id: String,
     hostname: String,
     timeout: Duration,
@@ -78,7 +151,34 @@ pub struct Verifier {
 
 impl Verifier {
     pub fn new(cfg: &correu_runtime::config::Config) -> anyhow::Result<Self> {
+        let mut sealers = HashMap::new();
+        for (domain, k) in &cfg.delivery.dkim {
+            // Read at start, before the runtime serves anything. Signing is
+            // delivery's job: a key this ingress cannot read turns its
+            // seals off, said once, and mail is still taken.
+            #[allow(clippy::disallowed_methods)]
+            let read = std::fs::read(&k.key_file).map_err(anyhow::Error::from);
+            let pem = match read
+                .and_then(|pem| correu_runtime::keys::from_pem(&pem, k.algorithm).map(|_| pem))
+            {
+                Ok(pem) => pem,
+                Err(e) => {
+                    tracing::warn!(key = %format!("delivery.dkim.{domain}.key_file"), file = %k.key_file.display(), error = %e,
+                        "cannot use this DKIM key: mail forwarded for this domain is not sealed with ARC");
+                    continue;
+                }
+            };
+            sealers.insert(
+                domain.to_lowercase(),
+                Sealer {
+                    pem,
+                    algorithm: k.algorithm,
+                    selector: k.selector.clone(),
+                },
+            );
+        }
         Ok(Verifier {
+            sealers,
             auth: MessageAuthenticator(correu_runtime::dns::resolver(&cfg.dns)?),
             authserv_id: cfg
                 .inbound
@@ -128,6 +228,7 @@ impl Verifier {
             reason,
             results: verdict.results,
             passed: verdict.passed,
+            arc_set: verdict.arc_set,
         }
     }
 
@@ -156,6 +257,7 @@ impl Verifier {
                 policy: Policy::Unspecified,
             };
             return Checked {
+                arc_set: None,
                 header: format!("Authentication-Results: {ar}\r\n"),
                 passed: spf_passed(&spf_from, input, helo),
                 spf_mail_from: spf_from.result(),
@@ -239,12 +341,37 @@ impl Verifier {
                 .filter(|d| *d.result() == DkimResult::Pass)
                 .filter_map(|d| d.signature().map(|s| s.d.clone())),
         );
+        // A message an alias forwards is sealed: the next hop can trust
+        // what we found (RFC 8617 §5.1), unless the chain it came with
+        // failed already.
+        let arc_set = match input.seal_as.and_then(|d| Some((d, self.sealers.get(d)?))) {
+            Some((domain, sealer)) if arc.can_be_sealed() => {
+                let results = AuthenticationResults::new(&self.authserv_id)
+                    .with_dkim_results(&dkim, header_from)
+                    .with_spf_mailfrom_result(&spf_from, ip, input.mail_from, helo)
+                    .with_arc_result(&arc, ip)
+                    .with_dmarc_result(&dmarc_out);
+                match sealer.seal(domain, &msg, &results, &arc) {
+                    Ok(set) => Some(set),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "ARC sealing failed; forwarded without a seal");
+                        None
+                    }
+                }
+            }
+            Some(_) => {
+                tracing::info!("the message's ARC chain failed: forwarded without a seal");
+                None
+            }
+            None => None,
+        };
         Checked {
             header,
             passed,
             spf_mail_from: spf_from.result(),
             results,
             dmarc,
+            arc_set,
         }
     }
 
@@ -252,6 +379,7 @@ impl Verifier {
         tracing::warn!(client = %input.client, timeout = ?self.timeout, "inbound verification timed out: temperror");
         let why = "(verification timed out)";
         Checked {
+            arc_set: None,
             passed: Vec::new(),
             header: format!(
                 "Authentication-Results: {};\r\n\tspf=temperror {why} smtp.mailfrom={};\r\n\tdkim=temperror {why};\r\n\tdmarc=temperror {why}\r\n",
@@ -279,6 +407,7 @@ impl Verifier {
 
 /// What the checks found, before policy.
 struct Checked {
+    arc_set: Option<String>,
     header: String,
     passed: Vec<String>,
     spf_mail_from: SpfResult,

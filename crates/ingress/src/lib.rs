@@ -87,6 +87,9 @@ pub struct Shared {
     /// The name of this server's `Authentication-Results`; such fields
     /// that come with a message are removed.
     pub authserv_id: String,
+    /// The secret SRS addresses are signed with (storage.srs_secret_file);
+    /// `None`: forwarded mail keeps its sender.
+    pub srs_secret: Option<Vec<u8>>,
 }
 
 impl Shared {
@@ -113,7 +116,29 @@ impl Shared {
                 client: storage.clone(),
             })),
         };
+        let srs_secret = match &cfg.storage.srs_secret_file {
+            Some(path) => {
+                // Read once at start, before the runtime serves anything.
+                #[allow(clippy::disallowed_methods)]
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot read {} (storage.srs_secret_file): {e}",
+                        path.display()
+                    )
+                })?;
+                let secret = text.trim();
+                if secret.len() < 16 {
+                    anyhow::bail!(
+                        "storage.srs_secret_file: the secret in {} is shorter than 16 characters",
+                        path.display()
+                    );
+                }
+                Some(secret.as_bytes().to_vec())
+            }
+            None => None,
+        };
         Ok(Shared {
+            srs_secret,
             span_addresses: cfg.telemetry.span_addresses,
             session: Arc::new(SessionConfig {
                 hostname: cfg.hostname.clone(),

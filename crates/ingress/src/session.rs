@@ -16,8 +16,8 @@ use correu_smtp::command::Ret;
 use correu_smtp::data::{DataReceiver, Progress};
 use correu_smtp::headers::received_count;
 use correu_smtp::session::{
-    BodyReport, Chunked, CredentialVerdict, Envelope, Line, LineReader, Policy, QueueFailure,
-    RecipientVerdict, Role, Session, Step,
+    BodyReport, Chunked, CredentialVerdict, Envelope, Forward, Line, LineReader, Policy,
+    QueueFailure, RecipientVerdict, Role, Session, Step,
 };
 use correu_smtp::{Address, Reply};
 use opentelemetry::KeyValue;
@@ -307,7 +307,8 @@ where
         loop {
             match step {
                 Step::CheckRecipient(to) => {
-                    let verdict = check_recipient(shared, &to).await;
+                    let size = session.declared_size();
+                    let verdict = check_recipient(shared, &to, size).await;
                     step = session.recipient_checked(to, verdict);
                     continue;
                 }
@@ -621,14 +622,109 @@ async fn read_chunk<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-async fn check_recipient(shared: &Shared, to: &Address) -> RecipientVerdict {
+/// The recipients to queue: each as given, an alias that forwards to
+/// other domains as its targets (and itself when it also has local
+/// mailboxes). A forwarded copy goes out from an SRS address at the
+/// alias's domain when there is a secret, and keeps the original
+/// recipient in ORCPT (RFC 3461 §4.2).
+fn queued_recipients(env: &Envelope, srs_secret: Option<&[u8]>) -> Vec<Recipient> {
+    let sender = env.from.as_string();
+    let mut out: Vec<Recipient> = Vec::with_capacity(env.recipients.len());
+    let mut push = |r: Recipient| {
+        if !out
+            .iter()
+            .any(|o| o.address.eq_ignore_ascii_case(&r.address))
+        {
+            out.push(r);
+        }
+    };
+    for r in &env.recipients {
+        let notify = r.params.notify.clone().unwrap_or_default();
+        let orcpt = r.params.orcpt.clone().unwrap_or_default();
+        let Some(f) = &r.forward else {
+            push(Recipient {
+                address: r.address.to_string(),
+                notify,
+                orcpt,
+                ..Recipient::default()
+            });
+            continue;
+        };
+        if f.keep {
+            push(Recipient {
+                address: r.address.to_string(),
+                notify: notify.clone(),
+                orcpt: orcpt.clone(),
+                ..Recipient::default()
+            });
+        }
+        let alias = r.address.to_string();
+        let via = match (srs_secret, sender.is_empty()) {
+            (Some(secret), false) => {
+                correu_smtp::srs::forward(secret, &sender, r.address.domain(), srs_day())
+            }
+            // The null sender stays null; without a secret the sender
+            // stays as it is (Postfix's aliases do the same).
+            _ => sender.clone(),
+        };
+        for t in &f.targets {
+            push(Recipient {
+                address: t.to_string(),
+                notify: notify.clone(),
+                orcpt: if orcpt.is_empty() {
+                    format!("rfc822;{}", correu_smtp::command::encode_xtext(&alias))
+                } else {
+                    orcpt.clone()
+                },
+                sender: via.clone(),
+                forwarded_by: alias.clone(),
+            });
+        }
+    }
+    out
+}
+
+/// Days since the Unix epoch, SRS's clock.
+fn srs_day() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs()
+        / 86_400
+}
+
+/// Whether `to` may be given mail of `size` octets (SIZE=, 0 when not
+/// declared), and where an alias forwards it.
+async fn check_recipient(shared: &Shared, to: &Address, size: u64) -> RecipientVerdict {
     let address = to.to_string();
+    if correu_smtp::srs::is_srs(to.local())
+        && let Some(secret) = &shared.srs_secret
+    {
+        // A bounce to a sender we rewrote: back to the original one.
+        return match correu_smtp::srs::reverse(secret, to.local(), srs_day()) {
+            Ok(original) => match Address::parse(&original) {
+                Ok(a) => {
+                    tracing::info!(recipient = %address, original = %a, "SRS address: forwarding to the original sender");
+                    RecipientVerdict::Forwards(Forward {
+                        targets: vec![a],
+                        keep: false,
+                    })
+                }
+                Err(_) => RecipientVerdict::Unknown,
+            },
+            Err(e) => {
+                tracing::info!(recipient = %address, error = %e, "SRS address refused");
+                RecipientVerdict::Unknown
+            }
+        };
+    }
     if shared.known_recipients.exists(&address) {
         return RecipientVerdict::Exists;
     }
     let mut client = shared.storage.clone();
     let req = CheckRecipientRequest {
         address: address.clone(),
+        size,
     };
     match timeout(
         shared.recipient_check_timeout,
@@ -636,15 +732,41 @@ async fn check_recipient(shared: &Shared, to: &Address) -> RecipientVerdict {
     )
     .await
     {
-        Ok(Ok(resp)) => match resp.into_inner().status() {
-            RcptStatus::Exists => {
-                shared.known_recipients.remember(&address);
-                RecipientVerdict::Exists
+        Ok(Ok(resp)) => {
+            let resp = resp.into_inner();
+            match resp.status() {
+                RcptStatus::Exists if !resp.forward.is_empty() => {
+                    let mut targets = Vec::new();
+                    for t in &resp.forward {
+                        match Address::parse(t) {
+                            Ok(a) => targets.push(a),
+                            Err(e) => {
+                                // The aliases file is checked as it is
+                                // read; a target that still does not parse
+                                // makes the recipient wait, never vanish.
+                                tracing::warn!(recipient = %address, target = %t, error = %e, "alias target is not an address");
+                                return RecipientVerdict::TryLater;
+                            }
+                        }
+                    }
+                    RecipientVerdict::Forwards(Forward {
+                        targets,
+                        keep: !resp.mailboxes.is_empty(),
+                    })
+                }
+                RcptStatus::Exists => {
+                    // An answer that depends on the message's size is
+                    // asked again each time.
+                    if !resp.limited {
+                        shared.known_recipients.remember(&address);
+                    }
+                    RecipientVerdict::Exists
+                }
+                RcptStatus::Unknown => RecipientVerdict::Unknown,
+                RcptStatus::OverQuota => RecipientVerdict::OverQuota,
+                RcptStatus::Unspecified => RecipientVerdict::TryLater,
             }
-            RcptStatus::Unknown => RecipientVerdict::Unknown,
-            RcptStatus::OverQuota => RecipientVerdict::OverQuota,
-            RcptStatus::Unspecified => RecipientVerdict::TryLater,
-        },
+        }
         Ok(Err(status)) => {
             tracing::warn!(code = ?status.code(), message = status.message(), "recipient check failed");
             RecipientVerdict::TryLater
@@ -775,24 +897,21 @@ async fn deliver(
         }
     }
     let mut passed = Vec::new();
+    let mut arc_set = None;
     if refusal.is_none()
         && let Some(v) = verify
     {
-        match verify_message(v, &env, &body, client, &id)
+        let checked = verify_message(v, &env, &body, client, &id)
             .instrument(span.clone())
-            .await
-        {
-            (_, _, inbound::Action::Reject(r)) => refusal = Some(r),
-            (header, domains, inbound::Action::Quarantine) => {
-                added = header;
-                passed = domains;
-                folder = "Junk".into();
-            }
-            (header, domains, inbound::Action::Accept) => {
-                added = header;
-                passed = domains;
-            }
+            .await;
+        match checked.action {
+            inbound::Action::Reject(r) => refusal = Some(r),
+            inbound::Action::Quarantine => folder = "Junk".into(),
+            inbound::Action::Accept => {}
         }
+        added = checked.header;
+        passed = checked.passed;
+        arc_set = checked.arc_set;
     }
     if refusal.is_none()
         && from_internet
@@ -818,11 +937,26 @@ async fn deliver(
     if refusal.is_none() && !milters.is_empty() {
         let mut content = std::mem::take(&mut added).into_bytes();
         content.extend_from_slice(&body);
+        let sealed = arc_set.take().map(|set| {
+            let (f, b) = arc_signed_parts(&content);
+            let before: (Vec<Vec<u8>>, Vec<u8>) =
+                (f.into_iter().map(<[u8]>::to_vec).collect(), b.to_vec());
+            (set, before)
+        });
         match filter(shared, &milters, &mut env, content, client, &id).await {
             Filtered::Go {
                 content,
                 quarantine,
             } => {
+                // The seal stands only over what the milters left as it was.
+                if let Some((set, before)) = sealed {
+                    let (f, b) = arc_signed_parts(&content);
+                    if f.iter().map(|x| x.to_vec()).eq(before.0) && b == before.1.as_slice() {
+                        added = set;
+                    } else {
+                        tracing::info!(queue_id = %id, "a milter changed what the ARC seal covers: forwarded without it");
+                    }
+                }
                 body = content;
                 if quarantine {
                     folder = "Junk".into();
@@ -841,6 +975,10 @@ async fn deliver(
         span.record("smtp.reply.code", reply.code);
         rejected(reply.code);
         return reply;
+    }
+    if let Some(set) = arc_set {
+        // The ARC set goes above the Authentication-Results it repeats.
+        added.insert_str(0, &set);
     }
     let prepared = Prepared { id, added, folder };
     let outcome = queue_message(shared, env, body, client, prepared, gone)
@@ -863,6 +1001,23 @@ async fn deliver(
         rejected(reply.code);
     }
     reply
+}
+
+/// What an ARC-Message-Signature covers, to tell whether milters changed
+/// it: the fields it may sign, in order, and the body.
+fn arc_signed_parts(message: &[u8]) -> (Vec<&[u8]>, &[u8]) {
+    let (fields, body_at) = correu_smtp::headers::fields(message);
+    let signed = fields
+        .into_iter()
+        .map(|r| &message[r])
+        .filter(|f| {
+            let name = f.split(|&b| b == b':').next().unwrap_or_default();
+            inbound::ARC_SIGNED
+                .iter()
+                .any(|s| s.as_bytes().eq_ignore_ascii_case(name.trim_ascii()))
+        })
+        .collect();
+    (signed, &message[body_at..])
 }
 
 /// A message that reached the end of its data and was refused.
@@ -977,6 +1132,7 @@ async fn filter(
             Ok(address) => env.recipients.push(correu_smtp::session::Rcpt {
                 address,
                 params: Default::default(),
+                forward: None,
             }),
             Err(e) => {
                 tracing::warn!(queue_id = id, recipient = %added, error = %e, "a milter's new recipient is not an address; left out")
@@ -1047,13 +1203,18 @@ async fn verify_message(
     body: &[u8],
     client: SocketAddr,
     id: &str,
-) -> (String, Vec<String>, inbound::Action) {
+) -> Checked {
     let from = env.from.as_string();
     let input = inbound::Input {
         client: client.ip(),
         helo: &env.helo,
         mail_from: &from,
         recipient_domains: env.recipients.iter().map(|r| r.address.domain()).collect(),
+        seal_as: env
+            .recipients
+            .iter()
+            .find(|r| r.forward.is_some())
+            .map(|r| r.address.domain()),
     };
     let verdict = v.verify(&input, body).await;
     let results: Vec<String> = verdict
@@ -1070,7 +1231,23 @@ async fn verify_message(
             tracing::warn!(queue_id = id, action, reason = verdict.reason, results = %results.join(" "), client = %client, from = %from, "inbound verification")
         }
     }
-    (verdict.header, verdict.passed, verdict.action)
+    Checked {
+        header: verdict.header,
+        passed: verdict.passed,
+        action: verdict.action,
+        arc_set: verdict.arc_set,
+    }
+}
+
+/// What [`verify_message`] found.
+struct Checked {
+    /// `Authentication-Results: …`.
+    header: String,
+    /// The domains that passed SPF or DKIM.
+    passed: Vec<String>,
+    action: inbound::Action,
+    /// The ARC set of a forwarded message.
+    arc_set: Option<String>,
 }
 
 /// What is decided about a message before it is queued.
@@ -1102,15 +1279,7 @@ async fn queue_message(
     let msg = QueuedMessage {
         queue_id: id.clone(),
         sender: env.from.as_string(),
-        recipients: env
-            .recipients
-            .iter()
-            .map(|r| Recipient {
-                address: r.address.to_string(),
-                notify: r.params.notify.clone().unwrap_or_default(),
-                orcpt: r.params.orcpt.clone().unwrap_or_default(),
-            })
-            .collect(),
+        recipients: queued_recipients(&env, shared.srs_secret.as_deref()),
         received_at_unix_micros: now,
         content,
         attempt: 0,

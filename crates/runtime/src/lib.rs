@@ -27,6 +27,7 @@ pub mod cli;
 pub mod config;
 pub mod dns;
 pub mod health;
+pub mod keys;
 pub mod lifecycle;
 pub mod limits;
 pub mod redis;

@@ -312,6 +312,20 @@ pub fn decode_xtext(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Encodes text as xtext (RFC 3461 §4): `+`, `=`, controls, spaces and
+/// non-ASCII octets as `+XX`.
+pub fn encode_xtext(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (b'!'..=b'~').contains(&b) && b != b'+' && b != b'=' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("+{b:02X}"));
+        }
+    }
+    out
+}
+
 /// Whether xtext decodes to text without control characters (`+0D+0A`
 /// would let the client write header lines into a DSN).
 fn decodes_clean(v: &str) -> bool {
@@ -415,6 +429,21 @@ mod tests {
 
     fn addr(s: &str) -> Address {
         Address::parse(s).unwrap()
+    }
+
+    #[test]
+    fn xtext_encodes_what_it_must_and_decodes_back() {
+        for text in [
+            "mix@fwd.test",
+            "a+b=c@x.test",
+            "jo smith@x.test",
+            "\u{e0}@x.test",
+        ] {
+            let x = encode_xtext(text);
+            assert!(is_xtext(&x), "{x}");
+            assert_eq!(decode_xtext(&x), text);
+        }
+        assert_eq!(encode_xtext("a+b=c@x"), "a+2Bb+3Dc@x");
     }
 
     #[test]

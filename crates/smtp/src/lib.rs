@@ -23,6 +23,7 @@ pub mod headers;
 pub mod proxy;
 pub mod reply;
 pub mod session;
+pub mod srs;
 
 pub use address::Address;
 pub use reply::{Enhanced, Reply};

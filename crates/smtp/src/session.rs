@@ -127,6 +127,9 @@ pub enum Step {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RecipientVerdict {
     Exists,
+    /// An alias that forwards to other domains (and to local mailboxes
+    /// too, when `keep`).
+    Forwards(Forward),
     Unknown,
     /// The mailbox is full (RFC 3463 4.2.2: worth trying later).
     OverQuota,
@@ -147,6 +150,16 @@ pub enum CredentialVerdict {
 pub struct Rcpt {
     pub address: Address,
     pub params: RcptParams,
+    /// Where a local alias forwards it, when it does.
+    pub forward: Option<Forward>,
+}
+
+/// A local alias's targets in other domains.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    pub targets: Vec<Address>,
+    /// It leads to local mailboxes too: the address itself is delivered.
+    pub keep: bool,
 }
 
 /// A complete envelope, handed out when the message is received.
@@ -352,6 +365,11 @@ impl Session {
             (4, 7, 0),
             format!("{} Error: too many {what}, slow down", self.cfg.hostname),
         )
+    }
+
+    /// The size MAIL FROM declared (SIZE=, RFC 1870); 0 when it did not.
+    pub fn declared_size(&self) -> u64 {
+        self.params.size.unwrap_or(0)
     }
 
     /// Recipients accepted so far in this transaction.
@@ -578,6 +596,7 @@ impl Session {
         self.recipients.push(Rcpt {
             address: to,
             params,
+            forward: None,
         });
         Step::Reply(reply(250, (2, 1, 5), "Ok"))
     }
@@ -590,6 +609,15 @@ impl Session {
                 self.recipients.push(Rcpt {
                     address: to,
                     params,
+                    forward: None,
+                });
+                Step::Reply(reply(250, (2, 1, 5), "Ok"))
+            }
+            RecipientVerdict::Forwards(f) => {
+                self.recipients.push(Rcpt {
+                    address: to,
+                    params,
+                    forward: Some(f),
                 });
                 Step::Reply(reply(250, (2, 1, 5), "Ok"))
             }

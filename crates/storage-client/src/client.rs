@@ -125,6 +125,7 @@ pub fn ready_check(client: Client) -> correu_runtime::health::Check {
             match c
                 .check_recipient(correu_proto::v1::CheckRecipientRequest {
                     address: String::new(),
+                    size: 0,
                 })
                 .await
             {

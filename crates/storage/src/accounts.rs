@@ -9,9 +9,23 @@ pub use correu_storage_client::accounts::*;
 /// Where mail for an address goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Resolved {
-    /// These mailboxes (lower-cased addresses), one or more.
-    Mailboxes(Vec<String>),
+    /// These mailboxes (lower-cased addresses), and these addresses of
+    /// other domains the mail is forwarded to; at least one of the two.
+    Targets {
+        mailboxes: Vec<String>,
+        forward: Vec<String>,
+    },
     Unknown,
+}
+
+impl Resolved {
+    /// The local mailboxes (none for an address that only forwards).
+    pub fn mailboxes(&self) -> &[String] {
+        match self {
+            Resolved::Targets { mailboxes, .. } => mailboxes,
+            Resolved::Unknown => &[],
+        }
+    }
 }
 
 /// Accounts, aliases and catch-alls together.
@@ -71,12 +85,15 @@ impl Directory {
 
     /// The mailboxes `address` leads to: an alias's targets (aliases of
     /// aliases followed), the address's own mailbox, or its domain's
-    /// catch-all. Targets without a mailbox here are dropped with a warning.
+    /// catch-all; and the addresses of other domains it forwards to.
+    /// A local target without a mailbox leads nowhere (`correu alias add`
+    /// refuses one; a mailbox deleted later is logged here).
     pub fn resolve(&self, address: &str) -> Resolved {
         let address = address.to_lowercase();
         let accounts = self.accounts.as_ref().map(Watched::get);
         let aliases = self.aliases.as_ref().map(Watched::get);
         let mut out: Vec<String> = Vec::new();
+        let mut forward: Vec<String> = Vec::new();
         let mut todo = vec![(address.clone(), 0usize)];
         while let Some((a, depth)) = todo.pop() {
             let expansion = aliases.as_ref().and_then(|al| al.aliases.get(&a));
@@ -111,15 +128,23 @@ impl Directory {
                         }
                     }
                 }
+                None if !self.is_local(&a) => {
+                    if !forward.contains(&a) {
+                        forward.push(a);
+                    }
+                }
                 None => {
                     tracing::warn!(alias = %address, target = %a, "alias target has no mailbox here; skipped");
                 }
             }
         }
-        if out.is_empty() {
+        if out.is_empty() && forward.is_empty() {
             Resolved::Unknown
         } else {
-            Resolved::Mailboxes(out)
+            Resolved::Targets {
+                mailboxes: out,
+                forward,
+            }
         }
     }
 
@@ -183,6 +208,8 @@ mod tests {
              loop1@example.org: loop2@example.org\n\
              loop2@example.org: loop1@example.org\n\
              pere@example.org: pere@example.org, ana@example.org\n\
+             fwd@example.org: ana@example.org, jo@remote.test, team@example.org\n\
+             away@example.org: jo@remote.test, JO@remote.test\n\
              @example.org: ana@example.org\n",
             "aliases",
             parse_aliases,
@@ -194,10 +221,7 @@ mod tests {
             &[],
             0,
         );
-        let boxes = |a: &str| match d.resolve(a) {
-            Resolved::Mailboxes(m) => m,
-            Resolved::Unknown => vec![],
-        };
+        let boxes = |a: &str| d.resolve(a).mailboxes().to_vec();
         assert_eq!(boxes("ANA@example.org"), ["ana@example.org"]);
         // An alias that names itself keeps a copy.
         assert_eq!(
@@ -216,5 +240,20 @@ mod tests {
         assert_eq!(boxes("whoever@example.org"), ["ana@example.org"]);
         assert_eq!(boxes("loop1@example.org"), Vec::<String>::new());
         assert_eq!(d.resolve("x@elsewhere.org"), Resolved::Unknown);
+        // Other domains' addresses are forwarded to, once each.
+        assert_eq!(
+            d.resolve("fwd@example.org"),
+            Resolved::Targets {
+                mailboxes: vec!["ana@example.org".into(), "pere@example.org".into()],
+                forward: vec!["jo@remote.test".into()],
+            }
+        );
+        assert_eq!(
+            d.resolve("away@example.org"),
+            Resolved::Targets {
+                mailboxes: vec![],
+                forward: vec!["jo@remote.test".into()],
+            }
+        );
     }
 }

@@ -62,7 +62,12 @@ pub struct Usage {
 /// How a recipient stands, for `CheckRecipient`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Standing {
-    Exists(Vec<String>),
+    /// Its mailboxes (some with room), and the addresses of other domains
+    /// it forwards to.
+    Exists {
+        mailboxes: Vec<String>,
+        forward: Vec<String>,
+    },
     OverQuota(Vec<String>),
     Unknown,
 }
@@ -271,44 +276,54 @@ impl Mailboxes {
         self.dir_of(&address)
     }
 
-    /// The mailboxes a recipient leads to.
+    /// The mailboxes a recipient leads to (one that only forwards to
+    /// other domains leads to none here: unknown).
     pub fn mailboxes_of(&self, recipient: &str) -> Result<Vec<String>, MailboxError> {
         Self::split(recipient)?;
         match self.directory.resolve(recipient) {
-            Resolved::Mailboxes(m) => Ok(m),
-            Resolved::Unknown => Err(MailboxError::UnknownRecipient(recipient.to_string())),
+            Resolved::Targets { mailboxes, .. } if !mailboxes.is_empty() => Ok(mailboxes),
+            _ => Err(MailboxError::UnknownRecipient(recipient.to_string())),
         }
     }
 
     /// [`Mailboxes::standing`] when it needs no disk (no mailbox it leads to
     /// has a quota), so a caller can skip the blocking pool; `None` otherwise.
     pub fn standing_in_memory(&self, recipient: &str) -> Option<Result<Standing, MailboxError>> {
-        let boxes = match self.mailboxes_of(recipient) {
-            Ok(b) => b,
-            Err(MailboxError::UnknownRecipient(_)) => return Some(Ok(Standing::Unknown)),
-            Err(e) => return Some(Err(e)),
-        };
-        boxes
-            .iter()
-            .all(|b| self.directory.quota(b) == 0)
-            .then_some(Ok(Standing::Exists(boxes)))
+        if let Err(e) = Self::split(recipient) {
+            return Some(Err(e));
+        }
+        match self.directory.resolve(recipient) {
+            Resolved::Unknown => Some(Ok(Standing::Unknown)),
+            Resolved::Targets { mailboxes, forward } => (!forward.is_empty()
+                || mailboxes.iter().all(|b| self.directory.quota(b) == 0))
+            .then_some(Ok(Standing::Exists { mailboxes, forward })),
+        }
     }
 
-    /// Whether mail for `recipient` can be taken now: it leads to a
-    /// mailbox, and not every one it leads to is full.
-    pub fn standing(&self, recipient: &str) -> Result<Standing, MailboxError> {
-        let boxes = match self.mailboxes_of(recipient) {
-            Ok(b) => b,
-            Err(MailboxError::UnknownRecipient(_)) => return Ok(Standing::Unknown),
-            Err(e) => return Err(e),
+    /// Whether mail for `recipient` of `size` octets (as MAIL FROM's SIZE=
+    /// declared it; 0 when not) can be taken now: it forwards to another
+    /// domain, or leads to a mailbox with room for it (RFC 1870: a message
+    /// that cannot fit is refused at RCPT, not after DATA).
+    pub fn standing(&self, recipient: &str, size: u64) -> Result<Standing, MailboxError> {
+        Self::split(recipient)?;
+        let (mailboxes, forward) = match self.directory.resolve(recipient) {
+            Resolved::Unknown => return Ok(Standing::Unknown),
+            Resolved::Targets { mailboxes, forward } => (mailboxes, forward),
         };
-        for b in &boxes {
+        if !forward.is_empty() {
+            return Ok(Standing::Exists { mailboxes, forward });
+        }
+        for b in &mailboxes {
             let quota = self.directory.quota(b);
-            if quota == 0 || self.usage_of(&self.dir_of(b)?, quota)?.bytes < quota {
-                return Ok(Standing::Exists(boxes));
+            if quota == 0 {
+                return Ok(Standing::Exists { mailboxes, forward });
+            }
+            let used = self.usage_of(&self.dir_of(b)?, quota)?.bytes;
+            if used < quota && used.saturating_add(size) <= quota {
+                return Ok(Standing::Exists { mailboxes, forward });
             }
         }
-        Ok(Standing::OverQuota(boxes))
+        Ok(Standing::OverQuota(mailboxes))
     }
 
     /// Stores `content` for `recipient` in the inbox of every mailbox it

@@ -57,6 +57,15 @@ impl StorageService {
     }
 }
 
+/// Whether any mailbox in a standing has a quota.
+fn mailboxes_limited(boxes: &Mailboxes, s: &Standing) -> bool {
+    let m = match s {
+        Standing::Exists { mailboxes, .. } | Standing::OverQuota(mailboxes) => mailboxes,
+        Standing::Unknown => return false,
+    };
+    m.iter().any(|b| boxes.directory().quota(b) > 0)
+}
+
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<MessageChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -65,24 +74,27 @@ impl Storage for StorageService {
         &self,
         req: Request<CheckRecipientRequest>,
     ) -> Result<Response<CheckRecipientResponse>, Status> {
-        let address = req.into_inner().address;
+        let CheckRecipientRequest { address, size } = req.into_inner();
         // Without quotas the answer is in memory: no trip to the blocking pool.
         let standing = match self.boxes.standing_in_memory(&address) {
             Some(s) => s.map_err(status)?,
             None => {
                 let boxes = self.boxes.clone();
-                blocking(move || boxes.standing(&address)).await?
+                blocking(move || boxes.standing(&address, size)).await?
             }
         };
-        let (status, mailboxes) = match standing {
-            Standing::Exists(m) => (RcptStatus::Exists, m),
-            Standing::OverQuota(m) => (RcptStatus::OverQuota, m),
-            Standing::Unknown => (RcptStatus::Unknown, Vec::new()),
+        let limited = mailboxes_limited(&self.boxes, &standing);
+        let (status, mailboxes, forward) = match standing {
+            Standing::Exists { mailboxes, forward } => (RcptStatus::Exists, mailboxes, forward),
+            Standing::OverQuota(m) => (RcptStatus::OverQuota, m, Vec::new()),
+            Standing::Unknown => (RcptStatus::Unknown, Vec::new(), Vec::new()),
         };
         Ok(Response::new(CheckRecipientResponse {
             status: status as i32,
             mailbox: mailboxes.first().cloned().unwrap_or_default(),
             mailboxes,
+            forward,
+            limited,
         }))
     }
 

@@ -104,6 +104,7 @@ async fn check(s: &mut Server, address: &str) -> CheckRecipientResponse {
     s.client
         .check_recipient(CheckRecipientRequest {
             address: address.into(),
+            size: 0,
         })
         .await
         .unwrap()

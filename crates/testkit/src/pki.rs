@@ -111,3 +111,33 @@ pub fn test_cert_for(dir: &Path, name: &str, hosts: &[&str]) -> TestCert {
     }
     TestCert { cert, key, ca }
 }
+
+/// A new RSA-2048 key at `path` (PEM), and its DKIM record
+/// (`v=DKIM1; k=rsa; p=…`), as an operator's openssl makes them.
+pub fn dkim_rsa_key(path: &Path) -> String {
+    let (st, _, err) = run(
+        "openssl",
+        &["genrsa", "-out", path.to_str().unwrap(), "2048"],
+    );
+    assert!(st.success(), "openssl genrsa: {err}");
+    dkim_rsa_record(path)
+}
+
+/// The DKIM record of the RSA key at `path`.
+pub fn dkim_rsa_record(path: &Path) -> String {
+    let (st, pubkey, err) = run(
+        "sh",
+        &[
+            "-c",
+            &format!(
+                "openssl rsa -in {} -pubout -outform DER 2>/dev/null | base64 -w0",
+                path.display()
+            ),
+        ],
+    );
+    assert!(
+        st.success() && !pubkey.trim().is_empty(),
+        "openssl rsa: {err}"
+    );
+    format!("v=DKIM1; k=rsa; p={}", pubkey.trim())
+}

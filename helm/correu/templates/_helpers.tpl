@@ -156,8 +156,10 @@ the Secrets it mounts or takes variables from. Include with (list $ "ingress"). 
 {{- $_ := set $shared "smtp" $config.smtp -}}
 {{- $_ := set $shared "queue" $config.queue -}}
 {{- $_ := set $shared "redis" $config.redis -}}
-{{- $_ := set $shared "storage" (pick $config.storage "endpoint" "request_timeout") -}}
-{{- $secrets = list $.Values.rabbitmq.existingSecret $.Values.redis.existingSecret $.Values.tls.existingSecret -}}
+{{- $_ := set $shared "inbound" $config.inbound -}}
+{{- $_ := set $shared "dkim" $config.delivery.dkim -}}
+{{- $_ := set $shared "storage" (pick $config.storage "endpoint" "request_timeout" "srs_secret_file") -}}
+{{- $secrets = list $.Values.rabbitmq.existingSecret $.Values.redis.existingSecret $.Values.tls.existingSecret $.Values.dkim.existingSecret $.Values.srs.existingSecret -}}
 {{- else if eq $c "delivery" -}}
 {{- $_ := set $shared "delivery" $config.delivery -}}
 {{- $_ := set $shared "queue" $config.queue -}}
@@ -345,6 +347,9 @@ place, so toToml writes 52428800 and not 5.24288e+07. */}}
 {{- if .Values.accounts.aliases -}}
 {{- $_ := set $storage "aliases_file" "/etc/correu/accounts/aliases" -}}
 {{- end -}}
+{{- end -}}
+{{- if .Values.srs.existingSecret -}}
+{{- $_ := set $storage "srs_secret_file" "/etc/correu/srs/secret" -}}
 {{- end -}}
 {{- $delivery := dict -}}
 {{- if .Values.dkim.domains -}}

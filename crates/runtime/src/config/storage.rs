@@ -27,6 +27,12 @@ pub struct StorageConfig {
     pub accounts_file: Option<PathBuf>,
     /// Aliases: `address: target, target`; `@domain: target` for a catch-all.
     pub aliases_file: Option<PathBuf>,
+    /// A file holding the secret that signs SRS addresses: mail an alias
+    /// forwards to another domain goes out from `SRS0=…@alias-domain`, so
+    /// SPF passes at the next hop and bounces come back here to be sent
+    /// on. Every ingress replica needs the same file. Without one,
+    /// forwarded mail keeps its sender, as Postfix's aliases do.
+    pub srs_secret_file: Option<PathBuf>,
     /// Quota of a mailbox whose account sets none (`0`: none).
     pub default_quota: Size,
     /// Deadline of each gRPC call to storage.
@@ -42,6 +48,7 @@ impl Default for StorageConfig {
             mailboxes: Vec::new(),
             accounts_file: None,
             aliases_file: None,
+            srs_secret_file: None,
             default_quota: Size(0),
             request_timeout: Dur::secs(10),
         }
@@ -55,6 +62,11 @@ impl StorageConfig {
             && !(st.endpoint.starts_with("http://") || st.endpoint.starts_with("https://"))
         {
             c.err("storage.endpoint", "must be a URL like http://storage:2526");
+        }
+        if let Some(f) = &st.srs_secret_file
+            && c.role.runs_ingress()
+        {
+            c.readable_file("storage.srs_secret_file", f);
         }
         if !c.role.runs_storage() {
             return;
