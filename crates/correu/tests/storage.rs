@@ -130,6 +130,33 @@ fn dovecot_serves_what_correu_stored_to_the_same_accounts() {
     assert_eq!(c.cmd("RCPT TO:<tiny@example.org>").code, 250);
     c.cmd("RSET");
     c.cmd("QUIT");
+    // The quota changes (the account made again with 2k): storage rewrites
+    // the maildirsize header at once, not at the next delivery.
+    correu_cli(&cfg, &["account", "del", "tiny@example.org"], "");
+    correu_cli(
+        &cfg,
+        &[
+            "account",
+            "add",
+            "tiny@example.org",
+            "--quota",
+            "2k",
+            "--no-password",
+        ],
+        "",
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let header = std::fs::read_to_string(tiny.join("maildirsize")).unwrap_or_default();
+        if header.starts_with("2048S\n") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "maildirsize still says {header:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let stored = wait_maildir(&root.join("example.org/pere"), 1, Duration::from_secs(30));
     assert_eq!(stored.len(), 1);
     assert!(

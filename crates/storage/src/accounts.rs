@@ -148,6 +148,17 @@ impl Directory {
         }
     }
 
+    /// The accounts as last read (`None` without an accounts file); a new
+    /// `Arc` after each change of the file.
+    pub fn accounts(&self) -> Option<std::sync::Arc<HashMap<String, Account>>> {
+        self.accounts.as_ref().map(Watched::get)
+    }
+
+    /// The quota an account gets: its own, or the default.
+    pub fn quota_of(&self, account: &Account) -> u64 {
+        account.quota.unwrap_or(self.default_quota)
+    }
+
     /// The quota of a mailbox in bytes; 0 for none.
     pub fn quota(&self, mailbox: &str) -> u64 {
         self.accounts

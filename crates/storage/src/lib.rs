@@ -114,6 +114,7 @@ pub async fn run_with(
         .register_encoded_file_descriptor_set(correu_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    tokio::spawn(refresh_quotas(boxes.clone(), shutdown.clone()));
     let draining = shutdown.clone();
     tokio::spawn(async move {
         draining.cancelled().await;
@@ -138,6 +139,31 @@ pub async fn run_with(
         .await?;
     tracing::info!("storage stopped");
     Ok(())
+}
+
+/// Watches the accounts file for quota changes and rewrites the
+/// `maildirsize` of the mailboxes concerned (see
+/// [`Mailboxes::refresh_changed_quotas`]).
+async fn refresh_quotas(boxes: Arc<Mailboxes>, shutdown: CancellationToken) {
+    let mut seen = boxes.directory().accounts();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let now = boxes.directory().accounts();
+        let (Some(before), Some(after)) = (seen.clone(), now.clone()) else {
+            seen = now;
+            continue;
+        };
+        if Arc::ptr_eq(&before, &after) {
+            continue;
+        }
+        let b = boxes.clone();
+        let _rewritten =
+            tokio::task::spawn_blocking(move || b.refresh_changed_quotas(&before, &after)).await;
+        seen = now;
+    }
 }
 
 /// The storage service on its own: binds `storage.listen` and serves.

@@ -619,6 +619,53 @@ impl Mailboxes {
         Ok(u)
     }
 
+    /// After the accounts file changed (`before` is what it held, `now`
+    /// what it holds), the `maildirsize` of each mailbox whose quota
+    /// changed is rewritten at once, so that Dovecot, which reads the
+    /// quota from it, does not keep the old one until the next delivery;
+    /// one whose quota went away is removed (Dovecot recounts). Returns
+    /// how many were looked at. Blocking.
+    pub fn refresh_changed_quotas(
+        &self,
+        before: &HashMap<String, crate::accounts::Account>,
+        now: &HashMap<String, crate::accounts::Account>,
+    ) -> usize {
+        let d = &self.directory;
+        let mut n = 0;
+        for (address, account) in now {
+            let quota = d.quota_of(account);
+            // A new account (`correu account del` then `add`) whose
+            // Maildir has a `maildirsize` is checked too: usage_of
+            // rewrites it only when its header names another quota.
+            let old = before.get(address).map(|a| d.quota_of(a));
+            if old == Some(quota) || (old.is_none() && quota == 0) {
+                continue;
+            }
+            let Ok(dir) = self.dir_of(address) else {
+                continue;
+            };
+            let file = dir.join("maildirsize");
+            if !file.exists() {
+                continue;
+            }
+            let done = if quota == 0 {
+                std::fs::remove_file(&file).map_err(MailboxError::from)
+            } else {
+                self.usage_of(&dir, quota).map(|_| ())
+            };
+            match done {
+                Ok(()) => {
+                    tracing::info!(mailbox = %address, quota, "quota changed: maildirsize rewritten");
+                    n += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(mailbox = %address, error = %e, "quota changed, and maildirsize could not be rewritten")
+                }
+            }
+        }
+        n
+    }
+
     /// Count, bytes and quota of the mailbox of `address`.
     pub fn stats(&self, address: &str) -> Result<(Usage, u64), MailboxError> {
         let dir = self.resolve(address)?;
