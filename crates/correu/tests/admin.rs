@@ -15,14 +15,6 @@ use correu_testkit::*;
 
 const CORREU: &str = env!("CARGO_BIN_EXE_correu");
 
-fn correu_cli(cfg: &Path, args: &[&str], stdin: &str) -> String {
-    let mut all = vec!["--config", cfg.to_str().unwrap()];
-    all.extend_from_slice(args);
-    let (st, out, err) = run_with_stdin(CORREU, &all, stdin);
-    assert!(st.success(), "correu {args:?}: {out}{err}");
-    out
-}
-
 /// Whether Dovecot on `port` lets `user` in with `password` over IMAP
 /// (Python's imaplib), and what it said.
 fn imap_login(port: u16, user: &str, password: &str) -> (bool, String) {
@@ -77,7 +69,12 @@ fn account_edits_keep_the_files_group_and_dovecot_still_logs_in() {
     let (st, _, err) = run("chown", &["-R", "65534:65534", root.to_str().unwrap()]);
     assert!(st.success(), "{err}");
 
-    correu_cli(&cfg, &["account", "add", "pere@example.org"], "first\n");
+    correu_cli(
+        CORREU,
+        &cfg,
+        &["account", "add", "pere@example.org"],
+        "first\n",
+    );
     assert_eq!(
         owner_group_mode(&accounts).2,
         0o600,
@@ -121,7 +118,7 @@ fn account_edits_keep_the_files_group_and_dovecot_still_logs_in() {
     // seconds and the size: a same-size `passwd` must still be seen).
     let edit = |args: &[&str], stdin: &str| {
         let before = std::fs::metadata(&accounts).unwrap();
-        correu_cli(&cfg, args, stdin);
+        correu_cli(CORREU, &cfg, args, stdin);
         let after = std::fs::metadata(&accounts).unwrap();
         assert_ne!(before.ino(), after.ino(), "{args:?} replaced the file");
         assert_eq!(owner_group_mode(&accounts), set_up, "after {args:?}");
@@ -154,6 +151,7 @@ fn account_edits_keep_the_files_group_and_dovecot_still_logs_in() {
 
     // The aliases file is kept the same way.
     correu_cli(
+        CORREU,
         &cfg,
         &["alias", "add", "postmaster@example.org", "pere@example.org"],
         "",
@@ -164,6 +162,7 @@ fn account_edits_keep_the_files_group_and_dovecot_still_logs_in() {
         assert!(st.success(), "{cmd}: {err}");
     }
     correu_cli(
+        CORREU,
         &cfg,
         &["alias", "add", "abuse@example.org", "pere@example.org"],
         "",
@@ -215,7 +214,12 @@ fn storage_starts_before_its_accounts_file_exists_and_picks_it_up() {
 
     // The operator makes the accounts file (its directory too).
     std::fs::create_dir_all(accounts.parent().unwrap()).unwrap();
-    correu_cli(&cfg, &["account", "add", "pere@example.org"], "secret\n");
+    correu_cli(
+        CORREU,
+        &cfg,
+        &["account", "add", "pere@example.org"],
+        "secret\n",
+    );
     let wait_accepted = |to: &str| {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {

@@ -16,14 +16,6 @@ use correu_testkit::*;
 const CORREU: &str = env!("CARGO_BIN_EXE_correu");
 const PASSWORD: &str = "dovecot and correu";
 
-fn correu_cli(cfg: &Path, args: &[&str], stdin: &str) -> String {
-    let mut all = vec!["--config", cfg.to_str().unwrap()];
-    all.extend_from_slice(args);
-    let (st, out, err) = run_with_stdin(CORREU, &all, stdin);
-    assert!(st.success(), "correu {args:?}: {out}{err}");
-    out
-}
-
 #[test]
 fn dovecot_serves_what_correu_stored_to_the_same_accounts() {
     let dir = tempfile::tempdir().unwrap();
@@ -45,11 +37,13 @@ fn dovecot_serves_what_correu_stored_to_the_same_accounts() {
     .unwrap();
     // The operator's commands make the files.
     correu_cli(
+        CORREU,
         &cfg,
         &["account", "add", "pere@example.org"],
         &format!("{PASSWORD}\n"),
     );
     correu_cli(
+        CORREU,
         &cfg,
         &[
             "account",
@@ -62,11 +56,12 @@ fn dovecot_serves_what_correu_stored_to_the_same_accounts() {
         "",
     );
     correu_cli(
+        CORREU,
         &cfg,
         &["alias", "add", "postmaster@example.org", "pere@example.org"],
         "",
     );
-    let listed = correu_cli(&cfg, &["account", "list"], "");
+    let listed = correu_cli(CORREU, &cfg, &["account", "list"], "");
     assert!(
         listed.contains("pere@example.org  no quota")
             && listed.contains("tiny@example.org  quota 1024 bytes  (no login)"),
@@ -132,8 +127,9 @@ fn dovecot_serves_what_correu_stored_to_the_same_accounts() {
     c.cmd("QUIT");
     // The quota changes (the account made again with 2k): storage rewrites
     // the maildirsize header at once, not at the next delivery.
-    correu_cli(&cfg, &["account", "del", "tiny@example.org"], "");
+    correu_cli(CORREU, &cfg, &["account", "del", "tiny@example.org"], "");
     correu_cli(
+        CORREU,
         &cfg,
         &[
             "account",

@@ -289,3 +289,12 @@ pub fn run(program: &str, args: &[&str]) -> (std::process::ExitStatus, String, S
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// `BIN --config CFG ARGS…` with `stdin`, which must succeed; its stdout.
+pub fn correu_cli(bin: &str, cfg: &Path, args: &[&str], stdin: &str) -> String {
+    let mut all = vec!["--config", cfg.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let (st, out, err) = run_with_stdin(bin, &all, stdin);
+    assert!(st.success(), "correu {args:?}: {out}{err}");
+    out
+}
