@@ -15,10 +15,15 @@ const CORREU: &str = env!("CARGO_BIN_EXE_correu");
 /// Postfix as the MX of remote.test: it knows ana@remote.test only, offers
 /// STARTTLS with a certificate for localhost signed by the test CA.
 fn remote_postfix(dir: &Path, cert: &TestCert) -> Postfix {
+    remote_postfix_with(dir, cert, "")
+}
+
+/// [`remote_postfix`] with more of main.cf.
+fn remote_postfix_with(dir: &Path, cert: &TestCert, extra: &str) -> Postfix {
     Postfix::start(
         &dir.join("postfix"),
         &format!(
-            "virtual_mailbox_domains = remote.test\nvirtual_mailbox_base = {{VMAIL}}\nvirtual_mailbox_maps = inline:{{ana@remote.test=ana/}}\nvirtual_uid_maps = static:65534\nvirtual_gid_maps = static:65534\nvirtual_transport = virtual\nsmtpd_tls_cert_file = {}\nsmtpd_tls_key_file = {}\nsmtpd_tls_security_level = may\nsmtpd_tls_received_header = yes\n",
+            "virtual_mailbox_domains = remote.test\nvirtual_mailbox_base = {{VMAIL}}\nvirtual_mailbox_maps = inline:{{ana@remote.test=ana/}}\nvirtual_uid_maps = static:65534\nvirtual_gid_maps = static:65534\nvirtual_transport = virtual\nsmtpd_tls_cert_file = {}\nsmtpd_tls_key_file = {}\nsmtpd_tls_security_level = may\nsmtpd_tls_received_header = yes\n{extra}\n",
             cert.cert.display(),
             cert.key.display()
         ),
@@ -804,5 +809,100 @@ fn an_alias_forwards_to_another_domain_with_srs_and_bounces_find_the_sender() {
     assert!(
         out.contains("y@fwd.test: pere@fwd.test, c@remote.test"),
         "{out}"
+    );
+}
+
+/// More deliveries to one host than `max_connections_per_host` at once:
+/// those over the limit take the connections the others put back, and
+/// none waits for a kept connection to go idle (before, they waited for
+/// `connection_idle` or went to a retry tier).
+#[test]
+fn deliveries_over_the_per_host_limit_reuse_the_connections_put_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = test_cert(dir.path(), "mx");
+    // Each transaction takes Postfix a second (a pause at RCPT), so the
+    // twelve deliveries are under way together.
+    let postfix = remote_postfix_with(dir.path(), &cert, "smtpd_recipient_restrictions = sleep 1");
+    let (mut serve, addr) = serve(
+        dir.path(),
+        "a",
+        &format!(
+            "[delivery]\nconcurrency = 16\nmax_connections_per_host = 2\nconnection_idle = \"5m\"\n\
+             [delivery.routes]\n\"remote.test\" = \"127.0.0.1:{}\"\n",
+            postfix.port
+        ),
+    );
+    let mut c = Smtp::connect(addr);
+    c.read();
+    c.cmd("EHLO client.example");
+    for i in 0..12 {
+        c.send_mail(
+            "jo@localhost",
+            &["ana@remote.test"],
+            &format!("Subject: burst {i}\r\n\r\nbody {i}\r\n"),
+        );
+    }
+    c.cmd("QUIT");
+    let got = wait_maildir(&postfix.vmail.join("ana"), 12, Duration::from_secs(60));
+    assert_eq!(got.len(), 12);
+    serve.wait_for("delivered", Duration::from_secs(1));
+    let log = read(&serve.stdout) + &read(&serve.stderr);
+    assert!(
+        !log.contains("retry scheduled") && !log.contains("connection limit"),
+        "every delivery found a connection: {log}"
+    );
+    // Postfix saw two connections from Correu (and the one that found
+    // it listening).
+    let pf = read(&postfix.log);
+    assert!(pf.matches(": connect from localhost").count() <= 3, "{pf}");
+}
+
+/// A receiver whose TLS offers only CBC ciphers (which rustls does not
+/// speak): opportunistic TLS delivers to it in plaintext after the failed
+/// handshake, as Postfix's `may` does; a route that requires TLS does not.
+#[test]
+fn a_failed_opportunistic_handshake_falls_back_to_plaintext_and_required_tls_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = test_cert(dir.path(), "mx");
+    let postfix = remote_postfix_with(
+        dir.path(),
+        &cert,
+        "smtpd_tls_protocols = !SSLv2, !SSLv3, !TLSv1, !TLSv1.1, !TLSv1.3\n\
+         smtpd_tls_ciphers = high\ntls_high_cipherlist = AES128-SHA:AES256-SHA:AES128-SHA256:AES256-SHA256",
+    );
+    let (mut may, addr) = serve(
+        dir.path(),
+        "a",
+        &format!(
+            "[delivery.routes]\n\"remote.test\" = \"127.0.0.1:{}\"\n",
+            postfix.port
+        ),
+    );
+    send(addr, &["ana@remote.test"], "cbc only");
+    let got = only_file(&postfix.vmail.join("ana"), Duration::from_secs(30));
+    assert!(got.contains("Subject: cbc only"), "{got}");
+    assert!(!got.contains("(using TLS"), "plaintext: {got}");
+    may.wait_for(
+        "STARTTLS handshake failed; delivering in plaintext",
+        Duration::from_secs(5),
+    );
+
+    let (mut required, addr) = serve(
+        dir.path(),
+        "b",
+        &format!(
+            "[delivery.routes.\"remote.test\"]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"required\"\n",
+            postfix.port
+        ),
+    );
+    send(addr, &["ana@remote.test"], "required");
+    let line = required.wait_for("retry scheduled", Duration::from_secs(30));
+    assert!(!line.is_empty());
+    let log = read(&required.stdout) + &read(&required.stderr);
+    assert!(!log.contains("delivering in plaintext"), "{log}");
+    assert_eq!(
+        wait_maildir(&postfix.vmail.join("ana"), 1, Duration::from_secs(2)).len(),
+        1,
+        "nothing more reached Postfix"
     );
 }

@@ -317,31 +317,35 @@ impl Deliverer {
         };
         // A connection kept from an earlier message, if one is fresh, with
         // its lease; one that fails before any reply is simply dropped for
-        // a new one.
-        if let Some(mut kept) = self.pool.take(&key) {
+        // another. Over the host's limit, the first connection put back
+        // or lease given back is taken.
+        let lease = loop {
+            let mut kept = match self.slot(&key).await.ok_or(HostError::Busy)? {
+                pool::Slot::New(lease) => break lease,
+                pool::Slot::Kept(kept) => kept,
+            };
             if !self.leases.renew(&mut kept.lease).await {
                 tracing::debug!(mx = %hop.host, "a kept connection's lease had expired; closing it");
                 kept.client.quit().await;
-            } else {
-                match kept.client.deliver(&t).await {
-                    Ok(outcomes) => {
-                        self.keep_or_quit(key, kept).await;
-                        return Ok(outcomes);
-                    }
-                    Err(e) if kept.client.body_sent() => {
-                        // The server may have the message: no second copy
-                        // now; the retry tiers decide.
-                        self.release(kept.lease).await;
-                        return Err(e.into());
-                    }
-                    Err(e) => {
-                        tracing::debug!(mx = %hop.host, error = %e, "a kept connection had gone stale; reconnecting");
-                        self.release(kept.lease).await;
-                    }
+                continue;
+            }
+            match kept.client.deliver(&t).await {
+                Ok(outcomes) => {
+                    self.keep_or_quit(key, kept).await;
+                    return Ok(outcomes);
+                }
+                Err(e) if kept.client.body_sent() => {
+                    // The server may have the message: no second copy
+                    // now; the retry tiers decide.
+                    self.release(kept.lease).await;
+                    return Err(e.into());
+                }
+                Err(e) => {
+                    tracing::debug!(mx = %hop.host, error = %e, "a kept connection had gone stale; reconnecting");
+                    self.release(kept.lease).await;
                 }
             }
-        }
-        let lease = self.lease(&hop.host).await.ok_or(HostError::Busy)?;
+        };
         match self.connect(hop, addr).await {
             Ok(mut client) => match client.deliver(&t).await {
                 Ok(outcomes) => {
@@ -360,9 +364,8 @@ impl Deliverer {
         }
     }
 
-    /// Opens a session with `hop` at `addr`: EHLO, STARTTLS as the hop's
-    /// policy says, AUTH when its route has credentials.
-    async fn connect(
+    /// A TCP connection to `addr`, within the connect timeout.
+    async fn dial(
         &self,
         hop: &route::Hop,
         addr: std::net::SocketAddr,
@@ -373,8 +376,32 @@ impl Deliverer {
             Ok(r) => r?,
         };
         stream.set_nodelay(true)?;
-        let mut c = Client::new(stream, &hop.host, self.timeouts);
-        c.hello(&self.hostname, self.policy(hop)).await?;
+        Ok(Client::new(stream, &hop.host, self.timeouts))
+    }
+
+    /// Opens a session with `hop` at `addr`: EHLO, STARTTLS as the hop's
+    /// policy says, AUTH when its route has credentials.
+    async fn connect(
+        &self,
+        hop: &route::Hop,
+        addr: std::net::SocketAddr,
+    ) -> Result<Client, client::SessionError> {
+        let mut c = self.dial(hop, addr).await?;
+        let policy = self.policy(hop);
+        match c.hello(&self.hostname, policy).await {
+            Ok(()) => {}
+            // Nothing demands TLS of this hop (no MTA-STS enforce, no
+            // required route): as Postfix's `may`, the same host again in
+            // plaintext rather than never.
+            Err(client::SessionError::TlsHandshake(why))
+                if matches!(policy, tls::TlsPolicy::Opportunistic(_)) =>
+            {
+                tracing::warn!(mx = %hop.host, %addr, error = %why, "STARTTLS handshake failed; delivering in plaintext (opportunistic TLS)");
+                c = self.dial(hop, addr).await?;
+                c.hello(&self.hostname, &tls::TlsPolicy::None).await?;
+            }
+            Err(e) => return Err(e),
+        }
         if let Some(route) = &hop.route
             && let (Some(user), Some(file)) = (&route.auth_user, &route.auth_password_file)
         {

@@ -129,6 +129,10 @@ pub enum SessionError {
     /// TLS was required and is not possible with this server.
     #[error("TLS required: {0}")]
     TlsRequired(String),
+    /// Opportunistic STARTTLS failed in its handshake (no common cipher,
+    /// a broken server): the connection is gone; plaintext may follow.
+    #[error("TLS handshake failed: {0}")]
+    TlsHandshake(String),
     #[error("authentication with the relay failed: {0}")]
     Auth(Reply),
 }
@@ -299,7 +303,7 @@ impl Client {
             Ok(Err(e)) if policy.required() => {
                 return Err(SessionError::TlsRequired(format!("{}: {e}", self.host)));
             }
-            Ok(Err(e)) => return Err(SessionError::Io(e)),
+            Ok(Err(e)) => return Err(SessionError::TlsHandshake(format!("{}: {e}", self.host))),
             Ok(Ok(s)) => s,
         };
         self.tls = Some(crate::tls::describe(&tls));

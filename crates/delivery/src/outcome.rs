@@ -137,6 +137,7 @@ pub fn from_session_error(
     let status = match e {
         // RFC 3463: 4.4.1 no answer from host; 4.4.2 bad connection.
         SessionError::Io(_) | SessionError::Timeout(Phase::Connect, _) => "4.4.1",
+        SessionError::TlsHandshake(_) => "4.7.5",
         SessionError::Timeout(..) | SessionError::Closed | SessionError::BadReply(_) => "4.4.2",
         SessionError::Refused(_) => "4.4.1",
         // 4.7.5: cryptographic failure; 4.7.8: credentials refused.

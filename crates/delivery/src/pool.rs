@@ -31,6 +31,15 @@ pub struct Kept {
     pub lease: Lease,
 }
 
+/// What [`crate::Deliverer::slot`] found.
+// Returned once per delivery and moved out at once: not worth a box.
+#[allow(clippy::large_enum_variant)]
+pub enum Slot {
+    Kept(Kept),
+    /// A lease for a new connection.
+    New(Lease),
+}
+
 pub struct Pool {
     max_per_key: usize,
     idle: Duration,
@@ -112,16 +121,24 @@ const LEASE_POLL: Duration = Duration::from_millis(200);
 /// Leases: connections per host, counted across every delivery process
 /// (Redis), held by a connection for as long as it is open.
 impl crate::Deliverer {
-    /// A connection lease for `host`, waiting up to `LEASE_WAIT` for one
-    /// to come free (a burst to one host queues here for seconds instead of
-    /// going to a retry tier for minutes). Releases in this process wake
-    /// the waiters at once; other pods' releases are seen on the next poll.
-    pub(crate) async fn lease(&self, host: &str) -> Option<correu_runtime::limits::Lease> {
+    /// A way to `key`'s host: a kept connection (with its lease) when one
+    /// is fresh, else a lease for a new one; waiting up to `LEASE_WAIT`
+    /// while the host is at its limit, for whichever comes first: a
+    /// connection put back after its transaction (in this process) or a
+    /// lease given back (in any).
+    pub(crate) async fn slot(&self, key: &Key) -> Option<Slot> {
         let deadline = tokio::time::Instant::now() + LEASE_WAIT;
         loop {
             let freed = self.lease_freed.notified();
-            if let Some(l) = self.leases.acquire("conn", host, self.max_per_host).await {
-                return Some(l);
+            if let Some(k) = self.pool.take(key) {
+                return Some(Slot::Kept(k));
+            }
+            if let Some(l) = self
+                .leases
+                .acquire("conn", &key.host, self.max_per_host)
+                .await
+            {
+                return Some(Slot::New(l));
             }
             if tokio::time::Instant::now() >= deadline {
                 return None;
@@ -146,9 +163,13 @@ impl crate::Deliverer {
             self.release(k.lease).await;
             return;
         }
-        if let Some(k) = self.pool.put(key, k) {
-            k.client.quit().await;
-            self.release(k.lease).await;
+        match self.pool.put(key, k) {
+            Some(k) => {
+                k.client.quit().await;
+                self.release(k.lease).await;
+            }
+            // A delivery waiting for this host may take it now.
+            None => self.lease_freed.notify_waiters(),
         }
     }
 
