@@ -554,3 +554,96 @@ fn a_milter_that_is_down_gets_its_default_action() {
     assert_eq!(r.code, 250, "{r}");
     assert!(stored(dir.path(), "later").contains("\r\n\r\nx\r\n"));
 }
+
+/// A milter that changes what the ARC seal of a forwarded message covers
+/// (the Subject) drops the seal; one that only adds a field keeps it, and
+/// it still verifies (dkimpy). The seal is in the one queued copy, so the
+/// alias's local mailbox shows it.
+#[test]
+fn an_arc_seal_survives_an_added_field_and_not_a_changed_subject() {
+    for (name, manipulation, sealed) in [
+        (
+            "adds",
+            "AppendHeader(headername='X-Scanned', headertext='yes')",
+            true,
+        ),
+        (
+            "changes",
+            "ChangeHeader(headername='Subject', headertext='changed', nth_occurrence=1)",
+            false,
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let script = format!(
+            "from purepythonmilter import *\n\
+             async def eom(cmd):\n\
+             \x20   return Continue(manipulations=[{manipulation}])\n\
+             PurePythonMilter(name='{name}', hook_on_end_of_message=eom, can_add_headers=True,\n\
+             \x20   can_change_headers=True).run_server(host='127.0.0.1', port={port})\n"
+        );
+        let milter = Proc::spawn(name, dir.path(), &python(), &["-c", &script], &[]);
+        wait_port(port, Duration::from_secs(20), &milter);
+        let key = dir.path().join("localhost.pem");
+        let record = dkim_rsa_key(&key);
+        std::fs::write(
+            dir.path().join("aliases"),
+            "mix@localhost: pere@localhost, away@remote.test\n",
+        )
+        .unwrap();
+        let closed = ClosedPort::new();
+        let cfg = dir.path().join("correu.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "hostname = \"mx.correu.test\"\n\
+                 [smtp]\nlisten = [\"127.0.0.1:0\"]\ntrusted_networks = []\n\
+                 [[inbound.milters]]\nname = \"{name}\"\naddress = \"127.0.0.1:{port}\"\n\
+                 [storage]\nlisten = \"127.0.0.1:0\"\nroot = \"mail\"\naliases_file = \"{}\"\n\
+                 [queue]\nspool = \"queue\"\nretry_delays = [\"10m\"]\n\
+                 [delivery.routes]\n\"remote.test\" = \"127.0.0.1:{}\"\n\
+                 [delivery.dkim.localhost]\nselector = \"s1\"\nkey_file = \"{}\"\n",
+                dir.path().join("aliases").display(),
+                closed.port,
+                key.display()
+            ),
+        )
+        .unwrap();
+        let mut serve = Proc::correu(CORREU, "serve", dir.path(), &["serve"], &cfg);
+        let addr = serve.serve_smtp_addr();
+        let mut c = Smtp::connect(addr);
+        c.read();
+        c.cmd("EHLO client.signed.test");
+        let r = c.send_mail(
+            "jo@signed.test",
+            &["mix@localhost"],
+            "From: <jo@signed.test>\r\nTo: mix@localhost\r\nSubject: sealed?\r\n\
+             Date: Wed, 02 Dec 2026 03:00:00 +0000\r\nMessage-ID: <m@signed.test>\r\n\r\nA body.\r\n",
+        );
+        assert_eq!(r.code, 250, "{name}: {r}");
+        c.cmd("QUIT");
+        let files = wait_maildir(
+            &dir.path().join("mail/localhost/pere"),
+            1,
+            Duration::from_secs(30),
+        );
+        let got = read(&files[0]);
+        if sealed {
+            assert!(got.contains("X-Scanned: yes"), "{name}: {got}");
+            assert!(got.contains("ARC-Seal: i=1;"), "{name}: {got}");
+            let script = format!(
+                "import sys,dkim\nmsg=sys.stdin.buffer.read()\nrec={record:?}.encode()\n\
+                 cv,res,why=dkim.arc_verify(msg,dnsfunc=lambda name,timeout=5: rec)\nprint(cv.decode(), why)\n"
+            );
+            let (_, out, err) = run_with_stdin(&python(), &["-c", &script], &got);
+            assert!(out.starts_with("pass"), "{name}: ARC {out} {err}\n{got}");
+        } else {
+            assert!(got.contains("Subject: changed"), "{name}: {got}");
+            assert!(!got.contains("ARC-Seal"), "{name}: {got}");
+            serve.wait_for(
+                "a milter changed what the ARC seal covers",
+                Duration::from_secs(5),
+            );
+        }
+    }
+}

@@ -7,7 +7,11 @@
 //! lifetime an account deleted meanwhile can still be offered mail
 //! (delivery then gets "no such mailbox" and bounces it), and so can a
 //! mailbox that filled up meanwhile (delivery then waits with 4.2.2 and
-//! tries again, as for any full mailbox).
+//! tries again, as for any full mailbox). An address whose answer depends
+//! on more than existing is never remembered: one with a quota (the
+//! answer depends on SIZE=) or an alias that forwards to other domains
+//! (its targets are queued). An address that becomes such an alias while
+//! remembered is taken as a plain recipient for the rest of the lifetime.
 
 use std::collections::HashMap;
 use std::sync::Mutex;

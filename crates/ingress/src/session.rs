@@ -937,12 +937,9 @@ async fn deliver(
     if refusal.is_none() && !milters.is_empty() {
         let mut content = std::mem::take(&mut added).into_bytes();
         content.extend_from_slice(&body);
-        let sealed = arc_set.take().map(|set| {
-            let (f, b) = arc_signed_parts(&content);
-            let before: (Vec<Vec<u8>>, Vec<u8>) =
-                (f.into_iter().map(<[u8]>::to_vec).collect(), b.to_vec());
-            (set, before)
-        });
+        // A sealed message (forwarded, so rare) is kept as it was, to
+        // tell afterwards whether the seal still covers it.
+        let sealed = arc_set.take().map(|set| (set, content.clone()));
         match filter(shared, &milters, &mut env, content, client, &id).await {
             Filtered::Go {
                 content,
@@ -950,8 +947,7 @@ async fn deliver(
             } => {
                 // The seal stands only over what the milters left as it was.
                 if let Some((set, before)) = sealed {
-                    let (f, b) = arc_signed_parts(&content);
-                    if f.iter().map(|x| x.to_vec()).eq(before.0) && b == before.1.as_slice() {
+                    if arc_signed_parts(&content) == arc_signed_parts(&before) {
                         added = set;
                     } else {
                         tracing::info!(queue_id = %id, "a milter changed what the ARC seal covers: forwarded without it");
@@ -1203,7 +1199,7 @@ async fn verify_message(
     body: &[u8],
     client: SocketAddr,
     id: &str,
-) -> Checked {
+) -> inbound::Verdict {
     let from = env.from.as_string();
     let input = inbound::Input {
         client: client.ip(),
@@ -1231,23 +1227,7 @@ async fn verify_message(
             tracing::warn!(queue_id = id, action, reason = verdict.reason, results = %results.join(" "), client = %client, from = %from, "inbound verification")
         }
     }
-    Checked {
-        header: verdict.header,
-        passed: verdict.passed,
-        action: verdict.action,
-        arc_set: verdict.arc_set,
-    }
-}
-
-/// What [`verify_message`] found.
-struct Checked {
-    /// `Authentication-Results: …`.
-    header: String,
-    /// The domains that passed SPF or DKIM.
-    passed: Vec<String>,
-    action: inbound::Action,
-    /// The ARC set of a forwarded message.
-    arc_set: Option<String>,
+    verdict
 }
 
 /// What is decided about a message before it is queued.

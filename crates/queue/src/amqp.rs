@@ -694,16 +694,7 @@ fn properties(msg: &QueuedMessage) -> BasicProperties {
 /// The queue id a message carries in its properties: Correu's header,
 /// else the AMQP `message_id` (what another producer sets).
 fn property_id(p: &BasicProperties) -> Option<String> {
-    let header = p
-        .headers()
-        .as_ref()
-        .and_then(|h| h.inner().get(QUEUE_ID).cloned())
-        .and_then(|v| match v {
-            AMQPValue::LongString(s) => Some(s.to_string()),
-            AMQPValue::ShortString(s) => Some(s.to_string()),
-            _ => None,
-        });
-    header
+    header_text(p, QUEUE_ID)
         .or_else(|| p.message_id().as_ref().map(|m| m.to_string()))
         .filter(|id| !id.is_empty())
 }
@@ -727,14 +718,10 @@ fn parked_entry(p: &BasicProperties, data: &[u8]) -> crate::admin::Parked {
                 .filter(|id| !id.is_empty())
         })
         .unwrap_or_default();
-    let parked_at_unix_ms = p
-        .headers()
-        .as_ref()
-        .and_then(|h| h.inner().get(PARKED_AT).cloned())
-        .and_then(|v| match v {
-            AMQPValue::LongLongInt(ms) => Some(ms),
-            _ => None,
-        });
+    let parked_at_unix_ms = match p.headers().as_ref().and_then(|h| h.inner().get(PARKED_AT)) {
+        Some(AMQPValue::LongLongInt(ms)) => Some(*ms),
+        _ => None,
+    };
     crate::admin::Parked {
         queue_id,
         reason: header_text(p, PARK_REASON).unwrap_or_default(),
