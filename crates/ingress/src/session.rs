@@ -1274,6 +1274,7 @@ async fn queue_message(
         },
         dsn_envid: env.params.envid.clone().unwrap_or_default(),
         smtputf8: env.params.smtputf8,
+        requiretls: env.params.requiretls,
         authenticated_user: env.user.clone().unwrap_or_default(),
         delay_warned: false,
         folder,

@@ -38,6 +38,8 @@ pub struct MailParams {
     pub ret: Option<Ret>,
     /// ENVID= (RFC 3461 §4.4), as sent (xtext).
     pub envid: Option<String>,
+    /// REQUIRETLS (RFC 8689): relay only over verified TLS, else bounce.
+    pub requiretls: bool,
 }
 
 /// RET= of MAIL FROM (RFC 3461 §4.3).
@@ -274,6 +276,7 @@ fn parse_mail(rest: &str) -> Result<Command, CommandError> {
             }
             ("BODY", Some(v)) => return Err(CommandError::ParameterValue(format!("BODY={v}"))),
             ("SMTPUTF8", None) => p.smtputf8 = true,
+            ("REQUIRETLS", None) => p.requiretls = true,
             ("RET", Some(v)) if v.eq_ignore_ascii_case("FULL") => p.ret = Some(Ret::Full),
             ("RET", Some(v)) if v.eq_ignore_ascii_case("HDRS") => p.ret = Some(Ret::Headers),
             ("RET", Some(v)) => return Err(CommandError::ParameterValue(format!("RET={v}"))),

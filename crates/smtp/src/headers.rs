@@ -39,6 +39,19 @@ pub fn rfc5322_date(unix_secs: i64) -> String {
     )
 }
 
+/// Formats seconds since the Unix epoch as RFC 3339 in UTC, for example
+/// `2026-11-28T10:56:21Z`.
+pub fn rfc3339(unix_secs: i64) -> String {
+    let secs = unix_secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(unix_secs.div_euclid(86_400));
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian
 /// (Howard Hinnant's `civil_from_days`).
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
@@ -211,6 +224,7 @@ mod tests {
     #[test]
     fn formats_known_dates() {
         assert_eq!(rfc5322_date(0), "Thu, 01 Jan 1970 00:00:00 +0000");
+        assert_eq!(rfc3339(951_782_400 + 3661), "2000-02-29T01:01:01Z");
         assert_eq!(rfc5322_date(951_782_400), "Tue, 29 Feb 2000 00:00:00 +0000");
         assert_eq!(
             rfc5322_date(1_795_863_381),

@@ -443,6 +443,10 @@ impl Session {
         if self.policy.tls_available && self.tls.is_none() {
             lines.push("STARTTLS".into());
         }
+        // RFC 8689 §4.1: only in a session that is itself under TLS.
+        if self.tls.is_some() {
+            lines.push("REQUIRETLS".into());
+        }
         // AUTH is never offered in the clear (RFC 8314 §3, RFC 4954 §4).
         if self.policy.auth_available && self.tls.is_some() && self.user.is_none() {
             lines.push("AUTH PLAIN LOGIN".into());
@@ -550,6 +554,10 @@ impl Session {
                 (5, 6, 7),
                 "Non-ASCII sender address needs SMTPUTF8",
             ));
+        }
+        if params.requiretls && self.tls.is_none() {
+            // RFC 8689 §4.1: REQUIRETLS needs a TLS session to begin with.
+            return self.error(reply(530, (5, 7, 10), "REQUIRETLS needs STARTTLS first"));
         }
         self.state = State::Mail;
         self.from = from;
@@ -1434,6 +1442,28 @@ mod tests {
                 ("RCPT TO:<ànna@exemple.cat>", "250"),
             ],
         );
+    }
+
+    #[test]
+    fn requiretls_is_offered_and_taken_only_under_tls() {
+        let mut plain = Session::new(cfg(), Policy::mx(true));
+        let ehlo = text(&plain.command(b"EHLO c"));
+        assert!(!ehlo.contains("REQUIRETLS"), "{ehlo}");
+        run(
+            &mut plain,
+            &[("MAIL FROM:<jo@domini.com> REQUIRETLS", "530 5.7.10")],
+        );
+        let mut tls = Session::new(
+            cfg(),
+            Policy {
+                tls_active: true,
+                ..Policy::mx(true)
+            },
+        );
+        let ehlo = text(&tls.command(b"EHLO c"));
+        assert!(ehlo.contains("REQUIRETLS"), "{ehlo}");
+        run(&mut tls, &[("MAIL FROM:<jo@domini.com> REQUIRETLS", "250")]);
+        assert!(tls.params.requiretls);
     }
 
     #[test]

@@ -37,6 +37,15 @@ pub enum SrsError {
 /// HMAC-SHA256 (RFC 2104) of the lower-cased parts, base64, its first
 /// four characters.
 fn hash(secret: &[u8], parts: &[&str]) -> String {
+    let lower: Vec<String> = parts.iter().map(|p| p.to_ascii_lowercase()).collect();
+    let parts: Vec<&[u8]> = lower.iter().map(|p| p.as_bytes()).collect();
+    let full = base64::engine::general_purpose::STANDARD.encode(hmac_sha256(secret, &parts));
+    full[..HASH_LEN].to_string()
+}
+
+/// HMAC-SHA256 (RFC 2104) of the concatenated `parts` under `secret` (for
+/// SRS here, and for webhook signatures).
+pub fn hmac_sha256(secret: &[u8], parts: &[&[u8]]) -> [u8; 32] {
     const BLOCK: usize = 64;
     let mut key = [0u8; BLOCK];
     if secret.len() > BLOCK {
@@ -47,13 +56,12 @@ fn hash(secret: &[u8], parts: &[&str]) -> String {
     let mut inner = Sha256::new();
     inner.update(key.map(|b| b ^ 0x36));
     for p in parts {
-        inner.update(p.to_ascii_lowercase().as_bytes());
+        inner.update(p);
     }
     let mut outer = Sha256::new();
     outer.update(key.map(|b| b ^ 0x5c));
     outer.update(inner.finalize());
-    let full = base64::engine::general_purpose::STANDARD.encode(outer.finalize());
-    full[..HASH_LEN].to_string()
+    outer.finalize().into()
 }
 
 fn timestamp(day: u64) -> String {
@@ -174,6 +182,17 @@ mod tests {
 
     fn local(a: &str) -> &str {
         a.rsplit_once('@').map(|(l, _)| l).unwrap()
+    }
+
+    #[test]
+    fn hmac_sha256_matches_rfc_4231() {
+        // Test case 2 of RFC 4231.
+        let mac = hmac_sha256(b"Jefe", &[b"what do ya want ", b"for nothing?"]);
+        let hex: String = mac.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
     }
 
     #[test]
