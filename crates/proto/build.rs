@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         root.join("correu/v1/queue.proto"),
         root.join("correu/v1/storage.proto"),
+        root.join("correu/v1/events.proto"),
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());

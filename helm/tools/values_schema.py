@@ -77,6 +77,8 @@ RATE = {"anyOf": [s(pattern="^(0|unlimited|[0-9]+/[0-9]+(ms|s|m|h|d)?)$"), {"con
         "description": "N/DURATION (120/1m), or 0 for none"}
 SIZE = {"anyOf": [s(pattern="^[0-9]+([kKmMgGtT][bB]?|[bB])?$"), i(0)], "description": "bytes, or 512k, 100M, 1G"}
 ADDR = s(pattern=r"^(\[[0-9a-fA-F:.]+\]|[0-9.]+):[0-9]+$", description="IP:PORT")
+BOUNCE_CLASSES = ["invalid_recipient", "mailbox_full", "message_too_large", "policy", "spam", "rate_limited",
+                  "dns", "tls", "connection", "suppressed", "expired", "other"]
 NET = s(pattern=r"^[0-9a-fA-F.:]+(/[0-9]+)?$")
 
 
@@ -145,11 +147,18 @@ CONFIG = obj({
         "timeouts": obj({k: DUR for k in ("connect", "banner", "ehlo", "starttls", "mail", "rcpt", "data",
                                           "data_end")}),
         "attempt_timeout": DUR,
+        "suppression": obj({"enabled": B, "ttl": DUR, "classes": many({"enum": BOUNCE_CLASSES})}),
     }),
     "redis": obj({
         "url": s(pattern="^(redis|rediss|unix)://"), "prefix": s(), "timeout": DUR, "pool_size": i(1),
     }),
     "telemetry": obj({"listen": ADDR, "span_addresses": B}),
+    "events": obj({"enabled": B}),
+    "webhook": obj({
+        "urls": many(s(pattern="^https?://.+")), "secret_file": s(), "timeout": DUR,
+        "outcomes": many({"enum": ["delivered", "deferred", "bounced", "expired", "suppressed"]}),
+        "concurrency": i(1), "tls_ca_file": s(),
+    }),
 }, description="any Correu setting, by section, exactly as in correu.toml; merged over what the chart sets")
 
 

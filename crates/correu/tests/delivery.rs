@@ -906,3 +906,212 @@ fn a_failed_opportunistic_handshake_falls_back_to_plaintext_and_required_tls_doe
         "nothing more reached Postfix"
     );
 }
+
+/// A recipient a real Postfix refuses with `550 5.1.1` is classed an
+/// invalid recipient and put on the suppression list (in Redis, shared by
+/// delivery processes); the next message to it fails at once, with a
+/// bounce that says so and no connection to Postfix. Each attempt has its
+/// delivery log line and its event; the operator's command lists, adds
+/// and removes.
+#[test]
+fn a_hard_bounce_suppresses_the_recipient_with_a_log_line_and_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = test_cert(dir.path(), "mx");
+    let postfix = remote_postfix(dir.path(), &cert);
+    let redis = RedisPrefix::new("suppression");
+    let (mut serve, addr) = serve(
+        dir.path(),
+        "a",
+        &format!(
+            "{}[events]\nenabled = true\n[delivery.routes]\n\"remote.test\" = \"127.0.0.1:{}\"\n",
+            redis.section(),
+            postfix.port
+        ),
+    );
+    let cfg = dir.path().join("a.toml");
+
+    // ana is delivered: the log line says where, how and how long.
+    let first = send(addr, &["ana@remote.test"], "one");
+    let sent = serve.wait_for_line(
+        &["\"message\":\"delivered\"", &first],
+        Duration::from_secs(30),
+    );
+    let port = postfix.port;
+    for want in [
+        "\"status\":\"sent\"",
+        "\"dsn\":\"2.0.0\"",
+        &format!("\"relay\":\"127.0.0.1[127.0.0.1]:{port}\""),
+        "\"tls_version\":\"TLSv1.3\"",
+        "\"tls_cipher\":\"TLS13_",
+        "\"recipient\":\"ana@remote.test\"",
+        "\"conn_use\":1",
+        "\"delays\":\"",
+    ] {
+        assert!(sent.contains(want), "{want} in {sent}");
+    }
+
+    // nobody: 550 5.1.1 from Postfix, a bounce, and the list.
+    let second = send(addr, &["nobody@remote.test"], "two");
+    let failed = serve.wait_for_line(
+        &["delivery failed permanently", &second],
+        Duration::from_secs(30),
+    );
+    for want in [
+        "\"status\":\"bounced\"",
+        "\"class\":\"invalid_recipient\"",
+        "\"dsn\":\"5.1.1\"",
+        "\"reply\":\"550 5.1.1",
+    ] {
+        assert!(failed.contains(want), "{want} in {failed}");
+    }
+    serve.wait_for("recipient suppressed\"", Duration::from_secs(5));
+    assert!(redis.exists("suppressed:nobody@remote.test"));
+    let listed = correu_cli(CORREU, &cfg, &["suppression", "list"], "");
+    assert!(
+        listed.contains("nobody@remote.test  invalid_recipient  5.1.1"),
+        "{listed}"
+    );
+
+    // The next message to nobody fails at once: Postfix never hears of it.
+    let refused_before = read(&postfix.log).matches("nobody@remote.test").count();
+    let third = send(addr, &["nobody@remote.test"], "three");
+    let line = serve.wait_for_line(
+        &["recipient suppressed; not attempted", &third],
+        Duration::from_secs(30),
+    );
+    assert!(
+        line.contains("\"class\":\"suppressed\"") && line.contains("\"relay\":\"none\""),
+        "{line}"
+    );
+    let bounces = wait_maildir(&maildir(dir.path(), "a", "jo"), 2, Duration::from_secs(30));
+    let texts: Vec<String> = bounces.iter().map(|p| read(p)).collect();
+    let second_bounce = texts
+        .iter()
+        .find(|t| t.contains(&format!("X-Correu-Queue-ID: {third}")))
+        .expect("a bounce for the suppressed message");
+    assert!(
+        second_bounce.contains("nobody@remote.test is on the suppression list (invalid_recipient"),
+        "{second_bounce}"
+    );
+    assert!(second_bounce.contains("Status: 5.1.1"), "{second_bounce}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        read(&postfix.log).matches("nobody@remote.test").count(),
+        refused_before,
+        "no connection for a suppressed recipient"
+    );
+
+    // Every outcome is an event in the spool, in order (the bounces to
+    // jo@localhost have theirs too).
+    let events_dir = dir.path().join("a-queue/events");
+    let mut seen = Vec::new();
+    for _ in 0..50 {
+        seen = events(&events_dir);
+        seen.retain(|e| e.domain == "remote.test");
+        if seen.len() >= 3 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let got: Vec<(String, i32, String, String)> = seen
+        .iter()
+        .map(|e| {
+            (
+                e.queue_id.clone(),
+                e.outcome,
+                e.class.clone(),
+                e.recipient.clone(),
+            )
+        })
+        .collect();
+    use correu_proto::v1::Outcome as O;
+    assert_eq!(
+        got,
+        vec![
+            (
+                first.clone(),
+                O::Delivered as i32,
+                String::new(),
+                "ana@remote.test".into()
+            ),
+            (
+                second.clone(),
+                O::Bounced as i32,
+                "invalid_recipient".into(),
+                "nobody@remote.test".into()
+            ),
+            (
+                third.clone(),
+                O::Suppressed as i32,
+                "suppressed".into(),
+                "nobody@remote.test".into()
+            ),
+        ],
+        "{seen:?}"
+    );
+    assert_eq!(seen[0].relay, "127.0.0.1");
+    assert_eq!(seen[0].tls_version, "TLSv1.3");
+    assert_eq!(seen[1].reply.get(..9), Some("550 5.1.1"));
+
+    // The operator takes nobody off the list, and adds someone else.
+    let out = correu_cli(
+        CORREU,
+        &cfg,
+        &["suppression", "remove", "Nobody@remote.test"],
+        "",
+    );
+    assert!(out.contains("nobody@remote.test removed"), "{out}");
+    assert!(!redis.exists("suppressed:nobody@remote.test"));
+    correu_cli(
+        CORREU,
+        &cfg,
+        &[
+            "suppression",
+            "add",
+            "eva@remote.test",
+            "--reason",
+            "unsubscribed",
+            "--ttl",
+            "1h",
+        ],
+        "",
+    );
+    let listed = correu_cli(CORREU, &cfg, &["suppression", "list"], "");
+    assert!(
+        listed.contains("1 suppressed recipient(s)")
+            && listed.contains("eva@remote.test  manual  5.7.1")
+            && listed.contains("unsubscribed"),
+        "{listed}"
+    );
+    let (st, _, err) = run(
+        CORREU,
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "suppression",
+            "remove",
+            "nobody@remote.test",
+        ],
+    );
+    assert!(
+        !st.success() && err.contains("not on the suppression list"),
+        "{err}"
+    );
+}
+
+/// The delivery events written to `dir` by `correu serve`, in order.
+fn events(dir: &Path) -> Vec<correu_proto::v1::DeliveryEvent> {
+    let mut names: Vec<_> = std::fs::read_dir(dir)
+        .map(|r| r.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    names.sort();
+    names
+        .iter()
+        .map(|p| {
+            <correu_proto::v1::DeliveryEvent as correu_proto::Message>::decode(
+                std::fs::read(p).unwrap().as_slice(),
+            )
+            .unwrap()
+        })
+        .collect()
+}

@@ -6,6 +6,8 @@
 //! in crate::outcome.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
 
 use correu_proto::v1::{DeliverRequest, QueuedMessage};
 use correu_runtime::config::OutboundTls;
@@ -20,7 +22,7 @@ use crate::{Deliverer, mta_sts, pool, route, tls};
 impl Deliverer {
     /// Every recipient's outcome, in the order of `msg.recipients`. Work
     /// not finished within `delivery.attempt_timeout` is a temporary failure.
-    pub(crate) async fn deliver_all(&self, msg: &QueuedMessage) -> Vec<Outcome> {
+    pub(crate) async fn deliver_all(&self, msg: &QueuedMessage) -> Attempt {
         let deadline = tokio::time::Instant::now() + self.attempt_timeout;
         let late = || {
             Outcome::temp(
@@ -29,6 +31,7 @@ impl Deliverer {
             )
         };
         let mut outcomes = vec![Outcome::temp("4.4.7", "not attempted"); msg.recipients.len()];
+        let mut via = vec![None; msg.recipients.len()];
         // Remote recipients grouped by domain and envelope sender (an
         // alias's forwarded copies go out from their SRS address): one
         // transaction each.
@@ -39,6 +42,8 @@ impl Deliverer {
                     tokio::time::timeout_at(deadline, self.deliver_local(msg, &r.address))
                         .await
                         .unwrap_or_else(|_| late());
+            } else if let Some(o) = self.suppressed(&msg.queue_id, &r.address).await {
+                outcomes[i] = o;
             } else {
                 let domain = r
                     .address
@@ -65,12 +70,42 @@ impl Deliverer {
                 self.deliver_remote(msg, sender, content, &domain, &idx),
             )
             .await
-            .unwrap_or_else(|_| vec![late(); idx.len()]);
+            .unwrap_or_else(|_| (vec![late(); idx.len()], None));
             for (k, &i) in idx.iter().enumerate() {
-                outcomes[i] = got[k].clone();
+                outcomes[i] = got.0[k].clone();
+                via[i] = got.1.clone();
             }
         }
-        outcomes
+        Attempt { outcomes, via }
+    }
+
+    /// A permanent failure for `rcpt` when it is on the suppression list;
+    /// `None` to deliver (a list that cannot be read lets mail go).
+    async fn suppressed(&self, queue_id: &str, rcpt: &str) -> Option<Outcome> {
+        let list = self.suppression.as_ref()?;
+        match list.get(rcpt).await {
+            Ok(Some(e)) => Some(Outcome::Permanent(outcome::Failure {
+                status: if e.status.starts_with('5') {
+                    e.status
+                } else {
+                    "5.1.1".into()
+                },
+                text: format!(
+                    "{rcpt} is on the suppression list ({}, for {} more): {}",
+                    e.class,
+                    humantime(e.expires.saturating_sub(e.added.max(now_secs()))),
+                    e.reason
+                ),
+                remote_mta: None,
+                smtp_reply: None,
+                suppressed: true,
+            })),
+            Ok(None) => None,
+            Err(err) => {
+                tracing::warn!(%queue_id, recipient = %rcpt, error = %err, "cannot read the suppression list; delivering");
+                None
+            }
+        }
     }
 
     async fn deliver_local(&self, msg: &QueuedMessage, rcpt: &str) -> Outcome {
@@ -140,23 +175,31 @@ impl Deliverer {
         content: &[u8],
         domain: &str,
         rcpts: &[usize],
-    ) -> Vec<Outcome> {
+    ) -> (Vec<Outcome>, Option<Arc<Via>>) {
         let hops = match self.router.hops(domain).await {
             Ok(h) => h,
-            Err(o) => return vec![o; rcpts.len()],
+            Err(o) => return (vec![o; rcpts.len()], None),
         };
-        let hops = match self.apply_mta_sts(&msg.queue_id, domain, hops).await {
+        let mut hops = match self.apply_mta_sts(&msg.queue_id, domain, hops).await {
             Ok(h) => h,
-            Err(o) => return vec![o; rcpts.len()],
+            Err(o) => return (vec![o; rcpts.len()], None),
         };
+        // REQUIRETLS (RFC 8689 §4.2.1): verified TLS to every hop, a
+        // route's own setting included.
+        if msg.requiretls {
+            for h in &mut hops {
+                h.tls = Some(OutboundTls::Required);
+            }
+        }
         if !self
             .rates
             .allow("domain-msg", domain, self.domain_rate)
             .await
         {
             let o = Outcome::temp("4.4.5", format!("{domain} is at its message rate; waiting"));
-            return vec![o; rcpts.len()];
+            return (vec![o; rcpts.len()], None);
         }
+        let mut last_via = None;
         let mut last = Outcome::temp("4.4.4", format!("no host to deliver to for {domain}"));
         for hop in hops {
             let addrs = match self.router.addresses(&hop).await {
@@ -187,7 +230,7 @@ impl Deliverer {
                     .instrument(span.clone())
                     .await;
                 match &tried {
-                    Ok(outcomes) => {
+                    Ok((outcomes, _)) => {
                         let delivered = outcomes.iter().filter(|o| o.is_delivered()).count();
                         span.record(
                             "outcome",
@@ -211,7 +254,7 @@ impl Deliverer {
                     }
                 }
                 match tried {
-                    Ok(outcomes) => return outcomes,
+                    Ok((outcomes, via)) => return (outcomes, Some(Arc::new(via))),
                     // Connections per host are shared by every delivery
                     // pod; a host that stays busy is passed over, and if
                     // all are, the message waits in a retry tier.
@@ -224,11 +267,27 @@ impl Deliverer {
                     Err(HostError::Session(e)) => {
                         tracing::info!(queue_id = %msg.queue_id, mx = %hop.host, %addr, error = %e, "next hop failed; trying the next");
                         last = outcome::from_session_error(&e, &hop.host, addr);
+                        last_via = Some(Arc::new(Via::failed(&hop.host, addr)));
                     }
                 }
             }
         }
-        vec![last; rcpts.len()]
+        // A REQUIRETLS message that found no verified TLS bounces rather
+        // than waits (RFC 8689 §5).
+        if msg.requiretls
+            && let Outcome::Temporary(f) = &last
+            && f.status == "4.7.5"
+        {
+            last = Outcome::Permanent(outcome::Failure {
+                status: "5.7.10".into(),
+                text: format!(
+                    "REQUIRETLS: no verified TLS to a host of {domain}: {}",
+                    f.text
+                ),
+                ..f.clone()
+            });
+        }
+        (vec![last; rcpts.len()], last_via)
     }
 
     /// MX hops of a domain with an MTA-STS policy: in `enforce` mode only
@@ -289,7 +348,7 @@ impl Deliverer {
         hop: &route::Hop,
         addr: std::net::SocketAddr,
         rcpts: &[usize],
-    ) -> Result<Vec<Outcome>, HostError> {
+    ) -> Result<(Vec<Outcome>, Via), HostError> {
         let params: Vec<client::RcptParams> = rcpts
             .iter()
             .map(|&i| {
@@ -306,6 +365,7 @@ impl Deliverer {
             recipients: &params,
             content,
             smtputf8: msg.smtputf8,
+            requiretls: msg.requiretls,
             ret: &msg.dsn_ret,
             envid: &msg.dsn_envid,
         };
@@ -329,10 +389,13 @@ impl Deliverer {
                 kept.client.quit().await;
                 continue;
             }
+            let started = std::time::Instant::now();
             match kept.client.deliver(&t).await {
                 Ok(outcomes) => {
+                    kept.client.uses += 1;
+                    let via = Via::of(&kept.client, &hop.host, addr, started.elapsed(), true);
                     self.keep_or_quit(key, kept).await;
-                    return Ok(outcomes);
+                    return Ok((outcomes, via));
                 }
                 Err(e) if kept.client.body_sent() => {
                     // The server may have the message: no second copy
@@ -347,16 +410,21 @@ impl Deliverer {
             }
         };
         match self.connect(hop, addr).await {
-            Ok(mut client) => match client.deliver(&t).await {
-                Ok(outcomes) => {
-                    self.keep_or_quit(key, pool::Kept { client, lease }).await;
-                    Ok(outcomes)
+            Ok(mut client) => {
+                let started = std::time::Instant::now();
+                match client.deliver(&t).await {
+                    Ok(outcomes) => {
+                        client.uses = 1;
+                        let via = Via::of(&client, &hop.host, addr, started.elapsed(), false);
+                        self.keep_or_quit(key, pool::Kept { client, lease }).await;
+                        Ok((outcomes, via))
+                    }
+                    Err(e) => {
+                        self.release(lease).await;
+                        Err(e.into())
+                    }
                 }
-                Err(e) => {
-                    self.release(lease).await;
-                    Err(e.into())
-                }
-            },
+            }
             Err(e) => {
                 self.release(lease).await;
                 Err(e.into())
@@ -371,12 +439,15 @@ impl Deliverer {
         addr: std::net::SocketAddr,
     ) -> Result<Client, client::SessionError> {
         let wait = self.timeouts.connect;
+        let started = std::time::Instant::now();
         let stream = match timeout(wait, TcpStream::connect(addr)).await {
             Err(_) => return Err(client::SessionError::Timeout(Phase::Connect, wait)),
             Ok(r) => r?,
         };
         stream.set_nodelay(true)?;
-        Ok(Client::new(stream, &hop.host, self.timeouts))
+        let mut c = Client::new(stream, &hop.host, self.timeouts);
+        c.connect_time = started.elapsed();
+        Ok(c)
     }
 
     /// Opens a session with `hop` at `addr`: EHLO, STARTTLS as the hop's
@@ -413,6 +484,82 @@ impl Deliverer {
             tracing::debug!(mx = %hop.host, tls = %tls, "TLS on");
         }
         Ok(c)
+    }
+}
+
+/// Every recipient's outcome, and for remote ones the host that gave it.
+pub(crate) struct Attempt {
+    pub outcomes: Vec<Outcome>,
+    pub via: Vec<Option<Arc<Via>>>,
+}
+
+/// The host a transaction went to, and how long each phase took, for the
+/// delivery log line and events.
+#[derive(Debug, Default)]
+pub(crate) struct Via {
+    pub relay: String,
+    pub addr: Option<std::net::SocketAddr>,
+    /// Zero on a kept connection (nothing was set up for this message).
+    pub connect: Duration,
+    pub tls: Duration,
+    /// MAIL FROM to the reply after the final dot.
+    pub transfer: Duration,
+    pub tls_version: String,
+    pub tls_cipher: String,
+    /// Transactions the connection has carried, this one included.
+    pub conn_use: u32,
+}
+
+impl Via {
+    fn of(
+        c: &Client,
+        relay: &str,
+        addr: std::net::SocketAddr,
+        transfer: Duration,
+        kept: bool,
+    ) -> Via {
+        let (version, cipher) = match &c.tls {
+            Some(t) => match t.split_once(" with cipher ") {
+                Some((v, c)) => (v.to_string(), c.to_string()),
+                None => (t.clone(), String::new()),
+            },
+            None => (String::new(), String::new()),
+        };
+        Via {
+            relay: relay.to_string(),
+            addr: Some(addr),
+            connect: if kept { Duration::ZERO } else { c.connect_time },
+            tls: if kept { Duration::ZERO } else { c.tls_time },
+            transfer,
+            tls_version: version,
+            tls_cipher: cipher,
+            conn_use: c.uses,
+        }
+    }
+
+    fn failed(relay: &str, addr: std::net::SocketAddr) -> Via {
+        Via {
+            relay: relay.to_string(),
+            addr: Some(addr),
+            ..Via::default()
+        }
+    }
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// `3d`, `5h`, `12m`, `40s`: the largest whole unit.
+fn humantime(secs: u64) -> String {
+    match secs {
+        s if s >= 86_400 => format!("{}d", s / 86_400),
+        s if s >= 3600 => format!("{}h", s / 3600),
+        s if s >= 60 => format!("{}m", s / 60),
+        s => format!("{s}s"),
     }
 }
 

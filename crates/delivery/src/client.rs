@@ -153,6 +153,12 @@ pub struct Client {
     extensions: Vec<String>,
     /// The TLS in use, for logs ("TLSv1.3 with cipher …").
     pub tls: Option<String>,
+    /// How long the TCP connection took, and STARTTLS with its handshake
+    /// and the EHLO after it (for the delivery log line).
+    pub connect_time: std::time::Duration,
+    pub tls_time: std::time::Duration,
+    /// Transactions this connection has carried, this one included.
+    pub uses: u32,
     /// The current transaction's message text went out (the server may
     /// have it even if its reply never came).
     body_sent: bool,
@@ -165,6 +171,9 @@ pub struct Transaction<'a> {
     pub content: &'a [u8],
     /// The message needs SMTPUTF8 (RFC 6531) at the next hop.
     pub smtputf8: bool,
+    /// The message was sent with REQUIRETLS (RFC 8689): the next hop must
+    /// offer it, under TLS, and is told with MAIL FROM.
+    pub requiretls: bool,
     pub ret: &'a str,
     pub envid: &'a str,
 }
@@ -185,6 +194,9 @@ impl Client {
             timeouts,
             extensions: Vec::new(),
             tls: None,
+            connect_time: std::time::Duration::ZERO,
+            tls_time: std::time::Duration::ZERO,
+            uses: 0,
             body_sent: false,
         }
     }
@@ -282,6 +294,7 @@ impl Client {
             }
             return Ok(());
         }
+        let started = std::time::Instant::now();
         let r = self.command("STARTTLS", Phase::Starttls).await?;
         if r.code != 220 {
             if policy.required() {
@@ -309,7 +322,9 @@ impl Client {
         self.tls = Some(crate::tls::describe(&tls));
         self.stream = Box::new(tls);
         // RFC 3207 §4.2: everything learnt before TLS is forgotten.
-        self.ehlo(helo_name).await
+        let r = self.ehlo(helo_name).await;
+        self.tls_time = started.elapsed();
+        r
     }
 
     /// AUTH PLAIN (RFC 4954, RFC 4616) with a relay that asks for it.
@@ -359,8 +374,24 @@ impl Client {
             );
             return Ok(vec![o; n]);
         }
+        // RFC 8689 §4.2.1: a REQUIRETLS message goes only to a server
+        // that offers REQUIRETLS under TLS; else it bounces (§5).
+        if t.requiretls && (self.tls.is_none() || !self.has("REQUIRETLS")) {
+            let o = Outcome::perm(
+                "5.7.30",
+                format!(
+                    "REQUIRETLS support required: {} does not offer REQUIRETLS{}",
+                    self.host,
+                    if self.tls.is_none() { " over TLS" } else { "" }
+                ),
+            );
+            return Ok(vec![o; n]);
+        }
         let dsn = self.has("DSN");
         let mut mail = format!("MAIL FROM:<{}>", t.sender);
+        if t.requiretls {
+            mail.push_str(" REQUIRETLS");
+        }
         if self.has("SIZE") {
             mail.push_str(&format!(" SIZE={}", t.content.len()));
         }
@@ -551,6 +582,7 @@ mod tests {
                 recipients: &rcpts,
                 content,
                 smtputf8,
+                requiretls: false,
                 ret: "",
                 envid: "",
             })
@@ -705,6 +737,7 @@ mod tests {
                 smtputf8: false,
                 ret: "",
                 envid: "",
+                requiretls: false,
             })
             .await
             .unwrap_err();

@@ -229,6 +229,7 @@ mod tests {
             text: "mx.test said: 550 5.1.1 no such user".into(),
             remote_mta: Some("mx.test".into()),
             smtp_reply: Some("550 5.1.1 no such user".into()),
+            suppressed: false,
         })
     }
 
@@ -254,6 +255,7 @@ mod tests {
             text: "no such user\r\nX-Also: injected".into(),
             remote_mta: Some("mx.remote.test".into()),
             smtp_reply: Some("550 5.1.1 no\rX-Third: injected".into()),
+            suppressed: false,
         };
         let dsn = build("mx.test", &msg, &[(&r, Action::Failed(failure))], "Q2", 0).unwrap();
         let text = String::from_utf8(dsn.content).unwrap();
@@ -334,6 +336,7 @@ mod tests {
             text: "connection refused".into(),
             remote_mta: None,
             smtp_reply: None,
+            suppressed: false,
         });
         assert!(build("mx", &o, &[(&never, delayed.clone())], "X", 0).is_none());
         let warning = build("mx", &o, &[(&delay, delayed)], "X", 0).unwrap();

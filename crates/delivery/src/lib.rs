@@ -21,6 +21,9 @@
 //! - [`settle`]: [`settle::plan`], the pure decision after an attempt
 //!   (retry tier, bounce, delay warning, NOTIFY), and its executor.
 //! - [`dsn`]: bounces and success reports (RFC 3464).
+//! - [`suppression`]: recipients that bounced hard, refused at once.
+//! - `settle` also writes the delivery log line and publishes the
+//!   delivery events (proto/correu/v1/events.proto).
 #![forbid(unsafe_code)]
 
 mod attempt;
@@ -33,6 +36,7 @@ pub mod outcome;
 pub mod pool;
 pub mod route;
 pub mod settle;
+pub mod suppression;
 pub mod tls;
 
 use std::sync::Arc;
@@ -74,6 +78,9 @@ pub struct Deliverer {
     required: tls::TlsPolicy,
     mta_sts: Option<mta_sts::MtaSts>,
     index: Option<correu_queue::index::DeferredIndex>,
+    suppression: Option<suppression::Suppressions>,
+    /// Publish a `DeliveryEvent` per recipient and attempt (`events.enabled`).
+    events: bool,
     /// Panics per queue id in this process (for parking poison messages).
     panics: std::sync::Mutex<std::collections::HashMap<String, u32>>,
     attempt_timeout: Duration,
@@ -124,6 +131,8 @@ impl Deliverer {
                 )
             }),
             required: tls::TlsPolicy::Required(verified),
+            suppression: suppression::Suppressions::open(cfg, redis.clone(), false),
+            events: cfg.publishes_events(),
             index: correu_queue::index::DeferredIndex::with_pool(&cfg.redis, redis),
             panics: std::sync::Mutex::new(std::collections::HashMap::new()),
             attempt_timeout: cfg.delivery.attempt_timeout.get(),
@@ -209,9 +218,9 @@ impl Deliverer {
         }
         let work = std::panic::AssertUnwindSafe(self.deliver_all(&msg).instrument(span.clone()));
         match futures_util::FutureExt::catch_unwind(work).await {
-            Ok(outcomes) => {
+            Ok(attempt) => {
                 self.panics().remove(&msg.queue_id);
-                self.settle(delivery, msg, outcomes).instrument(span).await;
+                self.settle(delivery, msg, attempt).instrument(span).await;
             }
             Err(_) => {
                 let n = {
@@ -254,6 +263,11 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let deliverer = Arc::new(Deliverer::new(cfg, queue.clone(), storage)?);
+    if let Queue::Amqp(q) = &queue
+        && !cfg.webhook.urls.is_empty()
+    {
+        q.keep_events();
+    }
     let mut consumer = queue.consumer();
     let slots = Arc::new(Semaphore::new(cfg.delivery.concurrency));
     let tracker = TaskTracker::new();

@@ -17,6 +17,11 @@ pub struct DeliveryMetrics {
     /// Messages parked for an operator, by `reason` (`undecodable`,
     /// `no_recipients`, `empty`, `panics`).
     pub parked: Counter<u64>,
+    /// Recipients put on the suppression list, by bounce `class`.
+    pub suppressed: Counter<u64>,
+    /// Delivery events the queue could not take (logged; the message is
+    /// settled anyway).
+    pub events_lost: Counter<u64>,
 }
 
 pub static METRICS: LazyLock<DeliveryMetrics> = LazyLock::new(|| {
@@ -52,6 +57,16 @@ pub static METRICS: LazyLock<DeliveryMetrics> = LazyLock::new(|| {
             .u64_counter("correu.delivery.parked")
             .with_unit("{message}")
             .with_description("Messages parked for an operator, by reason")
+            .build(),
+        suppressed: m
+            .u64_counter("correu.delivery.suppressed")
+            .with_unit("{recipient}")
+            .with_description("Recipients put on the suppression list, by bounce class")
+            .build(),
+        events_lost: m
+            .u64_counter("correu.delivery.events_lost")
+            .with_unit("{event}")
+            .with_description("Delivery events the queue could not take")
             .build(),
     }
 });

@@ -16,11 +16,98 @@ pub struct Failure {
     pub remote_mta: Option<String>,
     /// The SMTP reply as received, for the bounce's Diagnostic-Code.
     pub smtp_reply: Option<String>,
+    /// Not attempted: the recipient is on the suppression list.
+    pub suppressed: bool,
 }
 
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} {}", self.status, self.text)
+    }
+}
+
+impl Failure {
+    /// What kind of failure it was ([`classify`]).
+    pub fn class(&self) -> &'static str {
+        if self.suppressed {
+            return "suppressed";
+        }
+        classify(
+            &self.status,
+            self.smtp_reply.as_deref().unwrap_or(&self.text),
+        )
+    }
+}
+
+/// The bounce class of a failure (`delivery.suppression.classes`, events,
+/// the log line), from its enhanced status code (RFC 3463) first and the
+/// words of the reply where the code is generic (`5.0.0`, `5.7.1`), as
+/// receivers write them: Gmail's `5.7.1 ... spam`, Exchange's `5.2.2
+/// mailbox full`, Postfix's `550 5.1.1 User unknown`.
+pub fn classify(status: &str, reply: &str) -> &'static str {
+    let text = reply.to_ascii_lowercase();
+    let says = |words: &[&str]| words.iter().any(|w| text.contains(w));
+    let mut parts = status.splitn(3, '.');
+    let (_class, subject, detail) = (parts.next(), parts.next(), parts.next());
+    let by_code = match (subject, detail) {
+        (Some("1"), Some("1" | "0" | "3" | "6")) => Some("invalid_recipient"),
+        (Some("1"), Some("2" | "10")) => Some("dns"),
+        (Some("2"), Some("1")) => Some("invalid_recipient"),
+        (Some("2"), Some("2")) => Some("mailbox_full"),
+        (Some("2"), Some("3")) | (Some("3"), Some("4")) => Some("message_too_large"),
+        (Some("4"), Some("4")) => Some("dns"),
+        (Some("4"), Some("1" | "2" | "7")) => Some("connection"),
+        (Some("4"), Some("5")) => Some("rate_limited"),
+        (Some("7"), Some("5" | "10" | "30")) => Some("tls"),
+        _ => None,
+    };
+    if let Some(c) = by_code {
+        return c;
+    }
+    if says(&[
+        "rate limit",
+        "too many",
+        "try again later",
+        "throttl",
+        "slow down",
+    ]) {
+        "rate_limited"
+    } else if says(&[
+        "spam",
+        "junk",
+        "bulk mail",
+        "reputation",
+        "blacklist",
+        "blocklist",
+        "listed",
+    ]) {
+        "spam"
+    } else if says(&[
+        "user unknown",
+        "no such user",
+        "unknown user",
+        "does not exist",
+        "mailbox unavailable",
+        "invalid recipient",
+        "recipient address rejected",
+        "no mailbox",
+    ]) {
+        "invalid_recipient"
+    } else if says(&[
+        "mailbox full",
+        "over quota",
+        "quota exceeded",
+        "insufficient storage",
+    ]) {
+        "mailbox_full"
+    } else if says(&["too large", "too big", "size limit"]) {
+        "message_too_large"
+    } else if status.split('.').nth(1) == Some("7")
+        || says(&["policy", "not authorized", "denied", "rejected"])
+    {
+        "policy"
+    } else {
+        "other"
     }
 }
 
@@ -66,6 +153,7 @@ impl Outcome {
             text: text.into(),
             remote_mta: None,
             smtp_reply: None,
+            suppressed: false,
         })
     }
 
@@ -76,6 +164,7 @@ impl Outcome {
             text: text.into(),
             remote_mta: None,
             smtp_reply: None,
+            suppressed: false,
         })
     }
 }
@@ -94,6 +183,7 @@ pub fn from_reply(r: &Reply, host: &str) -> Outcome {
         text: format!("{host} said: {r}"),
         remote_mta: Some(host.to_string()),
         smtp_reply: Some(r.to_string()),
+        suppressed: false,
     };
     match r.code {
         200..=299 => Outcome::Delivered {
@@ -106,6 +196,7 @@ pub fn from_reply(r: &Reply, host: &str) -> Outcome {
             text: format!("{host} gave an unexpected reply: {r}"),
             remote_mta: Some(host.to_string()),
             smtp_reply: Some(r.to_string()),
+            suppressed: false,
         }),
     }
 }
@@ -153,6 +244,7 @@ pub fn from_session_error(
         text: format!("{host} ({addr}): {e}"),
         remote_mta: reply.as_ref().map(|_| host.to_string()),
         smtp_reply: reply,
+        suppressed: false,
     })
 }
 
@@ -248,6 +340,37 @@ mod tests {
         let Outcome::Permanent(f) = got else { panic!() };
         assert_eq!(f.text, "mx.test said: 550 5.1.1 no such user");
         assert_eq!(f.smtp_reply.as_deref(), Some("550 5.1.1 no such user"));
+    }
+
+    #[test]
+    fn bounce_classes_table() {
+        let cases = [
+            (
+                "5.1.1",
+                "550 5.1.1 <x@y>: Recipient address rejected: User unknown",
+                "invalid_recipient",
+            ),
+            ("5.2.2", "552 5.2.2 mailbox full", "mailbox_full"),
+            ("4.2.2", "452 4.2.2 over quota", "mailbox_full"),
+            ("5.3.4", "552 5.3.4 message too big", "message_too_large"),
+            ("5.7.1", "550 5.7.1 Message rejected as spam", "spam"),
+            ("5.7.1", "554 5.7.1 Relay access denied", "policy"),
+            (
+                "4.7.0",
+                "421 4.7.0 Try again later, too many connections",
+                "rate_limited",
+            ),
+            ("4.4.5", "busy", "rate_limited"),
+            ("5.1.10", "null MX", "dns"),
+            ("4.4.4", "no address", "dns"),
+            ("4.4.1", "connection refused", "connection"),
+            ("4.7.5", "TLS handshake failed", "tls"),
+            ("5.0.0", "554 no such user here", "invalid_recipient"),
+            ("4.0.0", "451 local error", "other"),
+        ];
+        for (status, reply, want) in cases {
+            assert_eq!(classify(status, reply), want, "{status} {reply}");
+        }
     }
 
     #[test]

@@ -146,19 +146,24 @@ impl Deliverer {
         &self,
         delivery: Delivery,
         msg: QueuedMessage,
-        outcomes: Vec<Outcome>,
+        attempt: crate::attempt::Attempt,
     ) {
+        let outcomes = attempt.outcomes;
         let id = msg.queue_id.clone();
         let attempts = msg.attempt + 1;
         let age = age_of(msg.received_at_unix_micros);
         let s = plan(&msg, &outcomes, &self.schedule, &self.rules, age);
         let m = &crate::metrics::METRICS;
-        for ((r, o), verdict) in msg.recipients.iter().zip(&outcomes).zip(&s.verdicts) {
-            let destination = if self.is_local(&r.address) {
-                "local"
-            } else {
-                "remote"
-            };
+        let mut events = Vec::new();
+        for (i, ((r, o), verdict)) in msg
+            .recipients
+            .iter()
+            .zip(&outcomes)
+            .zip(&s.verdicts)
+            .enumerate()
+        {
+            let local = self.is_local(&r.address);
+            let destination = if local { "local" } else { "remote" };
             let label = match verdict {
                 Verdict::Delivered => "delivered",
                 Verdict::Failed => "failed",
@@ -171,24 +176,31 @@ impl Deliverer {
                     KeyValue::new("destination", destination),
                 ],
             );
-            match o {
-                Outcome::Delivered { .. } => {
-                    m.time_to_deliver.record(
-                        age.as_secs_f64(),
-                        &[KeyValue::new("destination", destination)],
-                    );
-                    tracing::info!(queue_id = %id, recipient = %r.address, attempt = attempts, "delivered");
-                }
-                Outcome::Permanent(f) => {
-                    tracing::warn!(queue_id = %id, recipient = %r.address, reason = %f, "delivery failed permanently")
-                }
-                Outcome::Temporary(f) if s.giving_up => {
-                    tracing::warn!(queue_id = %id, recipient = %r.address, reason = %f, attempts, ?age, "maximum age reached; giving up")
-                }
-                Outcome::Temporary(f) => {
-                    tracing::info!(queue_id = %id, recipient = %r.address, reason = %f, "delivery deferred")
-                }
+            if o.is_delivered() {
+                m.time_to_deliver.record(
+                    age.as_secs_f64(),
+                    &[KeyValue::new("destination", destination)],
+                );
             }
+            let line = Line::new(o, s.giving_up, attempt.via[i].as_deref(), age);
+            line.log(&id, &r.address, attempts);
+            if let Outcome::Permanent(f) = o
+                && !local
+            {
+                self.suppress(&id, &r.address, f).await;
+            }
+            if self.events {
+                events.push(self.event(&msg, r, &line, attempts));
+            }
+        }
+        // Events go out before the message is settled: an outcome is never
+        // missing from the stream (a crash before the ack repeats it).
+        if !events.is_empty()
+            && let Err(e) = self.queue.publish_events(&events).await
+        {
+            // Not worth a second delivery of the message: logged and counted.
+            m.events_lost.add(events.len() as u64, &[]);
+            tracing::error!(queue_id = %id, error = %e, events = events.len(), "cannot publish delivery events; they are lost");
         }
         // The report is queued (durably) before the message is settled.
         if !s.report.is_empty() {
@@ -249,6 +261,213 @@ impl Deliverer {
             tracing::debug!(queue_id = %id, error = %e, "deferred index not updated");
         }
         log_settle(&id, result);
+    }
+}
+
+impl Deliverer {
+    /// Puts a recipient that failed for good on the suppression list when
+    /// its class is one that suppresses.
+    async fn suppress(&self, id: &str, rcpt: &str, f: &crate::outcome::Failure) {
+        let Some(list) = &self.suppression else {
+            return;
+        };
+        let class = f.class();
+        if f.suppressed || !list.suppresses(class) {
+            return;
+        }
+        let reason = f.smtp_reply.as_deref().unwrap_or(&f.text);
+        let entry = list.entry(rcpt, class, &f.status, reason);
+        match list.add(&entry).await {
+            Ok(()) => {
+                crate::metrics::METRICS
+                    .suppressed
+                    .add(1, &[KeyValue::new("class", class)]);
+                tracing::info!(queue_id = %id, recipient = %rcpt, class, "recipient suppressed");
+            }
+            Err(e) => {
+                tracing::warn!(queue_id = %id, recipient = %rcpt, error = %e, "cannot add the recipient to the suppression list")
+            }
+        }
+    }
+
+    /// The event of one recipient's outcome in this attempt.
+    fn event(
+        &self,
+        msg: &QueuedMessage,
+        r: &correu_proto::v1::Recipient,
+        line: &Line<'_>,
+        attempt: u32,
+    ) -> correu_queue::events::Event {
+        use correu_proto::v1::{DeliveryEvent, Outcome as Ev};
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(format!("{}\0{attempt}\0{}", msg.queue_id, r.address));
+        let id: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
+        let domain = r
+            .address
+            .rsplit_once('@')
+            .map_or("", |(_, d)| d)
+            .to_lowercase();
+        let outcome = match line.status {
+            "sent" => Ev::Delivered,
+            "deferred" => Ev::Deferred,
+            "expired" => Ev::Expired,
+            "suppressed" => Ev::Suppressed,
+            _ => Ev::Bounced,
+        };
+        let via = line.via;
+        let e = DeliveryEvent {
+            id: id.clone(),
+            outcome: outcome as i32,
+            queue_id: msg.queue_id.clone(),
+            sender: if r.sender.is_empty() {
+                msg.sender.clone()
+            } else {
+                r.sender.clone()
+            },
+            recipient: r.address.clone(),
+            domain: domain.clone(),
+            attempt,
+            at_unix_micros: age_of(0).as_micros() as i64,
+            received_at_unix_micros: msg.received_at_unix_micros,
+            status: line.dsn.to_string(),
+            class: line.class.to_string(),
+            reply: line.reply.to_string(),
+            text: line.reason.to_string(),
+            relay: via.map(|v| v.relay.clone()).unwrap_or_default(),
+            relay_address: via
+                .and_then(|v| v.addr)
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
+            tls_version: via.map(|v| v.tls_version.clone()).unwrap_or_default(),
+            tls_cipher: via.map(|v| v.tls_cipher.clone()).unwrap_or_default(),
+            traceparent: msg.traceparent.clone(),
+        };
+        let word = outcome
+            .as_str_name()
+            .trim_start_matches("OUTCOME_")
+            .to_ascii_lowercase();
+        correu_queue::events::Event {
+            routing_key: correu_queue::events::routing_key(
+                &word,
+                if domain.is_empty() { "none" } else { &domain },
+            ),
+            id,
+            payload: prost::Message::encode_to_vec(&e),
+        }
+    }
+}
+
+/// The delivery log line of one recipient in one attempt, as useful as
+/// Postfix's: status, DSN, relay, delays by phase, the remote reply, TLS.
+pub(crate) struct Line<'a> {
+    /// `sent`, `deferred`, `bounced`, `expired` or `suppressed`.
+    pub status: &'static str,
+    pub dsn: &'a str,
+    /// The bounce class; empty when sent.
+    pub class: &'static str,
+    pub reply: &'a str,
+    pub reason: &'a str,
+    pub via: Option<&'a crate::attempt::Via>,
+    /// Time in the queue before this attempt's connection (total minus
+    /// connect, TLS and transfer).
+    pub delay: Duration,
+}
+
+impl<'a> Line<'a> {
+    pub fn new(
+        o: &'a Outcome,
+        giving_up: bool,
+        via: Option<&'a crate::attempt::Via>,
+        age: Duration,
+    ) -> Line<'a> {
+        let (status, dsn, class, reply, reason) = match o {
+            Outcome::Delivered { .. } => ("sent", "2.0.0", "", "", ""),
+            Outcome::Permanent(f) => (
+                if f.suppressed {
+                    "suppressed"
+                } else {
+                    "bounced"
+                },
+                f.status.as_str(),
+                f.class(),
+                f.smtp_reply.as_deref().unwrap_or(""),
+                f.text.as_str(),
+            ),
+            Outcome::Temporary(f) => (
+                if giving_up { "expired" } else { "deferred" },
+                f.status.as_str(),
+                if giving_up { "expired" } else { f.class() },
+                f.smtp_reply.as_deref().unwrap_or(""),
+                f.text.as_str(),
+            ),
+        };
+        Line {
+            status,
+            dsn,
+            class,
+            reply,
+            reason,
+            via,
+            delay: age,
+        }
+    }
+
+    /// One line at info (warn for a failure for good).
+    fn log(&self, id: &str, rcpt: &str, attempt: u32) {
+        let zero = Duration::ZERO;
+        let (connect, tls, transfer) = self
+            .via
+            .map_or((zero, zero, zero), |v| (v.connect, v.tls, v.transfer));
+        let queued = self.delay.saturating_sub(connect + tls + transfer);
+        let relay = match self.via {
+            Some(v) => match v.addr {
+                Some(a) => format!("{}[{}]:{}", v.relay, a.ip(), a.port()),
+                None => v.relay.clone(),
+            },
+            None => "none".into(),
+        };
+        let tls_version = self.via.map_or("", |v| v.tls_version.as_str());
+        let tls_cipher = self.via.map_or("", |v| v.tls_cipher.as_str());
+        let conn_use = self.via.map_or(0, |v| v.conn_use);
+        let delays = format!(
+            "{:.3}/{:.3}/{:.3}/{:.3}",
+            queued.as_secs_f64(),
+            connect.as_secs_f64(),
+            tls.as_secs_f64(),
+            transfer.as_secs_f64()
+        );
+        let message = match self.status {
+            "sent" => "delivered",
+            "deferred" => "delivery deferred",
+            "expired" => "maximum age reached; giving up",
+            "suppressed" => "recipient suppressed; not attempted",
+            _ => "delivery failed permanently",
+        };
+        macro_rules! line {
+            ($level:ident) => {
+                tracing::$level!(
+                    queue_id = %id,
+                    recipient = %rcpt,
+                    attempt,
+                    status = self.status,
+                    dsn = self.dsn,
+                    class = self.class,
+                    relay = %relay,
+                    delay = self.delay.as_secs_f64(),
+                    delays = %delays,
+                    conn_use,
+                    tls_version,
+                    tls_cipher,
+                    reply = self.reply,
+                    reason = self.reason,
+                    "{message}"
+                )
+            };
+        }
+        match self.status {
+            "sent" | "deferred" => line!(info),
+            _ => line!(warn),
+        }
     }
 }
 

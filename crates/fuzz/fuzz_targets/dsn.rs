@@ -55,6 +55,7 @@ fuzz_target!(|input: (String, Vec<(String, String, String)>, String, String, Opt
         text,
         remote_mta: remote.clone(),
         smtp_reply: reply,
+        suppressed: false,
     };
     let reports: Vec<(&Recipient, Action)> = original
         .recipients

@@ -53,6 +53,10 @@ const QUEUE_ID: &str = "x-correu-queue-id";
 #[derive(Debug, Clone)]
 pub struct Topology {
     pub work_exchange: String,
+    /// The topic exchange of delivery events ([`crate::events`]).
+    pub events_exchange: String,
+    /// `correu webhook`'s queue, bound to every event.
+    pub webhook_queue: String,
     pub delivery_queue: String,
     pub parked_queue: String,
     /// (queue name, delay) per retry tier.
@@ -63,6 +67,8 @@ impl Topology {
     pub fn new(prefix: &str, delays: &[Duration]) -> Self {
         Topology {
             work_exchange: format!("{prefix}.work"),
+            events_exchange: format!("{prefix}.events"),
+            webhook_queue: format!("{prefix}.webhook"),
             delivery_queue: format!("{prefix}.delivery"),
             parked_queue: format!("{prefix}.parked"),
             retry_queues: delays
@@ -85,7 +91,44 @@ fn tier_name(d: Duration) -> String {
     }
 }
 
-fn quorum_args() -> FieldTable {
+/// Declares the durable topic exchange of delivery events (delivery
+/// publishes to it; `correu webhook` binds its queue to it).
+pub async fn declare_events_exchange(ch: &Channel, name: &str) -> lapin::Result<()> {
+    ch.exchange_declare(
+        name.into(),
+        ExchangeKind::Topic,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+}
+
+/// Declares `correu webhook`'s durable quorum queue and binds it to every
+/// event (`#`); the webhook filters outcomes itself, so one queue serves
+/// any `webhook.outcomes`.
+pub async fn declare_webhook_queue(ch: &Channel, t: &Topology) -> lapin::Result<()> {
+    declare_events_exchange(ch, &t.events_exchange).await?;
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.queue_declare(t.webhook_queue.as_str().into(), durable, quorum_args())
+        .await?;
+    ch.queue_bind(
+        t.webhook_queue.as_str().into(),
+        t.events_exchange.as_str().into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+}
+
+/// Arguments of a quorum queue (replicated; what every Correu queue is).
+pub fn quorum_args() -> FieldTable {
     let mut args = FieldTable::default();
     args.insert(
         "x-queue-type".into(),
@@ -125,6 +168,10 @@ pub struct AmqpQueue {
     /// New messages handed to the broker and unconfirmed past
     /// `publish_timeout`: while there are any, new ones are not sent.
     overdue: std::sync::atomic::AtomicUsize,
+    /// Whether events are kept for `correu webhook` ([`Self::keep_events`]),
+    /// and whether its queue has been declared yet.
+    keep_events: std::sync::atomic::AtomicBool,
+    webhook_declared: std::sync::atomic::AtomicBool,
 }
 
 impl AmqpQueue {
@@ -137,6 +184,8 @@ impl AmqpQueue {
             confirm_timeout: cfg.confirm_timeout.get(),
             fates,
             overdue: std::sync::atomic::AtomicUsize::new(0),
+            keep_events: Default::default(),
+            webhook_declared: Default::default(),
             connect_timeout: cfg.connect_timeout.get(),
             prefetch: cfg.prefetch,
             link: Mutex::new(Link {
@@ -152,6 +201,40 @@ impl AmqpQueue {
         &self.topology
     }
 
+    /// Events are for `correu webhook` (`webhook.urls` is set): its queue
+    /// is declared before the first event is published, so an event
+    /// published before the webhook service first starts is kept, not
+    /// dropped by the exchange for want of a queue.
+    pub fn keep_events(&self) {
+        self.keep_events
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A consumer of `correu webhook`'s queue on a channel of its own, at
+    /// most `prefetch` events unacknowledged.
+    pub async fn consume_events(&self, prefetch: u16) -> Result<lapin::Consumer, QueueError> {
+        let conn = {
+            let mut link = self.link.lock().await;
+            self.connection(&mut link).await?
+        };
+        let setup = async {
+            let ch = conn.create_channel().await?;
+            declare_webhook_queue(&ch, &self.topology).await?;
+            ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
+            ch.basic_consume(
+                self.topology.webhook_queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+        };
+        timeout(self.connect_timeout, setup)
+            .await
+            .map_err(|_| QueueError::Timeout(self.connect_timeout))?
+            .map_err(QueueError::Amqp)
+    }
+
     /// Declares the whole topology on `ch`; safe to repeat.
     async fn declare(&self, ch: &Channel) -> lapin::Result<()> {
         let t = &self.topology;
@@ -165,6 +248,7 @@ impl AmqpQueue {
             FieldTable::default(),
         )
         .await?;
+        declare_events_exchange(ch, &t.events_exchange).await?;
         let durable = QueueDeclareOptions {
             durable: true,
             ..Default::default()
@@ -431,6 +515,60 @@ impl AmqpQueue {
                 Err(cause)
             }
         }
+    }
+
+    /// Publishes delivery events to the events exchange, all sent before
+    /// any confirm is awaited, within `publish_timeout`. Not mandatory: an
+    /// event no consumer has bound a queue for is dropped by the broker.
+    pub async fn publish_events(
+        &self,
+        events: &[crate::events::Event],
+    ) -> Result<(), PublishError> {
+        let deadline = Instant::now() + self.publish_timeout;
+        let ch = self.publisher_by(deadline).await?;
+        let sent = async {
+            use std::sync::atomic::Ordering::Relaxed;
+            if self.keep_events.load(Relaxed) && !self.webhook_declared.load(Relaxed) {
+                declare_webhook_queue(&ch, &self.topology).await?;
+                self.webhook_declared.store(true, Relaxed);
+            }
+            let mut confirms = Vec::with_capacity(events.len());
+            for e in events {
+                let props = BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_content_type("application/x-protobuf".into())
+                    .with_type("correu.v1.DeliveryEvent".into())
+                    .with_message_id(e.id.as_str().into());
+                confirms.push(
+                    ch.basic_publish(
+                        self.topology.events_exchange.as_str().into(),
+                        e.routing_key.as_str().into(),
+                        BasicPublishOptions::default(),
+                        &e.payload,
+                        props,
+                    )
+                    .await?,
+                );
+            }
+            let mut result = Ok(());
+            for c in confirms {
+                match confirmed(c.await) {
+                    // Not mandatory: a return cannot come; an ack is enough.
+                    Ok(()) | Err(PublishError::Unroutable) => {}
+                    Err(e) => result = Err(e),
+                }
+            }
+            Ok::<_, lapin::Error>(result)
+        };
+        let result = match tokio::time::timeout_at(deadline, sent).await {
+            Err(_) => Err(PublishError::Timeout(self.publish_timeout)),
+            Ok(Err(e)) => Err(PublishError::unavailable(e)),
+            Ok(Ok(r)) => r,
+        };
+        if result.as_ref().is_err_and(PublishError::breaks_channel) {
+            self.forget_publisher().await;
+        }
+        result
     }
 
     /// Publishes bytes as they are to the work exchange (for tools that

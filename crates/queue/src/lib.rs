@@ -20,6 +20,7 @@
 
 pub mod admin;
 pub mod amqp;
+pub mod events;
 pub mod fate;
 pub mod id;
 pub mod index;
@@ -190,6 +191,18 @@ impl Queue {
             ),
         }
         result
+    }
+
+    /// Publishes delivery events ([`events`]); `Ok` once every one is
+    /// durable (confirmed by the broker, or written to the spool).
+    pub async fn publish_events(&self, events: &[events::Event]) -> Result<(), PublishError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        match self {
+            Queue::Amqp(q) => q.publish_events(events).await,
+            Queue::Spool(s) => s.publish_events(events).await,
+        }
     }
 
     /// The messaging system, for spans and metrics.

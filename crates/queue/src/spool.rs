@@ -204,6 +204,35 @@ impl Spool {
         Ok(())
     }
 
+    /// Writes each event durably to `events/` ([`crate::events`]).
+    pub async fn publish_events(
+        &self,
+        events: &[crate::events::Event],
+    ) -> Result<(), PublishError> {
+        if self.journal.is_none() {
+            return Err(PublishError::ReadOnly);
+        }
+        let root = self.root.clone();
+        let events = events.to_vec();
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            let dir = crate::events::spool_dir(&root);
+            create_private_dirs(&dir)?;
+            for e in &events {
+                let name = crate::events::file_name(&e.id);
+                let tmp = root.join("tmp").join(&name);
+                let mut f = create_private(&tmp)?;
+                f.write_all(&e.payload)?;
+                f.sync_all()?;
+                drop(f);
+                std::fs::rename(&tmp, dir.join(&name))?;
+            }
+            sync_dir(&dir)
+        })
+        .await
+        .map_err(|e| PublishError::Io(std::io::Error::other(e)))??;
+        Ok(())
+    }
+
     /// Moves due deferred messages back to `active/`, and lists up to a
     /// batch of active ids that are not in flight.
     fn scan(&self) -> std::io::Result<Vec<String>> {

@@ -57,7 +57,51 @@ pub struct DeliveryConfig {
     /// `consumer_timeout` (30 minutes by default), which closes consumers
     /// that hold a message longer.
     pub attempt_timeout: Dur,
+    /// Recipients that bounced hard, refused at once for a while.
+    pub suppression: SuppressionConfig,
 }
+
+/// `[delivery.suppression]`: a recipient whose delivery failed for good
+/// with one of `classes` is put on a list shared through Redis (or kept in
+/// `<queue.spool>/suppressed` for `correu serve`) for `ttl`; later messages
+/// to it fail at once with a DSN that says so, without a connection.
+/// `correu suppression list|add|remove` edits the list.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SuppressionConfig {
+    pub enabled: bool,
+    /// How long a recipient stays on the list.
+    pub ttl: Dur,
+    /// The bounce classes that put a recipient on it.
+    pub classes: Vec<String>,
+}
+
+impl Default for SuppressionConfig {
+    fn default() -> Self {
+        SuppressionConfig {
+            enabled: true,
+            ttl: Dur::secs(30 * 86_400),
+            classes: vec!["invalid_recipient".into()],
+        }
+    }
+}
+
+/// Bounce classes (what kind of failure it was), as events, logs and
+/// `delivery.suppression.classes` name them.
+pub const BOUNCE_CLASSES: [&str; 12] = [
+    "invalid_recipient",
+    "mailbox_full",
+    "message_too_large",
+    "policy",
+    "spam",
+    "rate_limited",
+    "dns",
+    "tls",
+    "connection",
+    "suppressed",
+    "expired",
+    "other",
+];
 
 impl Default for DeliveryConfig {
     fn default() -> Self {
@@ -77,6 +121,7 @@ impl Default for DeliveryConfig {
             delay_warning: Dur::secs(0),
             timeouts: ClientTimeouts::default(),
             attempt_timeout: Dur::secs(15 * 60),
+            suppression: SuppressionConfig::default(),
         }
     }
 }
@@ -246,6 +291,17 @@ impl DeliveryConfig {
                 "delivery.attempt_timeout",
                 "must be more than 0 and at most 25m (RabbitMQ closes consumers that hold a message 30m)",
             );
+        }
+        for (i, class) in d.suppression.classes.iter().enumerate() {
+            if !BOUNCE_CLASSES.contains(&class.as_str()) {
+                c.err(
+                    format!("delivery.suppression.classes[{i}]"),
+                    format!("`{class}` is not one of {}", BOUNCE_CLASSES.join(", ")),
+                );
+            }
+        }
+        if d.suppression.enabled && d.suppression.ttl.get().is_zero() {
+            c.err("delivery.suppression.ttl", "must be more than 0");
         }
         for (domain, route) in &d.routes {
             let key = format!("delivery.routes.{domain}");

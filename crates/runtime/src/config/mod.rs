@@ -26,6 +26,7 @@
 mod delivery;
 mod dns;
 mod env;
+mod events;
 mod inbound;
 mod queue;
 mod redis;
@@ -39,8 +40,12 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-pub use delivery::{ClientTimeouts, DeliveryConfig, DkimAlgorithm, DkimConfig, OutboundTls, Route};
+pub use delivery::{
+    BOUNCE_CLASSES, ClientTimeouts, DeliveryConfig, DkimAlgorithm, DkimConfig, OutboundTls, Route,
+    SuppressionConfig,
+};
 pub use dns::DnsConfig;
+pub use events::{EventsConfig, OUTCOMES, WebhookConfig};
 pub use inbound::{
     Blocklist, BlocklistKind, DmarcAction, GreylistConfig, InboundConfig, InboundPolicy, Milter,
     MilterDefault, SpfFailAction,
@@ -70,6 +75,8 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     pub redis: RedisConfig,
     pub telemetry: TelemetryConfig,
+    pub events: EventsConfig,
+    pub webhook: WebhookConfig,
 }
 
 impl Default for Config {
@@ -85,6 +92,8 @@ impl Default for Config {
             delivery: DeliveryConfig::default(),
             redis: RedisConfig::default(),
             telemetry: TelemetryConfig::default(),
+            events: EventsConfig::default(),
+            webhook: WebhookConfig::default(),
         }
     }
 }
@@ -112,6 +121,8 @@ pub enum Role {
     Ingress,
     Delivery,
     Storage,
+    /// `correu webhook`: delivery events posted to URLs.
+    Webhook,
     /// The operator's commands (`correu queue`, `mailbox`, `account`):
     /// every value is checked, but no file is looked for, since a tool run
     /// in one pod must not need what only another pod mounts.
@@ -128,6 +139,9 @@ impl Role {
     pub(crate) fn runs_storage(self) -> bool {
         matches!(self, Role::Serve | Role::Storage | Role::Admin)
     }
+    pub(crate) fn runs_webhook(self) -> bool {
+        matches!(self, Role::Serve | Role::Webhook | Role::Admin)
+    }
     pub(crate) fn uses_queue(self) -> bool {
         !matches!(self, Role::Storage)
     }
@@ -135,7 +149,7 @@ impl Role {
         !matches!(self, Role::Storage)
     }
     pub(crate) fn calls_storage(self) -> bool {
-        !matches!(self, Role::Storage)
+        !matches!(self, Role::Storage | Role::Webhook)
     }
     fn opens_files(self) -> bool {
         !matches!(self, Role::Admin)
@@ -148,6 +162,7 @@ impl Role {
             Role::Serve | Role::Ingress | Role::Admin => 9725,
             Role::Delivery => 9726,
             Role::Storage => 9727,
+            Role::Webhook => 9728,
         };
         std::net::SocketAddr::from(([127, 0, 0, 1], port))
     }
@@ -161,10 +176,11 @@ impl std::str::FromStr for Role {
             "ingress" => Role::Ingress,
             "delivery" => Role::Delivery,
             "storage" => Role::Storage,
+            "webhook" => Role::Webhook,
             "admin" => Role::Admin,
             other => {
                 return Err(format!(
-                    "`{other}`: a role is serve, ingress, delivery, storage or admin"
+                    "`{other}`: a role is serve, ingress, delivery, storage, webhook or admin"
                 ));
             }
         })
@@ -227,6 +243,12 @@ pub(crate) fn err(key: impl Into<String>, message: impl Into<String>) -> ConfigE
 }
 
 impl Config {
+    /// Whether delivery publishes its events: `events.enabled`, or a
+    /// webhook to post them to.
+    pub fn publishes_events(&self) -> bool {
+        self.events.enabled || !self.webhook.urls.is_empty()
+    }
+
     /// Loads the file (if any), applies `CORREU_…` variables from `env`, and
     /// checks the result for `role`.
     pub fn load(
@@ -347,6 +369,7 @@ impl Config {
         self.storage.validate(&self.domains, &mut c);
         self.redis.validate(&mut c);
         self.delivery.validate(&mut c);
+        self.webhook.validate(&mut c);
         c.errors
     }
 
