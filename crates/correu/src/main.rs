@@ -7,6 +7,8 @@
 //! - `correu queue [status|list|retry|delete|requeue]`: where is my mail?
 //! - `correu mailbox list|show|delete|stats`: mailboxes through storage's gRPC API.
 //! - `correu account|alias`: edit storage's accounts and aliases files.
+//! - `correu webhook`: delivery events posted to a sender's URLs.
+//! - `correu suppression list|add|remove`: recipients refused after a hard bounce.
 //! - `correu bench`: an SMTP load generator.
 //! - `correu smoke-test`: one message through ingress into storage (`helm test`).
 #![forbid(unsafe_code)]
@@ -20,6 +22,7 @@ mod mailbox;
 mod queue;
 mod serve;
 mod smoke;
+mod suppression;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -76,12 +79,15 @@ enum Command {
     Delivery,
     /// Run the storage service alone.
     Storage,
+    /// Run the webhook service alone: delivery events posted to
+    /// `webhook.urls` (needs RabbitMQ).
+    Webhook,
     /// Check a configuration file and print every error with its key.
     CheckConfig {
         /// The file to check (with `CORREU_…` variables applied).
         file: PathBuf,
         /// Check it as this role would at its start: serve (everything),
-        /// ingress, delivery, storage, or admin (the operator's commands).
+        /// ingress, delivery, storage, webhook, or admin (the operator's commands).
         #[arg(long, default_value = "serve")]
         role: Role,
         /// Print the whole configuration, every key with the value it
@@ -111,6 +117,11 @@ enum Command {
     Account {
         #[command(subcommand)]
         action: account::AccountAction,
+    },
+    /// Recipients refused at once after a hard bounce: list, add, remove.
+    Suppression {
+        #[command(subcommand)]
+        action: suppression::Action,
     },
     /// Aliases in storage.aliases_file: add, del, list.
     Alias {
@@ -154,6 +165,12 @@ fn main() -> ExitCode {
             "correu-storage",
             Role::Storage,
             correu_storage::standalone,
+        ),
+        Command::Webhook => with_config(
+            path,
+            "correu-webhook",
+            Role::Webhook,
+            correu_webhook::standalone,
         ),
         Command::CheckConfig { file, role, show } => {
             match correu_runtime::Config::load(Some(&file), std::env::vars(), role) {
@@ -209,6 +226,9 @@ fn main() -> ExitCode {
         Command::Mailbox { action } => admin(path, verbose, move |cfg| mailbox::run(cfg, action)),
         Command::Account { action } => {
             admin(path, verbose, move |cfg| account::account(cfg, action))
+        }
+        Command::Suppression { action } => {
+            admin(path, verbose, move |cfg| suppression::run(cfg, action))
         }
         Command::Alias { action } => admin(path, verbose, move |cfg| account::alias(cfg, action)),
         Command::Probe { url } => probe(&url),

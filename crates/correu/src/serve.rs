@@ -34,7 +34,12 @@ pub async fn serve(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<(
     let boxes = Arc::new(correu_storage::mailboxes(&cfg)?);
     let storage = correu_storage::local_client(&cfg.storage, boxes.clone());
 
-    // Certificates and accounts are read now: a bad one stops the start.
+    // Certificates, accounts and the webhook's secret are read now: a bad
+    // one stops the start.
+    let hook = match cfg.webhook.urls.is_empty() {
+        true => None,
+        false => Some(Arc::new(correu_webhook::Webhook::new(&cfg)?)),
+    };
     let shared = Arc::new(correu_ingress::Shared::new(
         &cfg,
         queue.clone(),
@@ -70,6 +75,16 @@ pub async fn serve(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<(
         );
         tokio::spawn(async move { correu_delivery::run(&cfg, queue, storage, stop).await })
     };
+    // Events to post (`webhook.urls`): read from the queue, so stopping
+    // them early loses nothing.
+    let webhook_stop = CancellationToken::new();
+    let webhook_task = hook.map(|hook| {
+        let (queue, stop) = (queue.clone(), webhook_stop.clone());
+        tokio::spawn(async move {
+            correu_webhook::run(hook, queue, stop).await;
+            Ok(())
+        })
+    });
     let ingress_task = {
         let cfg = cfg.clone();
         tokio::spawn(async move { correu_ingress::run(&cfg, smtp, shared).await })
@@ -85,11 +100,19 @@ pub async fn serve(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<(
     let ingress_result = watch("ingress", ingress_task.await);
     delivery_stop.cancel();
     let delivery_result = watch("delivery", delivery_task.await);
+    webhook_stop.cancel();
+    let webhook_result = match webhook_task {
+        Some(t) => watch("webhook", t.await),
+        None => Ok(()),
+    };
     storage_stop.cancel();
     let storage_result = watch("storage", storage_task.await);
     probes.cancel();
     println!("Correu stopped.");
-    ingress_result.and(delivery_result).and(storage_result)
+    ingress_result
+        .and(delivery_result)
+        .and(webhook_result)
+        .and(storage_result)
 }
 
 fn print_banner(

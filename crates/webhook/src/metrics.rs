@@ -1,0 +1,51 @@
+//! Webhook metrics; labels are closed sets, never a URL or an address.
+
+use std::sync::LazyLock;
+
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Counter, Histogram};
+
+pub struct WebhookMetrics {
+    /// POSTs by `event` (the outcome) and `result` (`posted`, `failed`).
+    pub posts: Counter<u64>,
+    /// How long a POST took, by `result`.
+    pub duration: Histogram<f64>,
+    /// Payloads on the event queue that were not events.
+    pub dropped: Counter<u64>,
+}
+
+impl WebhookMetrics {
+    pub fn record(&self, event: &'static str, result: &'static str, secs: f64) {
+        self.posts.add(
+            1,
+            &[
+                KeyValue::new("event", event),
+                KeyValue::new("result", result),
+            ],
+        );
+        self.duration
+            .record(secs, &[KeyValue::new("result", result)]);
+    }
+}
+
+pub static METRICS: LazyLock<WebhookMetrics> = LazyLock::new(|| {
+    let m = opentelemetry::global::meter("correu");
+    WebhookMetrics {
+        posts: m
+            .u64_counter("correu.webhook.posts")
+            .with_unit("{request}")
+            .with_description("Webhook POSTs, by event and result")
+            .build(),
+        duration: m
+            .f64_histogram("correu.webhook.duration")
+            .with_unit("s")
+            .with_description("Time to POST one event, by result")
+            .with_boundaries(vec![0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
+            .build(),
+        dropped: m
+            .u64_counter("correu.webhook.dropped")
+            .with_unit("{event}")
+            .with_description("Payloads on the event queue that were not events")
+            .build(),
+    }
+});
