@@ -117,7 +117,7 @@ def rules(docs, values, name):
         check(spec.get("automountServiceAccountToken") is False, f"{ident}: token mounted")
         check(spec.get("enableServiceLinks") is False, f"{ident}: service links on")
         notes = (d_by_name(docs, dep)["spec"]["template"]["metadata"].get("annotations") or {})
-        if dep.endswith(("-ingress", "-delivery", "-storage")):
+        if dep.endswith(("-ingress", "-delivery", "-storage", "-webhook")):
             for sum_ in ("checksum/config", "checksum/secrets"):
                 check(sum_ in notes, f"{ident}: no {sum_} annotation")
         for c in spec["containers"]:
@@ -125,7 +125,7 @@ def rules(docs, values, name):
             csc = c.get("securityContext", {})
             check(csc.get("allowPrivilegeEscalation") is False, f"{cid}: privilege escalation")
             check(csc.get("capabilities", {}).get("drop") == ["ALL"], f"{cid}: capabilities not all dropped")
-            if c["name"] in ("ingress", "delivery", "storage"):
+            if c["name"] in ("ingress", "delivery", "storage", "webhook"):
                 check(csc.get("readOnlyRootFilesystem") is True, f"{cid}: root filesystem writable")
                 res = c.get("resources", {})
                 check(res.get("requests") and res.get("limits"), f"{cid}: requests and limits")
@@ -176,7 +176,14 @@ def per_file_expectations(name, docs, notes):
         check("ScaledObject" in k, f"{name}: KEDA ScaledObject")
         check(not any(n.endswith("-delivery") for n in k.get("HorizontalPodAutoscaler", [])),
               f"{name}: KEDA replaces delivery's HPA")
-        check(len(k.get("NetworkPolicy", [])) == 3, f"{name}: three NetworkPolicies")
+        check(len(k.get("NetworkPolicy", [])) == 4, f"{name}: four NetworkPolicies (with the webhook's)")
+        webhook = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-webhook"))
+        wspec = webhook["spec"]["template"]["spec"]
+        check(wspec["containers"][0]["args"][:1] == ["webhook"], f"{name}: the webhook runs correu webhook")
+        check(any(v.get("secret", {}).get("secretName") == "correu-webhook" for v in wspec["volumes"]),
+              f"{name}: the webhook's signing Secret is mounted")
+        check('secret_file = "/etc/correu/webhook/secret"' in config
+              and "https://hooks.example.org/correu" in config, f"{name}: [webhook] in the config:\n{config}")
         check("ServiceMonitor" in k, f"{name}: ServiceMonitor")
         storage = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-storage"))
         check(storage["spec"]["strategy"].get("type") != "Recreate", f"{name}: RWX storage rolls")
@@ -254,6 +261,7 @@ def required_values():
         ({**rabbit, "storage": {"dovecot": {"enabled": True}}}, ["accounts.existingSecret"]),
         ({**rabbit, "config": {"smtp": {"max_recipents": 5}}}, ["max_recipents"]),
         ({**rabbit, "config": {"smpt": {}}}, ["smpt"]),
+        ({**rabbit, "webhook": {"enabled": True}}, ["webhook.urls"]),
     ]:
         message = install_error(values)
         check(message is not None and all(n in message for n in needles),
@@ -278,9 +286,11 @@ def checksums():
         ({"config": {"storage": {"default_quota": "1G"}}}, {"storage"}),
         ({"config": {"smtp": {"max_message_size": 1000000}}}, {"ingress", "storage"}),
         ({"domains": ["example.net"]}, {"ingress", "delivery", "storage"}),
+        # Delivery publishes events for the webhook it is given.
+        ({"webhook": {"enabled": True, "urls": ["http://hooks:8080/"]}}, {"delivery", "webhook"}),
     ]:
         after = sums({**base, **change})
-        changed = {k for k in before if before[k] != after[k]}
+        changed = {k for k in after if before.get(k) != after[k]}
         check(changed == rolls, f"{change} rolls {sorted(changed)}, not {sorted(rolls)}")
     print("ok: each role's checksum follows the settings it reads")
 

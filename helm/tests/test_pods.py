@@ -12,6 +12,9 @@ replicas on a shared volume):
   when the PROXY protocol is on) lands in the storage volume;
 - `helm test`'s pod exits 0;
 - with Dovecot, IMAP through its Service logs in and reads the message;
+- with the webhook (production values), the webhook pod posts the
+  message's `delivered` event to an HTTP receiver through a Service,
+  signed with the Secret's key;
 - SIGTERM stops every container with exit code 0 within its grace period.
 
 Then what the chart promises under failure:
@@ -324,12 +327,66 @@ def stop_all(cluster, label):
             check(code == 0, f"{label}: {pod}/{c} ended with {code} after SIGTERM")
 
 
+class HookReceiver:
+    """An HTTP server on this machine, behind the Service `hooks`, that
+    records what the webhook pod posts."""
+
+    def __init__(self):
+        import http.server
+        self.posts = []
+        self.secret = None
+        posts = self.posts
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                # Header names are case-insensitive (hyper sends them in lower case).
+                posts.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *a):
+                pass
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+def webhook_check(hooks, label, qid, within=30):
+    """The message's `delivered` event came, with a signature made with
+    the Secret's key."""
+    import hashlib
+    import hmac
+    deadline = time.time() + within
+    while time.time() < deadline:
+        for headers, body in list(hooks.posts):
+            event = json.loads(body)
+            if event.get("queue_id") != qid or event.get("event") != "delivered":
+                continue
+            sig = dict(p.split("=", 1) for p in headers.get("correu-signature", "").split(",") if "=" in p)
+            want = hmac.new(hooks.secret, sig.get("t", "").encode() + b"." + body, hashlib.sha256).hexdigest()
+            check(hmac.compare_digest(want, sig.get("v1", "")), f"{label}: the webhook's signature verifies: {headers}")
+            check(headers.get("correu-event-id") == event["id"], f"{label}: Correu-Event-Id names the event")
+            check(event.get("recipient") == "pere@example.org", f"{label}: the event's recipient: {event}")
+            say(f"{label}: the webhook posted {qid}'s delivered event, signed")
+            return
+        time.sleep(0.5)
+    check(False, f"{label}: no delivered event for {qid} reached the webhook receiver: {hooks.posts[:5]}")
+
+
 def scenario(world, release, label, values, secrets, extra=()):
     say(f"{label}: release {release}")
     vhost = world.vhost()
     u = urls(vhost)
     if "url" in (values.get("rabbitmq") or {}):
         values = merge(json.loads(json.dumps(values)), {"rabbitmq": {"url": u["rabbitmq"]}})
+    hooks = None
+    if (values.get("webhook") or {}).get("enabled"):
+        hooks = HookReceiver()
+        values = merge(json.loads(json.dumps(values)), {"webhook": {"urls": ["http://hooks:8080/correu"]}})
     proxy = (values.get("ingress") or {}).get("proxyProtocol") or {}
     docs = render(values, release)
     lb_source = None
@@ -338,16 +395,21 @@ def scenario(world, release, label, values, secrets, extra=()):
     cluster = new_cluster(world, f"{release}-{label}", lb_source=lb_source, force_links="links" in extra)
     if lb_source:
         cluster.net.host_address(lb_source)
+    if hooks:
+        cluster.external_service("hooks", 8080, ("127.0.0.1", hooks.port))
     try:
         for name, keys in secrets.items():
-            cluster.add_secret(name, world.material.secret(name, keys, u))
+            data = world.material.secret(name, keys, u)
+            if hooks and name == values["webhook"].get("existingSecret"):
+                hooks.secret = data["secret"]
+            cluster.add_secret(name, data)
         cluster.apply(docs)
         full = next(d["metadata"]["name"] for d in docs if d["kind"] == "Deployment"
                     and d["metadata"]["name"].endswith("-ingress")).removesuffix("-ingress")
         started = time.time()
         cluster.start_workloads()
         cluster.wait_ready(90)
-        counts = {c: len(cluster.pods_of(c)) for c in ("ingress", "delivery", "storage")}
+        counts = {c: len(cluster.pods_of(c)) for c in ("ingress", "delivery", "storage", "webhook")}
         say(f"{label}: {sum(counts.values())} pods ready in {time.time() - started:.1f} s: {counts}")
         claim = next(iter(cluster.claims.values()))
         smtp = cluster.address(f"{full}-ingress", "smtp")
@@ -355,6 +417,8 @@ def scenario(world, release, label, values, secrets, extra=()):
         qid = send(smtp, "pere@example.org", f"through the Service {token}")
         check(stored(claim, "example.org", "pere", qid),
               f"{label}: the message sent to the ingress Service ({qid}) reached the storage volume")
+        if hooks:
+            webhook_check(hooks, label, qid)
         if lb_source:
             lb = cluster.lb_address(f"{full}-ingress", "smtp")
             qid2 = send(lb, "pere@example.org", f"through the load balancer {token}")
@@ -384,6 +448,8 @@ def scenario(world, release, label, values, secrets, extra=()):
         check(False, f"{label} (release {release}): {e}")
     finally:
         cluster.close()
+        if hooks:
+            hooks.close()
 
 
 def imap_check(cluster, full, label, token):
@@ -649,6 +715,7 @@ def main():
             production["accounts"]["existingSecret"]: ["accounts", "aliases"],
             production["dkim"]["existingSecret"]: ["example.org.pem", "example.net.pem"],
             production["srs"]["existingSecret"]: ["secret"],
+            production["webhook"]["existingSecret"]: ["secret"],
         }
         sets = [
             ("defaults", {"rabbitmq": {"url": "amqp://placeholder"}}, {}),

@@ -243,6 +243,13 @@ SCHEMA = {
             "topologySpread": B,
             **scheduling(),
         }),
+        "webhook": obj({
+            "enabled": B, "urls": many(s(pattern="^https?://.+")), "existingSecret": s(),
+            "replicas": i(1),
+            "pdb": PDB,
+            "topologySpread": B,
+            **scheduling(),
+        }),
         "storage": obj({
             "replicas": i(1, description="more than one needs a ReadWriteMany volume"),
             "persistence": obj({

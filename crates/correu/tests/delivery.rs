@@ -1115,3 +1115,113 @@ fn events(dir: &Path) -> Vec<correu_proto::v1::DeliveryEvent> {
         })
         .collect()
 }
+
+/// REQUIRETLS (RFC 8689) end to end: a client that asks for it without
+/// TLS is refused `530 5.7.10`; under STARTTLS the message goes to a
+/// Correu that offers REQUIRETLS, over TLS verified against its CA; one
+/// for a real Postfix (STARTTLS, but no REQUIRETLS) is not sent at all
+/// and bounces with `5.7.30`, and one for a plaintext-only receiver
+/// bounces with `5.7.10`.
+#[test]
+fn requiretls_goes_only_to_a_verified_host_that_offers_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = test_cert(dir.path(), "tls");
+    // Postfix offers STARTTLS but has no REQUIRETLS; aiosmtpd speaks
+    // plaintext only.
+    let postfix = remote_postfix(dir.path(), &cert);
+    let plain_box = dir.path().join("plain");
+    let (_plain, plain_port) = aiosmtpd(dir.path(), &plain_box);
+    // B: the next hop that offers REQUIRETLS (under TLS).
+    let b_cfg = dir.path().join("b.toml");
+    std::fs::write(
+        &b_cfg,
+        format!(
+            "domains = [\"b.test\"]\n[smtp]\nlisten = [\"127.0.0.1:0\"]\ntls_certificate = \"{}\"\ntls_key = \"{}\"\n[storage]\nlisten = \"127.0.0.1:0\"\nroot = \"b-mail\"\n[queue]\nspool = \"b-queue\"\n",
+            cert.cert.display(),
+            cert.key.display()
+        ),
+    )
+    .unwrap();
+    let mut b = Proc::correu(CORREU, "b", dir.path(), &["serve"], &b_cfg);
+    let b_addr = b.serve_smtp_addr();
+    // A: takes the client's REQUIRETLS under STARTTLS.
+    let a_cfg = dir.path().join("a.toml");
+    std::fs::write(
+        &a_cfg,
+        format!(
+            "[smtp]\nlisten = [\"127.0.0.1:0\"]\ntls_certificate = \"{cert}\"\ntls_key = \"{key}\"\n[storage]\nlisten = \"127.0.0.1:0\"\nroot = \"a-mail\"\n[queue]\nspool = \"a-queue\"\nretry_delays = [\"1m\"]\n[delivery]\ntls_ca_file = \"{ca}\"\n[delivery.routes]\n\"b.test\" = \"localhost:{b}\"\n\"remote.test\" = \"localhost:{pf}\"\n\"plain.test\" = \"localhost:{plain}\"\n",
+            cert = cert.cert.display(),
+            key = cert.key.display(),
+            ca = cert.ca.display(),
+            b = b_addr.port(),
+            pf = postfix.port,
+            plain = plain_port
+        ),
+    )
+    .unwrap();
+    let mut a = Proc::correu(CORREU, "a", dir.path(), &["serve"], &a_cfg);
+    let a_addr = a.serve_smtp_addr();
+
+    let script = format!(
+        r#"
+import smtplib, ssl
+s = smtplib.SMTP('127.0.0.1', {port})
+s.ehlo('py.example')
+assert not s.has_extn('requiretls'), 'REQUIRETLS offered in the clear'
+code, text = s.docmd('MAIL FROM:<jo@localhost> REQUIRETLS')
+assert code == 530 and b'5.7.10' in text, (code, text)
+s.rset()
+s.starttls(context=ssl.create_default_context(cafile={ca:?}))
+s.ehlo('py.example')
+assert s.has_extn('requiretls'), s.esmtp_features
+for rcpt, subject in (('ana@b.test', 'kept private'), ('ana@remote.test', 'not to postfix'), ('ana@plain.test', 'not in the clear')):
+    s.mail('jo@localhost', ['REQUIRETLS'])
+    s.rcpt(rcpt)
+    code, text = s.data(('Subject: %s\r\n\r\nbody\r\n' % subject).encode())
+    assert code == 250, (code, text)
+    print(text.decode().split()[-1])
+s.quit()
+"#,
+        port = a_addr.port(),
+        ca = cert.ca.to_str().unwrap()
+    );
+    let (st, out, err) = run(&python(), &["-c", &script]);
+    assert!(st.success(), "{out}{err}");
+    let ids: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(ids.len(), 3, "{out}");
+
+    // To B: delivered, over verified TLS.
+    let got = only_file(
+        &dir.path().join("b-mail/b.test/ana"),
+        Duration::from_secs(30),
+    );
+    assert!(
+        got.contains("Subject: kept private") && got.contains("with ESMTPS"),
+        "{got}"
+    );
+    // To Postfix and aiosmtpd: never sent, and the sender learns why.
+    let bounces = wait_maildir(&maildir(dir.path(), "a", "jo"), 2, Duration::from_secs(30));
+    let texts: Vec<String> = bounces.iter().map(|p| read(p)).collect();
+    for (id, status) in [(ids[1], "5.7.30"), (ids[2], "5.7.10")] {
+        let bounce = texts
+            .iter()
+            .find(|t| t.contains(&format!("X-Correu-Queue-ID: {id}")))
+            .unwrap_or_else(|| panic!("a bounce for {id}: {texts:?}"));
+        assert!(
+            bounce.contains(&format!("Status: {status}")) && bounce.contains("REQUIRETLS"),
+            "{status}: {bounce}"
+        );
+    }
+    assert!(
+        wait_maildir(&plain_box, 0, Duration::ZERO).is_empty(),
+        "nothing sent in the clear"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !read(&postfix.log).contains("not to postfix")
+            && !read(&postfix.log).contains("from=<jo@localhost>"),
+        "Postfix was given no transaction"
+    );
+    drop(a);
+    drop(b);
+}

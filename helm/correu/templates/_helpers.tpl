@@ -125,6 +125,9 @@ fails with the value to set instead of leaving pods that exit 64. */}}
 {{- if and (gt (int .Values.storage.replicas) 1) (not (has "ReadWriteMany" .Values.storage.persistence.accessModes)) -}}
 {{- fail (printf "storage.replicas is %d but storage.persistence.accessModes has no ReadWriteMany: several storage pods need one shared volume (or set storage.replicas=1)" (int .Values.storage.replicas)) -}}
 {{- end -}}
+{{- if and .Values.webhook.enabled (not .Values.webhook.urls) -}}
+{{- fail "webhook.enabled needs webhook.urls: the http:// or https:// URLs delivery events are posted to" -}}
+{{- end -}}
 {{- if and .Values.storage.dovecot.enabled (not .Values.accounts.existingSecret) -}}
 {{- fail "storage.dovecot.enabled needs accounts.existingSecret: Dovecot checks IMAP passwords against Correu's accounts" -}}
 {{- end -}}
@@ -165,7 +168,14 @@ the Secrets it mounts or takes variables from. Include with (list $ "ingress"). 
 {{- $_ := set $shared "queue" $config.queue -}}
 {{- $_ := set $shared "redis" $config.redis -}}
 {{- $_ := set $shared "storage" (pick $config.storage "endpoint" "request_timeout") -}}
+{{- $_ := set $shared "events" $config.events -}}
+{{- $_ := set $shared "webhook" (pick ($config.webhook | default dict) "urls") -}}
 {{- $secrets = list $.Values.rabbitmq.existingSecret $.Values.redis.existingSecret $.Values.dkim.existingSecret -}}
+{{- else if eq $c "webhook" -}}
+{{- $_ := set $shared "webhook" $config.webhook -}}
+{{- $_ := set $shared "queue" $config.queue -}}
+{{- $_ := set $shared "redis" $config.redis -}}
+{{- $secrets = list $.Values.rabbitmq.existingSecret $.Values.redis.existingSecret $.Values.webhook.existingSecret -}}
 {{- else -}}
 {{- $_ := set $shared "storage" $config.storage -}}
 {{- $_ := set $shared "smtp" (pick $config.smtp "max_message_size") -}}
@@ -360,6 +370,13 @@ place, so toToml writes 52428800 and not 5.24288e+07. */}}
 {{- $_ := set $delivery "dkim" $dkim -}}
 {{- end -}}
 {{- $base := dict "hostname" .Values.hostname "domains" .Values.domains "smtp" $smtp "storage" $storage "delivery" $delivery "queue" (dict "backend" "rabbitmq") "telemetry" (dict "listen" "0.0.0.0:9725") -}}
+{{- if .Values.webhook.enabled -}}
+{{- $webhook := dict "urls" .Values.webhook.urls -}}
+{{- if .Values.webhook.existingSecret -}}
+{{- $_ := set $webhook "secret_file" "/etc/correu/webhook/secret" -}}
+{{- end -}}
+{{- $_ := set $base "webhook" $webhook -}}
+{{- end -}}
 {{- $merged := mustMergeOverwrite $base (deepCopy .Values.config) -}}
 {{- $_ := include "correu.ints" $merged -}}
 {{- $merged | toToml -}}
