@@ -148,6 +148,10 @@ CONFIG = obj({
                                           "data_end")}),
         "attempt_timeout": DUR,
         "suppression": obj({"enabled": B, "ttl": DUR, "classes": many({"enum": BOUNCE_CLASSES})}),
+        "shaping": {"type": "object", "additionalProperties": obj({
+            "domains": many(s(minLength=1)), "mx": many(s(minLength=1)), "max_connections": i(1),
+            "max_messages_per_connection": i(0), "message_rate": RATE, "connection_rate": RATE,
+            "tls": {"enum": ["none", "opportunistic", "required"]}, "connection_idle": DUR, "backoff": DUR})},
     }),
     "redis": obj({
         "url": s(pattern="^(redis|rediss|unix)://"), "prefix": s(), "timeout": DUR, "pool_size": i(1),

@@ -1225,3 +1225,76 @@ s.quit()
     drop(a);
     drop(b);
 }
+
+/// A destination that says to slow down is left alone, and only it: a
+/// real Postfix limiting Correu to one message a minute answers the second
+/// MAIL with `450 4.7.1 Error: too much mail` (classed rate_limited); the
+/// next message to it waits without a connection, while a message to
+/// another destination goes at once.
+#[test]
+fn a_destination_that_says_slow_down_is_held_off_and_no_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = test_cert(dir.path(), "mx");
+    let postfix = remote_postfix_with(
+        dir.path(),
+        &cert,
+        "smtpd_client_event_limit_exceptions =\nsmtpd_client_message_rate_limit = 1\nanvil_rate_time_unit = 60s",
+    );
+    let other_box = dir.path().join("other");
+    let (_other, other_port) = aiosmtpd(dir.path(), &other_box);
+    let (mut serve, addr) = serve(
+        dir.path(),
+        "a",
+        &format!(
+            "[delivery]\nconnection_idle = \"0s\"\n[delivery.routes]\n\"remote.test\" = \"localhost:{}\"\n\"other.test\" = \"127.0.0.1:{other_port}\"\n",
+            postfix.port
+        ),
+    );
+    let first = send(addr, &["ana@remote.test"], "one");
+    serve.wait_for_line(
+        &["\"message\":\"delivered\"", &first],
+        Duration::from_secs(30),
+    );
+    let second = send(addr, &["ana@remote.test"], "two");
+    let refused = serve.wait_for_line(
+        &["\"message\":\"delivery deferred\"", &second],
+        Duration::from_secs(30),
+    );
+    assert!(
+        refused.contains("\"reply\":\"450 4.7.1 Error: too much mail")
+            && refused.contains("\"class\":\"rate_limited\""),
+        "{refused}"
+    );
+    let held = serve.wait_for(
+        "destination asked to slow down; holding off",
+        Duration::from_secs(5),
+    );
+    assert!(held.contains("\"mx\":\"localhost\""), "{held}");
+    let said = read(&postfix.log)
+        .matches("Message delivery request rate limit exceeded")
+        .count();
+    assert_eq!(said, 1, "{}", read(&postfix.log));
+
+    // The next message to Postfix waits without a connection...
+    let third = send(addr, &["ana@remote.test"], "three");
+    let waited = serve.wait_for_line(
+        &["\"message\":\"delivery deferred\"", &third],
+        Duration::from_secs(30),
+    );
+    assert!(
+        waited.contains("asked to slow down; holding off for")
+            && waited.contains("\"relay\":\"none\""),
+        "{waited}"
+    );
+    // ... while another destination is not held.
+    send(addr, &["bo@other.test"], "four");
+    let got = wait_maildir(&other_box, 1, Duration::from_secs(30));
+    assert_eq!(got.len(), 1);
+    let connects = read(&postfix.log).matches("connect from").count();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        read(&postfix.log).matches("connect from").count(),
+        connects,
+        "no connection to the held destination"
+    );
+}

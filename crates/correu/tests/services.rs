@@ -408,6 +408,93 @@ fn the_connection_limit_per_host_holds_across_two_delivery_processes() {
     );
 }
 
+/// A shaping rule groups two MX host names into one site
+/// (`mx = ["*.site.test"]`): two delivery processes sharing Redis never
+/// open more than its `max_connections` to the site as a whole (the two
+/// hosts are one counting MX, found through dnsmasq), and no connection
+/// carries more than `max_messages_per_connection`.
+#[test]
+fn two_delivery_processes_share_one_sites_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let vhost = Vhost::create("site");
+    let remote_box = dir.path().join("remote-mx");
+    let (mx, mx_port) = counting_mx(dir.path(), &remote_box, Duration::from_millis(300));
+    let (_dns, dns_port) = dnsmasq(
+        dir.path(),
+        &[
+            "mx-host=a.test,mx1.site.test,10",
+            "mx-host=b.test,mx2.site.test,10",
+            "address=/mx1.site.test/127.0.0.1",
+            "address=/mx2.site.test/127.0.0.1",
+        ],
+    );
+    let prefix = format!("correu-site-{}", std::process::id());
+    let extra = format!(
+        "[redis]\nurl = \"redis://127.0.0.1:6379\"\nprefix = \"{prefix}\"\n[dns]\nserver = \"127.0.0.1:{dns_port}\"\n[delivery]\nconcurrency = 8\nmx_port = {mx_port}\nmax_connections_per_host = 10\nconnection_idle = \"1s\"\n[delivery.shaping.site]\nmx = [\"*.site.test\"]\nmax_connections = 2\nmax_messages_per_connection = 2\n"
+    );
+    let c = cluster(dir.path(), &vhost, RABBITMQ.parse().unwrap(), &extra);
+    let mut second = Proc::correu(
+        CORREU,
+        "delivery-2",
+        dir.path(),
+        &["delivery"],
+        &dir.path().join("delivery.toml"),
+    );
+    second.wait_for("delivery consuming", Duration::from_secs(20));
+
+    let total = 24;
+    let senders: Vec<_> = (0..4)
+        .map(|t| {
+            let addr = c.smtp;
+            std::thread::spawn(move || {
+                let mut s = Smtp::connect(addr);
+                s.read();
+                s.cmd("EHLO client.example");
+                for i in (t..total).step_by(4) {
+                    let rcpt = if i % 2 == 0 {
+                        "ana@a.test"
+                    } else {
+                        "bo@b.test"
+                    };
+                    let r = s.send_mail(
+                        "jo@domini.com",
+                        &[rcpt],
+                        &format!("Subject: n{i}\r\n\r\nbody\r\n"),
+                    );
+                    assert_eq!(r.code, 250, "{r:?}");
+                }
+                s.cmd("QUIT");
+            })
+        })
+        .collect();
+    for s in senders {
+        s.join().unwrap();
+    }
+
+    let files = wait_maildir(&remote_box, total, Duration::from_secs(120));
+    assert_subjects_once(&files, "n", total);
+    assert_eq!(
+        counting_mx_peak(&mx),
+        2,
+        "at most the site's max_connections at once over both hosts, and the limit was reached"
+    );
+    // Each connection opened prints one line with a higher `open`.
+    let log = std::fs::read_to_string(&mx.stdout).unwrap();
+    let mut opened = 0;
+    let mut last = 0;
+    for l in log.lines() {
+        let open: usize = l.split_whitespace().nth(1).unwrap().parse().unwrap();
+        if open > last {
+            opened += 1;
+        }
+        last = open;
+    }
+    assert!(
+        opened >= total / 2,
+        "{opened} connections for {total} messages: at most 2 each"
+    );
+}
+
 /// The README's "one config file shared by all three" on one host: each
 /// role binds a telemetry port of its own (9725, 9726, 9727), so all three
 /// start and serve.

@@ -17,6 +17,7 @@ use tracing::Instrument;
 
 use crate::client::{self, Client, Phase, Transaction};
 use crate::outcome::{self, Outcome};
+use crate::shaping;
 use crate::{Deliverer, mta_sts, pool, route, tls};
 
 impl Deliverer {
@@ -201,7 +202,38 @@ impl Deliverer {
         }
         let mut last_via = None;
         let mut last = Outcome::temp("4.4.4", format!("no host to deliver to for {domain}"));
-        for hop in hops {
+        for mut hop in hops {
+            let dest = self.shaping.dest(domain, &hop.host);
+            if hop.tls.is_none() {
+                hop.tls = dest.tls;
+            }
+            // A destination that said to slow down is left alone (by
+            // every delivery process) for its backoff; others go on.
+            if let Some(left) = self.rates.held("backoff", &dest.budget).await {
+                last = Outcome::temp(
+                    "4.4.5",
+                    format!(
+                        "{} asked to slow down; holding off for {}s more",
+                        dest.site.as_deref().unwrap_or(&hop.host),
+                        left.as_secs() + 1
+                    ),
+                );
+                continue;
+            }
+            if !self
+                .rates
+                .allow("site-msg", &dest.budget, dest.message_rate)
+                .await
+            {
+                last = Outcome::temp(
+                    "4.4.5",
+                    format!(
+                        "{} is at its message rate; waiting",
+                        dest.site.as_deref().unwrap_or(&hop.host)
+                    ),
+                );
+                continue;
+            }
             let addrs = match self.router.addresses(&hop).await {
                 Ok(a) if !a.is_empty() => a,
                 Ok(_) => {
@@ -226,9 +258,28 @@ impl Deliverer {
                     "smtp.reply.code" = tracing::field::Empty,
                 );
                 let tried = self
-                    .try_host(msg, sender, content, &hop, addr, rcpts)
+                    .try_host(msg, sender, content, (&hop, &dest), addr, rcpts)
                     .instrument(span.clone())
                     .await;
+                let slowed = match &tried {
+                    Ok((outcomes, _)) => outcomes.iter().find(|o| shaping::slows_down(o)).cloned(),
+                    Err(HostError::Session(e)) => {
+                        Some(outcome::from_session_error(e, &hop.host, addr))
+                            .filter(shaping::slows_down)
+                    }
+                    Err(_) => None,
+                };
+                if let Some(o) = slowed {
+                    tracing::warn!(
+                        queue_id = %msg.queue_id,
+                        mx = %hop.host,
+                        site = dest.site.as_deref().unwrap_or(""),
+                        backoff = ?dest.backoff,
+                        reply = o.reply_code().unwrap_or(0),
+                        "destination asked to slow down; holding off"
+                    );
+                    self.rates.hold("backoff", &dest.budget, dest.backoff).await;
+                }
                 match &tried {
                     Ok((outcomes, _)) => {
                         let delivered = outcomes.iter().filter(|o| o.is_delivered()).count();
@@ -246,7 +297,7 @@ impl Deliverer {
                             span.record("smtp.reply.code", code);
                         }
                     }
-                    Err(HostError::Busy) => {
+                    Err(HostError::Busy(_)) => {
                         span.record("outcome", "busy");
                     }
                     Err(HostError::Session(_)) => {
@@ -258,10 +309,13 @@ impl Deliverer {
                     // Connections per host are shared by every delivery
                     // pod; a host that stays busy is passed over, and if
                     // all are, the message waits in a retry tier.
-                    Err(HostError::Busy) => {
+                    Err(HostError::Busy(why)) => {
                         last = Outcome::temp(
                             "4.4.5",
-                            format!("{} is at its connection limit; waiting", hop.host),
+                            format!(
+                                "{} is at its {why}; waiting",
+                                dest.site.as_deref().unwrap_or(&hop.host)
+                            ),
                         );
                     }
                     Err(HostError::Session(e)) => {
@@ -345,7 +399,7 @@ impl Deliverer {
         msg: &QueuedMessage,
         sender: &str,
         content: &[u8],
-        hop: &route::Hop,
+        (hop, dest): (&route::Hop, &shaping::Dest),
         addr: std::net::SocketAddr,
         rcpts: &[usize],
     ) -> Result<(Vec<Outcome>, Via), HostError> {
@@ -380,8 +434,19 @@ impl Deliverer {
         // another. Over the host's limit, the first connection put back
         // or lease given back is taken.
         let lease = loop {
-            let mut kept = match self.slot(&key).await.ok_or(HostError::Busy)? {
-                pool::Slot::New(lease) => break lease,
+            let slot = self.slot(&key, dest).await;
+            let mut kept = match slot.ok_or(HostError::Busy("connection limit"))? {
+                pool::Slot::New(lease) => {
+                    if !self
+                        .rates
+                        .allow("site-conn", &dest.budget, dest.connection_rate)
+                        .await
+                    {
+                        self.release(lease).await;
+                        return Err(HostError::Busy("connection rate"));
+                    }
+                    break lease;
+                }
                 pool::Slot::Kept(kept) => kept,
             };
             if !self.leases.renew(&mut kept.lease).await {
@@ -394,7 +459,7 @@ impl Deliverer {
                 Ok(outcomes) => {
                     kept.client.uses += 1;
                     let via = Via::of(&kept.client, &hop.host, addr, started.elapsed(), true);
-                    self.keep_or_quit(key, kept).await;
+                    self.keep_or_quit(key, kept, dest).await;
                     return Ok((outcomes, via));
                 }
                 Err(e) if kept.client.body_sent() => {
@@ -416,7 +481,8 @@ impl Deliverer {
                     Ok(outcomes) => {
                         client.uses = 1;
                         let via = Via::of(&client, &hop.host, addr, started.elapsed(), false);
-                        self.keep_or_quit(key, pool::Kept { client, lease }).await;
+                        self.keep_or_quit(key, pool::Kept { client, lease }, dest)
+                            .await;
                         Ok((outcomes, via))
                     }
                     Err(e) => {
@@ -565,8 +631,8 @@ fn humantime(secs: u64) -> String {
 
 /// Why a host got no transaction.
 enum HostError {
-    /// At its connection limit.
-    Busy,
+    /// At its connection limit or connection rate (which of them).
+    Busy(&'static str),
     Session(client::SessionError),
 }
 

@@ -36,6 +36,7 @@ pub mod outcome;
 pub mod pool;
 pub mod route;
 pub mod settle;
+pub mod shaping;
 pub mod suppression;
 pub mod tls;
 
@@ -70,7 +71,8 @@ pub struct Deliverer {
     dkim: Arc<dkim::Dkim>,
     leases: correu_runtime::limits::Leases,
     rates: correu_runtime::limits::RateLimiter,
-    max_per_host: usize,
+    /// Limits per destination (`delivery.shaping`, else per host).
+    shaping: shaping::Shaping,
     domain_rate: correu_runtime::config::Rate,
     /// TLS for hops without a route of their own, and the connectors.
     tls_default: OutboundTls,
@@ -106,10 +108,7 @@ impl Deliverer {
             },
             lease_freed: tokio::sync::Notify::new(),
             queue,
-            pool: pool::Pool::new(
-                cfg.delivery.max_connections_per_host,
-                cfg.delivery.connection_idle.get(),
-            ),
+            pool: pool::Pool::new(),
             dkim: Arc::new(dkim::Dkim::new(&cfg.delivery.dkim)?),
             // A lease outlives no attempt: it expires with the attempt deadline.
             leases: correu_runtime::limits::Leases::with_pool(
@@ -118,7 +117,7 @@ impl Deliverer {
                 cfg.delivery.attempt_timeout.get(),
             ),
             rates: correu_runtime::limits::RateLimiter::with_pool(&cfg.redis, redis.clone()),
-            max_per_host: cfg.delivery.max_connections_per_host,
+            shaping: shaping::Shaping::new(&cfg.delivery),
             domain_rate: cfg.delivery.domain_rate,
             tls_default: cfg.delivery.tls,
             opportunistic: tls::TlsPolicy::Opportunistic(tls::opportunistic()?),

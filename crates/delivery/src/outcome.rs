@@ -69,6 +69,8 @@ pub fn classify(status: &str, reply: &str) -> &'static str {
         "too many",
         "try again later",
         "throttl",
+        // Postfix's anvil: "450 4.7.1 Error: too much mail from 192.0.2.1".
+        "too much mail",
         "slow down",
     ]) {
         "rate_limited"
@@ -361,6 +363,11 @@ mod tests {
                 "rate_limited",
             ),
             ("4.4.5", "busy", "rate_limited"),
+            (
+                "4.7.1",
+                "450 4.7.1 Error: too much mail from 127.0.0.1",
+                "rate_limited",
+            ),
             ("5.1.10", "null MX", "dns"),
             ("4.4.4", "no address", "dns"),
             ("4.4.1", "connection refused", "connection"),

@@ -1,6 +1,7 @@
 //! Connections kept for the next message to the same host (connection
 //! reuse): after a transaction the client says RSET and waits here, at most
-//! `delivery.connection_idle`, at most `max_connections_per_host` per host.
+//! its destination's idle time (`delivery.connection_idle`, or its shaping
+//! rule's), at most its destination's connection limit per host.
 //! A stale one is dropped when taken (the server may have timed it out),
 //! and the caller connects anew.
 
@@ -40,65 +41,75 @@ pub enum Slot {
     New(Lease),
 }
 
-pub struct Pool {
-    max_per_key: usize,
+/// A kept connection: since when, and for how long it may stay idle.
+struct Idle {
+    kept: Kept,
+    since: Instant,
     idle: Duration,
-    kept: Mutex<HashMap<Key, Vec<(Kept, Instant)>>>,
+}
+
+impl Idle {
+    fn fresh(&self) -> bool {
+        self.since.elapsed() < self.idle
+    }
+}
+
+#[derive(Default)]
+pub struct Pool {
+    kept: Mutex<HashMap<Key, Vec<Idle>>>,
 }
 
 impl Pool {
-    pub fn new(max_per_key: usize, idle: Duration) -> Pool {
-        Pool {
-            max_per_key,
-            idle,
-            kept: Mutex::new(HashMap::new()),
-        }
+    pub fn new() -> Pool {
+        Pool::default()
     }
 
-    fn kept(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Vec<(Kept, Instant)>>> {
+    fn kept(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Vec<Idle>>> {
         // Plain data; a holder that panicked left it consistent.
         correu_runtime::sync::lock(&self.kept)
     }
 
     /// The freshest kept connection for `key`, if it has been idle less
-    /// than `connection_idle` (stale ones wait for [`Pool::sweep`]).
+    /// than its idle time (stale ones wait for [`Pool::sweep`]).
     pub fn take(&self, key: &Key) -> Option<Kept> {
         let mut kept = self.kept();
         let list = kept.get_mut(key)?;
         // Kept in the order they came back: the last is the freshest.
-        if list.last()?.1.elapsed() >= self.idle {
+        if !list.last()?.fresh() {
             return None;
         }
-        list.pop().map(|(k, _)| k)
+        list.pop().map(|i| i.kept)
     }
 
-    /// Keeps `k`; gives it back when the pool for its key is full or reuse
-    /// is off.
-    pub fn put(&self, key: Key, k: Kept) -> Option<Kept> {
-        if self.idle.is_zero() {
+    /// Keeps `k` for up to `idle`; gives it back when `max` are kept for
+    /// its key already or reuse is off (`idle` 0).
+    pub fn put(&self, key: Key, k: Kept, max: usize, idle: Duration) -> Option<Kept> {
+        if idle.is_zero() {
             return Some(k);
         }
         let mut kept = self.kept();
         let list = kept.entry(key).or_default();
-        if list.len() >= self.max_per_key {
+        if list.len() >= max {
             return Some(k);
         }
-        list.push((k, Instant::now()));
+        list.push(Idle {
+            kept: k,
+            since: Instant::now(),
+            idle,
+        });
         None
     }
 
-    /// Takes out every connection idle for `connection_idle` or longer,
-    /// to be closed and its lease given back.
+    /// Takes out every connection idle for its idle time or longer, to be
+    /// closed and its lease given back.
     pub fn sweep(&self) -> Vec<Kept> {
         let mut out = Vec::new();
         let mut kept = self.kept();
         for list in kept.values_mut() {
-            let fresh = list.split_off(
-                list.iter()
-                    .position(|(_, since)| since.elapsed() < self.idle)
-                    .unwrap_or(list.len()),
-            );
-            out.extend(std::mem::replace(list, fresh).into_iter().map(|(k, _)| k));
+            let (fresh, stale): (Vec<Idle>, Vec<Idle>) =
+                std::mem::take(list).into_iter().partition(Idle::fresh);
+            *list = fresh;
+            out.extend(stale.into_iter().map(|i| i.kept));
         }
         kept.retain(|_, list| !list.is_empty());
         out
@@ -108,7 +119,7 @@ impl Pool {
     pub fn drain(&self) -> Vec<Kept> {
         self.kept()
             .drain()
-            .flat_map(|(_, list)| list.into_iter().map(|(k, _)| k))
+            .flat_map(|(_, list)| list.into_iter().map(|i| i.kept))
             .collect()
     }
 }
@@ -126,7 +137,7 @@ impl crate::Deliverer {
     /// while the host is at its limit, for whichever comes first: a
     /// connection put back after its transaction (in this process) or a
     /// lease given back (in any).
-    pub(crate) async fn slot(&self, key: &Key) -> Option<Slot> {
+    pub(crate) async fn slot(&self, key: &Key, dest: &crate::shaping::Dest) -> Option<Slot> {
         let deadline = tokio::time::Instant::now() + LEASE_WAIT;
         loop {
             let freed = self.lease_freed.notified();
@@ -135,7 +146,7 @@ impl crate::Deliverer {
             }
             if let Some(l) = self
                 .leases
-                .acquire("conn", &key.host, self.max_per_host)
+                .acquire("conn", &dest.budget, dest.max_connections)
                 .await
             {
                 return Some(Slot::New(l));
@@ -157,13 +168,22 @@ impl crate::Deliverer {
     }
 
     /// After a transaction: RSET and keep the connection, lease and all,
-    /// for the next message to the same host; QUIT when the pool is full.
-    pub(crate) async fn keep_or_quit(&self, key: Key, mut k: Kept) {
+    /// for the next message to the same host; QUIT when the pool is full
+    /// or the connection has carried its destination's
+    /// `max_messages_per_connection`.
+    pub(crate) async fn keep_or_quit(&self, key: Key, mut k: Kept, dest: &crate::shaping::Dest) {
+        let spent = dest.max_messages_per_connection > 0
+            && u64::from(k.client.uses) >= dest.max_messages_per_connection;
+        if spent {
+            k.client.quit().await;
+            self.release(k.lease).await;
+            return;
+        }
         if k.client.reset().await.is_err() {
             self.release(k.lease).await;
             return;
         }
-        match self.pool.put(key, k) {
+        match self.pool.put(key, k, dest.max_connections, dest.idle) {
             Some(k) => {
                 k.client.quit().await;
                 self.release(k.lease).await;

@@ -72,6 +72,8 @@ pub struct RateLimiter {
     prefix: String,
     timeout: Duration,
     local: Mutex<HashMap<String, u64>>,
+    /// Holds ([`RateLimiter::hold`]) without Redis.
+    holds: Mutex<HashMap<String, Instant>>,
     last_warning: Mutex<Option<Instant>>,
 }
 
@@ -89,6 +91,7 @@ impl RateLimiter {
             prefix: cfg.prefix.clone(),
             timeout: cfg.timeout.get(),
             local: Mutex::new(HashMap::new()),
+            holds: Mutex::new(HashMap::new()),
             last_warning: Mutex::new(None),
         }
     }
@@ -105,6 +108,61 @@ impl RateLimiter {
     /// through Redis), after adding `add` (0 to only look).
     pub async fn tally(&self, kind: &str, id: &str, per: Duration, add: u64) -> u64 {
         self.count("tally", kind, id, per, add).await
+    }
+
+    /// Holds `id` off for `span` (a destination that said to slow down),
+    /// for every process sharing Redis.
+    pub async fn hold(&self, kind: &str, id: &str, span: Duration) {
+        let key = format!("{}:hold:{kind}:{id}", self.prefix);
+        let millis = span.as_millis().max(1) as u64;
+        if let Some(pool) = &self.redis {
+            let work = async {
+                let mut c = pool.get().await?;
+                // The latest word of the destination wins.
+                deadpool_redis::redis::cmd("SET")
+                    .arg(&key)
+                    .arg(1)
+                    .arg("PX")
+                    .arg(millis)
+                    .query_async::<()>(&mut c)
+                    .await?;
+                Ok::<_, anyhow::Error>(())
+            };
+            match tokio::time::timeout(self.timeout, work).await {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => self.warn(&e.to_string()),
+                Err(_) => self.warn("timed out"),
+            }
+        }
+        let until = Instant::now() + span;
+        let mut holds = lock(&self.holds);
+        holds.retain(|_, t| *t > Instant::now());
+        holds.insert(key, until);
+    }
+
+    /// How much longer `id` is held off, if it is.
+    pub async fn held(&self, kind: &str, id: &str) -> Option<Duration> {
+        let key = format!("{}:hold:{kind}:{id}", self.prefix);
+        if let Some(pool) = &self.redis {
+            let work = async {
+                let mut c = pool.get().await?;
+                let ms: i64 = deadpool_redis::redis::cmd("PTTL")
+                    .arg(&key)
+                    .query_async(&mut c)
+                    .await?;
+                Ok::<_, anyhow::Error>(ms)
+            };
+            match tokio::time::timeout(self.timeout, work).await {
+                Ok(Ok(ms)) => return (ms > 0).then(|| Duration::from_millis(ms as u64)),
+                Ok(Err(e)) => self.warn(&e.to_string()),
+                Err(_) => self.warn("timed out"),
+            }
+        }
+        let holds = lock(&self.holds);
+        holds
+            .get(&key)
+            .and_then(|t| t.checked_duration_since(Instant::now()))
+            .filter(|d| !d.is_zero())
     }
 
     /// The counter behind both: one key per window, in Redis (expiring

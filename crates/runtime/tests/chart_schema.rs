@@ -9,7 +9,8 @@ use correu_runtime::Config;
 use serde_json::Value;
 
 /// Dotted keys of a value: objects are walked, except the maps whose keys
-/// are the user's (routes, DKIM keys and inbound policies by domain).
+/// are the user's (routes, DKIM keys, shaping rules and inbound policies
+/// by domain or name).
 fn config_keys(v: &Value, prefix: &str, out: &mut BTreeSet<String>) {
     let Value::Object(map) = v else { return };
     for (k, v) in map {
@@ -18,7 +19,7 @@ fn config_keys(v: &Value, prefix: &str, out: &mut BTreeSet<String>) {
             Value::Object(_)
                 if !matches!(
                     key.as_str(),
-                    "delivery.routes" | "delivery.dkim" | "inbound.domains"
+                    "delivery.routes" | "delivery.dkim" | "delivery.shaping" | "inbound.domains"
                 ) =>
             {
                 config_keys(v, &format!("{key}."), out)

@@ -140,3 +140,28 @@ async fn leases_hold_across_two_processes_sharing_redis() {
     );
     cleanup(&prefix);
 }
+
+/// A destination's hold (it said to slow down) set by one replica is seen
+/// by another, with what is left of it, and ends by itself; without
+/// Redis, the process holds alone.
+#[tokio::test]
+async fn a_hold_is_shared_and_expires() {
+    let prefix = format!("correu-test-hold-{}", std::process::id());
+    let a = RateLimiter::new(&redis(&prefix)).unwrap();
+    let b = RateLimiter::new(&redis(&prefix)).unwrap();
+    assert_eq!(b.held("backoff", "site:google").await, None);
+    a.hold("backoff", "site:google", Duration::from_millis(1500))
+        .await;
+    let left = b.held("backoff", "site:google").await.expect("held");
+    assert!(left > Duration::from_millis(500) && left <= Duration::from_millis(1500));
+    assert_eq!(b.held("backoff", "site:other").await, None, "others go on");
+    tokio::time::sleep(Duration::from_millis(1700)).await;
+    assert_eq!(b.held("backoff", "site:google").await, None, "it ends");
+
+    let local = RateLimiter::new(&RedisConfig::default()).unwrap();
+    local
+        .hold("backoff", "mx.example", Duration::from_secs(60))
+        .await;
+    assert!(local.held("backoff", "mx.example").await.is_some());
+    cleanup(&prefix);
+}

@@ -59,6 +59,78 @@ pub struct DeliveryConfig {
     pub attempt_timeout: Dur,
     /// Recipients that bounced hard, refused at once for a while.
     pub suppression: SuppressionConfig,
+    /// Traffic shaping per destination, by name (a "site"): rules that
+    /// match recipient domains or MX host names and set their own limits,
+    /// shared by every host they match. The settings above are the
+    /// defaults for everything no rule matches.
+    pub shaping: BTreeMap<String, Shape>,
+}
+
+/// `[delivery.shaping.NAME]`: one destination's budget, as KumoMTA's
+/// shaping rules and site names give it. A delivery to a recipient domain
+/// in `domains`, or to an MX host that `mx` matches, counts against this
+/// rule, across every delivery process (Redis): all `*.google.com` hosts
+/// share one budget when `mx = ["*.google.com"]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Shape {
+    /// Recipient domains (`example.com`, or `*.example.com` for its
+    /// subdomains).
+    pub domains: Vec<String>,
+    /// MX host names (`mx.example.com`, or `*.example.com`).
+    pub mx: Vec<String>,
+    /// Connections open at once to the whole site.
+    pub max_connections: usize,
+    /// Transactions one connection carries before it is closed (0: no
+    /// limit).
+    pub max_messages_per_connection: u64,
+    /// Messages to the site (`N/DURATION`, 0 for no limit).
+    pub message_rate: Rate,
+    /// New connections to the site (`N/DURATION`, 0 for no limit).
+    pub connection_rate: Rate,
+    /// TLS to the site's hosts (unset: `delivery.tls`); a route's own
+    /// setting, MTA-STS and REQUIRETLS still decide first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<OutboundTls>,
+    /// How long a connection is kept idle for the next message (unset:
+    /// `delivery.connection_idle`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connection_idle: Option<Dur>,
+    /// How long the site is left alone after it answers `421` or a `4xx`
+    /// that says to slow down.
+    pub backoff: Dur,
+}
+
+impl Default for Shape {
+    fn default() -> Self {
+        Shape {
+            domains: Vec::new(),
+            mx: Vec::new(),
+            max_connections: 10,
+            max_messages_per_connection: 0,
+            message_rate: Rate::per(0, 1),
+            connection_rate: Rate::per(0, 1),
+            tls: None,
+            connection_idle: None,
+            backoff: Dur::secs(60),
+        }
+    }
+}
+
+/// Whether `name` (a domain or host name) matches `pattern`: the same
+/// name, or for `*.example.com` any name under example.com. Both are
+/// compared without case and without a trailing dot.
+pub fn name_matches(pattern: &str, name: &str) -> bool {
+    let name = name.trim_end_matches('.');
+    let pattern = pattern.trim_end_matches('.');
+    match pattern.strip_prefix("*.") {
+        Some(parent) => {
+            name.len() > parent.len() + 1
+                && name[name.len() - parent.len()..].eq_ignore_ascii_case(parent)
+                && name.as_bytes()[name.len() - parent.len() - 1] == b'.'
+        }
+        None => name.eq_ignore_ascii_case(pattern),
+    }
 }
 
 /// `[delivery.suppression]`: a recipient whose delivery failed for good
@@ -122,6 +194,7 @@ impl Default for DeliveryConfig {
             timeouts: ClientTimeouts::default(),
             attempt_timeout: Dur::secs(15 * 60),
             suppression: SuppressionConfig::default(),
+            shaping: BTreeMap::new(),
         }
     }
 }
@@ -302,6 +375,32 @@ impl DeliveryConfig {
         }
         if d.suppression.enabled && d.suppression.ttl.get().is_zero() {
             c.err("delivery.suppression.ttl", "must be more than 0");
+        }
+        for (name, shape) in &d.shaping {
+            let key = format!("delivery.shaping.{name}");
+            if name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            {
+                c.err(&key, "a name of letters, digits, `-`, `_` and `.`");
+            }
+            if shape.domains.is_empty() && shape.mx.is_empty() {
+                c.err(&key, "needs `domains` or `mx` to match anything");
+            }
+            for (field, list) in [("domains", &shape.domains), ("mx", &shape.mx)] {
+                for (i, p) in list.iter().enumerate() {
+                    if !is_domain(p.strip_prefix("*.").unwrap_or(p)) {
+                        c.err(
+                            format!("{key}.{field}[{i}]"),
+                            format!("`{p}` is not a name or `*.name`"),
+                        );
+                    }
+                }
+            }
+            if shape.max_connections == 0 {
+                c.err(format!("{key}.max_connections"), "must be more than 0");
+            }
         }
         for (domain, route) in &d.routes {
             let key = format!("delivery.routes.{domain}");

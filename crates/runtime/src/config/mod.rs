@@ -42,7 +42,7 @@ use serde::{Deserialize, Serialize};
 
 pub use delivery::{
     BOUNCE_CLASSES, ClientTimeouts, DeliveryConfig, DkimAlgorithm, DkimConfig, OutboundTls, Route,
-    SuppressionConfig,
+    Shape, SuppressionConfig, name_matches,
 };
 pub use dns::DnsConfig;
 pub use events::{EventsConfig, OUTCOMES, WebhookConfig};
@@ -564,6 +564,39 @@ mod tests {
                 "delivery.routes.*.tls"
             ]
         );
+    }
+
+    #[test]
+    fn shaping_rules_by_name_and_their_errors() {
+        let c = load(
+            "[delivery.shaping.google]\nmx = [\"*.google.com\"]\nmax_connections = 20\nmessage_rate = \"600/1m\"\nbackoff = \"5m\"\n",
+            &[],
+        )
+        .unwrap();
+        let g = &c.delivery.shaping["google"];
+        assert_eq!(
+            (g.max_connections, g.message_rate),
+            (20, Rate::per(600, 60))
+        );
+        assert_eq!(g.backoff.get(), std::time::Duration::from_secs(300));
+        let e = load(
+            "[delivery.shaping.\"bad name\"]\nmax_connections = 0\n[delivery.shaping.b]\ndomains = [\"*.\", \"ok.example\"]\n",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(
+            keys(e),
+            vec![
+                "delivery.shaping.b.domains[0]",
+                "delivery.shaping.bad name",
+                "delivery.shaping.bad name",
+                "delivery.shaping.bad name.max_connections",
+            ]
+        );
+        assert!(name_matches("*.google.com", "ASPMX.L.Google.com."));
+        assert!(!name_matches("*.google.com", "google.com"));
+        assert!(!name_matches("*.google.com", "xgoogle.com"));
+        assert!(name_matches("Example.com", "example.COM"));
     }
 
     #[test]
