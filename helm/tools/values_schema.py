@@ -148,6 +148,7 @@ CONFIG = obj({
                                           "data_end")}),
         "attempt_timeout": DUR,
         "suppression": obj({"enabled": B, "ttl": DUR, "classes": many({"enum": BOUNCE_CLASSES})}),
+        "tls_reports": obj({"enabled": B, "organization": s(), "contact": s()}),
         "shaping": {"type": "object", "additionalProperties": obj({
             "domains": many(s(minLength=1)), "mx": many(s(minLength=1)), "max_connections": i(1),
             "max_messages_per_connection": i(0), "message_rate": RATE, "connection_rate": RATE,

@@ -9,6 +9,7 @@
 //! - `correu account|alias`: edit storage's accounts and aliases files.
 //! - `correu webhook`: delivery events posted to a sender's URLs.
 //! - `correu suppression list|add|remove`: recipients refused after a hard bounce.
+//! - `correu tls-report show|send`: TLS reports (RFC 8460).
 //! - `correu bench`: an SMTP load generator.
 //! - `correu smoke-test`: one message through ingress into storage (`helm test`).
 #![forbid(unsafe_code)]
@@ -23,6 +24,7 @@ mod queue;
 mod serve;
 mod smoke;
 mod suppression;
+mod tls_report;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -122,6 +124,11 @@ enum Command {
     Suppression {
         #[command(subcommand)]
         action: suppression::Action,
+    },
+    /// TLS reports (RFC 8460): show a day's, or send them now.
+    TlsReport {
+        #[command(subcommand)]
+        action: tls_report::Action,
     },
     /// Aliases in storage.aliases_file: add, del, list.
     Alias {
@@ -229,6 +236,9 @@ fn main() -> ExitCode {
         }
         Command::Suppression { action } => {
             admin(path, verbose, move |cfg| suppression::run(cfg, action))
+        }
+        Command::TlsReport { action } => {
+            admin(path, verbose, move |cfg| tls_report::run(cfg, action))
         }
         Command::Alias { action } => admin(path, verbose, move |cfg| account::alias(cfg, action)),
         Command::Probe { url } => probe(&url),

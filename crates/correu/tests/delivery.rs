@@ -1298,3 +1298,138 @@ fn a_destination_that_says_slow_down_is_held_off_and_no_other() {
         "no connection to the held destination"
     );
 }
+
+/// TLS reports (RFC 8460): each session's TLS is counted in Redis per
+/// day and policy; the day's report goes to the `rua` a domain publishes
+/// in `_smtp._tls` (here a mailbox of Correu's own), and Python's email,
+/// gzip and json read it. remote.test has no MTA-STS policy and a real
+/// Postfix with STARTTLS (a success); sts.test enforces a policy its MX
+/// fails (the certificate is not for mx.sts.test: a failure with the
+/// policy's lines).
+#[test]
+fn tls_reports_count_sessions_and_reach_the_domains_rua() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = test_cert_for(dir.path(), "pki", &["localhost", "mta-sts.sts.test"]);
+    let postfix = remote_postfix(dir.path(), &cert);
+    let (_https, https_port) = mta_sts_server(
+        dir.path(),
+        &cert,
+        &[(
+            "mta-sts.sts.test",
+            "version: STSv1\nmode: enforce\nmx: mx.sts.test\nmax_age: 86400\n",
+        )],
+    );
+    let (_dns, dns_port) = dnsmasq(
+        dir.path(),
+        &[
+            "mx-host=remote.test,mx.remote.test,10",
+            "address=/mx.remote.test/127.0.0.1",
+            "txt-record=_smtp._tls.remote.test,\"v=TLSRPTv1; rua=mailto:tlsrpt@localhost\"",
+            "mx-host=sts.test,mx.sts.test,10",
+            "address=/mx.sts.test/127.0.0.1",
+            "address=/mta-sts.sts.test/127.0.0.1",
+            "txt-record=_mta-sts.sts.test,\"v=STSv1; id=20261202;\"",
+            "txt-record=_smtp._tls.sts.test,\"v=TLSRPTv1; rua=mailto:tlsrpt@localhost\"",
+        ],
+    );
+    let vhost = Vhost::create("tlsrpt");
+    let redis = RedisPrefix::new("tlsrpt");
+    let cfg = dir.path().join("a.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "hostname = \"mx.correu.test\"\n[smtp]\nlisten = [\"127.0.0.1:0\"]\n[storage]\nlisten = \"127.0.0.1:0\"\nroot = \"a-mail\"\n[queue]\nbackend = \"rabbitmq\"\nurl = \"{url}\"\nretry_delays = [\"1m\"]\n{redis}[dns]\nserver = \"127.0.0.1:{dns_port}\"\n[delivery]\nmx_port = {mx}\nmta_sts_port = {https_port}\ntls_ca_file = \"{ca}\"\n[delivery.tls_reports]\nenabled = true\norganization = \"Correu test\"\n",
+            url = vhost.url(RABBITMQ.parse().unwrap()),
+            redis = redis.section(),
+            mx = postfix.port,
+            ca = cert.ca.display()
+        ),
+    )
+    .unwrap();
+    let mut serve = Proc::correu(CORREU, "a", dir.path(), &["serve"], &cfg);
+    let addr = serve.serve_smtp_addr();
+    send(addr, &["ana@remote.test"], "over tls");
+    let sts = send(addr, &["ana@sts.test"], "enforced");
+    only_file(&postfix.vmail.join("ana"), Duration::from_secs(30));
+    serve.wait_for_line(&["delivery deferred", &sts], Duration::from_secs(30));
+
+    let today = correu_smtp::headers::rfc3339(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64,
+    )[..10]
+        .to_string();
+    let shown = correu_cli(CORREU, &cfg, &["tls-report", "show", "--date", &today], "");
+    assert!(
+        shown.contains("\"total-successful-session-count\": 1")
+            && shown.contains("certificate-host-mismatch"),
+        "{shown}"
+    );
+    let sent = correu_cli(CORREU, &cfg, &["tls-report", "send", "--date", &today], "");
+    assert_eq!(
+        sent.matches("mailto:tlsrpt@localhost: queued as").count(),
+        2,
+        "{sent}"
+    );
+
+    let reports = wait_maildir(
+        &maildir(dir.path(), "a", "tlsrpt"),
+        2,
+        Duration::from_secs(30),
+    );
+    assert_eq!(reports.len(), 2);
+    let script = r#"
+import email, gzip, json, sys
+from email import policy
+out = {}
+for path in sys.argv[1:]:
+    msg = email.message_from_binary_file(open(path, 'rb'), policy=policy.default)
+    assert msg.get_content_type() == 'multipart/report', msg.get_content_type()
+    assert msg.get_param('report-type') == 'tlsrpt', msg.get_param('report-type')
+    part = next(p for p in msg.iter_attachments() if p.get_content_type() == 'application/tlsrpt+gzip')
+    assert part.get_filename().endswith('.json.gz'), part.get_filename()
+    report = json.loads(gzip.decompress(part.get_content()))
+    out[msg['TLS-Report-Domain']] = report
+print(json.dumps(out))
+"#;
+    let mut args = vec!["-c", script];
+    let paths: Vec<String> = reports
+        .iter()
+        .map(|p| p.to_str().unwrap().to_string())
+        .collect();
+    args.extend(paths.iter().map(String::as_str));
+    let (st, out, err) = run(&python(), &args);
+    assert!(st.success(), "{out}{err}");
+    let got: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let remote = &got["remote.test"];
+    assert_eq!(remote["organization-name"], "Correu test");
+    assert_eq!(remote["contact-info"], "postmaster@mx.correu.test");
+    assert_eq!(
+        remote["date-range"]["start-datetime"],
+        format!("{today}T00:00:00Z")
+    );
+    let p = &remote["policies"][0];
+    assert_eq!(p["policy"]["policy-type"], "no-policy-found");
+    assert_eq!(p["policy"]["policy-domain"], "remote.test");
+    assert_eq!(p["summary"]["total-successful-session-count"], 1);
+    assert_eq!(p["summary"]["total-failure-session-count"], 0);
+    let s = &got["sts.test"]["policies"][0];
+    assert_eq!(s["policy"]["policy-type"], "sts");
+    assert_eq!(
+        s["policy"]["policy-string"],
+        serde_json::json!([
+            "version: STSv1",
+            "mode: enforce",
+            "mx: mx.sts.test",
+            "max_age: 86400"
+        ])
+    );
+    assert_eq!(s["policy"]["mx-host"], serde_json::json!(["mx.sts.test"]));
+    assert_eq!(s["summary"]["total-successful-session-count"], 0);
+    let f = &s["failure-details"][0];
+    assert_eq!(f["result-type"], "certificate-host-mismatch");
+    assert_eq!(f["receiving-mx-hostname"], "mx.sts.test");
+    assert_eq!(f["receiving-ip"], "127.0.0.1");
+    assert!(f["failed-session-count"].as_u64().unwrap() >= 1);
+}

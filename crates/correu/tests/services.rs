@@ -347,6 +347,32 @@ fn a_lost_confirm_for_a_message_delivery_already_has_is_a_250() {
     drop(c.ingress);
 }
 
+/// Sends messages `n0` to `n{total-1}` (the subject) from four SMTP
+/// sessions at once, message `i` to `rcpt(i)`; each must get `250`.
+fn send_over_four_sessions(addr: SocketAddr, total: usize, rcpt: fn(usize) -> &'static str) {
+    let senders: Vec<_> = (0..4)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let mut s = Smtp::connect(addr);
+                s.read();
+                s.cmd("EHLO client.example");
+                for i in (t..total).step_by(4) {
+                    let r = s.send_mail(
+                        "jo@domini.com",
+                        &[rcpt(i)],
+                        &format!("Subject: n{i}\r\n\r\nbody\r\n"),
+                    );
+                    assert_eq!(r.code, 250, "{r:?}");
+                }
+                s.cmd("QUIT");
+            })
+        })
+        .collect();
+    for s in senders {
+        s.join().unwrap();
+    }
+}
+
 #[test]
 fn the_connection_limit_per_host_holds_across_two_delivery_processes() {
     let dir = tempfile::tempdir().unwrap();
@@ -370,28 +396,7 @@ fn the_connection_limit_per_host_holds_across_two_delivery_processes() {
     second.wait_for("delivery consuming", Duration::from_secs(20));
 
     let total = 24;
-    let senders: Vec<_> = (0..4)
-        .map(|t| {
-            let addr = c.smtp;
-            std::thread::spawn(move || {
-                let mut s = Smtp::connect(addr);
-                s.read();
-                s.cmd("EHLO client.example");
-                for i in (t..total).step_by(4) {
-                    let r = s.send_mail(
-                        "jo@domini.com",
-                        &["ana@remote.test"],
-                        &format!("Subject: n{i}\r\n\r\nbody\r\n"),
-                    );
-                    assert_eq!(r.code, 250, "{r:?}");
-                }
-                s.cmd("QUIT");
-            })
-        })
-        .collect();
-    for s in senders {
-        s.join().unwrap();
-    }
+    send_over_four_sessions(c.smtp, total, |_| "ana@remote.test");
 
     let files = wait_maildir(&remote_box, total, Duration::from_secs(120));
     assert_subjects_once(&files, "n", total);
@@ -443,33 +448,13 @@ fn two_delivery_processes_share_one_sites_budget() {
     second.wait_for("delivery consuming", Duration::from_secs(20));
 
     let total = 24;
-    let senders: Vec<_> = (0..4)
-        .map(|t| {
-            let addr = c.smtp;
-            std::thread::spawn(move || {
-                let mut s = Smtp::connect(addr);
-                s.read();
-                s.cmd("EHLO client.example");
-                for i in (t..total).step_by(4) {
-                    let rcpt = if i % 2 == 0 {
-                        "ana@a.test"
-                    } else {
-                        "bo@b.test"
-                    };
-                    let r = s.send_mail(
-                        "jo@domini.com",
-                        &[rcpt],
-                        &format!("Subject: n{i}\r\n\r\nbody\r\n"),
-                    );
-                    assert_eq!(r.code, 250, "{r:?}");
-                }
-                s.cmd("QUIT");
-            })
-        })
-        .collect();
-    for s in senders {
-        s.join().unwrap();
-    }
+    send_over_four_sessions(c.smtp, total, |i| {
+        if i % 2 == 0 {
+            "ana@a.test"
+        } else {
+            "bo@b.test"
+        }
+    });
 
     let files = wait_maildir(&remote_box, total, Duration::from_secs(120));
     assert_subjects_once(&files, "n", total);

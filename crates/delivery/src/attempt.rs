@@ -17,8 +17,8 @@ use tracing::Instrument;
 
 use crate::client::{self, Client, Phase, Transaction};
 use crate::outcome::{self, Outcome};
-use crate::shaping;
 use crate::{Deliverer, mta_sts, pool, route, tls};
+use crate::{shaping, tlsrpt};
 
 impl Deliverer {
     /// Every recipient's outcome, in the order of `msg.recipients`. Work
@@ -181,7 +181,7 @@ impl Deliverer {
             Ok(h) => h,
             Err(o) => return (vec![o; rcpts.len()], None),
         };
-        let mut hops = match self.apply_mta_sts(&msg.queue_id, domain, hops).await {
+        let (mut hops, sts) = match self.apply_mta_sts(&msg.queue_id, domain, hops).await {
             Ok(h) => h,
             Err(o) => return (vec![o; rcpts.len()], None),
         };
@@ -257,10 +257,39 @@ impl Deliverer {
                     outcome = tracing::field::Empty,
                     "smtp.reply.code" = tracing::field::Empty,
                 );
-                let tried = self
-                    .try_host(msg, sender, content, (&hop, &dest), addr, rcpts)
-                    .instrument(span.clone())
-                    .await;
+                // Boxed: a session's state would otherwise sit in every
+                // delivery's future.
+                let tried =
+                    Box::pin(self.try_host(msg, sender, content, (&hop, &dest), addr, rcpts))
+                        .instrument(span.clone())
+                        .await;
+                if let Some(reports) = &self.tls_reports
+                    && hop.route.is_none()
+                    && !matches!(self.policy(&hop), tls::TlsPolicy::None)
+                {
+                    // One count per session: a kept connection's later
+                    // transactions are the same session.
+                    let failure = match &tried {
+                        Ok((_, via)) if via.conn_use <= 1 => Some(
+                            via.tls_version
+                                .is_empty()
+                                .then_some("starttls-not-supported"),
+                        ),
+                        Err(HostError::Session(e)) => tlsrpt::result_type(e).map(Some),
+                        _ => None,
+                    };
+                    if let Some(failure) = failure {
+                        let session = tlsrpt::Session {
+                            domain,
+                            policy: sts.as_deref(),
+                            mx: &hop.host,
+                            ip: addr.ip(),
+                            failure,
+                        };
+                        // Boxed: kept out of every delivery's future.
+                        Box::pin(reports.record(&session)).await;
+                    }
+                }
                 let slowed = match &tried {
                     Ok((outcomes, _)) => outcomes.iter().find(|o| shaping::slows_down(o)).cloned(),
                     Err(HostError::Session(e)) => {
@@ -348,20 +377,21 @@ impl Deliverer {
     /// the hosts it names, each with verified TLS; in `testing` mode the
     /// same hops, with the ones it would refuse logged. A configured route
     /// is the operator's word and is left alone.
+    /// Also returns the policy that applied (for TLS reports).
     async fn apply_mta_sts(
         &self,
         queue_id: &str,
         domain: &str,
         mut hops: Vec<route::Hop>,
-    ) -> Result<Vec<route::Hop>, Outcome> {
+    ) -> Result<(Vec<route::Hop>, Option<Arc<mta_sts::Policy>>), Outcome> {
         let Some(sts) = &self.mta_sts else {
-            return Ok(hops);
+            return Ok((hops, None));
         };
         if hops.iter().any(|h| h.route.is_some()) {
-            return Ok(hops);
+            return Ok((hops, None));
         }
         let Some(policy) = sts.policy(domain).await else {
-            return Ok(hops);
+            return Ok((hops, None));
         };
         match policy.mode {
             mta_sts::Mode::None => {}
@@ -383,7 +413,8 @@ impl Deliverer {
                 }
             }
         }
-        Ok(hops)
+        let applied = (policy.mode != mta_sts::Mode::None).then_some(policy);
+        Ok((hops, applied))
     }
 
     fn policy(&self, hop: &route::Hop) -> &tls::TlsPolicy {

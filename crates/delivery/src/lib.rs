@@ -30,6 +30,7 @@ mod attempt;
 pub mod client;
 pub mod dkim;
 pub mod dsn;
+pub mod http;
 pub mod metrics;
 pub mod mta_sts;
 pub mod outcome;
@@ -39,6 +40,7 @@ pub mod settle;
 pub mod shaping;
 pub mod suppression;
 pub mod tls;
+pub mod tlsrpt;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -73,6 +75,8 @@ pub struct Deliverer {
     rates: correu_runtime::limits::RateLimiter,
     /// Limits per destination (`delivery.shaping`, else per host).
     shaping: shaping::Shaping,
+    /// TLS reports (RFC 8460), when `delivery.tls_reports.enabled`.
+    tls_reports: Option<Arc<tlsrpt::TlsReports>>,
     domain_rate: correu_runtime::config::Rate,
     /// TLS for hops without a route of their own, and the connectors.
     tls_default: OutboundTls,
@@ -118,6 +122,7 @@ impl Deliverer {
             ),
             rates: correu_runtime::limits::RateLimiter::with_pool(&cfg.redis, redis.clone()),
             shaping: shaping::Shaping::new(&cfg.delivery),
+            tls_reports: tlsrpt::TlsReports::open(cfg, redis.clone(), false).map(Arc::new),
             domain_rate: cfg.delivery.domain_rate,
             tls_default: cfg.delivery.tls,
             opportunistic: tls::TlsPolicy::Opportunistic(tls::opportunistic()?),
@@ -267,6 +272,18 @@ pub async fn run(
     {
         q.keep_events();
     }
+    // Yesterday's TLS reports, once a day.
+    let reports = match &deliverer.tls_reports {
+        Some(r) => {
+            let (r, queue, stop) = (r.clone(), queue.clone(), shutdown.clone());
+            let resolver = correu_runtime::dns::resolver(&cfg.dns)?;
+            let https = tls::verified(cfg.delivery.tls_ca_file.as_deref())?;
+            Some(tokio::spawn(async move {
+                r.daily(queue, resolver, https, stop).await
+            }))
+        }
+        None => None,
+    };
     let mut consumer = queue.consumer();
     let slots = Arc::new(Semaphore::new(cfg.delivery.concurrency));
     let tracker = TaskTracker::new();
@@ -314,6 +331,9 @@ pub async fn run(
     tracker.close();
     sweeper.abort();
     depths.abort();
+    if let Some(r) = reports {
+        r.abort();
+    }
     tracing::info!(in_flight = tracker.len(), "delivery stopping");
     if timeout(DRAIN, tracker.wait()).await.is_err() {
         tracing::warn!(

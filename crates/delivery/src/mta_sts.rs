@@ -105,6 +105,20 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// The policy's lines, as a TLS report's `policy-string` gives them
+    /// (RFC 8460 §4.4).
+    pub fn lines(&self) -> Vec<String> {
+        let mode = match self.mode {
+            Mode::Enforce => "enforce",
+            Mode::Testing => "testing",
+            Mode::None => "none",
+        };
+        let mut out = vec!["version: STSv1".to_string(), format!("mode: {mode}")];
+        out.extend(self.mx.iter().map(|m| format!("mx: {m}")));
+        out.push(format!("max_age: {}", self.max_age.as_secs()));
+        out
+    }
+
     /// RFC 8461 §3.2: `key: value` lines (CRLF or LF); `version`, `mode`
     /// and `max_age` required, `mx` at least once unless the mode is
     /// `none`; unknown keys ignored; the first of a repeated key wins.

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use correu_runtime::Config;
-use correu_runtime::redis::RedisError;
+use correu_runtime::redis::{Keyed, RedisError};
 use deadpool_redis::Pool;
 use deadpool_redis::redis::AsyncCommands;
 
@@ -57,11 +57,7 @@ impl Entry {
 }
 
 enum Store {
-    Redis {
-        pool: Pool,
-        prefix: String,
-        timeout: Duration,
-    },
+    Redis(Keyed),
     Dir(PathBuf),
 }
 
@@ -103,11 +99,7 @@ impl Suppressions {
             return None;
         }
         let store = match redis {
-            Some(pool) => Store::Redis {
-                pool,
-                prefix: cfg.redis.prefix.clone(),
-                timeout: cfg.redis.timeout.get(),
-            },
+            Some(pool) => Store::Redis(Keyed::new(&cfg.redis, pool)),
             None => Store::Dir(cfg.queue.spool.join("suppressed")),
         };
         Some(Suppressions {
@@ -139,11 +131,8 @@ impl Suppressions {
     pub async fn get(&self, address: &str) -> Result<Option<Entry>, RedisError> {
         let address = address.to_lowercase();
         match &self.store {
-            Store::Redis {
-                pool,
-                prefix,
-                timeout,
-            } => {
+            Store::Redis(r) => {
+                let (pool, prefix) = (&r.pool, &r.prefix);
                 let key = format!("{prefix}:suppressed:{address}");
                 let work = async {
                     let mut c = pool.get().await?;
@@ -153,9 +142,9 @@ impl Suppressions {
                             .then(|| Entry::from_fields(&address, |k| h.get(k).cloned())),
                     )
                 };
-                tokio::time::timeout(*timeout, work)
+                tokio::time::timeout(r.timeout, work)
                     .await
-                    .map_err(|_| RedisError::Timeout(*timeout))?
+                    .map_err(|_| RedisError::Timeout(r.timeout))?
             }
             Store::Dir(dir) => {
                 let path = dir.join(file_name(&address));
@@ -167,11 +156,8 @@ impl Suppressions {
     /// Puts `e` on the list (replacing what was there).
     pub async fn add(&self, e: &Entry) -> Result<(), RedisError> {
         match &self.store {
-            Store::Redis {
-                pool,
-                prefix,
-                timeout,
-            } => {
+            Store::Redis(r) => {
+                let (pool, prefix) = (&r.pool, &r.prefix);
                 let key = format!("{prefix}:suppressed:{}", e.address);
                 let ttl = e.expires.saturating_sub(now()).max(1) as i64;
                 let fields = e.fields();
@@ -188,9 +174,9 @@ impl Suppressions {
                         .await?;
                     Ok::<_, RedisError>(())
                 };
-                tokio::time::timeout(*timeout, work)
+                tokio::time::timeout(r.timeout, work)
                     .await
-                    .map_err(|_| RedisError::Timeout(*timeout))?
+                    .map_err(|_| RedisError::Timeout(r.timeout))?
             }
             Store::Dir(dir) => {
                 let (dir, e) = (dir.clone(), e.clone());
@@ -203,7 +189,7 @@ impl Suppressions {
     pub async fn remove(&self, address: &str) -> Result<bool, RedisError> {
         let address = address.to_lowercase();
         match &self.store {
-            Store::Redis { pool, prefix, .. } => {
+            Store::Redis(Keyed { pool, prefix, .. }) => {
                 let mut c = pool.get().await?;
                 let n: u64 = c.del(format!("{prefix}:suppressed:{address}")).await?;
                 Ok(n > 0)
@@ -224,7 +210,7 @@ impl Suppressions {
     pub async fn list(&self, limit: usize) -> Result<Vec<Entry>, RedisError> {
         let mut out = Vec::new();
         match &self.store {
-            Store::Redis { pool, prefix, .. } => {
+            Store::Redis(Keyed { pool, prefix, .. }) => {
                 let pattern = format!("{prefix}:suppressed:*");
                 let mut c = pool.get().await?;
                 let mut keys: Vec<String> = Vec::new();

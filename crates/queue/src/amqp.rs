@@ -213,16 +213,30 @@ impl AmqpQueue {
     /// A consumer of `correu webhook`'s queue on a channel of its own, at
     /// most `prefetch` events unacknowledged.
     pub async fn consume_events(&self, prefetch: u16) -> Result<lapin::Consumer, QueueError> {
+        self.consume(&self.topology.webhook_queue, prefetch, true)
+            .await
+    }
+
+    /// A consumer of `queue` on a channel of its own (declaring the
+    /// webhook's queue first when `webhook`), within `connect_timeout`.
+    async fn consume(
+        &self,
+        queue: &str,
+        prefetch: u16,
+        webhook: bool,
+    ) -> Result<lapin::Consumer, QueueError> {
         let conn = {
             let mut link = self.link.lock().await;
             self.connection(&mut link).await?
         };
         let setup = async {
             let ch = conn.create_channel().await?;
-            declare_webhook_queue(&ch, &self.topology).await?;
+            if webhook {
+                declare_webhook_queue(&ch, &self.topology).await?;
+            }
             ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
             ch.basic_consume(
-                self.topology.webhook_queue.as_str().into(),
+                queue.into(),
                 "".into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
@@ -727,26 +741,8 @@ impl AmqpQueue {
 
     /// Opens a consuming channel on the delivery queue.
     async fn open_consumer(&self) -> Result<lapin::Consumer, QueueError> {
-        let conn = {
-            let mut link = self.link.lock().await;
-            self.connection(&mut link).await?
-        };
-        let setup = async {
-            let ch = conn.create_channel().await?;
-            ch.basic_qos(self.prefetch, BasicQosOptions::default())
-                .await?;
-            ch.basic_consume(
-                self.topology.delivery_queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
+        self.consume(&self.topology.delivery_queue, self.prefetch, false)
             .await
-        };
-        timeout(self.connect_timeout, setup)
-            .await
-            .map_err(|_| QueueError::Timeout(self.connect_timeout))?
-            .map_err(QueueError::Amqp)
     }
 }
 

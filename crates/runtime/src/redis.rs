@@ -39,3 +39,22 @@ pub fn pool(cfg: &RedisConfig) -> Result<Option<Pool>, RedisError> {
     });
     Ok(Some(pool_cfg.create_pool(Some(Runtime::Tokio1))?))
 }
+
+/// A pool with the key prefix and the per-call deadline of `[redis]`: what
+/// a store kept in Redis needs.
+#[derive(Clone)]
+pub struct Keyed {
+    pub pool: Pool,
+    pub prefix: String,
+    pub timeout: Duration,
+}
+
+impl Keyed {
+    pub fn new(cfg: &RedisConfig, pool: Pool) -> Keyed {
+        Keyed {
+            pool,
+            prefix: cfg.prefix.clone(),
+            timeout: cfg.timeout.get(),
+        }
+    }
+}

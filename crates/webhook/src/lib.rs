@@ -37,7 +37,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::metrics::METRICS;
-use crate::post::{Poster, Target};
+use crate::post::Poster;
+use correu_delivery::http::Target;
 
 /// How long a URL that took an event is remembered (Redis).
 const REMEMBER: Duration = Duration::from_secs(7 * 24 * 3600);

@@ -64,6 +64,23 @@ pub struct DeliveryConfig {
     /// shared by every host they match. The settings above are the
     /// defaults for everything no rule matches.
     pub shaping: BTreeMap<String, Shape>,
+    /// TLS reports (RFC 8460) to the domains that ask for them.
+    pub tls_reports: TlsReportsConfig,
+}
+
+/// `[delivery.tls_reports]`: the outcome of TLS with each remote domain's
+/// MX hosts is counted per day (in Redis, across delivery processes), and
+/// each domain that publishes `_smtp._tls` (`v=TLSRPTv1; rua=...`) gets the
+/// day's aggregate report (RFC 8460) after midnight UTC, by mail through
+/// Correu's own queue or by HTTPS POST.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsReportsConfig {
+    pub enabled: bool,
+    /// `organization-name` in the reports (default: `hostname`).
+    pub organization: String,
+    /// `contact-info` (default: `postmaster@` and `hostname`).
+    pub contact: String,
 }
 
 /// `[delivery.shaping.NAME]`: one destination's budget, as KumoMTA's
@@ -195,6 +212,7 @@ impl Default for DeliveryConfig {
             attempt_timeout: Dur::secs(15 * 60),
             suppression: SuppressionConfig::default(),
             shaping: BTreeMap::new(),
+            tls_reports: TlsReportsConfig::default(),
         }
     }
 }

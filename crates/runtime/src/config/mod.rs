@@ -42,7 +42,7 @@ use serde::{Deserialize, Serialize};
 
 pub use delivery::{
     BOUNCE_CLASSES, ClientTimeouts, DeliveryConfig, DkimAlgorithm, DkimConfig, OutboundTls, Route,
-    Shape, SuppressionConfig, name_matches,
+    Shape, SuppressionConfig, TlsReportsConfig, name_matches,
 };
 pub use dns::DnsConfig;
 pub use events::{EventsConfig, OUTCOMES, WebhookConfig};
