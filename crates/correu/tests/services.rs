@@ -347,6 +347,21 @@ fn a_lost_confirm_for_a_message_delivery_already_has_is_a_250() {
     drop(c.ingress);
 }
 
+/// [`cluster`] with a second delivery process on the same configuration,
+/// consuming before this returns.
+fn cluster_with_two_deliveries(dir: &Path, vhost: &Vhost, extra: &str) -> (Cluster, Proc) {
+    let c = cluster(dir, vhost, RABBITMQ.parse().unwrap(), extra);
+    let mut second = Proc::correu(
+        CORREU,
+        "delivery-2",
+        dir,
+        &["delivery"],
+        &dir.join("delivery.toml"),
+    );
+    second.wait_for("delivery consuming", Duration::from_secs(20));
+    (c, second)
+}
+
 /// Sends messages `n0` to `n{total-1}` (the subject) from four SMTP
 /// sessions at once, message `i` to `rcpt(i)`; each must get `250`.
 fn send_over_four_sessions(addr: SocketAddr, total: usize, rcpt: fn(usize) -> &'static str) {
@@ -385,15 +400,7 @@ fn the_connection_limit_per_host_holds_across_two_delivery_processes() {
     let extra = format!(
         "[redis]\nurl = \"redis://127.0.0.1:6379\"\nprefix = \"{prefix}\"\n[delivery]\nconcurrency = 8\nmax_connections_per_host = 2\nconnection_idle = \"1s\"\n[delivery.routes]\n\"remote.test\" = \"127.0.0.1:{mx_port}\"\n"
     );
-    let c = cluster(dir.path(), &vhost, RABBITMQ.parse().unwrap(), &extra);
-    let mut second = Proc::correu(
-        CORREU,
-        "delivery-2",
-        dir.path(),
-        &["delivery"],
-        &dir.path().join("delivery.toml"),
-    );
-    second.wait_for("delivery consuming", Duration::from_secs(20));
+    let (c, second) = cluster_with_two_deliveries(dir.path(), &vhost, &extra);
 
     let total = 24;
     send_over_four_sessions(c.smtp, total, |_| "ana@remote.test");
@@ -437,15 +444,7 @@ fn two_delivery_processes_share_one_sites_budget() {
     let extra = format!(
         "[redis]\nurl = \"redis://127.0.0.1:6379\"\nprefix = \"{prefix}\"\n[dns]\nserver = \"127.0.0.1:{dns_port}\"\n[delivery]\nconcurrency = 8\nmx_port = {mx_port}\nmax_connections_per_host = 10\nconnection_idle = \"1s\"\n[delivery.shaping.site]\nmx = [\"*.site.test\"]\nmax_connections = 2\nmax_messages_per_connection = 2\n"
     );
-    let c = cluster(dir.path(), &vhost, RABBITMQ.parse().unwrap(), &extra);
-    let mut second = Proc::correu(
-        CORREU,
-        "delivery-2",
-        dir.path(),
-        &["delivery"],
-        &dir.path().join("delivery.toml"),
-    );
-    second.wait_for("delivery consuming", Duration::from_secs(20));
+    let (c, _second) = cluster_with_two_deliveries(dir.path(), &vhost, &extra);
 
     let total = 24;
     send_over_four_sessions(c.smtp, total, |i| {

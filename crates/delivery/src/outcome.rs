@@ -64,10 +64,12 @@ pub fn classify(status: &str, reply: &str) -> &'static str {
     if let Some(c) = by_code {
         return c;
     }
+    // Not "try again later": every greylister and flaky server says it
+    // (aiosmtpd's and Postfix's "451 4.3.0 Try again later"), and a rate
+    // limit class holds the whole destination off.
     if says(&[
         "rate limit",
         "too many",
-        "try again later",
         "throttl",
         // Postfix's anvil: "450 4.7.1 Error: too much mail from 192.0.2.1".
         "too much mail",
@@ -363,6 +365,7 @@ mod tests {
                 "rate_limited",
             ),
             ("4.4.5", "busy", "rate_limited"),
+            ("4.3.0", "451 4.3.0 Try again later", "other"),
             (
                 "4.7.1",
                 "450 4.7.1 Error: too much mail from 127.0.0.1",

@@ -96,14 +96,16 @@ impl Shaping {
 
 /// Whether the destination said to slow down: a `421` (RFC 5321: service
 /// not available, closing), or a temporary failure classed
-/// `rate_limited` ("4.7.0 try again later", "452 too many connections").
+/// `rate_limited` ("450 4.7.1 too much mail", "421 too many
+/// connections"), but not `4.5.3` "too many recipients", which asks for
+/// another transaction, not a pause.
 pub fn slows_down(o: &Outcome) -> bool {
     match o {
         Outcome::Temporary(f) => {
             f.smtp_reply
                 .as_deref()
                 .is_some_and(|r| r.starts_with("421"))
-                || f.class() == "rate_limited"
+                || (f.class() == "rate_limited" && f.status != "4.5.3")
         }
         _ => false,
     }
@@ -178,6 +180,12 @@ mod tests {
             "450 4.7.0 too many messages, slow down",
             "4.7.0"
         )));
+        assert!(!slows_down(&reply(
+            "452 4.5.3 Too many recipients",
+            "4.5.3"
+        )));
+        // A greylister's or a flaky server's words are not a rate limit.
+        assert!(!slows_down(&reply("451 4.3.0 Try again later", "4.3.0")));
         assert!(!slows_down(&reply(
             "451 4.3.0 Temporary lookup failure",
             "4.3.0"
