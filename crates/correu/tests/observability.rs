@@ -366,3 +366,72 @@ fn the_dashboard_charts_only_metrics_that_exist() {
     }
     assert!(charted >= 12);
 }
+
+/// `OTEL_TRACES_EXPORTER=none` and `OTEL_METRICS_EXPORTER=none` turn the
+/// exporters off even with an OTLP endpoint set (a platform team's way of
+/// scraping `/metrics` instead of pushing); without them the same process
+/// pushes both to the same receiver.
+#[test]
+fn otel_exporter_none_sends_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_serve = |name: &str, receiver: &OtlpReceiver, none: bool| {
+        let cfg = dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "[smtp]\nlisten = [\"127.0.0.1:0\"]\n[storage]\nlisten = \"127.0.0.1:0\"\nroot = \"{name}-mail\"\n[queue]\nspool = \"{name}-queue\"\n[telemetry]\nlisten = \"127.0.0.1:0\"\n"
+            ),
+        )
+        .unwrap();
+        let endpoint = receiver.endpoint();
+        let mut env = vec![
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            ("OTEL_METRIC_EXPORT_INTERVAL", "200"),
+        ];
+        if none {
+            env.push(("OTEL_TRACES_EXPORTER", "none"));
+            env.push(("OTEL_METRICS_EXPORTER", "none"));
+        }
+        let mut p = Proc::spawn(
+            name,
+            dir.path(),
+            CORREU,
+            &["serve", "--config", cfg.to_str().unwrap()],
+            &env,
+        );
+        let addr = p.serve_smtp_addr();
+        send(addr, &["jo@localhost"], name);
+        wait_maildir(
+            &dir.path().join(format!("{name}-mail/localhost/jo")),
+            1,
+            Duration::from_secs(20),
+        );
+        p
+    };
+
+    let pushed = OtlpReceiver::start();
+    let _on = run_serve("on", &pushed, false);
+    let spans = pushed.wait(Duration::from_secs(20), |s| !s.is_empty());
+    assert!(!spans.is_empty(), "spans are pushed by default");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while pushed.metric_exports() == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(pushed.metric_exports() > 0, "metrics are pushed by default");
+
+    let quiet = OtlpReceiver::start();
+    let _off = run_serve("off", &quiet, true);
+    // Several export intervals and batch delays go by.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        quiet.spans().len(),
+        0,
+        "no span with OTEL_TRACES_EXPORTER=none"
+    );
+    assert_eq!(
+        quiet.metric_exports(),
+        0,
+        "no metrics with OTEL_METRICS_EXPORTER=none"
+    );
+}

@@ -9,7 +9,8 @@
 //!
 //! Traces and metrics follow OpenTelemetry's standard environment:
 //! `OTEL_EXPORTER_OTLP_ENDPOINT` (or the `_TRACES_`/`_METRICS_` variants)
-//! turns the OTLP exporters on, `OTEL_EXPORTER_OTLP_PROTOCOL` is `grpc`
+//! turns the OTLP exporters on, unless `OTEL_TRACES_EXPORTER` or
+//! `OTEL_METRICS_EXPORTER` says `none`, `OTEL_EXPORTER_OTLP_PROTOCOL` is `grpc`
 //! (default) or `http/protobuf`, `OTEL_SERVICE_NAME` and
 //! `OTEL_RESOURCE_ATTRIBUTES` name the resource, `OTEL_TRACES_SAMPLER`
 //! samples. With no endpoint there is no exporter and no span is sent
@@ -110,7 +111,27 @@ fn protocol(signal: &str) -> String {
         .unwrap_or_else(|| "grpc".into())
 }
 
-fn exporting(signal: &str) -> bool {
+/// Whether a signal (`TRACES` or `METRICS`) is exported: an OTLP endpoint
+/// is set for it, and `OTEL_{signal}_EXPORTER` (a list, as the
+/// specification has it) does not say `none`. An exporter Correu lacks is
+/// named in `problems` and ignored.
+fn exporting(signal: &str, problems: &mut Vec<String>) -> bool {
+    let var = format!("OTEL_{signal}_EXPORTER");
+    if let Some(list) = env(&var) {
+        let mut otlp = false;
+        for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            match name {
+                "none" => return false,
+                "otlp" => otlp = true,
+                other => problems.push(format!(
+                    "{var}={other:?}: Correu exports otlp (or none); ignored"
+                )),
+            }
+        }
+        if !otlp {
+            return false;
+        }
+    }
     env("OTEL_EXPORTER_OTLP_ENDPOINT").is_some()
         || env(&format!("OTEL_EXPORTER_OTLP_{signal}_ENDPOINT")).is_some()
 }
@@ -188,7 +209,7 @@ fn init_with(service: &'static str, filter: EnvFilter, json: bool) -> Telemetry 
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
 
     let mut problems = Vec::new();
-    let tracer = if exporting("TRACES") {
+    let tracer = if exporting("TRACES", &mut problems) {
         match span_exporter() {
             Ok(exporter) => {
                 let processor =
@@ -219,7 +240,7 @@ fn init_with(service: &'static str, filter: EnvFilter, json: bool) -> Telemetry 
     let mut meter = SdkMeterProvider::builder()
         .with_resource(resource)
         .with_reader(SharedReader(reader));
-    if exporting("METRICS") {
+    if exporting("METRICS", &mut problems) {
         match metric_exporter() {
             Ok(exporter) => {
                 let interval = env("OTEL_METRIC_EXPORT_INTERVAL")

@@ -21,10 +21,34 @@ pub struct ReceivedSpan {
 pub struct OtlpReceiver {
     pub addr: SocketAddr,
     spans: std::sync::Arc<std::sync::Mutex<Vec<ReceivedSpan>>>,
+    metric_exports: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
 struct Collector(std::sync::Arc<std::sync::Mutex<Vec<ReceivedSpan>>>);
+
+/// Counts the metric exports it is sent.
+struct MetricsCollector(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsService
+    for MetricsCollector
+{
+    async fn export(
+        &self,
+        _request: tonic::Request<
+            opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest,
+        >,
+    ) -> Result<
+        tonic::Response<
+            opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse,
+        >,
+        tonic::Status,
+    > {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
 
 #[tonic::async_trait]
 impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
@@ -90,8 +114,10 @@ impl OtlpReceiver {
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let spans = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let metric_exports = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let collector = Collector(spans.clone());
+        let metrics = MetricsCollector(metric_exports.clone());
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -102,6 +128,9 @@ impl OtlpReceiver {
                 tonic::transport::Server::builder()
                     .add_service(
                         opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer::new(collector),
+                    )
+                    .add_service(
+                        opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsServiceServer::new(metrics),
                     )
                     .serve_with_incoming_shutdown(
                         tonic::transport::server::TcpIncoming::from(listener),
@@ -116,6 +145,7 @@ impl OtlpReceiver {
         OtlpReceiver {
             addr,
             spans,
+            metric_exports,
             _stop: stop,
         }
     }
@@ -123,6 +153,12 @@ impl OtlpReceiver {
     /// `http://127.0.0.1:PORT`, for `OTEL_EXPORTER_OTLP_ENDPOINT`.
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// How many metric exports arrived.
+    pub fn metric_exports(&self) -> usize {
+        self.metric_exports
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn spans(&self) -> Vec<ReceivedSpan> {
