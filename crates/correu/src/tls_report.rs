@@ -68,7 +68,7 @@ pub async fn run(cfg: Config, action: Action) -> anyhow::Result<()> {
                 .context("the queue")?;
             let resolver = correu_runtime::dns::resolver(&cfg.dns)?;
             let https = correu_delivery::tls::verified(cfg.delivery.tls_ca_file.as_deref())?;
-            let lines = reports.send(&d, &queue, &resolver, &https).await?;
+            let lines = reports.send(&d, &queue, &resolver, &https, false).await?;
             if lines.is_empty() {
                 println!("no sessions counted on {d}");
             }

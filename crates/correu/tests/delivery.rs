@@ -1144,18 +1144,28 @@ fn requiretls_goes_only_to_a_verified_host_that_offers_it() {
     .unwrap();
     let mut b = Proc::correu(CORREU, "b", dir.path(), &["serve"], &b_cfg);
     let b_addr = b.serve_smtp_addr();
+    // unauth.test's MX is B too, found by plain DNS: no MTA-STS policy
+    // names it (and DNSSEC is not validated), so it is not authenticated.
+    let (_dns, dns_port) = dnsmasq(
+        dir.path(),
+        &[
+            "mx-host=unauth.test,localhost.unauth.test,10",
+            "address=/localhost.unauth.test/127.0.0.1",
+        ],
+    );
     // A: takes the client's REQUIRETLS under STARTTLS.
     let a_cfg = dir.path().join("a.toml");
     std::fs::write(
         &a_cfg,
         format!(
-            "[smtp]\nlisten = [\"127.0.0.1:0\"]\ntls_certificate = \"{cert}\"\ntls_key = \"{key}\"\n[storage]\nlisten = \"127.0.0.1:0\"\nroot = \"a-mail\"\n[queue]\nspool = \"a-queue\"\nretry_delays = [\"1m\"]\n[delivery]\ntls_ca_file = \"{ca}\"\n[delivery.routes]\n\"b.test\" = \"localhost:{b}\"\n\"remote.test\" = \"localhost:{pf}\"\n\"plain.test\" = \"localhost:{plain}\"\n",
+            "[smtp]\nlisten = [\"127.0.0.1:0\"]\ntls_certificate = \"{cert}\"\ntls_key = \"{key}\"\n[storage]\nlisten = \"127.0.0.1:0\"\nroot = \"a-mail\"\n[queue]\nspool = \"a-queue\"\nretry_delays = [\"1m\"]\n[dns]\nserver = \"127.0.0.1:{dns}\"\n[delivery]\nmx_port = {b}\ntls_ca_file = \"{ca}\"\n[delivery.routes]\n\"b.test\" = \"localhost:{b}\"\n\"remote.test\" = \"localhost:{pf}\"\n\"plain.test\" = \"localhost:{plain}\"\n",
             cert = cert.cert.display(),
             key = cert.key.display(),
             ca = cert.ca.display(),
             b = b_addr.port(),
             pf = postfix.port,
-            plain = plain_port
+            plain = plain_port,
+            dns = dns_port
         ),
     )
     .unwrap();
@@ -1174,7 +1184,7 @@ s.rset()
 s.starttls(context=ssl.create_default_context(cafile={ca:?}))
 s.ehlo('py.example')
 assert s.has_extn('requiretls'), s.esmtp_features
-for rcpt, subject in (('ana@b.test', 'kept private'), ('ana@remote.test', 'not to postfix'), ('ana@plain.test', 'not in the clear')):
+for rcpt, subject in (('ana@b.test', 'kept private'), ('ana@remote.test', 'not to postfix'), ('ana@plain.test', 'not in the clear'), ('ana@unauth.test', 'not to an unauthenticated mx')):
     s.mail('jo@localhost', ['REQUIRETLS'])
     s.rcpt(rcpt)
     code, text = s.data(('Subject: %s\r\n\r\nbody\r\n' % subject).encode())
@@ -1188,7 +1198,7 @@ s.quit()
     let (st, out, err) = run(&python(), &["-c", &script]);
     assert!(st.success(), "{out}{err}");
     let ids: Vec<&str> = out.split_whitespace().collect();
-    assert_eq!(ids.len(), 3, "{out}");
+    assert_eq!(ids.len(), 4, "{out}");
 
     // To B: delivered, over verified TLS.
     let got = only_file(
@@ -1200,9 +1210,9 @@ s.quit()
         "{got}"
     );
     // To Postfix and aiosmtpd: never sent, and the sender learns why.
-    let bounces = wait_maildir(&maildir(dir.path(), "a", "jo"), 2, Duration::from_secs(30));
+    let bounces = wait_maildir(&maildir(dir.path(), "a", "jo"), 3, Duration::from_secs(30));
     let texts: Vec<String> = bounces.iter().map(|p| read(p)).collect();
-    for (id, status) in [(ids[1], "5.7.30"), (ids[2], "5.7.10")] {
+    for (id, status) in [(ids[1], "5.7.30"), (ids[2], "5.7.10"), (ids[3], "5.7.10")] {
         let bounce = texts
             .iter()
             .find(|t| t.contains(&format!("X-Correu-Queue-ID: {id}")))
@@ -1215,6 +1225,19 @@ s.quit()
     assert!(
         wait_maildir(&plain_box, 0, Duration::ZERO).is_empty(),
         "nothing sent in the clear"
+    );
+    let unauth = texts
+        .iter()
+        .find(|t| t.contains(&format!("X-Correu-Queue-ID: {}", ids[3])))
+        .unwrap();
+    assert!(
+        unauth.contains("is authenticated (by an MTA-STS policy"),
+        "{unauth}"
+    );
+    // Refused before any connection: B never heard of unauth.test.
+    assert!(
+        !read(&b.stderr).contains("unauth.test"),
+        "B was not given the message"
     );
     std::thread::sleep(Duration::from_millis(500));
     assert!(

@@ -181,13 +181,34 @@ impl Deliverer {
             Ok(h) => h,
             Err(o) => return (vec![o; rcpts.len()], None),
         };
-        let (mut hops, sts) = match self.apply_mta_sts(&msg.queue_id, domain, hops).await {
-            Ok(h) => h,
-            Err(o) => return (vec![o; rcpts.len()], None),
+        // A TLS report goes despite the failures it reports (RFC 8460
+        // §5.3): no MTA-STS for it.
+        let (mut hops, sts) = if msg.tls_report {
+            (hops, None)
+        } else {
+            match self.apply_mta_sts(&msg.queue_id, domain, hops).await {
+                Ok(h) => h,
+                Err(o) => return (vec![o; rcpts.len()], None),
+            }
         };
-        // REQUIRETLS (RFC 8689 §4.2.1): verified TLS to every hop, a
+        // REQUIRETLS (RFC 8689 §4.2.1): only an authenticated next hop (a
+        // route the operator set, or an MX host an MTA-STS policy names:
+        // Correu does not validate DNSSEC yet), and verified TLS to it, a
         // route's own setting included.
         if msg.requiretls {
+            hops.retain(|h| h.route.is_some() || sts.as_ref().is_some_and(|p| p.names(&h.host)));
+            if hops.is_empty() {
+                let o = Outcome::Permanent(outcome::Failure {
+                    status: "5.7.10".into(),
+                    text: format!(
+                        "REQUIRETLS: no MX host of {domain} is authenticated (by an MTA-STS policy; DNSSEC is not validated)"
+                    ),
+                    remote_mta: None,
+                    smtp_reply: None,
+                    suppressed: false,
+                });
+                return (vec![o; rcpts.len()], None);
+            }
             for h in &mut hops {
                 h.tls = Some(OutboundTls::Required);
             }
@@ -202,6 +223,7 @@ impl Deliverer {
         }
         let mut last_via = None;
         let mut last = Outcome::temp("4.4.4", format!("no host to deliver to for {domain}"));
+        let mut rated: Vec<String> = Vec::new();
         for mut hop in hops {
             let dest = self.shaping.dest(domain, &hop.host);
             if hop.tls.is_none() {
@@ -220,10 +242,13 @@ impl Deliverer {
                 );
                 continue;
             }
-            if !self
-                .rates
-                .allow("site-msg", &dest.budget, dest.message_rate)
-                .await
+            // One message counts once against a site's rate, however many
+            // of its hosts are tried.
+            if !rated.contains(&dest.budget)
+                && !self
+                    .rates
+                    .allow("site-msg", &dest.budget, dest.message_rate)
+                    .await
             {
                 last = Outcome::temp(
                     "4.4.5",
@@ -234,6 +259,7 @@ impl Deliverer {
                 );
                 continue;
             }
+            rated.push(dest.budget.clone());
             let addrs = match self.router.addresses(&hop).await {
                 Ok(a) if !a.is_empty() => a,
                 Ok(_) => {
@@ -265,6 +291,7 @@ impl Deliverer {
                         .await;
                 if let Some(reports) = &self.tls_reports
                     && hop.route.is_none()
+                    && !msg.tls_report
                     && !matches!(self.policy(&hop), tls::TlsPolicy::None)
                 {
                     // One count per session: a kept connection's later
@@ -459,6 +486,7 @@ impl Deliverer {
             host: hop.host.clone(),
             route: hop.route.as_ref().map(|r| format!("{r:?}")),
             tls: hop.tls,
+            budget: dest.budget.clone(),
         };
         // A connection kept from an earlier message, if one is fresh, with
         // its lease; one that fails before any reply is simply dropped for

@@ -166,6 +166,9 @@ pub fn build(
     // A delay warning never returns the whole message: it is not lost.
     let headers_only = match original.dsn_ret.as_str() {
         _ if delayed => true,
+        // The sender asked that the content travel only over verified TLS
+        // (RFC 8689 §5); the bounce goes as any mail, so without it.
+        _ if original.requiretls => true,
         "HDRS" => true,
         "FULL" => false,
         _ => !failed || original.content.len() > RETURN_WHOLE_UP_TO,
@@ -313,6 +316,15 @@ mod tests {
             "Content-Type: text/rfc822-headers\r\n\r\nSubject: hello\r\nFrom: jo@domini.com\r\n"
         ));
         assert!(!text.contains("the body"));
+        // A REQUIRETLS message's bounce never carries its body, whatever
+        // RET says (RFC 8689 §5).
+        let o = QueuedMessage {
+            requiretls: true,
+            ..original("jo@domini.com", "FULL")
+        };
+        let text =
+            String::from_utf8(build("mx", &o, &[(&a, failed())], "X", 0).unwrap().content).unwrap();
+        assert!(text.contains("Content-Type: text/rfc822-headers") && !text.contains("the body"));
     }
 
     #[test]

@@ -105,6 +105,18 @@ impl Deliverer {
         let verified = tls::verified(cfg.delivery.tls_ca_file.as_deref())?;
         // One Redis pool for leases, rates and the deferred index.
         let redis = correu_runtime::redis::pool(&cfg.redis)?;
+        // Without Redis the list lives in the spool: one process's. Beside
+        // RabbitMQ, delivery processes are many and may have no writable
+        // spool: the list is off rather than per pod.
+        let suppression = match (&queue, &redis) {
+            (Queue::Amqp(_), None) if cfg.delivery.suppression.enabled => {
+                tracing::warn!(
+                    "delivery.suppression is on but redis.url is not set: the suppression list is shared through Redis when delivery runs beside RabbitMQ; it is off"
+                );
+                None
+            }
+            _ => suppression::Suppressions::open(cfg, redis.clone(), false),
+        };
         Ok(Deliverer {
             rules: settle::Rules {
                 bounces: cfg.delivery.bounces,
@@ -135,7 +147,7 @@ impl Deliverer {
                 )
             }),
             required: tls::TlsPolicy::Required(verified),
-            suppression: suppression::Suppressions::open(cfg, redis.clone(), false),
+            suppression,
             events: cfg.publishes_events(),
             index: correu_queue::index::DeferredIndex::with_pool(&cfg.redis, redis),
             panics: std::sync::Mutex::new(std::collections::HashMap::new()),

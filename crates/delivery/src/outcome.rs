@@ -51,6 +51,9 @@ pub fn classify(status: &str, reply: &str) -> &'static str {
     let (_class, subject, detail) = (parts.next(), parts.next(), parts.next());
     let by_code = match (subject, detail) {
         (Some("1"), Some("1" | "0" | "3" | "6")) => Some("invalid_recipient"),
+        // The sender's address (bad sender, sender syntax): not the
+        // recipient's fault, never a reason to suppress it.
+        (Some("1"), Some("7" | "8")) => Some("policy"),
         (Some("1"), Some("2" | "10")) => Some("dns"),
         (Some("2"), Some("1")) => Some("invalid_recipient"),
         (Some("2"), Some("2")) => Some("mailbox_full"),
@@ -63,6 +66,11 @@ pub fn classify(status: &str, reply: &str) -> &'static str {
     };
     if let Some(c) = by_code {
         return c;
+    }
+    // A refusal of the sender (Postfix's "Sender address rejected: ...
+    // User unknown") is about the sender, whatever words follow.
+    if says(&["sender address rejected", "sender rejected"]) {
+        return "policy";
     }
     // Not "try again later": every greylister and flaky server says it
     // (aiosmtpd's and Postfix's "451 4.3.0 Try again later"), and a rate
@@ -93,7 +101,6 @@ pub fn classify(status: &str, reply: &str) -> &'static str {
         "does not exist",
         "mailbox unavailable",
         "invalid recipient",
-        "recipient address rejected",
         "no mailbox",
     ]) {
         "invalid_recipient"
@@ -366,6 +373,21 @@ mod tests {
             ),
             ("4.4.5", "busy", "rate_limited"),
             ("4.3.0", "451 4.3.0 Try again later", "other"),
+            (
+                "5.1.7",
+                "550 5.1.7 <x@y>: Sender address rejected: undeliverable address: User unknown",
+                "policy",
+            ),
+            (
+                "5.0.0",
+                "550 Sender address rejected: User unknown in local recipient table",
+                "policy",
+            ),
+            (
+                "5.7.1",
+                "554 5.7.1 <x@y>: Recipient address rejected: Access denied",
+                "policy",
+            ),
             (
                 "4.7.1",
                 "450 4.7.1 Error: too much mail from 127.0.0.1",

@@ -23,6 +23,8 @@ pub struct Key {
     pub route: Option<String>,
     /// A connection opened under one TLS policy serves no other.
     pub tls: Option<correu_runtime::config::OutboundTls>,
+    /// The budget its lease counts against (the host, or a shaping site).
+    pub budget: String,
 }
 
 /// A connection with the lease that counts it against its host's limit:
@@ -100,6 +102,19 @@ impl Pool {
         None
     }
 
+    /// The longest-idle kept connection of another key whose lease counts
+    /// against `budget`: a site whose leases all sit in idle connections
+    /// to one host gives one up for a delivery to another of its hosts.
+    pub fn take_other_of(&self, budget: &str, except: &Key) -> Option<Kept> {
+        let mut kept = self.kept();
+        let (_, list) = kept
+            .iter_mut()
+            .filter(|(k, list)| k.budget == budget && *k != except && !list.is_empty())
+            .min_by_key(|(_, list)| list[0].since)?;
+        // The first is the longest idle.
+        Some(list.remove(0).kept)
+    }
+
     /// Takes out every connection idle for its idle time or longer, to be
     /// closed and its lease given back.
     pub fn sweep(&self) -> Vec<Kept> {
@@ -150,6 +165,13 @@ impl crate::Deliverer {
                 .await
             {
                 return Some(Slot::New(l));
+            }
+            // A site's leases held by idle connections to its other hosts:
+            // close one and take its place.
+            if let Some(idle) = self.pool.take_other_of(&dest.budget, key) {
+                idle.client.quit().await;
+                self.release(idle.lease).await;
+                continue;
             }
             if tokio::time::Instant::now() >= deadline {
                 return None;

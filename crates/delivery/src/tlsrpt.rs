@@ -57,6 +57,8 @@ type DayCounts = BTreeMap<String, HashMap<String, u64>>;
 /// Counts sessions and sends reports.
 pub struct TlsReports {
     store: Store,
+    /// Without Redis: the `day:domain` reports this process sent.
+    sent: Mutex<std::collections::HashSet<String>>,
     organization: String,
     contact: String,
     hostname: String,
@@ -111,6 +113,7 @@ impl TlsReports {
         let or = |v: &str, d: String| if v.is_empty() { d } else { v.to_string() };
         Some(TlsReports {
             store,
+            sent: Mutex::new(std::collections::HashSet::new()),
             organization: or(&t.organization, cfg.hostname.clone()),
             contact: or(&t.contact, format!("postmaster@{}", cfg.hostname)),
             hostname: cfg.hostname.clone(),
@@ -259,22 +262,40 @@ impl TlsReports {
 
     /// Sends `day`'s reports to the domains that ask for them; one line per
     /// report and address, saying what happened.
+    ///
+    /// With `claim` (the daily task), a domain is taken by one process of
+    /// all that share Redis (`tlsrpt:sent:<day>:<domain>`) and given back
+    /// when nothing could be sent, so a later try sends it; without (the
+    /// operator's command), every domain is sent.
     pub async fn send(
         &self,
         day: &str,
         queue: &Queue,
         resolver: &TokioResolver,
         https: &TlsConnector,
+        claim: bool,
     ) -> Result<Vec<String>, RedisError> {
         let mut said = Vec::new();
         for (domain, report) in self.reports(day).await? {
+            if claim && !self.claim(day, &domain).await {
+                continue;
+            }
             let rua = match rua(resolver, &domain).await {
-                Some(r) => r,
-                None => {
+                Ok(Some(r)) => r,
+                Ok(None) => {
                     said.push(format!("{domain}: no _smtp._tls record; no report"));
                     continue;
                 }
+                Err(e) => {
+                    tracing::warn!(%domain, %day, error = %e, "TLS report: _smtp._tls lookup failed; trying later");
+                    said.push(format!("{domain}: _smtp._tls lookup failed: {e}"));
+                    if claim {
+                        self.unclaim(day, &domain).await;
+                    }
+                    continue;
+                }
             };
+            let mut sent = false;
             let json = report.to_string();
             let gz = gzip(json.as_bytes());
             let id = report_id(day, &domain, &self.hostname);
@@ -306,6 +327,7 @@ impl TlsReports {
                 };
                 let line = match result {
                     Ok(done) => {
+                        sent = true;
                         tracing::info!(%domain, %uri, %day, "TLS report sent");
                         format!("{domain}: {uri}: {done}")
                     }
@@ -316,20 +338,23 @@ impl TlsReports {
                 };
                 said.push(line);
             }
+            if claim && !sent {
+                self.unclaim(day, &domain).await;
+            }
         }
         Ok(said)
     }
 
-    /// Claims the sending of `day`'s reports for this process (one process
-    /// of all that share Redis).
-    async fn claim(&self, day: &str) -> bool {
+    /// Takes `domain`'s report of `day` for this process; `false` when
+    /// another took it (or Redis cannot say: a later try will).
+    async fn claim(&self, day: &str, domain: &str) -> bool {
         match &self.store {
             Store::Redis(Keyed { pool, prefix, .. }) => {
                 let Ok(mut c) = pool.get().await else {
                     return false;
                 };
                 let set: Result<Option<String>, _> = deadpool_redis::redis::cmd("SET")
-                    .arg(format!("{prefix}:tlsrpt:sent:{day}"))
+                    .arg(format!("{prefix}:tlsrpt:sent:{day}:{domain}"))
                     .arg(1)
                     .arg("NX")
                     .arg("EX")
@@ -338,12 +363,30 @@ impl TlsReports {
                     .await;
                 matches!(set, Ok(Some(_)))
             }
-            Store::Local(_) => true,
+            Store::Local(_) => {
+                correu_runtime::sync::lock(&self.sent).insert(format!("{day}:{domain}"))
+            }
         }
     }
 
-    /// Sends yesterday's reports once a day, after midnight UTC, until
-    /// `stop`.
+    /// Gives `domain`'s report of `day` back, unsent.
+    async fn unclaim(&self, day: &str, domain: &str) {
+        match &self.store {
+            Store::Redis(Keyed { pool, prefix, .. }) => {
+                if let Ok(mut c) = pool.get().await {
+                    let _: Result<(), _> =
+                        c.del(format!("{prefix}:tlsrpt:sent:{day}:{domain}")).await;
+                }
+            }
+            Store::Local(_) => {
+                correu_runtime::sync::lock(&self.sent).remove(&format!("{day}:{domain}"));
+            }
+        }
+    }
+
+    /// Sends yesterday's reports after midnight UTC, until `stop`: every
+    /// five minutes the domains no process has sent yet are tried (a
+    /// failed one is given back and tried again).
     pub async fn daily(
         &self,
         queue: Queue,
@@ -351,23 +394,19 @@ impl TlsReports {
         https: TlsConnector,
         stop: tokio_util::sync::CancellationToken,
     ) {
-        let mut last = day(1);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(Duration::from_secs(300)) => {}
             }
             let yesterday = day(1);
-            if yesterday == last {
-                continue;
-            }
-            last = yesterday.clone();
-            if self.claim(&yesterday).await {
-                match self.send(&yesterday, &queue, &resolver, &https).await {
-                    Ok(lines) => {
-                        tracing::info!(day = %yesterday, reports = lines.len(), "TLS reports done")
-                    }
-                    Err(e) => tracing::warn!(day = %yesterday, error = %e, "TLS reports not sent"),
+            match self.send(&yesterday, &queue, &resolver, &https, true).await {
+                Ok(lines) if lines.is_empty() => {}
+                Ok(lines) => {
+                    tracing::info!(day = %yesterday, reports = lines.len(), "TLS reports done")
+                }
+                Err(e) => {
+                    tracing::warn!(day = %yesterday, error = %e, "TLS reports not sent; trying later")
                 }
             }
         }
@@ -381,9 +420,14 @@ impl TlsReports {
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
         let boundary = format!("tlsrpt-{}", correu_queue::id::new_queue_id());
+        // RFC 8460 §5.3.1: sender!policy-domain!begin!end!id, times in
+        // Unix seconds.
+        let begin = day_start(day);
         let file = format!(
-            "{}!{domain}!{day}T00:00:00Z!{day}T23:59:59Z!{id}.json.gz",
-            self.organization
+            "{}!{domain}!{begin}!{}!{}.json.gz",
+            self.hostname,
+            begin + 86_399,
+            id.replace(['@', '!'], "_")
         );
         let b64 = base64::engine::general_purpose::STANDARD.encode(gz);
         let lines: Vec<&str> = b64
@@ -407,6 +451,7 @@ impl TlsReports {
             }],
             received_at_unix_micros: now * 1_000_000,
             content: content.into_bytes(),
+            tls_report: true,
             ..QueuedMessage::default()
         }
     }
@@ -450,6 +495,21 @@ fn counter(s: &Session<'_>) -> String {
     serde_json::to_string(&c).unwrap_or_default()
 }
 
+/// Unix seconds at the start of `day` (`YYYY-MM-DD`, UTC).
+fn day_start(day: &str) -> i64 {
+    let part =
+        |r: std::ops::Range<usize>| day.get(r).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
+    let (y, m, d) = (part(0..4), part(5..7), part(8..10));
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    (era * 146_097 + doe - 719_468) * 86_400
+}
+
 fn report_id(day: &str, domain: &str, hostname: &str) -> String {
     format!("{day}.{domain}@{hostname}")
 }
@@ -461,11 +521,16 @@ fn gzip(bytes: &[u8]) -> Vec<u8> {
     e.finish().unwrap_or_default()
 }
 
-/// The reporting addresses `domain` publishes (`_smtp._tls.DOMAIN`).
-async fn rua(resolver: &TokioResolver, domain: &str) -> Option<Vec<String>> {
+/// The reporting addresses `domain` publishes (`_smtp._tls.DOMAIN`):
+/// `None` when it publishes none; an error when DNS could not say.
+async fn rua(resolver: &TokioResolver, domain: &str) -> Result<Option<Vec<String>>, String> {
     let name = format!("_smtp._tls.{}.", domain.trim_end_matches('.'));
-    let lookup = resolver.txt_lookup(name.as_str()).await.ok()?;
-    lookup.answers().iter().find_map(|r| match &r.data {
+    let lookup = match resolver.txt_lookup(name.as_str()).await {
+        Ok(l) => l,
+        Err(e) if e.is_no_records_found() || e.is_nx_domain() => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    };
+    Ok(lookup.answers().iter().find_map(|r| match &r.data {
         RData::TXT(txt) => parse_record(
             &txt.txt_data
                 .iter()
@@ -473,7 +538,7 @@ async fn rua(resolver: &TokioResolver, domain: &str) -> Option<Vec<String>> {
                 .collect::<String>(),
         ),
         _ => None,
-    })
+    }))
 }
 
 /// `v=TLSRPTv1; rua=mailto:a@b,https://c/d` → the URIs (RFC 8460 §3).
@@ -494,6 +559,13 @@ fn parse_record(text: &str) -> Option<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_day_starts_at_its_unix_second() {
+        assert_eq!(day_start("1970-01-01"), 0);
+        assert_eq!(day_start("2025-12-02"), 1_764_633_600);
+        assert_eq!(day_start("2024-02-29"), 1_709_164_800);
+    }
 
     #[test]
     fn parses_the_rfc_examples() {

@@ -1275,6 +1275,7 @@ async fn queue_message(
         dsn_envid: env.params.envid.clone().unwrap_or_default(),
         smtputf8: env.params.smtputf8,
         requiretls: env.params.requiretls,
+        tls_report: false,
         authenticated_user: env.user.clone().unwrap_or_default(),
         delay_warned: false,
         folder,

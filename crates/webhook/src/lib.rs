@@ -38,7 +38,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::metrics::METRICS;
 use crate::post::Poster;
-use correu_delivery::http::Target;
+use correu_delivery::http::{PostError, Target};
 
 /// How long a URL that took an event is remembered (Redis).
 const REMEMBER: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -114,48 +114,83 @@ impl Webhook {
             return true;
         }
         let body = Bytes::from(event::to_json(&event));
-        for t in &self.targets {
+        // Each URL on its own: one that is down holds back no other.
+        let posts = self
+            .targets
+            .iter()
+            .map(|t| self.post_until_taken(t, &event, outcome, &body, stop));
+        futures_util::future::join_all(posts)
+            .await
+            .into_iter()
+            .all(|done| done)
+    }
+
+    /// Posts to one URL until it answers 2xx (`true`), refuses the event
+    /// for good (a 4xx other than 408 and 429: logged, counted, `true`), or
+    /// `stop` comes (`false`).
+    async fn post_until_taken(
+        &self,
+        t: &Target,
+        event: &DeliveryEvent,
+        outcome: &'static str,
+        body: &Bytes,
+        stop: &CancellationToken,
+    ) -> bool {
+        let mut backoff = Backoff::new(RETRY_MIN, RETRY_MAX);
+        loop {
+            // Checked on every try: another process may have posted it
+            // meanwhile (a redelivery after this one's channel closed).
             if self.posted(t, &event.id).await {
                 tracing::info!(url = %t.url, event_id = %event.id, "event already posted to this URL; not posted again");
-                continue;
+                return true;
             }
-            let mut backoff = Backoff::new(RETRY_MIN, RETRY_MAX);
-            loop {
-                let started = tokio::time::Instant::now();
-                let result = self.poster.post(t, &event.id, &body).await;
-                let secs = started.elapsed().as_secs_f64();
-                match result {
-                    Ok(()) => {
-                        METRICS.record(outcome, "posted", secs);
-                        tracing::info!(
-                            url = %t.url,
-                            event_id = %event.id,
-                            event = outcome,
-                            queue_id = %event.queue_id,
-                            "event posted"
-                        );
-                        self.remember(t, &event.id).await;
-                        break;
-                    }
-                    Err(e) => {
-                        METRICS.record(outcome, "failed", secs);
-                        let delay = backoff.next_delay(rand::random());
-                        tracing::warn!(
-                            url = %t.url,
-                            event_id = %event.id,
-                            error = %e,
-                            retry_in = ?delay,
-                            "webhook post failed"
-                        );
-                        tokio::select! {
-                            _ = stop.cancelled() => return false,
-                            _ = tokio::time::sleep(delay) => {}
-                        }
+            let started = tokio::time::Instant::now();
+            let result = self.poster.post(t, &event.id, body).await;
+            let secs = started.elapsed().as_secs_f64();
+            match result {
+                Ok(()) => {
+                    METRICS.record(outcome, "posted", secs);
+                    tracing::info!(
+                        url = %t.url,
+                        event_id = %event.id,
+                        event = outcome,
+                        queue_id = %event.queue_id,
+                        "event posted"
+                    );
+                    self.remember(t, &event.id).await;
+                    return true;
+                }
+                Err(PostError::Status(code))
+                    if code.is_client_error()
+                        && code != http::StatusCode::REQUEST_TIMEOUT
+                        && code != http::StatusCode::TOO_MANY_REQUESTS =>
+                {
+                    METRICS.record(outcome, "refused", secs);
+                    tracing::error!(
+                        url = %t.url,
+                        event_id = %event.id,
+                        status = code.as_u16(),
+                        "the webhook refused the event for good; not posted again"
+                    );
+                    return true;
+                }
+                Err(e) => {
+                    METRICS.record(outcome, "failed", secs);
+                    let delay = backoff.next_delay(rand::random());
+                    tracing::warn!(
+                        url = %t.url,
+                        event_id = %event.id,
+                        error = %e,
+                        retry_in = ?delay,
+                        "webhook post failed"
+                    );
+                    tokio::select! {
+                        _ = stop.cancelled() => return false,
+                        _ = tokio::time::sleep(delay) => {}
                     }
                 }
             }
         }
-        true
     }
 
     fn key(prefix: &str, t: &Target, id: &str) -> String {
@@ -234,7 +269,13 @@ async fn from_amqp(
     let prefetch = u16::try_from(hook.concurrency).unwrap_or(u16::MAX);
     let tracker = TaskTracker::new();
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+    // The tasks of one channel stop with it: its unacknowledged events go
+    // back to the broker (RabbitMQ closes a consumer that holds one past
+    // its consumer_timeout), and the next channel gets them again.
+    let mut channel_stop = stop.child_token();
     'connect: while !stop.is_cancelled() {
+        channel_stop.cancel();
+        channel_stop = stop.child_token();
         let mut consumer = match q.consume_events(prefetch).await {
             Ok(c) => {
                 backoff.reset();
@@ -267,7 +308,7 @@ async fn from_amqp(
             };
             // The broker hands out at most `prefetch` unacknowledged
             // events, which bounds the tasks.
-            let (hook, stop) = (hook.clone(), stop.clone());
+            let (hook, stop) = (hook.clone(), channel_stop.clone());
             tracker.spawn(async move {
                 let settled = if hook.handle(&d.data, &stop).await {
                     d.acker.ack(BasicAckOptions::default()).await

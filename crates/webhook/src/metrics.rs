@@ -6,7 +6,8 @@ use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram};
 
 pub struct WebhookMetrics {
-    /// POSTs by `event` (the outcome) and `result` (`posted`, `failed`).
+    /// POSTs by `event` (the outcome) and `result` (`posted`, `failed`,
+    /// `refused`: a 4xx that will not change).
     pub posts: Counter<u64>,
     /// How long a POST took, by `result`.
     pub duration: Histogram<f64>,

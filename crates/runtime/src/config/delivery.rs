@@ -140,11 +140,14 @@ impl Default for Shape {
 pub fn name_matches(pattern: &str, name: &str) -> bool {
     let name = name.trim_end_matches('.');
     let pattern = pattern.trim_end_matches('.');
-    match pattern.strip_prefix("*.") {
+    // Bytes, not characters: a name may be UTF-8 (SMTPUTF8), and a byte
+    // offset inside a character must not be sliced at.
+    let (name, pattern) = (name.as_bytes(), pattern.as_bytes());
+    match pattern.strip_prefix(b"*.") {
         Some(parent) => {
             name.len() > parent.len() + 1
                 && name[name.len() - parent.len()..].eq_ignore_ascii_case(parent)
-                && name.as_bytes()[name.len() - parent.len() - 1] == b'.'
+                && name[name.len() - parent.len() - 1] == b'.'
         }
         None => name.eq_ignore_ascii_case(pattern),
     }

@@ -90,6 +90,9 @@ impl WebhookConfig {
         if self.concurrency == 0 {
             c.err("webhook.concurrency", "must be more than 0");
         }
+        if self.timeout.get().is_zero() {
+            c.err("webhook.timeout", "must be more than 0");
+        }
         if let Some(f) = &self.secret_file {
             c.readable_file("webhook.secret_file", f);
         }

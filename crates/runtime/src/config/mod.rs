@@ -597,6 +597,10 @@ mod tests {
         assert!(!name_matches("*.google.com", "google.com"));
         assert!(!name_matches("*.google.com", "xgoogle.com"));
         assert!(name_matches("Example.com", "example.COM"));
+        // UTF-8 names (SMTPUTF8) are compared by bytes, never cut inside
+        // a character.
+        assert!(!name_matches("*.co.jp", "例え.jp"));
+        assert!(name_matches("*.jp", "例え.jp"));
     }
 
     #[test]
