@@ -161,11 +161,19 @@ def host_image(ref, entrypoint):
 
 
 class Network:
-    """A bridge for the pods; pod i gets 10.X.0.i, Services 10.X.1.i."""
+    """A bridge for the pods; pod i gets 10.X.0.i, Services 10.X.1.i.
+
+    Each network of a run has names and a subnet of its own: a scenario's
+    namespaces may outlive its close() by a moment (a process still inside
+    one), and reusing their names or addresses in the next scenario gave
+    it a pod whose address answered from the old one."""
+
+    made = 0
 
     def __init__(self):
-        tag = os.getpid() % 10000
-        self.x = 100 + os.getpid() % 100
+        Network.made += 1
+        tag = f"{os.getpid() % 1000}{Network.made % 100:02d}"
+        self.x = 100 + (os.getpid() + Network.made) % 100
         self.bridge = f"kt{tag}"
         self.tag = tag
         self.gateway = f"10.{self.x}.0.1"
