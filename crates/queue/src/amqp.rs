@@ -690,6 +690,19 @@ impl AmqpQueue {
         }
         // Unacked messages go back to the queue.
         ch.close(200, "swept".into()).await?;
+        // A quorum queue makes them ready again a moment after the channel
+        // closes: wait for that (up to 2 s, since a retry tier's TTL may
+        // take some meanwhile), so the next operator action sees them (a
+        // retry_now right after a delete found nothing).
+        let back = u64::from(total).saturating_sub(moved as u64);
+        if back > 0 {
+            let check = conn.create_channel().await?;
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while u64::from(ready(&check, queue).await?) < back && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            check.close(200, "checked".into()).await?;
+        }
         Ok(moved)
     }
 
