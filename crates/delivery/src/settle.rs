@@ -342,13 +342,10 @@ impl Deliverer {
             tls_cipher: via.map(|v| v.tls_cipher.clone()).unwrap_or_default(),
             traceparent: msg.traceparent.clone(),
         };
-        let word = outcome
-            .as_str_name()
-            .trim_start_matches("OUTCOME_")
-            .to_ascii_lowercase();
+        let word = correu_queue::events::outcome_name(outcome as i32).unwrap_or("unknown");
         correu_queue::events::Event {
             routing_key: correu_queue::events::routing_key(
-                &word,
+                word,
                 if domain.is_empty() { "none" } else { &domain },
             ),
             id,

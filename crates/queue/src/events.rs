@@ -20,6 +20,21 @@ pub struct Event {
     pub payload: Vec<u8>,
 }
 
+/// An event's outcome as routing keys, webhook JSON and
+/// `webhook.outcomes` name it (`delivered`, `deferred`, `bounced`,
+/// `expired`, `suppressed`); `None` for an event without one.
+pub fn outcome_name(outcome: i32) -> Option<&'static str> {
+    use correu_proto::v1::Outcome;
+    match Outcome::try_from(outcome).ok()? {
+        Outcome::Delivered => Some("delivered"),
+        Outcome::Deferred => Some("deferred"),
+        Outcome::Bounced => Some("bounced"),
+        Outcome::Expired => Some("expired"),
+        Outcome::Suppressed => Some("suppressed"),
+        Outcome::Unspecified => None,
+    }
+}
+
 /// The routing key of an event: `<outcome>.<domain>`. Both are plain
 /// (outcomes are words; domains are checked host names), so a consumer
 /// binds `bounced.#` or `*.example.com`.
@@ -76,5 +91,8 @@ mod tests {
         assert!(a < b, "{a} {b}");
         assert!(a.ends_with("-Q1____x"), "{a}");
         assert_eq!(routing_key("bounced", "Example.COM"), "bounced.example.com");
+        use correu_proto::v1::Outcome;
+        assert_eq!(outcome_name(Outcome::Suppressed as i32), Some("suppressed"));
+        assert_eq!(outcome_name(99), None);
     }
 }

@@ -1,20 +1,8 @@
 //! A delivery event as the JSON a webhook receives.
 
-use correu_proto::v1::{DeliveryEvent, Outcome};
+use correu_proto::v1::DeliveryEvent;
+pub use correu_queue::events::outcome_name;
 use correu_smtp::headers::rfc3339;
-
-/// The outcome as `webhook.outcomes`, routing keys and the JSON `event`
-/// field name it; `None` for an event without one.
-pub fn outcome_name(o: i32) -> Option<&'static str> {
-    match Outcome::try_from(o).ok()? {
-        Outcome::Delivered => Some("delivered"),
-        Outcome::Deferred => Some("deferred"),
-        Outcome::Bounced => Some("bounced"),
-        Outcome::Expired => Some("expired"),
-        Outcome::Suppressed => Some("suppressed"),
-        Outcome::Unspecified => None,
-    }
-}
 
 /// The JSON body posted for `e` (its fields, times as RFC 3339 UTC).
 pub fn to_json(e: &DeliveryEvent) -> Vec<u8> {
@@ -45,6 +33,7 @@ pub fn to_json(e: &DeliveryEvent) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use correu_proto::v1::Outcome;
 
     #[test]
     fn names_the_outcome_and_writes_times_in_utc() {
@@ -61,6 +50,5 @@ mod tests {
         assert_eq!(v["timestamp"], "2025-12-02T00:00:00Z");
         assert_eq!(v["reply"], "550 5.1.1 \"no\"");
         assert_eq!(v["recipient"], "nobody@remote.test");
-        assert_eq!(outcome_name(99), None);
     }
 }
