@@ -173,16 +173,36 @@ async fn send<S>(
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    // The (ignored) body is read so the receiver is not cut off mid-answer.
+    let (head, _body) = exchange(stream, request, 64 * 1024).await?;
+    Ok(head.status)
+}
+
+/// A body that could not be read, or passed its limit.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+/// One request on a new HTTP/1.1 connection over `stream`: the answer's
+/// head, and its body up to `limit` bytes. The connection is closed after.
+pub async fn exchange<S, B>(
+    stream: S,
+    request: http::Request<B>,
+    limit: usize,
+) -> Result<(http::response::Parts, Result<Bytes, BodyError>), hyper::Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BodyError>,
+{
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     let conn = tokio::spawn(conn);
     let result = async {
-        let response = sender.send_request(request).await?;
-        let status = response.status();
-        // Read the (ignored) body so the receiver is not cut off mid-answer.
-        let _ = http_body_util::Limited::new(response.into_body(), 64 * 1024)
+        let (head, body) = sender.send_request(request).await?.into_parts();
+        let body = http_body_util::Limited::new(body, limit)
             .collect()
-            .await;
-        Ok(status)
+            .await
+            .map(|b| b.to_bytes());
+        Ok((head, body))
     }
     .await;
     conn.abort();

@@ -17,8 +17,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use hickory_resolver::TokioResolver;
 use hickory_resolver::proto::rr::RData;
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper_util::rt::TokioIo;
+use http_body_util::Empty;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -352,52 +351,38 @@ impl MtaSts {
             .connect(name, tcp)
             .await
             .map_err(|source| PolicyError::Tls { host: h(), source })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-            .await
-            .map_err(|source| PolicyError::Http { host: h(), source })?;
-        let conn = tokio::spawn(conn);
-        let result = async {
-            let request = http::Request::get("/.well-known/mta-sts.txt")
-                .header(http::header::HOST, &host)
-                .header(http::header::USER_AGENT, "correu")
-                .body(Empty::<Bytes>::new())
-                .map_err(|e| PolicyError::Body {
-                    host: h(),
-                    source: Box::new(e),
-                })?;
-            let response = sender
-                .send_request(request)
-                .await
-                .map_err(|source| PolicyError::Http { host: h(), source })?;
-            if response.status() != http::StatusCode::OK {
-                return Err(PolicyError::Status {
-                    host: h(),
-                    status: response.status(),
-                });
-            }
-            let media = response
-                .headers()
-                .get(http::header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_string();
-            if !media.to_ascii_lowercase().starts_with("text/plain") {
-                return Err(PolicyError::MediaType { host: h(), media });
-            }
-            let body = Limited::new(response.into_body(), MAX_POLICY)
-                .collect()
-                .await
-                .map_err(|source| PolicyError::Body { host: h(), source })?
-                .to_bytes();
-            let text = std::str::from_utf8(&body).map_err(|e| PolicyError::Body {
+        let request = http::Request::get("/.well-known/mta-sts.txt")
+            .header(http::header::HOST, &host)
+            .header(http::header::USER_AGENT, "correu")
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| PolicyError::Body {
                 host: h(),
                 source: Box::new(e),
             })?;
-            Policy::parse(text).map_err(|source| PolicyError::Invalid { host: h(), source })
+        let (head, body) = crate::http::exchange(tls, request, MAX_POLICY)
+            .await
+            .map_err(|source| PolicyError::Http { host: h(), source })?;
+        if head.status != http::StatusCode::OK {
+            return Err(PolicyError::Status {
+                host: h(),
+                status: head.status,
+            });
         }
-        .await;
-        conn.abort();
-        result
+        let media = head
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        if !media.to_ascii_lowercase().starts_with("text/plain") {
+            return Err(PolicyError::MediaType { host: h(), media });
+        }
+        let body = body.map_err(|source| PolicyError::Body { host: h(), source })?;
+        let text = std::str::from_utf8(&body).map_err(|e| PolicyError::Body {
+            host: h(),
+            source: Box::new(e),
+        })?;
+        Policy::parse(text).map_err(|source| PolicyError::Invalid { host: h(), source })
     }
 }
 
