@@ -1456,3 +1456,135 @@ print(json.dumps(out))
     assert_eq!(f["receiving-ip"], "127.0.0.1");
     assert!(f["failed-session-count"].as_u64().unwrap() >= 1);
 }
+
+/// `openssl … | openssl dgst`: the hex digest of a certificate's DER
+/// (`pubkey`: of its SubjectPublicKeyInfo).
+fn cert_digest(cert: &Path, pubkey: bool, alg: &str) -> String {
+    let der = if pubkey {
+        format!(
+            "openssl x509 -in '{}' -noout -pubkey | openssl pkey -pubin -outform DER",
+            cert.display()
+        )
+    } else {
+        format!("openssl x509 -in '{}' -outform DER", cert.display())
+    };
+    let (st, out, err) = run("sh", &["-c", &format!("{der} | openssl dgst -{alg} -hex")]);
+    assert!(st.success(), "{out}{err}");
+    out.trim().rsplit(' ').next().unwrap().to_string()
+}
+
+/// DANE (RFC 7672) against a DNSSEC-signed root served by BIND, with its
+/// key as the trust anchor, and a real Postfix whose chain holds its CA:
+/// - DANE-EE (public key, SHA-256) and DANE-TA (CA certificate, SHA-512)
+///   records that match: delivered, the log line says `tls_verify: dane`;
+/// - a signed zone without TLSA records, and an unsigned (insecure) zone:
+///   opportunistic TLS, as before;
+/// - a TLSA record that matches nothing: deferred, nothing sent;
+/// - an address record changed after signing (bogus): deferred.
+#[test]
+fn dane_authenticates_mx_hosts_from_signed_tlsa_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = ["mx.ee.test", "mx.ta.test", "mx.bad.test", "mx.bogus.test"];
+    let cert = test_cert_for(dir.path(), "mx", &hosts);
+    // Postfix sends its chain: its certificate, then the CA's.
+    let chain = dir.path().join("mx-chain.crt");
+    std::fs::write(&chain, read(&cert.cert) + &read(&cert.ca)).unwrap();
+    let domains = ["ee", "ta", "nodane", "plain", "bad", "bogus"];
+    let mailboxes: Vec<String> = domains
+        .iter()
+        .map(|d| format!("ana@{d}.test={d}/"))
+        .collect();
+    let postfix = Postfix::start(
+        &dir.path().join("postfix"),
+        &format!(
+            "virtual_mailbox_domains = {}\nvirtual_mailbox_base = {{VMAIL}}\nvirtual_mailbox_maps = inline:{{{}}}\nvirtual_uid_maps = static:65534\nvirtual_gid_maps = static:65534\nvirtual_transport = virtual\nsmtpd_tls_cert_file = {}\nsmtpd_tls_key_file = {}\nsmtpd_tls_security_level = may\nsmtpd_tls_received_header = yes\n",
+            domains.map(|d| format!("{d}.test")).join(" "),
+            mailboxes.join(", "),
+            chain.display(),
+            cert.key.display()
+        ),
+    );
+    let p = postfix.port;
+    let ee = cert_digest(&cert.cert, true, "sha256");
+    let ta = cert_digest(&cert.ca, false, "sha512");
+    let mut signed: Vec<String> = Vec::new();
+    for d in ["ee", "ta", "nodane", "bad", "bogus"] {
+        signed.push(format!("{d}.test. MX 10 mx.{d}.test."));
+        // bogus's address is changed after signing (below).
+        let ip = if d == "bogus" { "127.0.0.9" } else { "127.0.0.1" };
+        signed.push(format!("mx.{d}.test. A {ip}"));
+    }
+    signed.push(format!("_{p}._tcp.mx.ee.test. TLSA 3 1 1 {ee}"));
+    signed.push(format!("_{p}._tcp.mx.ta.test. TLSA 2 0 2 {ta}"));
+    signed.push(format!("_{p}._tcp.mx.bad.test. TLSA 3 1 1 {}", "ab".repeat(32)));
+    signed.push(format!("_{p}._tcp.mx.bogus.test. TLSA 3 1 1 {ee}"));
+    let plain = ["@ MX 10 mx.plain.test.".to_string(), "mx A 127.0.0.1".into()];
+    let dns = signed_dns(dir.path(), &signed, &[("plain.test", &plain)], &|zone| {
+        zone.lines()
+            .map(|l| {
+                if l.starts_with("mx.bogus.test.") && l.ends_with("127.0.0.9") {
+                    l.replace("127.0.0.9", "127.0.0.1")
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    let (mut serve, addr) = serve(
+        dir.path(),
+        "a",
+        &format!(
+            "[dns]\nserver = \"127.0.0.1:{}\"\ntrust_anchor = \"{}\"\n[delivery]\nmx_port = {p}\ntls = \"dane\"\n",
+            dns.port,
+            dns.anchor.display()
+        ),
+    );
+    let rcpts: Vec<String> = domains.iter().map(|d| format!("ana@{d}.test")).collect();
+    let rcpts: Vec<&str> = rcpts.iter().map(String::as_str).collect();
+    let id = send(addr, &rcpts, "dane");
+
+    for (d, verify) in [
+        ("ee", "dane"),
+        ("ta", "dane"),
+        ("nodane", "none"),
+        ("plain", "none"),
+    ] {
+        let line = serve.wait_for_line(
+            &[
+                "\"message\":\"delivered\"",
+                &id,
+                &format!("\"recipient\":\"ana@{d}.test\""),
+            ],
+            Duration::from_secs(30),
+        );
+        assert!(
+            line.contains(&format!("\"tls_verify\":\"{verify}\"")),
+            "{d}: {line}"
+        );
+        let got = only_file(&postfix.vmail.join(d), Duration::from_secs(10));
+        assert!(got.contains("(using TLSv1.3"), "{d} over TLS: {got}");
+    }
+    for (d, why) in [
+        ("bad", "no TLSA record matches"),
+        ("bogus", "failed DNSSEC validation"),
+    ] {
+        let line = serve.wait_for_line(
+            &[
+                "\"message\":\"delivery deferred\"",
+                &id,
+                &format!("\"recipient\":\"ana@{d}.test\""),
+            ],
+            Duration::from_secs(30),
+        );
+        assert!(
+            line.contains("\"dsn\":\"4.7.5\"") && line.contains(why),
+            "{d}: {line}"
+        );
+        assert!(
+            wait_maildir(&postfix.vmail.join(d), 1, Duration::from_millis(200)).is_empty(),
+            "nothing reached {d}"
+        );
+    }
+    drop(dns);
+}

@@ -17,7 +17,7 @@ use tracing::Instrument;
 
 use crate::client::{self, Client, Phase, Transaction};
 use crate::outcome::{self, Outcome};
-use crate::{Deliverer, mta_sts, pool, route, tls};
+use crate::{Deliverer, dane, mta_sts, pool, route, tls};
 use crate::{shaping, tlsrpt};
 
 impl Deliverer {
@@ -192,16 +192,19 @@ impl Deliverer {
             }
         };
         // REQUIRETLS (RFC 8689 §4.2.1): only an authenticated next hop (a
-        // route the operator set, or an MX host an MTA-STS policy names:
-        // Correu does not validate DNSSEC yet), and verified TLS to it, a
-        // route's own setting included.
+        // route the operator set, an MX host an MTA-STS policy names, or,
+        // where delivery validates DNSSEC, an MX record proven secure), and
+        // verified TLS to it: DANE where the host publishes TLSA records,
+        // else its certificate checked against CAs.
         if msg.requiretls {
-            hops.retain(|h| h.route.is_some() || sts.as_ref().is_some_and(|p| p.names(&h.host)));
+            let dnssec = self.router.validating();
+            let named = |h: &route::Hop| sts.as_ref().is_some_and(|p| p.names(&h.host));
+            hops.retain(|h| h.route.is_some() || named(h) || (dnssec && h.secure));
             if hops.is_empty() {
                 let o = Outcome::Permanent(outcome::Failure {
                     status: "5.7.10".into(),
                     text: format!(
-                        "REQUIRETLS: no MX host of {domain} is authenticated (by an MTA-STS policy; DNSSEC is not validated)"
+                        "REQUIRETLS: no MX host of {domain} is authenticated (by an MTA-STS policy or DNSSEC)"
                     ),
                     remote_mta: None,
                     smtp_reply: None,
@@ -210,7 +213,11 @@ impl Deliverer {
                 return (vec![o; rcpts.len()], None);
             }
             for h in &mut hops {
-                h.tls = Some(OutboundTls::Required);
+                h.tls = Some(if h.route.is_none() && !named(h) {
+                    OutboundTls::Dane
+                } else {
+                    OutboundTls::Required
+                });
             }
         }
         if !self
@@ -260,10 +267,14 @@ impl Deliverer {
                 continue;
             }
             rated.push(dest.budget.clone());
-            let addrs = match self.router.addresses(&hop).await {
-                Ok(a) if !a.is_empty() => a,
+            let (addrs, addrs_secure) = match self.router.addresses(&hop).await {
+                Ok((a, secure)) if !a.is_empty() => (a, secure),
                 Ok(_) => {
                     last = Outcome::temp("4.4.4", format!("{} has no address", hop.host));
+                    continue;
+                }
+                Err(e @ route::ResolveError::Bogus(_)) => {
+                    last = Outcome::temp("4.7.5", e.to_string());
                     continue;
                 }
                 Err(e) => {
@@ -271,6 +282,26 @@ impl Deliverer {
                     continue;
                 }
             };
+            // DANE (RFC 7672 §2.2): TLSA records count only for a host
+            // whose name and addresses DNSSEC proved.
+            if hop.tls.unwrap_or(self.tls_default) == OutboundTls::Dane
+                && hop.secure
+                && addrs_secure
+            {
+                match dane::lookup(&self.router.resolver, &hop.host, hop.port).await {
+                    Ok(policy) => hop.dane = policy,
+                    Err(why) => {
+                        tracing::warn!(queue_id = %msg.queue_id, mx = %hop.host, error = %why, "DANE: TLSA records unknown; not delivering to this host");
+                        last = Outcome::temp("4.7.5", why);
+                        continue;
+                    }
+                }
+            }
+            // A REQUIRETLS message goes over verified TLS only: DANE's,
+            // or the certificate checked against CAs.
+            if msg.requiretls && hop.dane.as_ref().is_none_or(|p| p.records.is_empty()) {
+                hop.tls = Some(OutboundTls::Required);
+            }
             for addr in addrs {
                 let span = tracing::info_span!(
                     "delivery.attempt",
@@ -309,6 +340,7 @@ impl Deliverer {
                         let session = tlsrpt::Session {
                             domain,
                             policy: sts.as_deref(),
+                            tlsa: hop.dane.as_ref().map(|p| p.published.as_slice()),
                             mx: &hop.host,
                             ip: addr.ip(),
                             failure,
@@ -444,11 +476,17 @@ impl Deliverer {
         Ok((hops, applied))
     }
 
-    fn policy(&self, hop: &route::Hop) -> &tls::TlsPolicy {
+    fn policy(&self, hop: &route::Hop) -> tls::TlsPolicy {
         match hop.tls.unwrap_or(self.tls_default) {
-            OutboundTls::None => &tls::TlsPolicy::None,
-            OutboundTls::Opportunistic => &self.opportunistic,
-            OutboundTls::Required => &self.required,
+            OutboundTls::None => tls::TlsPolicy::None,
+            OutboundTls::Opportunistic => self.opportunistic.clone(),
+            OutboundTls::Required => self.required.clone(),
+            // No usable DANE policy (no TLSA records, or an insecure
+            // zone): opportunistic, as Postfix's `dane` level.
+            OutboundTls::Dane => match &hop.dane {
+                Some(p) => tls::TlsPolicy::Dane(p.connector.clone(), !p.records.is_empty()),
+                None => self.opportunistic.clone(),
+            },
         }
     }
 
@@ -485,7 +523,12 @@ impl Deliverer {
             addr,
             host: hop.host.clone(),
             route: hop.route.as_ref().map(|r| format!("{r:?}")),
-            tls: hop.tls,
+            // A DANE host's connections are not shared with the
+            // same host's opportunistic ones.
+            tls: match hop.tls.unwrap_or(self.tls_default) {
+                OutboundTls::Dane if hop.dane.is_none() => Some(OutboundTls::Opportunistic),
+                _ => hop.tls,
+            },
             budget: dest.budget.clone(),
         };
         // A connection kept from an earlier message, if one is fresh, with
@@ -584,7 +627,7 @@ impl Deliverer {
     ) -> Result<Client, client::SessionError> {
         let mut c = self.dial(hop, addr).await?;
         let policy = self.policy(hop);
-        match c.hello(&self.hostname, policy).await {
+        match c.hello(&self.hostname, &policy).await {
             Ok(()) => {}
             // Nothing demands TLS of this hop (no MTA-STS enforce, no
             // required route): as Postfix's `may`, the same host again in
@@ -631,6 +674,9 @@ pub(crate) struct Via {
     pub transfer: Duration,
     pub tls_version: String,
     pub tls_cipher: String,
+    /// How the certificate was checked: `dane`, `ca`, `none`; empty
+    /// without TLS.
+    pub tls_verify: &'static str,
     /// Transactions the connection has carried, this one included.
     pub conn_use: u32,
 }
@@ -658,6 +704,7 @@ impl Via {
             transfer,
             tls_version: version,
             tls_cipher: cipher,
+            tls_verify: c.tls_verify,
             conn_use: c.uses,
         }
     }

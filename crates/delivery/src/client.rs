@@ -153,6 +153,9 @@ pub struct Client {
     extensions: Vec<String>,
     /// The TLS in use, for logs ("TLSv1.3 with cipher …").
     pub tls: Option<String>,
+    /// How the server's certificate was checked (`dane`, `ca`, `none`);
+    /// empty without TLS.
+    pub tls_verify: &'static str,
     /// How long the TCP connection took, and STARTTLS with its handshake
     /// and the EHLO after it (for the delivery log line).
     pub connect_time: std::time::Duration,
@@ -194,6 +197,7 @@ impl Client {
             timeouts,
             extensions: Vec::new(),
             tls: None,
+            tls_verify: "",
             connect_time: std::time::Duration::ZERO,
             tls_time: std::time::Duration::ZERO,
             uses: 0,
@@ -320,6 +324,7 @@ impl Client {
             Ok(Ok(s)) => s,
         };
         self.tls = Some(crate::tls::describe(&tls));
+        self.tls_verify = policy.verification();
         self.stream = Box::new(tls);
         // RFC 3207 §4.2: everything learnt before TLS is forgotten.
         let r = self.ehlo(helo_name).await;

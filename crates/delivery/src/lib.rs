@@ -28,6 +28,7 @@
 
 mod attempt;
 pub mod client;
+pub mod dane;
 pub mod dkim;
 pub mod dsn;
 pub mod http;
@@ -156,7 +157,17 @@ impl Deliverer {
             domains: cfg.domains.iter().map(|d| d.to_lowercase()).collect(),
             storage,
             storage_timeout: cfg.storage.request_timeout.get(),
-            router: Router::new(resolver, &cfg.delivery.routes, cfg.delivery.mx_port),
+            // DANE needs DNSSEC-validated answers for MX, addresses and TLSA.
+            router: if cfg.delivery.uses_dane() {
+                Router::new(
+                    correu_runtime::dns::validating_resolver(&cfg.dns)?,
+                    true,
+                    &cfg.delivery.routes,
+                    cfg.delivery.mx_port,
+                )
+            } else {
+                Router::new(resolver, false, &cfg.delivery.routes, cfg.delivery.mx_port)
+            },
             schedule: Schedule {
                 delays: cfg.queue.retry_delays.iter().map(|d| d.get()).collect(),
                 max_age: cfg.queue.max_age.get(),

@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use correu_runtime::config::{OutboundTls, Route};
 use hickory_resolver::TokioResolver;
-use hickory_resolver::proto::rr::RData;
+use hickory_resolver::proto::rr::{RData, RecordType};
 use rand::seq::SliceRandom;
 
 use crate::outcome::Outcome;
@@ -21,10 +21,19 @@ pub struct Hop {
     /// TLS for this hop when not `delivery.tls`: the route's, or required
     /// by the domain's MTA-STS policy.
     pub tls: Option<OutboundTls>,
+    /// The host's name is DNSSEC-authenticated as far as the domain's MX
+    /// records go: they were validated secure, or the host was named
+    /// directly (a route, or the domain itself with no MX). Its addresses
+    /// are checked when they are looked up.
+    pub secure: bool,
+    /// The host's DANE policy, once its TLSA records are known.
+    pub dane: Option<crate::dane::Policy>,
 }
 
 pub struct Router {
-    resolver: TokioResolver,
+    /// DNSSEC-validating when `validating`.
+    pub resolver: TokioResolver,
+    validating: bool,
     routes: BTreeMap<String, Route>,
     mx_port: u16,
 }
@@ -37,16 +46,27 @@ pub fn order_mx(mut mx: Vec<(u16, String)>, rng: &mut impl rand::Rng) -> Vec<Str
 }
 
 impl Router {
-    pub fn new(resolver: TokioResolver, routes: &BTreeMap<String, Route>, mx_port: u16) -> Self {
+    pub fn new(
+        resolver: TokioResolver,
+        validating: bool,
+        routes: &BTreeMap<String, Route>,
+        mx_port: u16,
+    ) -> Self {
         let routes = routes
             .iter()
             .map(|(d, r)| (d.to_lowercase(), r.clone()))
             .collect();
         Router {
             resolver,
+            validating,
             routes,
             mx_port,
         }
+    }
+
+    /// Whether answers are DNSSEC-validated (some hop may be DANE).
+    pub fn validating(&self) -> bool {
+        self.validating
     }
 
     /// The hops for `domain`, best first, or why there are none.
@@ -57,11 +77,21 @@ impl Router {
                 port: route.port,
                 tls: route.tls,
                 route: Some(route.clone()),
+                secure: true,
+                dane: None,
             }]);
         }
         let fqdn = format!("{}.", domain.trim_end_matches('.'));
         match self.resolver.mx_lookup(fqdn.as_str()).await {
             Ok(lookup) => {
+                // RFC 7672 §2.2.1: a bogus MX answer is a failed lookup.
+                if self.validating && crate::dane::bogus(lookup.answers()) {
+                    return Err(Outcome::temp(
+                        "4.7.5",
+                        format!("the MX records of {domain} failed DNSSEC validation"),
+                    ));
+                }
+                let secure = self.validating && crate::dane::secure(lookup.answers());
                 let mx: Vec<(u16, String)> = lookup
                     .answers()
                     .iter()
@@ -89,9 +119,15 @@ impl Router {
                         port: self.mx_port,
                         route: None,
                         tls: None,
+                        secure,
+                        dane: None,
                     })
                     .collect())
             }
+            Err(e) if crate::dane::bogus_error(&e) => Err(Outcome::temp(
+                "4.7.5",
+                format!("the MX records of {domain} failed DNSSEC validation"),
+            )),
             // No MX: the domain's own address is the implicit MX (RFC 5321 §5.1).
             Err(e) if e.is_nx_domain() => Err(Outcome::perm(
                 "5.1.2",
@@ -111,32 +147,90 @@ impl Router {
             port: self.mx_port,
             route: None,
             tls: None,
+            secure: true,
+            dane: None,
         }
     }
 
-    /// The addresses of a hop's host (an IP literal is itself).
-    pub async fn addresses(&self, hop: &Hop) -> Result<Vec<SocketAddr>, ResolveError> {
+    /// The addresses of a hop's host (an IP literal is itself), and
+    /// whether DNSSEC proved them secure (never for a literal: DANE needs
+    /// a name).
+    pub async fn addresses(&self, hop: &Hop) -> Result<(Vec<SocketAddr>, bool), ResolveError> {
         if let Ok(ip) = hop.host.parse::<IpAddr>() {
-            return Ok(vec![SocketAddr::new(ip, hop.port)]);
+            return Ok((vec![SocketAddr::new(ip, hop.port)], false));
         }
         let fqdn = format!("{}.", hop.host.trim_end_matches('.'));
+        if self.validating {
+            return self.validated_addresses(hop, &fqdn).await;
+        }
         match self.resolver.lookup_ip(fqdn.as_str()).await {
-            Ok(ips) => Ok(ips.iter().map(|ip| SocketAddr::new(ip, hop.port)).collect()),
-            Err(source) => Err(ResolveError {
+            Ok(ips) => Ok((
+                ips.iter().map(|ip| SocketAddr::new(ip, hop.port)).collect(),
+                false,
+            )),
+            Err(source) => Err(ResolveError::Lookup {
                 host: hop.host.clone(),
                 source,
             }),
+        }
+    }
+
+    /// A and AAAA asked apart, so a bogus answer to either is seen (the
+    /// dual lookup would go on to the other and hide it).
+    async fn validated_addresses(
+        &self,
+        hop: &Hop,
+        fqdn: &str,
+    ) -> Result<(Vec<SocketAddr>, bool), ResolveError> {
+        let (v4, v6) = tokio::join!(
+            self.resolver.lookup(fqdn, RecordType::A),
+            self.resolver.lookup(fqdn, RecordType::AAAA)
+        );
+        let mut addrs = Vec::new();
+        let mut secure = true;
+        let mut failed = None;
+        for answer in [v4, v6] {
+            match answer {
+                Ok(l) => {
+                    if crate::dane::bogus(l.answers()) {
+                        return Err(ResolveError::Bogus(hop.host.clone()));
+                    }
+                    secure &= crate::dane::secure(l.answers());
+                    addrs.extend(l.answers().iter().filter_map(|r| match &r.data {
+                        RData::A(a) => Some(SocketAddr::new(IpAddr::V4(a.0), hop.port)),
+                        RData::AAAA(a) => Some(SocketAddr::new(IpAddr::V6(a.0), hop.port)),
+                        _ => None,
+                    }));
+                }
+                Err(e) if crate::dane::bogus_error(&e) => {
+                    return Err(ResolveError::Bogus(hop.host.clone()));
+                }
+                Err(e) if e.is_no_records_found() => {}
+                Err(e) => failed = Some(e),
+            }
+        }
+        let secure = secure && !addrs.is_empty();
+        match failed {
+            Some(source) if addrs.is_empty() => Err(ResolveError::Lookup {
+                host: hop.host.clone(),
+                source,
+            }),
+            _ => Ok((addrs, secure)),
         }
     }
 }
 
 /// A host name that did not resolve.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot resolve {host}: {source}")]
-pub struct ResolveError {
-    pub host: String,
-    #[source]
-    pub source: hickory_resolver::net::NetError,
+pub enum ResolveError {
+    #[error("cannot resolve {host}: {source}")]
+    Lookup {
+        host: String,
+        #[source]
+        source: hickory_resolver::net::NetError,
+    },
+    #[error("the addresses of {0} failed DNSSEC validation")]
+    Bogus(String),
 }
 
 #[cfg(test)]

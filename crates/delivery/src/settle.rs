@@ -425,6 +425,7 @@ impl<'a> Line<'a> {
         };
         let tls_version = self.via.map_or("", |v| v.tls_version.as_str());
         let tls_cipher = self.via.map_or("", |v| v.tls_cipher.as_str());
+        let tls_verify = self.via.map_or("", |v| v.tls_verify);
         let conn_use = self.via.map_or(0, |v| v.conn_use);
         let delays = format!(
             "{:.3}/{:.3}/{:.3}/{:.3}",
@@ -455,6 +456,7 @@ impl<'a> Line<'a> {
                     conn_use,
                     tls_version,
                     tls_cipher,
+                    tls_verify,
                     reply = self.reply,
                     reason = self.reason,
                     "{message}"

@@ -16,6 +16,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 /// How a hop is to be encrypted.
+#[derive(Clone)]
 pub enum TlsPolicy {
     /// Plain SMTP only (for tests and odd relays).
     None,
@@ -23,18 +24,34 @@ pub enum TlsPolicy {
     Opportunistic(TlsConnector),
     /// STARTTLS with a verified certificate, or no delivery.
     Required(TlsConnector),
+    /// STARTTLS checked against the host's TLSA records (crate::dane), or
+    /// no delivery; `false` when its records were all unusable (then any
+    /// certificate, but never plaintext).
+    Dane(TlsConnector, bool),
 }
 
 impl TlsPolicy {
     pub fn connector(&self) -> Option<&TlsConnector> {
         match self {
             TlsPolicy::None => None,
-            TlsPolicy::Opportunistic(c) | TlsPolicy::Required(c) => Some(c),
+            TlsPolicy::Opportunistic(c) | TlsPolicy::Required(c) | TlsPolicy::Dane(c, _) => {
+                Some(c)
+            }
         }
     }
 
     pub fn required(&self) -> bool {
-        matches!(self, TlsPolicy::Required(_))
+        matches!(self, TlsPolicy::Required(_) | TlsPolicy::Dane(..))
+    }
+
+    /// How the server's certificate is checked, for the delivery log:
+    /// `dane`, `ca`, or `none` (encrypted, not authenticated).
+    pub fn verification(&self) -> &'static str {
+        match self {
+            TlsPolicy::Required(_) => "ca",
+            TlsPolicy::Dane(_, true) => "dane",
+            _ => "none",
+        }
     }
 }
 

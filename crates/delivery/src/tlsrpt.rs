@@ -38,6 +38,9 @@ pub struct Session<'a> {
     pub domain: &'a str,
     /// Its MTA-STS policy, when one applied (`sts`; else `no-policy-found`).
     pub policy: Option<&'a mta_sts::Policy>,
+    /// The MX host's TLSA records, when DANE applied (`tlsa`; it wins
+    /// over MTA-STS, RFC 8461 §2).
+    pub tlsa: Option<&'a [String]>,
     pub mx: &'a str,
     pub ip: IpAddr,
     /// `None` when TLS was established; else the RFC 8460 §4.3 result
@@ -83,7 +86,9 @@ pub fn result_type(error: &crate::client::SessionError) -> Option<&'static str> 
         E::TlsRequired(why) | E::TlsHandshake(why) => {
             let why = why.to_ascii_lowercase();
             Some(
-                if why.contains("notvalidforname") || why.contains("not valid for") {
+                if why.contains("dane:") {
+                    "tlsa-invalid"
+                } else if why.contains("notvalidforname") || why.contains("not valid for") {
                     "certificate-host-mismatch"
                 } else if why.contains("expired") {
                     "certificate-expired"
@@ -470,9 +475,10 @@ struct Counter {
 }
 
 fn counter(s: &Session<'_>) -> String {
-    let (policy_type, policy_string, mx_host) = match s.policy {
-        Some(p) => ("sts", p.lines(), p.mx.clone()),
-        None => ("no-policy-found", Vec::new(), Vec::new()),
+    let (policy_type, policy_string, mx_host) = match (s.tlsa, s.policy) {
+        (Some(t), _) => ("tlsa", t.to_vec(), vec![s.mx.to_ascii_lowercase()]),
+        (None, Some(p)) => ("sts", p.lines(), p.mx.clone()),
+        (None, None) => ("no-policy-found", Vec::new(), Vec::new()),
     };
     let failed = s.failure.is_some();
     let c = Counter {
@@ -600,6 +606,7 @@ mod tests {
             r.record(&Session {
                 domain: "Example.com",
                 policy: Some(&policy),
+                tlsa: None,
                 mx: "mx1.example.com",
                 ip,
                 failure,
@@ -609,6 +616,7 @@ mod tests {
         r.record(&Session {
             domain: "plain.test",
             policy: None,
+            tlsa: None,
             mx: "mx.plain.test",
             ip,
             failure: Some("starttls-not-supported"),

@@ -8,6 +8,7 @@
 //! - [`maildir`]: waiting for mail, exactly-once checks.
 //! - [`rabbitmq`]: vhosts and private nodes.
 //! - [`peers`]: aiosmtpd, an MTA-STS server, dnsmasq, Postfix, Dovecot.
+//! - [`dnssec`]: a DNSSEC-signed DNS (BIND) with its trust anchor.
 //! - [`pki`]: test certificates.
 //! - [`otlp`]: an OTLP trace receiver.
 //! - [`faults`]: a TCP proxy that cuts or stalls.
@@ -25,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use correu_smtp::reply::{Reply, parse_reply};
 
+pub mod dnssec;
 pub mod faults;
 pub mod maildir;
 pub mod otlp;
@@ -36,6 +38,7 @@ pub mod rabbitmq;
 pub mod redis;
 pub mod smtp;
 
+pub use dnssec::*;
 pub use faults::*;
 pub use maildir::*;
 pub use otlp::*;

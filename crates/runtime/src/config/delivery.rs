@@ -21,8 +21,9 @@ pub struct DeliveryConfig {
     /// `auth_password_file` (a smarthost).
     pub routes: BTreeMap<String, Route>,
     /// TLS to other servers: `opportunistic` (STARTTLS whenever offered,
-    /// certificate not checked), `required` (verified, else the message
-    /// waits) or `none`.
+    /// certificate not checked), `dane` (authenticated by the MX host's
+    /// DNSSEC-signed TLSA records where it has them, else opportunistic),
+    /// `required` (verified against CAs, else the message waits) or `none`.
     pub tls: OutboundTls,
     /// More CA certificates (PEM) trusted for `required` TLS.
     pub tls_ca_file: Option<PathBuf>,
@@ -292,6 +293,20 @@ pub enum OutboundTls {
     None,
     Opportunistic,
     Required,
+    /// DANE (RFC 7672): where the MX host's TLSA records are published in
+    /// DNSSEC-signed zones, TLS authenticated by them or no delivery; else
+    /// opportunistic. Delivery validates DNSSEC when any hop may use it.
+    Dane,
+}
+
+impl DeliveryConfig {
+    /// Whether any hop may be DANE (the default, a route or a shaping
+    /// rule): then delivery's DNS answers are DNSSEC-validated.
+    pub fn uses_dane(&self) -> bool {
+        self.tls == OutboundTls::Dane
+            || self.routes.values().any(|r| r.tls == Some(OutboundTls::Dane))
+            || self.shaping.values().any(|s| s.tls == Some(OutboundTls::Dane))
+    }
 }
 
 /// A fixed next hop for a domain.

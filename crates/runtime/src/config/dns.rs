@@ -3,6 +3,7 @@
 //! answers for as long as their TTL says.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -16,6 +17,10 @@ pub struct DnsConfig {
     pub server: Option<SocketAddr>,
     /// Answers kept (each for its TTL); `0` asks every time.
     pub cache_size: usize,
+    /// DNSSEC trust anchors, a file of DNSKEY records (as `dig DNSKEY .`
+    /// prints them), used where delivery validates DNSSEC (DANE); unset:
+    /// the IANA root keys built in.
+    pub trust_anchor: Option<PathBuf>,
 }
 
 impl Default for DnsConfig {
@@ -23,6 +28,7 @@ impl Default for DnsConfig {
         DnsConfig {
             server: None,
             cache_size: 4096,
+            trust_anchor: None,
         }
     }
 }
@@ -33,6 +39,16 @@ impl DnsConfig {
             && s.port() == 0
         {
             c.err("dns.server", "needs a port other than 0 (53 for DNS)");
+        }
+        if let Some(p) = &self.trust_anchor {
+            match std::fs::read_to_string(p) {
+                Err(e) => c.err("dns.trust_anchor", format!("{}: {e}", p.display())),
+                Ok(text) => {
+                    if let Err(e) = crate::dns::trust_anchors(&text) {
+                        c.err("dns.trust_anchor", format!("{}: {e}", p.display()));
+                    }
+                }
+            }
         }
     }
 }
