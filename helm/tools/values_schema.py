@@ -118,7 +118,7 @@ CONFIG = obj({
             "default_action": {"enum": ["tempfail", "accept"]},
             "ports": many({"enum": ["mx", "submission", "submissions"]})}, required=["name", "address"])},
     }),
-    "dns": obj({"server": ADDR, "cache_size": i(0)}),
+    "dns": obj({"server": ADDR, "cache_size": i(0), "trust_anchor": s()}),
     "queue": obj({
         "backend": {"enum": ["rabbitmq", "embedded"]}, "url": s(pattern="^amqps?://"),
         "prefix": s(pattern="^[A-Za-z0-9._-]+$"), "spool": s(), "publish_timeout": DUR, "confirm_timeout": DUR,
@@ -134,10 +134,10 @@ CONFIG = obj({
         "routes": {"type": "object", "additionalProperties": {"anyOf": [
             s(pattern=r"^.+:[0-9]+$"),
             obj({"host": s(minLength=1), "port": i(1, 65535),
-                 "tls": {"enum": ["none", "opportunistic", "required"]},
+                 "tls": {"enum": ["none", "opportunistic", "required", "dane"]},
                  "auth_user": s(), "auth_password_file": s()}, required=["host"]),
         ]}},
-        "tls": {"enum": ["none", "opportunistic", "required"]}, "tls_ca_file": s(),
+        "tls": {"enum": ["none", "opportunistic", "required", "dane"]}, "tls_ca_file": s(),
         "mta_sts": B, "mta_sts_port": i(1, 65535), "bounces": B,
         "max_connections_per_host": i(1), "domain_rate": RATE, "delay_warning": DUR,
         "connection_idle": DUR,
@@ -152,7 +152,7 @@ CONFIG = obj({
         "shaping": {"type": "object", "additionalProperties": obj({
             "domains": many(s(minLength=1)), "mx": many(s(minLength=1)), "max_connections": i(1),
             "max_messages_per_connection": i(0), "message_rate": RATE, "connection_rate": RATE,
-            "tls": {"enum": ["none", "opportunistic", "required"]}, "connection_idle": DUR, "backoff": DUR})},
+            "tls": {"enum": ["none", "opportunistic", "required", "dane"]}, "connection_idle": DUR, "backoff": DUR})},
     }),
     "redis": obj({
         "url": s(pattern="^(redis|rediss|unix)://"), "prefix": s(), "timeout": DUR, "pool_size": i(1),

@@ -943,6 +943,7 @@ fn a_hard_bounce_suppresses_the_recipient_with_a_log_line_and_events() {
         &format!("\"relay\":\"127.0.0.1[127.0.0.1]:{port}\""),
         "\"tls_version\":\"TLSv1.3\"",
         "\"tls_cipher\":\"TLS13_",
+        "\"tls_verify\":\"none\"",
         "\"recipient\":\"ana@remote.test\"",
         "\"conn_use\":1",
         "\"delays\":\"",
@@ -1511,14 +1512,24 @@ fn dane_authenticates_mx_hosts_from_signed_tlsa_records() {
     for d in ["ee", "ta", "nodane", "bad", "bogus"] {
         signed.push(format!("{d}.test. MX 10 mx.{d}.test."));
         // bogus's address is changed after signing (below).
-        let ip = if d == "bogus" { "127.0.0.9" } else { "127.0.0.1" };
+        let ip = if d == "bogus" {
+            "127.0.0.9"
+        } else {
+            "127.0.0.1"
+        };
         signed.push(format!("mx.{d}.test. A {ip}"));
     }
     signed.push(format!("_{p}._tcp.mx.ee.test. TLSA 3 1 1 {ee}"));
     signed.push(format!("_{p}._tcp.mx.ta.test. TLSA 2 0 2 {ta}"));
-    signed.push(format!("_{p}._tcp.mx.bad.test. TLSA 3 1 1 {}", "ab".repeat(32)));
+    signed.push(format!(
+        "_{p}._tcp.mx.bad.test. TLSA 3 1 1 {}",
+        "ab".repeat(32)
+    ));
     signed.push(format!("_{p}._tcp.mx.bogus.test. TLSA 3 1 1 {ee}"));
-    let plain = ["@ MX 10 mx.plain.test.".to_string(), "mx A 127.0.0.1".into()];
+    let plain = [
+        "@ MX 10 mx.plain.test.".to_string(),
+        "mx A 127.0.0.1".into(),
+    ];
     let dns = signed_dns(dir.path(), &signed, &[("plain.test", &plain)], &|zone| {
         zone.lines()
             .map(|l| {
@@ -1586,5 +1597,93 @@ fn dane_authenticates_mx_hosts_from_signed_tlsa_records() {
             "nothing reached {d}"
         );
     }
+    drop(dns);
+}
+
+/// REQUIRETLS (RFC 8689 §4.2.1) where delivery validates DNSSEC: an MX
+/// proven by DNSSEC, authenticated by its TLSA record, gets the message;
+/// an MX from an unsigned zone is not authenticated, and the message
+/// bounces without a connection.
+#[test]
+fn requiretls_goes_to_a_dnssec_mx_authenticated_by_dane() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = test_cert(dir.path(), "b");
+    // B: the MX of both domains, offering REQUIRETLS under STARTTLS.
+    let b_cfg = dir.path().join("b.toml");
+    std::fs::write(
+        &b_cfg,
+        format!(
+            "domains = [\"rt.test\", \"weak.test\"]\n[smtp]\nlisten = [\"127.0.0.1:0\"]\ntls_certificate = \"{}\"\ntls_key = \"{}\"\n[storage]\nlisten = \"127.0.0.1:0\"\nroot = \"b-mail\"\n[queue]\nspool = \"b-queue\"\n",
+            cert.cert.display(),
+            cert.key.display()
+        ),
+    )
+    .unwrap();
+    let mut b = Proc::correu(CORREU, "b", dir.path(), &["serve"], &b_cfg);
+    let b_port = b.serve_smtp_addr().port();
+    let spki = cert_digest(&cert.cert, true, "sha256");
+    let signed = [
+        "rt.test. MX 10 mx.rt.test.".to_string(),
+        "mx.rt.test. A 127.0.0.1".into(),
+        format!("_{b_port}._tcp.mx.rt.test. TLSA 3 1 1 {spki}"),
+    ];
+    let weak = ["@ MX 10 mx.weak.test.".to_string(), "mx A 127.0.0.1".into()];
+    let dns = signed_dns(dir.path(), &signed, &[("weak.test", &weak)], &|z| z);
+    let a_cfg = dir.path().join("a.toml");
+    std::fs::write(
+        &a_cfg,
+        format!(
+            "[smtp]\nlisten = [\"127.0.0.1:0\"]\ntls_certificate = \"{}\"\ntls_key = \"{}\"\n[storage]\nlisten = \"127.0.0.1:0\"\nroot = \"a-mail\"\n[queue]\nspool = \"a-queue\"\nretry_delays = [\"1m\"]\n[dns]\nserver = \"127.0.0.1:{}\"\ntrust_anchor = \"{}\"\n[delivery]\nmx_port = {b_port}\ntls = \"dane\"\n",
+            cert.cert.display(),
+            cert.key.display(),
+            dns.port,
+            dns.anchor.display()
+        ),
+    )
+    .unwrap();
+    let mut a = Proc::correu(CORREU, "a", dir.path(), &["serve"], &a_cfg);
+    let addr = a.serve_smtp_addr();
+    let script = format!(
+        r#"
+import smtplib, ssl
+s = smtplib.SMTP('127.0.0.1', {port})
+s.starttls(context=ssl.create_default_context(cafile={ca:?}))
+s.ehlo('py.example')
+for rcpt, subject in (('ana@rt.test', 'over dane'), ('ana@weak.test', 'not to an insecure mx')):
+    s.mail('jo@localhost', ['REQUIRETLS'])
+    s.rcpt(rcpt)
+    code, text = s.data(('Subject: %s\r\n\r\nbody\r\n' % subject).encode())
+    assert code == 250, (code, text)
+    print(text.decode().split()[-1])
+s.quit()
+"#,
+        port = addr.port(),
+        ca = cert.ca.to_str().unwrap()
+    );
+    let (st, out, err) = run(&python(), &["-c", &script]);
+    assert!(st.success(), "{out}{err}");
+    let ids: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(ids.len(), 2, "{out}");
+
+    let got = only_file(
+        &dir.path().join("b-mail/rt.test/ana"),
+        Duration::from_secs(30),
+    );
+    assert!(
+        got.contains("Subject: over dane") && got.contains("with ESMTPS"),
+        "{got}"
+    );
+    let bounce = only_file(&maildir(dir.path(), "a", "jo"), Duration::from_secs(30));
+    assert!(
+        bounce.contains(&format!("X-Correu-Queue-ID: {}", ids[1]))
+            && bounce.contains("Status: 5.7.10")
+            && bounce.contains("is authenticated (by an MTA-STS policy or DNSSEC)"),
+        "{bounce}"
+    );
+    assert!(
+        !read(&b.stderr).contains("weak.test"),
+        "B was not given the message"
+    );
+    drop(a);
     drop(dns);
 }

@@ -226,23 +226,17 @@ impl ServerCertVerifier for Verifier {
             return Ok(ServerCertVerified::assertion());
         }
         for ca in intermediates {
-            if !self
-                .records
-                .iter()
-                .any(|r| r.trust_anchor && r.matches(ca))
-            {
+            if !self.records.iter().any(|r| r.trust_anchor && r.matches(ca)) {
                 continue;
             }
             let mut roots = RootCertStore::empty();
             if roots.add(ca.clone().into_owned()).is_err() {
                 continue;
             }
-            let chain = WebPkiServerVerifier::builder_with_provider(
-                Arc::new(roots),
-                self.provider.clone(),
-            )
-            .build()
-            .map_err(|e| rustls::Error::General(format!("DANE: {e}")))?;
+            let chain =
+                WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+                    .build()
+                    .map_err(|e| rustls::Error::General(format!("DANE: {e}")))?;
             return chain
                 .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
                 .map_err(|e| {

@@ -34,9 +34,7 @@ impl TlsPolicy {
     pub fn connector(&self) -> Option<&TlsConnector> {
         match self {
             TlsPolicy::None => None,
-            TlsPolicy::Opportunistic(c) | TlsPolicy::Required(c) | TlsPolicy::Dane(c, _) => {
-                Some(c)
-            }
+            TlsPolicy::Opportunistic(c) | TlsPolicy::Required(c) | TlsPolicy::Dane(c, _) => Some(c),
         }
     }
 

@@ -85,19 +85,17 @@ pub fn result_type(error: &crate::client::SessionError) -> Option<&'static str> 
         }
         E::TlsRequired(why) | E::TlsHandshake(why) => {
             let why = why.to_ascii_lowercase();
-            Some(
-                if why.contains("dane:") {
-                    "tlsa-invalid"
-                } else if why.contains("notvalidforname") || why.contains("not valid for") {
-                    "certificate-host-mismatch"
-                } else if why.contains("expired") {
-                    "certificate-expired"
-                } else if why.contains("unknownissuer") || why.contains("certificate") {
-                    "certificate-not-trusted"
-                } else {
-                    "validation-failure"
-                },
-            )
+            Some(if why.contains("dane:") {
+                "tlsa-invalid"
+            } else if why.contains("notvalidforname") || why.contains("not valid for") {
+                "certificate-host-mismatch"
+            } else if why.contains("expired") {
+                "certificate-expired"
+            } else if why.contains("unknownissuer") || why.contains("certificate") {
+                "certificate-not-trusted"
+            } else {
+                "validation-failure"
+            })
         }
         _ => None,
     }

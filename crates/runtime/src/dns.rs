@@ -6,8 +6,8 @@ use std::sync::Mutex;
 
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
-use hickory_resolver::proto::dnssec::TrustAnchors;
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::proto::dnssec::TrustAnchors;
 
 use crate::config::DnsConfig;
 

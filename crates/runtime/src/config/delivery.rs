@@ -304,8 +304,14 @@ impl DeliveryConfig {
     /// rule): then delivery's DNS answers are DNSSEC-validated.
     pub fn uses_dane(&self) -> bool {
         self.tls == OutboundTls::Dane
-            || self.routes.values().any(|r| r.tls == Some(OutboundTls::Dane))
-            || self.shaping.values().any(|s| s.tls == Some(OutboundTls::Dane))
+            || self
+                .routes
+                .values()
+                .any(|r| r.tls == Some(OutboundTls::Dane))
+            || self
+                .shaping
+                .values()
+                .any(|s| s.tls == Some(OutboundTls::Dane))
     }
 }
 

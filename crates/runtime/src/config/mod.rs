@@ -683,6 +683,29 @@ mod tests {
     }
 
     #[test]
+    fn a_trust_anchor_that_is_no_dnskey_file_is_an_error_and_dane_parses() {
+        let dir = tempfile::tempdir().unwrap();
+        let bad = dir.path().join("anchor");
+        std::fs::write(&bad, "not a key\n").unwrap();
+        let e = load(
+            &format!(
+                "[dns]\ntrust_anchor = \"{}\"\n[delivery]\ntls = \"dane\"\n",
+                bad.display()
+            ),
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(keys(e), vec!["dns.trust_anchor"]);
+        let c = load(
+            "[delivery.routes.\"a.example\"]\nhost = \"mx.a.example\"\nport = 25\ntls = \"dane\"\n",
+            &[],
+        )
+        .unwrap();
+        assert!(c.delivery.uses_dane());
+        assert!(!load("", &[]).unwrap().delivery.uses_dane());
+    }
+
+    #[test]
     fn type_errors_name_the_key_and_the_variable() {
         let e = load("[smtp]\nlisten = [\"nowhere\"]\n", &[]).unwrap_err();
         assert_eq!(keys(e), vec!["smtp.listen[0]"]);
