@@ -152,7 +152,8 @@ CONFIG = obj({
         "shaping": {"type": "object", "additionalProperties": obj({
             "domains": many(s(minLength=1)), "mx": many(s(minLength=1)), "max_connections": i(1),
             "max_messages_per_connection": i(0), "message_rate": RATE, "connection_rate": RATE,
-            "tls": {"enum": ["none", "opportunistic", "required", "dane"]}, "connection_idle": DUR, "backoff": DUR})},
+            "tls": {"enum": ["none", "opportunistic", "required", "dane"]}, "connection_idle": DUR, "backoff": DUR,
+            "retry_delays": many(DUR)})},
     }),
     "redis": obj({
         "url": s(pattern="^(redis|rediss|unix)://"), "prefix": s(), "timeout": DUR, "pool_size": i(1),

@@ -1687,3 +1687,47 @@ s.quit()
     drop(a);
     drop(dns);
 }
+
+/// A shaping rule's retry schedule: with retry tiers of 1 s and 1 h, mail
+/// to the rule's domain is retried every second (its `retry_delays`), and
+/// mail to another domain waits the hour of the second tier. Both
+/// destinations answer `451` twice, then take the message.
+#[test]
+fn a_shaping_rule_sets_its_destination_s_retry_delays() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fast_dir, slow_dir) = (dir.path().join("fast"), dir.path().join("slow"));
+    std::fs::create_dir_all(&fast_dir).unwrap();
+    std::fs::create_dir_all(&slow_dir).unwrap();
+    let (_fast, fast_port) = flaky_mx(&fast_dir, &fast_dir.join("box"), 2);
+    let (_slow, slow_port) = flaky_mx(&slow_dir, &slow_dir.join("box"), 2);
+    let cfg = dir.path().join("a.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[smtp]\nlisten = [\"127.0.0.1:0\"]\n[storage]\nlisten = \"127.0.0.1:0\"\nroot = \"a-mail\"\n[queue]\nspool = \"a-queue\"\nretry_delays = [\"1s\", \"1h\"]\n[delivery.routes]\n\"fast.test\" = \"127.0.0.1:{fast_port}\"\n\"slow.test\" = \"127.0.0.1:{slow_port}\"\n[delivery.shaping.fast]\ndomains = [\"fast.test\"]\nretry_delays = [\"1s\"]\n"
+        ),
+    )
+    .unwrap();
+    let mut serve = Proc::correu(CORREU, "a", dir.path(), &["serve"], &cfg);
+    let addr = serve.serve_smtp_addr();
+    let fast = send(addr, &["ana@fast.test"], "fast");
+    let slow = send(addr, &["ana@slow.test"], "slow");
+
+    // fast.test: two refusals, one second apart each, then delivered.
+    let got = wait_maildir(&fast_dir.join("box"), 1, Duration::from_secs(20));
+    assert_eq!(got.len(), 1, "fast.test retried every second");
+    serve.wait_for_line(
+        &["\"message\":\"delivered\"", &fast],
+        Duration::from_secs(5),
+    );
+    // slow.test: the first retry after 1 s, the second waits an hour.
+    let line = serve.wait_for_line(
+        &["retry scheduled", &slow, "\"attempts\":2"],
+        Duration::from_secs(10),
+    );
+    assert!(line.contains("3600s"), "the second tier: {line}");
+    assert!(
+        wait_maildir(&slow_dir.join("box"), 1, Duration::from_secs(2)).is_empty(),
+        "slow.test waits"
+    );
+}

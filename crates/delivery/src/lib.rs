@@ -168,10 +168,10 @@ impl Deliverer {
             } else {
                 Router::new(resolver, false, &cfg.delivery.routes, cfg.delivery.mx_port)
             },
-            schedule: Schedule {
-                delays: cfg.queue.retry_delays.iter().map(|d| d.get()).collect(),
-                max_age: cfg.queue.max_age.get(),
-            },
+            schedule: Schedule::new(
+                cfg.queue.retry_delays.iter().map(|d| d.get()).collect(),
+                cfg.queue.max_age.get(),
+            ),
             timeouts: Timeouts::from_config(&cfg.delivery.timeouts),
         })
     }

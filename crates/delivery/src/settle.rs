@@ -140,6 +140,45 @@ pub fn plan(
 }
 
 impl Deliverer {
+    /// The schedule for `msg`'s next retry: the retry delays of the
+    /// shaping rules of its pending recipients' destinations (the domain,
+    /// and the host last tried), the soonest of them when they differ;
+    /// the tiers in order where no rule sets any.
+    fn schedule_for(
+        &self,
+        msg: &QueuedMessage,
+        outcomes: &[Outcome],
+        via: &[Option<std::sync::Arc<crate::attempt::Via>>],
+        age: Duration,
+    ) -> std::borrow::Cow<'_, Schedule> {
+        let attempts = msg.attempt + 1;
+        let mut best: Option<(Duration, Vec<Duration>)> = None;
+        for (i, (r, o)) in msg.recipients.iter().zip(outcomes).enumerate() {
+            if !o.is_temporary() || self.is_local(&r.address) {
+                continue;
+            }
+            let domain = r.address.rsplit_once('@').map_or("", |(_, d)| d);
+            let host = via
+                .get(i)
+                .and_then(|v| v.as_deref())
+                .map_or("", |v| v.relay.as_str());
+            let steps = self.shaping.dest(domain, host).retry_delays;
+            let delay = match self.schedule.with_steps(&steps).next(attempts, age) {
+                Next::RetryIn { delay, .. } => delay,
+                Next::GiveUp => Duration::ZERO,
+            };
+            if best.as_ref().is_none_or(|(d, _)| delay < *d) {
+                best = Some((delay, steps));
+            }
+        }
+        match best {
+            Some((_, steps)) if !steps.is_empty() => {
+                std::borrow::Cow::Owned(self.schedule.with_steps(&steps))
+            }
+            _ => std::borrow::Cow::Borrowed(&self.schedule),
+        }
+    }
+
     /// Carries out [`plan`] for `msg`: logs and counts each recipient,
     /// queues the report, then retries or acks.
     pub(crate) async fn settle(
@@ -152,7 +191,8 @@ impl Deliverer {
         let id = msg.queue_id.clone();
         let attempts = msg.attempt + 1;
         let age = age_of(msg.received_at_unix_micros);
-        let s = plan(&msg, &outcomes, &self.schedule, &self.rules, age);
+        let schedule = self.schedule_for(&msg, &outcomes, &attempt.via, age);
+        let s = plan(&msg, &outcomes, &schedule, &self.rules, age);
         let m = &crate::metrics::METRICS;
         let mut events = Vec::new();
         for (i, ((r, o), verdict)) in msg
@@ -493,10 +533,7 @@ mod tests {
     const MIN: Duration = Duration::from_secs(60);
 
     fn schedule() -> Schedule {
-        Schedule {
-            delays: vec![MIN, 5 * MIN],
-            max_age: Duration::from_secs(5 * 86_400),
-        }
+        Schedule::new(vec![MIN, 5 * MIN], Duration::from_secs(5 * 86_400))
     }
 
     fn rules() -> Rules {

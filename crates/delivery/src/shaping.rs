@@ -34,6 +34,8 @@ pub struct Dest {
     pub tls: Option<OutboundTls>,
     pub idle: Duration,
     pub backoff: Duration,
+    /// The rule's retry delays (empty: the tiers in order).
+    pub retry_delays: Vec<Duration>,
 }
 
 pub struct Shaping {
@@ -78,6 +80,7 @@ impl Shaping {
                 tls: s.tls,
                 idle: s.connection_idle.map_or(self.idle, |d| d.get()),
                 backoff: s.backoff.get(),
+                retry_delays: s.retry_delays.iter().map(|d| d.get()).collect(),
             },
             None => Dest {
                 budget: host.to_ascii_lowercase(),
@@ -89,6 +92,7 @@ impl Shaping {
                 tls: None,
                 idle: self.idle,
                 backoff: DEFAULT_BACKOFF,
+                retry_delays: Vec::new(),
             },
         }
     }

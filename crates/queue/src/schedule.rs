@@ -9,6 +9,11 @@ use std::time::Duration;
 pub struct Schedule {
     pub delays: Vec<Duration>,
     pub max_age: Duration,
+    /// The delay wanted after each attempt, the last repeating (a shaping
+    /// rule's `retry_delays`), each served by the shortest tier that waits
+    /// at least as long (the tiers are the queues that exist); empty: the
+    /// tiers in order.
+    pub steps: Vec<Duration>,
 }
 
 /// What to do with a message that failed temporarily.
@@ -21,13 +26,33 @@ pub enum Next {
 }
 
 impl Schedule {
+    pub fn new(delays: Vec<Duration>, max_age: Duration) -> Schedule {
+        Schedule {
+            delays,
+            max_age,
+            steps: Vec::new(),
+        }
+    }
+
+    /// The same tiers and age, with `steps` as the delays wanted.
+    pub fn with_steps(&self, steps: &[Duration]) -> Schedule {
+        Schedule {
+            steps: steps.to_vec(),
+            ..self.clone()
+        }
+    }
+
     /// `attempts` is how many attempts were made (1 after the first failed);
     /// `age` is the time since the message was accepted.
     pub fn next(&self, attempts: u32, age: Duration) -> Next {
         if self.delays.is_empty() || age >= self.max_age {
             return Next::GiveUp;
         }
-        let tier = (attempts.max(1) as usize - 1).min(self.delays.len() - 1);
+        let n = attempts.max(1) as usize - 1;
+        let tier = match self.steps.len() {
+            0 => n.min(self.delays.len() - 1),
+            len => self.tier_for(self.steps[n.min(len - 1)]),
+        };
         let delay = self.delays[tier];
         // The next try would come after the maximum age: that one is the last,
         // and it comes no later than the maximum age itself.
@@ -46,6 +71,18 @@ impl Schedule {
         }
         Next::RetryIn { tier, delay }
     }
+
+    /// The shortest tier that waits at least `want`; the longest if none.
+    fn tier_for(&self, want: Duration) -> usize {
+        let by_delay = |(_, d): &(usize, &Duration)| **d;
+        let tiers = self.delays.iter().enumerate();
+        tiers
+            .clone()
+            .filter(|(_, d)| **d >= want)
+            .min_by_key(by_delay)
+            .or_else(|| tiers.max_by_key(by_delay))
+            .map_or(0, |(i, _)| i)
+    }
 }
 
 #[cfg(test)]
@@ -58,10 +95,7 @@ mod tests {
 
     #[test]
     fn minutes_then_hours_then_give_up() {
-        let s = Schedule {
-            delays: vec![m(1), m(5), m(60)],
-            max_age: m(24 * 60),
-        };
+        let s = Schedule::new(vec![m(1), m(5), m(60)], m(24 * 60));
         let cases = [
             (
                 1,
@@ -122,10 +156,46 @@ mod tests {
                 "attempts {attempts}, age {age:?}"
             );
         }
-        let none = Schedule {
-            delays: vec![],
-            max_age: m(10),
-        };
+        let none = Schedule::new(vec![], m(10));
         assert_eq!(none.next(1, m(0)), Next::GiveUp);
+    }
+
+    #[test]
+    fn a_rule_s_delays_are_served_by_the_shortest_tier_that_waits_as_long() {
+        let s =
+            Schedule::new(vec![m(1), m(5), m(60)], m(24 * 60)).with_steps(&[m(2), m(30), m(240)]);
+        let tiers: Vec<Next> = (1..=4).map(|a| s.next(a, m(10))).collect();
+        assert_eq!(
+            tiers,
+            vec![
+                Next::RetryIn {
+                    tier: 1,
+                    delay: m(5)
+                },
+                Next::RetryIn {
+                    tier: 2,
+                    delay: m(60)
+                },
+                // Longer than every tier: the longest.
+                Next::RetryIn {
+                    tier: 2,
+                    delay: m(60)
+                },
+                Next::RetryIn {
+                    tier: 2,
+                    delay: m(60)
+                },
+            ]
+        );
+        // An exact match is its own tier; the deadline still clamps.
+        let s = s.with_steps(&[m(1)]);
+        assert_eq!(
+            s.next(5, m(0)),
+            Next::RetryIn {
+                tier: 0,
+                delay: m(1)
+            }
+        );
+        assert_eq!(s.next(5, m(24 * 60)), Next::GiveUp);
     }
 }

@@ -117,6 +117,10 @@ pub struct Shape {
     /// How long the site is left alone after it answers `421` or a `4xx`
     /// that says to slow down.
     pub backoff: Dur,
+    /// The delay before each retry of a message to the site, the last
+    /// repeating (empty: `queue.retry_delays` in order); each is served by
+    /// the shortest retry tier that waits at least as long.
+    pub retry_delays: Vec<Dur>,
 }
 
 impl Default for Shape {
@@ -131,6 +135,7 @@ impl Default for Shape {
             tls: None,
             connection_idle: None,
             backoff: Dur::secs(60),
+            retry_delays: Vec::new(),
         }
     }
 }
@@ -442,6 +447,11 @@ impl DeliveryConfig {
             }
             if shape.max_connections == 0 {
                 c.err(format!("{key}.max_connections"), "must be more than 0");
+            }
+            for (i, d) in shape.retry_delays.iter().enumerate() {
+                if d.get().is_zero() {
+                    c.err(format!("{key}.retry_delays[{i}]"), "must be more than 0s");
+                }
             }
         }
         for (domain, route) in &d.routes {
