@@ -641,4 +641,33 @@ mod tests {
         assert_eq!(plain["policy"]["policy-type"], "no-policy-found");
         assert_eq!(plain["summary"]["total-failure-session-count"], 1);
     }
+
+    /// A DANE host's sessions count under its TLSA records, and a
+    /// certificate they do not match is `tlsa-invalid`.
+    #[tokio::test]
+    async fn dane_sessions_count_under_the_tlsa_policy() {
+        let r = TlsReports::open(&Config::default(), None, true).unwrap();
+        let tlsa = vec!["3 1 1 ab12".to_string()];
+        let mismatch = crate::client::SessionError::TlsRequired(
+            "mx.dane.test: unexpected error: DANE: no TLSA record matches the server's certificate chain".into(),
+        );
+        for failure in [None, result_type(&mismatch)] {
+            r.record(&Session {
+                domain: "dane.test",
+                policy: None,
+                tlsa: Some(&tlsa),
+                mx: "MX.dane.test",
+                ip: "192.0.2.2".parse().unwrap(),
+                failure,
+            })
+            .await;
+        }
+        let reports = r.reports(&day(0)).await.unwrap();
+        let p = &reports[0].1["policies"][0];
+        assert_eq!(p["policy"]["policy-type"], "tlsa");
+        assert_eq!(p["policy"]["policy-string"][0], "3 1 1 ab12");
+        assert_eq!(p["policy"]["mx-host"][0], "mx.dane.test");
+        assert_eq!(p["summary"]["total-successful-session-count"], 1);
+        assert_eq!(p["failure-details"][0]["result-type"], "tlsa-invalid");
+    }
 }
