@@ -158,7 +158,7 @@ CONFIG = obj({
     "redis": obj({
         "url": s(pattern="^(redis|rediss|unix)://"), "prefix": s(), "timeout": DUR, "pool_size": i(1),
     }),
-    "telemetry": obj({"listen": ADDR, "span_addresses": B}),
+    "telemetry": obj({"listen": ADDR, "span_addresses": B, "domains": many(s(minLength=1))}),
     "events": obj({"enabled": B}),
     "webhook": obj({
         "urls": many(s(pattern="^https?://.+")), "secret_file": s(), "timeout": DUR,
@@ -192,6 +192,8 @@ SCHEMA = {
             "internal": obj({"enabled": B, "image": s(minLength=1)}),
         }),
         "telemetry": obj({
+            "metrics": {"enum": ["scrape", "otlp", "both"],
+                        "description": "where Prometheus gets the metrics: scrape /metrics, otlp (pushed), or both"},
             "otlpEndpoint": s(pattern="^$|^https?://"),
             "otlpProtocol": {"enum": ["grpc", "http/protobuf"]},
             "tracesSampler": {"enum": ["always_on", "always_off", "traceidratio", "parentbased_always_on",
@@ -200,6 +202,11 @@ SCHEMA = {
             "resourceAttributes": s(),
             "serviceMonitor": obj({"enabled": B, "interval": s(pattern="^[0-9]+(ms|s|m|h)$"),
                                    "labels": STRMAP}),
+            "prometheusRule": obj({
+                "enabled": B, "labels": STRMAP,
+                "selector": s(pattern=r"^$|^[a-zA-Z_][a-zA-Z0-9_]*\s*(=|!=|=~|!~)\s*\".*\"$",
+                              description='PromQL label matchers, e.g. namespace="mail", job=~"correu-.*"'),
+            }),
         }),
         "tls": obj({"existingSecret": s(description="a kubernetes.io/tls Secret")}),
         "accounts": obj({"existingSecret": s(), "aliases": B}),

@@ -93,6 +93,8 @@ pub struct Deliverer {
     attempt_timeout: Duration,
     hostname: String,
     domains: Vec<String>,
+    /// `telemetry.domains`: destinations labelled by name in metrics.
+    metric_domains: Vec<String>,
     storage: StorageClient,
     storage_timeout: Duration,
     router: Router,
@@ -155,6 +157,7 @@ impl Deliverer {
             attempt_timeout: cfg.delivery.attempt_timeout.get(),
             hostname: cfg.hostname.clone(),
             domains: cfg.domains.iter().map(|d| d.to_lowercase()).collect(),
+            metric_domains: cfg.telemetry.domains.clone(),
             storage,
             storage_timeout: cfg.storage.request_timeout.get(),
             // DANE needs DNSSEC-validated answers for MX, addresses and TLSA.
@@ -289,6 +292,7 @@ pub async fn run(
     storage: StorageClient,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    metrics::init();
     let deliverer = Arc::new(Deliverer::new(cfg, queue.clone(), storage)?);
     if let Queue::Amqp(q) = &queue
         && !cfg.webhook.urls.is_empty()

@@ -2,6 +2,8 @@
 
 use std::sync::LazyLock;
 
+use correu_runtime::metrics::{counter, histogram};
+
 use opentelemetry::metrics::{Counter, Histogram};
 
 pub struct DeliveryMetrics {
@@ -22,51 +24,60 @@ pub struct DeliveryMetrics {
     /// Delivery events the queue could not take (logged; the message is
     /// settled anyway).
     pub events_lost: Counter<u64>,
+    /// Per remote recipient and attempt, by `outcome` and `destination`:
+    /// the shaping rule, a domain in `telemetry.domains`, or `other`.
+    pub destination_attempts: Counter<u64>,
 }
 
-pub static METRICS: LazyLock<DeliveryMetrics> = LazyLock::new(|| {
-    let m = opentelemetry::global::meter("correu");
-    DeliveryMetrics {
-        attempts: m
-            .u64_counter("correu.delivery.attempts")
-            .with_unit("{recipient}")
-            .with_description("Delivery attempts per recipient, by outcome and destination")
-            .build(),
-        time_to_deliver: m
-            .f64_histogram("correu.delivery.time_to_deliver")
-            .with_unit("s")
-            .with_description("Time from acceptance to delivery, per recipient")
-            .with_boundaries(vec![
-                0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
-                14400.0, 86400.0,
-            ])
-            .build(),
-        retries: m
-            .u64_counter("correu.delivery.retries")
-            .with_unit("{message}")
-            .with_description("Messages scheduled for another attempt")
-            .build(),
-        reports: m
-            .u64_counter("correu.delivery.reports")
-            .with_unit("{message}")
-            .with_description(
-                "Delivery status notifications (bounces, delay warnings, success reports) queued",
-            )
-            .build(),
-        parked: m
-            .u64_counter("correu.delivery.parked")
-            .with_unit("{message}")
-            .with_description("Messages parked for an operator, by reason")
-            .build(),
-        suppressed: m
-            .u64_counter("correu.delivery.suppressed")
-            .with_unit("{recipient}")
-            .with_description("Recipients put on the suppression list, by bounce class")
-            .build(),
-        events_lost: m
-            .u64_counter("correu.delivery.events_lost")
-            .with_unit("{event}")
-            .with_description("Delivery events the queue could not take")
-            .build(),
-    }
+pub static METRICS: LazyLock<DeliveryMetrics> = LazyLock::new(|| DeliveryMetrics {
+    attempts: counter(
+        "correu.delivery.attempts",
+        "{recipient}",
+        "Delivery attempts per recipient, by outcome and destination",
+    ),
+    time_to_deliver: histogram(
+        "correu.delivery.time_to_deliver",
+        "s",
+        "Time from acceptance to delivery, per recipient",
+        &[
+            0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+            14400.0, 86400.0,
+        ],
+    ),
+    retries: counter(
+        "correu.delivery.retries",
+        "{message}",
+        "Messages scheduled for another attempt",
+    ),
+    reports: counter(
+        "correu.delivery.reports",
+        "{message}",
+        "Delivery status notifications (bounces, delay warnings, success reports) queued",
+    ),
+    parked: counter(
+        "correu.delivery.parked",
+        "{message}",
+        "Messages parked for an operator, by reason",
+    ),
+    suppressed: counter(
+        "correu.delivery.suppressed",
+        "{recipient}",
+        "Recipients put on the suppression list, by bounce class",
+    ),
+    events_lost: counter(
+        "correu.delivery.events_lost",
+        "{event}",
+        "Delivery events the queue could not take",
+    ),
+    destination_attempts: counter(
+        "correu.delivery.destination.attempts",
+        "{recipient}",
+        "Remote delivery attempts per recipient, by destination (shaping rule, configured domain or other) and outcome",
+    ),
 });
+
+/// Makes the instruments now (counters at zero), not at first use.
+pub fn init() {
+    LazyLock::force(&METRICS);
+    correu_queue::metrics::init();
+}

@@ -179,6 +179,21 @@ impl Deliverer {
         }
     }
 
+    /// The `destination` label of a remote recipient's attempt through
+    /// `host`: its shaping rule, a domain of `telemetry.domains`, or
+    /// `other`; never a value the operator did not name.
+    fn destination_label(&self, address: &str, host: &str) -> String {
+        let domain = address.rsplit_once('@').map_or("", |(_, d)| d);
+        if let Some(site) = self.shaping.dest(domain, host).site {
+            return site;
+        }
+        self.metric_domains
+            .iter()
+            .find(|d| d.eq_ignore_ascii_case(domain))
+            .cloned()
+            .unwrap_or_else(|| "other".into())
+    }
+
     /// Carries out [`plan`] for `msg`: logs and counts each recipient,
     /// queues the report, then retries or acks.
     pub(crate) async fn settle(
@@ -216,6 +231,16 @@ impl Deliverer {
                     KeyValue::new("destination", destination),
                 ],
             );
+            if !local {
+                let host = attempt.via[i].as_deref().map_or("", |v| v.relay.as_str());
+                m.destination_attempts.add(
+                    1,
+                    &[
+                        KeyValue::new("outcome", label),
+                        KeyValue::new("destination", self.destination_label(&r.address, host)),
+                    ],
+                );
+            }
             if o.is_delivered() {
                 m.time_to_deliver.record(
                     age.as_secs_f64(),

@@ -253,6 +253,7 @@ pub async fn run(
     listeners: Vec<Listener>,
     shared: Arc<Shared>,
 ) -> anyhow::Result<()> {
+    metrics::init();
     let limit = Arc::new(Semaphore::new(cfg.smtp.max_connections));
     let tracker = TaskTracker::new();
     let shutdown = shared.shutdown.clone();

@@ -3,6 +3,8 @@
 
 use std::sync::LazyLock;
 
+use correu_runtime::metrics::{counter, histogram_u64};
+
 use opentelemetry::metrics::{Counter, Histogram, UpDownCounter};
 
 pub struct IngressMetrics {
@@ -43,31 +45,31 @@ pub static METRICS: LazyLock<IngressMetrics> = LazyLock::new(|| {
             .with_unit("{connection}")
             .with_description("SMTP connections open now")
             .build(),
-        connections_accepted: m
-            .u64_counter("correu.smtp.connections.accepted")
-            .with_unit("{connection}")
-            .with_description("SMTP connections accepted")
-            .build(),
-        connections_refused: m
-            .u64_counter("correu.smtp.connections.refused")
-            .with_unit("{connection}")
-            .with_description("SMTP connections refused, by reason")
-            .build(),
-        sessions_evicted: m
-            .u64_counter("correu.smtp.sessions.evicted")
-            .with_unit("{session}")
-            .with_description("Idle SMTP sessions closed to make room when every slot was taken")
-            .build(),
-        transactions: m
-            .u64_counter("correu.smtp.transactions")
-            .with_unit("{transaction}")
-            .with_description("Messages received to the end of DATA, by result and reply class")
-            .build(),
-        message_size: m
-            .u64_histogram("correu.smtp.message.size")
-            .with_unit("By")
-            .with_description("Size of accepted messages")
-            .with_boundaries(vec![
+        connections_accepted: counter(
+            "correu.smtp.connections.accepted",
+            "{connection}",
+            "SMTP connections accepted",
+        ),
+        connections_refused: counter(
+            "correu.smtp.connections.refused",
+            "{connection}",
+            "SMTP connections refused, by reason",
+        ),
+        sessions_evicted: counter(
+            "correu.smtp.sessions.evicted",
+            "{session}",
+            "Idle SMTP sessions closed to make room when every slot was taken",
+        ),
+        transactions: counter(
+            "correu.smtp.transactions",
+            "{transaction}",
+            "Messages received to the end of DATA, by result and reply class",
+        ),
+        message_size: histogram_u64(
+            "correu.smtp.message.size",
+            "By",
+            "Size of accepted messages",
+            &[
                 1024.0,
                 4096.0,
                 16384.0,
@@ -77,45 +79,43 @@ pub static METRICS: LazyLock<IngressMetrics> = LazyLock::new(|| {
                 4_194_304.0,
                 16_777_216.0,
                 67_108_864.0,
-            ])
-            .build(),
-        tls_handshakes: m
-            .u64_counter("correu.tls.handshakes")
-            .with_unit("{handshake}")
-            .with_description("TLS handshakes on SMTP, by version and result")
-            .build(),
-        auth_results: m
-            .u64_counter("correu.smtp.auth.results")
-            .with_unit("{result}")
-            .with_description("Inbound SPF, DKIM, ARC and DMARC results, by method and result")
-            .build(),
-        auth_actions: m
-            .u64_counter("correu.smtp.auth.actions")
-            .with_unit("{message}")
-            .with_description(
-                "What inbound policy did with verified messages, by action and reason",
-            )
-            .build(),
-        blocklist_hits: m
-            .u64_counter("correu.smtp.blocklist.hits")
-            .with_unit("{listing}")
-            .with_description("Clients and domains found in DNS blocklists, by zone")
-            .build(),
-        greylist: m
-            .u64_counter("correu.smtp.greylist")
-            .with_unit("{message}")
-            .with_description("Greylisting decisions, by result")
-            .build(),
-        milter_failures: m
-            .u64_counter("correu.smtp.milter.failures")
-            .with_unit("{failure}")
-            .with_description("Milters that could not be asked, by milter")
-            .build(),
-        milter_verdicts: m
-            .u64_counter("correu.smtp.milter.verdicts")
-            .with_unit("{message}")
-            .with_description("What the milters decided about messages, by verdict")
-            .build(),
+            ],
+        ),
+        tls_handshakes: counter(
+            "correu.tls.handshakes",
+            "{handshake}",
+            "TLS handshakes on SMTP, by version and result",
+        ),
+        auth_results: counter(
+            "correu.smtp.auth.results",
+            "{result}",
+            "Inbound SPF, DKIM, ARC and DMARC results, by method and result",
+        ),
+        auth_actions: counter(
+            "correu.smtp.auth.actions",
+            "{message}",
+            "What inbound policy did with verified messages, by action and reason",
+        ),
+        blocklist_hits: counter(
+            "correu.smtp.blocklist.hits",
+            "{listing}",
+            "Clients and domains found in DNS blocklists, by zone",
+        ),
+        greylist: counter(
+            "correu.smtp.greylist",
+            "{message}",
+            "Greylisting decisions, by result",
+        ),
+        milter_failures: counter(
+            "correu.smtp.milter.failures",
+            "{failure}",
+            "Milters that could not be asked, by milter",
+        ),
+        milter_verdicts: counter(
+            "correu.smtp.milter.verdicts",
+            "{message}",
+            "What the milters decided about messages, by verdict",
+        ),
     }
 });
 
@@ -127,4 +127,11 @@ pub fn reply_class(code: u16) -> &'static str {
         4 => "4xx",
         _ => "5xx",
     }
+}
+
+/// Makes the instruments now (counters at zero), not at first use.
+pub fn init() {
+    LazyLock::force(&METRICS);
+    METRICS.connections_open.add(0, &[]);
+    correu_queue::metrics::init();
 }

@@ -2,6 +2,8 @@
 
 use std::sync::LazyLock;
 
+use correu_runtime::metrics::{counter, histogram};
+
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Gauge, Histogram};
 
@@ -25,34 +27,34 @@ pub struct QueueMetrics {
 pub static METRICS: LazyLock<QueueMetrics> = LazyLock::new(|| {
     let m = opentelemetry::global::meter("correu");
     QueueMetrics {
-        publish_duration: m
-            .f64_histogram("correu.queue.publish.duration")
-            .with_unit("s")
-            .with_description("Time from publish to a durable confirm")
-            .with_boundaries(vec![
+        publish_duration: histogram(
+            "correu.queue.publish.duration",
+            "s",
+            "Time from publish to a durable confirm",
+            &[
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-            ])
-            .build(),
-        errors: m
-            .u64_counter("correu.queue.errors")
-            .with_unit("{error}")
-            .with_description("Queue operations that failed (AMQP or spool), by operation")
-            .build(),
+            ],
+        ),
+        errors: counter(
+            "correu.queue.errors",
+            "{error}",
+            "Queue operations that failed (AMQP or spool), by operation",
+        ),
         depth: m
             .u64_gauge("correu.queue.depth")
             .with_unit("{message}")
             .with_description("Messages waiting per queue, from the broker")
             .build(),
-        unconfirmed: m
-            .u64_counter("correu.queue.unconfirmed")
-            .with_unit("{message}")
-            .with_description("New messages the broker never confirmed, by what became of them")
-            .build(),
-        withdrawn_dropped: m
-            .u64_counter("correu.queue.withdrawn.dropped")
-            .with_unit("{message}")
-            .with_description("Withdrawn messages found in the queue and dropped undelivered")
-            .build(),
+        unconfirmed: counter(
+            "correu.queue.unconfirmed",
+            "{message}",
+            "New messages the broker never confirmed, by what became of them",
+        ),
+        withdrawn_dropped: counter(
+            "correu.queue.withdrawn.dropped",
+            "{message}",
+            "Withdrawn messages found in the queue and dropped undelivered",
+        ),
     }
 });
 
@@ -63,4 +65,9 @@ pub fn record_depths(counts: &[QueueCount]) {
             .depth
             .record(c.messages, &[KeyValue::new("queue", c.name.clone())]);
     }
+}
+
+/// Makes the queue's instruments now (counters at zero), not at first use.
+pub fn init() {
+    LazyLock::force(&METRICS);
 }

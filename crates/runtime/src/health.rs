@@ -301,11 +301,14 @@ fn render<T: Num>(out: &mut String, name: &str, unit: &str, help: &str, data: &M
     }
 }
 
-/// The Prometheus text exposition of everything collected.
+/// The Prometheus text exposition of everything collected, and of the
+/// histograms declared but not yet used (empty: every bucket 0).
 pub fn prometheus_text(rm: &ResourceMetrics) -> String {
     let mut out = String::new();
+    let mut seen = std::collections::HashSet::new();
     for scope in rm.scope_metrics() {
         for m in scope.metrics() {
+            seen.insert(m.name().to_string());
             let help = m.description().replace('\n', " ");
             match m.data() {
                 AggregatedMetrics::F64(d) => render(&mut out, m.name(), m.unit(), &help, d),
@@ -313,6 +316,20 @@ pub fn prometheus_text(rm: &ResourceMetrics) -> String {
                 AggregatedMetrics::I64(d) => render(&mut out, m.name(), m.unit(), &help, d),
             }
         }
+    }
+    for h in crate::metrics::declared() {
+        if seen.contains(h.name) {
+            continue;
+        }
+        let n = prometheus_name(h.name, h.unit, false);
+        let _ = writeln!(out, "# HELP {n} {}", h.description);
+        let _ = writeln!(out, "# TYPE {n} histogram");
+        for b in &h.bounds {
+            let _ = writeln!(out, "{n}_bucket{{le=\"{b}\"}} 0");
+        }
+        let _ = writeln!(out, "{n}_bucket{{le=\"+Inf\"}} 0");
+        let _ = writeln!(out, "{n}_sum 0");
+        let _ = writeln!(out, "{n}_count 0");
     }
     out
 }

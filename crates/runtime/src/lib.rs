@@ -4,6 +4,7 @@
 //! # Layout
 //! - [`config`]: the TOML file, `CORREU_…` overrides, validation.
 //! - [`telemetry`]: logging set-up from `CORREU_LOG`/`RUST_LOG`.
+//! - [`metrics`]: instruments present from the start; process metrics.
 //! - [`lifecycle`]: the shutdown token cancelled on SIGTERM or Ctrl-C.
 //! - [`backoff`]: the one exponential backoff used for reconnecting.
 //! - [`redis`]: the Redis pool, every timeout set.
@@ -30,6 +31,7 @@ pub mod health;
 pub mod keys;
 pub mod lifecycle;
 pub mod limits;
+pub mod metrics;
 pub mod redis;
 pub mod sync;
 pub mod telemetry;

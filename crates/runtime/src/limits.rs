@@ -403,17 +403,7 @@ impl Leases {
 }
 
 fn warn_redis(last: &Mutex<Option<Instant>>, why: &str) {
-    static ERRORS: std::sync::LazyLock<opentelemetry::metrics::Counter<u64>> =
-        std::sync::LazyLock::new(|| {
-            opentelemetry::global::meter("correu")
-                .u64_counter("correu.redis.errors")
-                .with_unit("{error}")
-                .with_description(
-                    "Redis calls that failed or timed out (limits fell back to this process)",
-                )
-                .build()
-        });
-    ERRORS.add(1, &[]);
+    crate::metrics::REDIS_ERRORS.add(1, &[]);
     let mut last = lock(last);
     if last.is_none_or(|t| t.elapsed() > WARN_EVERY) {
         *last = Some(Instant::now());

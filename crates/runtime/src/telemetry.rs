@@ -179,7 +179,11 @@ pub fn init(service: &'static str) -> Telemetry {
         Ok("text") => false,
         _ => !std::io::stderr().is_terminal(),
     };
-    init_with(service, filter, json)
+    let t = init_with(service, filter, json);
+    if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        crate::metrics::register_process(handle);
+    }
+    t
 }
 
 /// The level an operator's command logs at: `warn` and above by default,

@@ -154,6 +154,16 @@ impl Directory {
         self.accounts.as_ref().map(Watched::get)
     }
 
+    /// How many mailboxes the directory names (accounts and listed
+    /// addresses); `None` in open mode, where any local-part has one.
+    pub fn mailbox_count(&self) -> Option<usize> {
+        if self.open_mode() {
+            return None;
+        }
+        let accounts = self.accounts().map_or(0, |a| a.len());
+        Some(accounts + self.listed.len())
+    }
+
     /// The quota an account gets: its own, or the default.
     pub fn quota_of(&self, account: &Account) -> u64 {
         account.quota.unwrap_or(self.default_quota)

@@ -18,6 +18,7 @@
 pub mod accounts;
 pub use correu_storage_client::client;
 pub mod maildir;
+pub mod metrics;
 pub mod service;
 
 use std::sync::Arc;
@@ -102,6 +103,7 @@ pub async fn run_with(
     correu_runtime::sync::create_private_dirs(boxes.root()).map_err(|e| {
         anyhow::anyhow!("cannot make {} (storage.root): {e}", boxes.root().display())
     })?;
+    metrics::init(&boxes);
     let addr = listener.local_addr()?;
     tracing::info!(%addr, root = %boxes.root().display(), "storage listening");
     // The standard health protocol (grpc.health.v1) and server reflection,

@@ -252,6 +252,27 @@ impl Mailboxes {
         &self.directory
     }
 
+    /// Mailboxes known: the directory's, or in open mode the mailbox
+    /// folders on disk (`<root>/<domain>/<local-part>`).
+    pub fn mailbox_count(&self) -> usize {
+        if let Some(n) = self.directory.mailbox_count() {
+            return n;
+        }
+        let Ok(domains) = std::fs::read_dir(&self.root) else {
+            return 0;
+        };
+        domains
+            .filter_map(Result::ok)
+            .filter_map(|d| std::fs::read_dir(d.path()).ok())
+            .map(|boxes| {
+                boxes
+                    .filter_map(Result::ok)
+                    .filter(|b| b.file_type().is_ok_and(|t| t.is_dir()))
+                    .count()
+            })
+            .sum()
+    }
+
     fn split(address: &str) -> Result<(String, String), MailboxError> {
         let (local, domain) = address
             .rsplit_once('@')

@@ -17,6 +17,8 @@ use tokio::io::AsyncReadExt;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+use crate::metrics::METRICS;
+
 use crate::maildir::{Folder, MailboxError, Mailboxes, Standing};
 
 /// Chunk size of `GetMessage` streams.
@@ -115,13 +117,18 @@ impl Storage for StorageService {
             "rpc.method" = "Deliver",
             "otel.kind" = "server",
             "storage.copies" = tracing::field::Empty,
+            "otel.status_code" = tracing::field::Empty,
+            "otel.status_message" = tracing::field::Empty,
+            "rpc.grpc.status_code" = tracing::field::Empty,
         );
+        let started = std::time::Instant::now();
         correu_runtime::telemetry::extract_into(&span, &parent);
         if let Some(t) = correu_runtime::telemetry::trace_id(&span) {
             span.record("trace_id", t.as_str());
         }
         let queue_id = r.queue_id.clone();
         let recipient = r.recipient.clone();
+        let size = r.content.len() as u64;
         let delivered = blocking(move || {
             boxes.deliver_in(
                 Folder::parse(&r.folder)?,
@@ -137,6 +144,16 @@ impl Storage for StorageService {
         let copies = match delivered {
             Ok(copies) => copies,
             Err(status) => {
+                let outcome = match status.code() {
+                    tonic::Code::NotFound => "no_mailbox",
+                    tonic::Code::ResourceExhausted => "quota",
+                    tonic::Code::InvalidArgument => "invalid",
+                    _ => "error",
+                };
+                METRICS.delivered(outcome, started.elapsed().as_secs_f64());
+                span.record("otel.status_code", "ERROR");
+                span.record("otel.status_message", status.message());
+                span.record("rpc.grpc.status_code", status.code() as i64);
                 // Every refusal is said here, where the disk is: the caller
                 // only sees a status code, and a volume that went read-only
                 // must not fail quietly message after message.
@@ -157,6 +174,14 @@ impl Storage for StorageService {
             }
         };
         span.record("storage.copies", copies.len());
+        span.record("rpc.grpc.status_code", 0);
+        let written = copies.iter().filter(|d| !d.duplicate).count() as u64;
+        METRICS.copies.add(written, &[]);
+        METRICS.written.add(written * size, &[]);
+        METRICS.delivered(
+            if written == 0 { "duplicate" } else { "stored" },
+            started.elapsed().as_secs_f64(),
+        );
         let _in_span = span.enter();
         for d in &copies {
             tracing::info!(queue_id = %queue_id, mailbox = %d.mailbox, message_id = %d.message_id, duplicate = d.duplicate, "stored");

@@ -235,6 +235,7 @@ impl Webhook {
 /// Posts the events of `queue` until `shutdown`: RabbitMQ's webhook queue,
 /// or the spool's event files.
 pub async fn run(hook: Arc<Webhook>, queue: Queue, shutdown: CancellationToken) {
+    metrics::init();
     tracing::info!(
         urls = hook.targets.len(),
         signed = hook.poster.signs(),

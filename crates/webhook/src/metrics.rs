@@ -2,6 +2,8 @@
 
 use std::sync::LazyLock;
 
+use correu_runtime::metrics::{counter, histogram};
+
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram};
 
@@ -29,24 +31,27 @@ impl WebhookMetrics {
     }
 }
 
-pub static METRICS: LazyLock<WebhookMetrics> = LazyLock::new(|| {
-    let m = opentelemetry::global::meter("correu");
-    WebhookMetrics {
-        posts: m
-            .u64_counter("correu.webhook.posts")
-            .with_unit("{request}")
-            .with_description("Webhook POSTs, by event and result")
-            .build(),
-        duration: m
-            .f64_histogram("correu.webhook.duration")
-            .with_unit("s")
-            .with_description("Time to POST one event, by result")
-            .with_boundaries(vec![0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
-            .build(),
-        dropped: m
-            .u64_counter("correu.webhook.dropped")
-            .with_unit("{event}")
-            .with_description("Payloads on the event queue that were not events")
-            .build(),
-    }
+pub static METRICS: LazyLock<WebhookMetrics> = LazyLock::new(|| WebhookMetrics {
+    posts: counter(
+        "correu.webhook.posts",
+        "{request}",
+        "Webhook POSTs, by event and result",
+    ),
+    duration: histogram(
+        "correu.webhook.duration",
+        "s",
+        "Time to POST one event, by result",
+        &[0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
+    ),
+    dropped: counter(
+        "correu.webhook.dropped",
+        "{event}",
+        "Payloads on the event queue that were not events",
+    ),
 });
+
+/// Makes the instruments now (counters at zero), not at first use.
+pub fn init() {
+    LazyLock::force(&METRICS);
+    correu_queue::metrics::init();
+}

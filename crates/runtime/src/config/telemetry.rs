@@ -17,6 +17,11 @@ pub struct TelemetryConfig {
     /// Put envelope addresses (sender, recipients) in spans. Off: spans
     /// carry queue ids, sizes and counts, never an address.
     pub span_addresses: bool,
+    /// Destination domains that get their own `destination` label on
+    /// `correu.delivery.destination.attempts` (a shaping rule's name
+    /// labels the domains and hosts it covers; every other is `other`):
+    /// the label's values stay a set the operator chose.
+    pub domains: Vec<String>,
 }
 
 impl Default for TelemetryConfig {
@@ -24,6 +29,7 @@ impl Default for TelemetryConfig {
         TelemetryConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 9725)),
             span_addresses: false,
+            domains: Vec::new(),
         }
     }
 }
