@@ -82,6 +82,18 @@ fn one_trace_per_message_across_three_processes_and_its_retries() {
 
     let local = send(smtp, &["pere@localhost"], "traced");
     let relayed = send(smtp, &["ana@remote.test"], "retried");
+    // A message with too many Received fields is refused when its data
+    // ends: a transaction span all the same, in error.
+    let mut c = Smtp::connect(smtp);
+    c.read();
+    c.cmd("EHLO client.example");
+    c.cmd("MAIL FROM:<jo@domini.com>");
+    c.cmd("RCPT TO:<pere@localhost>");
+    c.cmd("DATA");
+    let looped = "Received: from a by b; Tue, 1 Dec 2026 10:00:00 +0000\r\n".repeat(120);
+    let refused = c.cmd(&format!("{looped}Subject: loop\r\n\r\nhello\r\n."));
+    assert_eq!(refused.code, 554, "{refused:?}");
+    c.cmd("QUIT");
     wait_maildir(
         &dir.path().join("mail/localhost/pere"),
         1,
@@ -99,8 +111,66 @@ fn one_trace_per_message_across_three_processes_and_its_retries() {
             >= n
     };
     let spans = receiver.wait(Duration::from_secs(30), |s| {
-        has(s, &local, "storage.deliver", 2) && has(s, &relayed, "delivery.message", 2)
+        has(s, &local, "storage.deliver", 2)
+            && has(s, &relayed, "delivery.message", 2)
+            && s.iter().any(|s| {
+                s.name == "smtp.transaction"
+                    && s.attributes.get("smtp.reply.code").map(String::as_str) == Some("554")
+            })
     });
+    // Span kinds (OpenTelemetry semantic conventions 1.28): SMTP sessions
+    // and transactions are servers, the publish a producer, delivery's
+    // consume a consumer, storage's call a client then a server, an
+    // attempt at a remote MX a client.
+    for (name, service, kind) in [
+        ("smtp.session", "correu-ingress", "SERVER"),
+        ("smtp.transaction", "correu-ingress", "SERVER"),
+        ("queue.publish", "correu-ingress", "PRODUCER"),
+        ("delivery.message", "correu-delivery", "CONSUMER"),
+        ("storage.deliver", "correu-delivery", "CLIENT"),
+        ("storage.deliver", "correu-storage", "SERVER"),
+        ("delivery.attempt", "correu-delivery", "CLIENT"),
+    ] {
+        let of: Vec<_> = spans
+            .iter()
+            .filter(|s| s.name == name && s.service == service)
+            .collect();
+        assert!(!of.is_empty(), "no {name} span from {service}");
+        for s in of {
+            assert_eq!(s.kind, kind, "{name} from {service}: {s:#?}");
+        }
+    }
+    // Numbers are numbers.
+    for (name, attribute) in [
+        ("smtp.transaction", "messaging.message.body.size"),
+        ("smtp.transaction", "smtp.recipients"),
+        ("smtp.transaction", "smtp.reply.code"),
+        ("smtp.session", "client.port"),
+        ("queue.publish", "messaging.message.body.size"),
+        ("delivery.message", "attempt"),
+        ("delivery.attempt", "server.port"),
+        ("storage.deliver", "rpc.grpc.status_code"),
+    ] {
+        let s = spans
+            .iter()
+            .find(|s| s.name == name && s.attributes.contains_key(attribute))
+            .unwrap_or_else(|| panic!("{name} with {attribute}: {spans:#?}"));
+        assert_eq!(
+            s.attribute_types.get(attribute).copied(),
+            Some("int"),
+            "{name}.{attribute}: {s:#?}"
+        );
+    }
+    // The refusal at DATA is its transaction's error, with the reply.
+    let refusal = spans
+        .iter()
+        .find(|s| {
+            s.name == "smtp.transaction"
+                && s.attributes.get("smtp.reply.code").map(String::as_str) == Some("554")
+        })
+        .unwrap();
+    assert_eq!(refusal.status, "ERROR");
+    assert!(refusal.status_message.starts_with("554"), "{refusal:#?}");
 
     // The local message: one trace from SMTP to the mailbox.
     let tx: Vec<_> = spans
@@ -198,6 +268,25 @@ fn one_trace_per_message_across_three_processes_and_its_retries() {
         codes.contains(&"451"),
         "the deferral is on its attempt: {tries:#?}"
     );
+    // The deferred attempt and its message are errors; the delivered ones
+    // are not.
+    let deferred = tries
+        .iter()
+        .find(|s| s.attributes.get("smtp.reply.code").map(String::as_str) == Some("451"))
+        .unwrap();
+    assert_eq!(deferred.status, "ERROR", "{deferred:#?}");
+    assert!(deferred.status_message.contains("4.3.0"), "{deferred:#?}");
+    for s in &attempts {
+        let first = s.attributes.get("attempt").map(String::as_str) == Some("1");
+        assert_eq!(s.status, if first { "ERROR" } else { "UNSET" }, "{s:#?}");
+    }
+    assert!(
+        tries.iter().any(|s| s.status == "UNSET"),
+        "the second attempt succeeded: {tries:#?}"
+    );
+    for s in spans.iter().filter(|s| s.trace_id == trace) {
+        assert_eq!(s.status, "UNSET", "the local message had no error: {s:#?}");
+    }
 
     // Logs carry the trace id with the queue id.
     let log = delivery.output();

@@ -126,18 +126,30 @@ impl Deliverer {
             "rpc.service" = "correu.v1.Storage",
             "rpc.method" = "Deliver",
             "otel.kind" = "client",
+            "rpc.grpc.status_code" = tracing::field::Empty,
+            "otel.status_description" = tracing::field::Empty,
         );
         let req = span.in_scope(|| correu_storage_client::traced(req));
         match timeout(self.storage_timeout, client.deliver(req))
-            .instrument(span)
+            .instrument(span.clone())
             .await
         {
-            Ok(Ok(_)) => Outcome::LOCAL,
-            Ok(Err(status)) => outcome::from_status(&status),
-            Err(_) => Outcome::temp(
-                "4.3.0",
-                format!("storage did not answer within {:?}", self.storage_timeout),
-            ),
+            Ok(Ok(_)) => {
+                span.record("rpc.grpc.status_code", 0_i64);
+                Outcome::LOCAL
+            }
+            Ok(Err(status)) => {
+                span.record("rpc.grpc.status_code", status.code() as i64);
+                span.record("otel.status_description", status.message());
+                outcome::from_status(&status)
+            }
+            Err(_) => {
+                span.record("otel.status_description", "storage did not answer in time");
+                Outcome::temp(
+                    "4.3.0",
+                    format!("storage did not answer within {:?}", self.storage_timeout),
+                )
+            }
         }
     }
 
@@ -308,11 +320,16 @@ impl Deliverer {
                     queue_id = %msg.queue_id,
                     mx = %hop.host,
                     %addr,
+                    "otel.kind" = "client",
                     "server.address" = %hop.host,
-                    "server.port" = addr.port(),
+                    "server.port" = i64::from(addr.port()),
                     "network.peer.address" = %addr.ip(),
+                    "network.peer.port" = i64::from(addr.port()),
+                    "network.protocol.name" = "smtp",
+                    "tls.protocol.version" = tracing::field::Empty,
                     outcome = tracing::field::Empty,
                     "smtp.reply.code" = tracing::field::Empty,
+                    "otel.status_description" = tracing::field::Empty,
                 );
                 // Boxed: a session's state would otherwise sit in every
                 // delivery's future.
@@ -369,7 +386,7 @@ impl Deliverer {
                     self.rates.hold("backoff", &dest.budget, dest.backoff).await;
                 }
                 match &tried {
-                    Ok((outcomes, _)) => {
+                    Ok((outcomes, via)) => {
                         let delivered = outcomes.iter().filter(|o| o.is_delivered()).count();
                         span.record(
                             "outcome",
@@ -382,14 +399,25 @@ impl Deliverer {
                             },
                         );
                         if let Some(code) = outcomes.iter().find_map(Outcome::reply_code) {
-                            span.record("smtp.reply.code", code);
+                            span.record("smtp.reply.code", i64::from(code));
+                        }
+                        if let Some(v) = via.tls_version.strip_prefix("TLSv") {
+                            span.record("tls.protocol.version", v);
+                        }
+                        if let Some(Outcome::Temporary(f) | Outcome::Permanent(f)) =
+                            outcomes.iter().find(|o| !o.is_delivered())
+                        {
+                            let why = format!("{} {}", f.status, f.text);
+                            span.record("otel.status_description", why.as_str());
                         }
                     }
-                    Err(HostError::Busy(_)) => {
+                    Err(HostError::Busy(why)) => {
                         span.record("outcome", "busy");
+                        span.record("otel.status_description", *why);
                     }
-                    Err(HostError::Session(_)) => {
+                    Err(HostError::Session(e)) => {
                         span.record("outcome", "error");
+                        span.record("otel.status_description", e.to_string().as_str());
                     }
                 }
                 match tried {

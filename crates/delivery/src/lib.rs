@@ -230,11 +230,15 @@ impl Deliverer {
             parent: None,
             "delivery.message",
             queue_id = %msg.queue_id,
-            attempt = msg.attempt + 1,
+            attempt = i64::from(msg.attempt) + 1,
             trace_id = tracing::field::Empty,
+            "otel.kind" = "consumer",
             "messaging.system" = self.queue.system(),
             "messaging.operation.type" = "process",
+            "messaging.operation.name" = "consume",
+            "messaging.destination.name" = "correu.work",
             "messaging.message.id" = %msg.queue_id,
+            "otel.status_description" = tracing::field::Empty,
         );
         if !msg.traceparent.is_empty() {
             let headers = std::collections::HashMap::from([(

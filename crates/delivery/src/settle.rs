@@ -207,6 +207,19 @@ impl Deliverer {
         let attempts = msg.attempt + 1;
         let age = age_of(msg.received_at_unix_micros);
         let schedule = self.schedule_for(&msg, &outcomes, &attempt.via, age);
+        // The message's span (delivery.message) says when not every
+        // recipient was delivered.
+        let deferred = outcomes.iter().filter(|o| o.is_temporary()).count();
+        let failed = outcomes
+            .iter()
+            .filter(|o| matches!(o, Outcome::Permanent(_)))
+            .count();
+        if deferred + failed > 0 {
+            tracing::Span::current().record(
+                "otel.status_description",
+                format!("{deferred} deferred, {failed} failed of {}", outcomes.len()).as_str(),
+            );
+        }
         let s = plan(&msg, &outcomes, &schedule, &self.rules, age);
         let m = &crate::metrics::METRICS;
         let mut events = Vec::new();

@@ -421,21 +421,28 @@ async fn serve(shared: &Shared, stream: TcpStream, peer: SocketAddr, role: Role)
     let span = tracing::info_span!(
         "smtp.session",
         client = %peer,
+        "otel.kind" = "server",
         "client.address" = %peer.ip(),
-        "client.port" = peer.port(),
+        "client.port" = i64::from(peer.port()),
         "network.protocol.name" = "smtp",
+        "otel.status_description" = tracing::field::Empty,
         "smtp.helo" = tracing::field::Empty,
         "tls.protocol.version" = tracing::field::Empty,
         "enduser.id" = tracing::field::Empty,
     );
     metrics::METRICS.connections_open.add(1, &[]);
-    let result =
-        tracing::Instrument::instrument(session::run_session(shared, stream, peer, role), span)
-            .await;
+    let result = tracing::Instrument::instrument(
+        session::run_session(shared, stream, peer, role),
+        span.clone(),
+    )
+    .await;
     metrics::METRICS.connections_open.add(-1, &[]);
     match result {
         Ok(end) => tracing::debug!(client = %peer, ?end, "session ended"),
-        Err(e) => tracing::debug!(client = %peer, error = %e, "session failed"),
+        Err(e) => {
+            span.record("otel.status_description", e.to_string().as_str());
+            tracing::debug!(client = %peer, error = %e, "session failed");
+        }
     }
 }
 

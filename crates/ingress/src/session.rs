@@ -386,7 +386,7 @@ where
                             report.hops = received_count(&data);
                             match session.data_received(report) {
                                 Err(r) => {
-                                    rejected(r.code);
+                                    refused_at_data(client, &r);
                                     r
                                 }
                                 Ok(env) => {
@@ -422,7 +422,7 @@ where
                             if let Step::Reply(r) | Step::Close(r) = &s
                                 && r.code >= 400
                             {
-                                rejected(r.code);
+                                refused_at_data(client, r);
                             }
                             step = s;
                             continue;
@@ -813,6 +813,12 @@ async fn deliver(
     gone: impl std::future::Future<Output = ()>,
 ) -> Reply {
     let client = arrival.client;
+    let span = transaction_span(
+        client,
+        Some(env.helo.as_str()),
+        body.len(),
+        env.recipients.len(),
+    );
     let trusted = shared.trusted.iter().any(|n| n.contains(client.ip()));
     let over = if let Some(user) = &env.user {
         !shared
@@ -829,32 +835,13 @@ async fn deliver(
     if over {
         session.queued(Err(QueueFailure::Unavailable));
         rejected(450);
-        return Reply::new(
+        let reply = Reply::new(
             450,
             correu_smtp::Enhanced(4, 7, 1),
             "Error: too many messages, slow down",
         );
-    }
-    // One trace per message: the transaction is a root span, linked to
-    // the session's.
-    let session_span = tracing::Span::current();
-    session_span.record("smtp.helo", env.helo.as_str());
-    let span = tracing::info_span!(
-        parent: None,
-        "smtp.transaction",
-        queue_id = tracing::field::Empty,
-        trace_id = tracing::field::Empty,
-        "client.address" = %client.ip(),
-        "messaging.message.body.size" = body.len(),
-        "smtp.recipients" = env.recipients.len(),
-        "smtp.reply.code" = tracing::field::Empty,
-        "smtp.mail_from" = tracing::field::Empty,
-    );
-    if let Some(sc) = correu_runtime::telemetry::span_context(&session_span) {
-        correu_runtime::telemetry::add_link(&span, sc);
-    }
-    if let Some(t) = correu_runtime::telemetry::trace_id(&span) {
-        span.record("trace_id", t.as_str());
+        answered(&span, &reply);
+        return reply;
     }
     if shared.span_addresses {
         span.record("smtp.mail_from", env.from.as_string().as_str());
@@ -961,14 +948,14 @@ async fn deliver(
             Filtered::Refused(r) => refusal = Some(r),
             Filtered::Discarded => {
                 let reply = session.queued(Ok(&id));
-                span.record("smtp.reply.code", reply.code);
+                answered(&span, &reply);
                 return reply;
             }
         }
     }
     if let Some(r) = refusal {
         let reply = session.queued(Err(QueueFailure::Refused(r)));
-        span.record("smtp.reply.code", reply.code);
+        answered(&span, &reply);
         rejected(reply.code);
         return reply;
     }
@@ -981,7 +968,7 @@ async fn deliver(
         .instrument(span.clone())
         .await;
     let reply = session.queued(outcome.as_deref().map_err(|_| QueueFailure::Unavailable));
-    span.record("smtp.reply.code", reply.code);
+    answered(&span, &reply);
     let m = &crate::metrics::METRICS;
     let class = crate::metrics::reply_class(reply.code);
     if reply.code == 250 {
@@ -1017,6 +1004,58 @@ fn arc_signed_parts(message: &[u8]) -> (Vec<&[u8]>, &[u8]) {
 }
 
 /// A message that reached the end of its data and was refused.
+/// The span of one mail transaction, a root span of its own trace (one
+/// trace per message), linked to the session's span; from the end of
+/// DATA to the reply.
+fn transaction_span(
+    client: SocketAddr,
+    helo: Option<&str>,
+    size: usize,
+    recipients: usize,
+) -> tracing::Span {
+    let session_span = tracing::Span::current();
+    if let Some(helo) = helo {
+        session_span.record("smtp.helo", helo);
+    }
+    let span = tracing::info_span!(
+        parent: None,
+        "smtp.transaction",
+        queue_id = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+        "otel.kind" = "server",
+        "client.address" = %client.ip(),
+        "messaging.message.body.size" = size as i64,
+        "smtp.recipients" = recipients as i64,
+        "smtp.reply.code" = tracing::field::Empty,
+        "smtp.mail_from" = tracing::field::Empty,
+        "otel.status_description" = tracing::field::Empty,
+    );
+    if let Some(sc) = correu_runtime::telemetry::span_context(&session_span) {
+        correu_runtime::telemetry::add_link(&span, sc);
+    }
+    if let Some(t) = correu_runtime::telemetry::trace_id(&span) {
+        span.record("trace_id", t.as_str());
+    }
+    span
+}
+
+/// Records the reply on a transaction's span: a refusal (4xx, 5xx) is
+/// the span's error, with the reply as its description.
+fn answered(span: &tracing::Span, reply: &Reply) {
+    span.record("smtp.reply.code", i64::from(reply.code));
+    if reply.code >= 400 {
+        span.record("otel.status_description", reply.to_string().trim_end());
+    }
+}
+
+/// A transaction refused when its data ended, before it was examined
+/// (too many hops, bare line ends, too large): its own span all the same.
+fn refused_at_data(client: SocketAddr, reply: &Reply) {
+    let span = transaction_span(client, None, 0, 0);
+    answered(&span, reply);
+    rejected(reply.code);
+}
+
 fn rejected(code: u16) {
     crate::metrics::METRICS.transactions.add(
         1,
@@ -1284,10 +1323,14 @@ async fn queue_message(
     let span = tracing::info_span!(
         "queue.publish",
         queue_id = %id,
+        "otel.kind" = "producer",
         "messaging.system" = shared.queue.system(),
-        "messaging.operation.type" = "publish",
+        "messaging.operation.type" = "send",
+        "messaging.operation.name" = "publish",
         "messaging.destination.name" = "correu.work",
         "messaging.message.id" = %id,
+        "messaging.message.body.size" = msg.content.len() as i64,
+        "otel.status_description" = tracing::field::Empty,
     );
     // Delivery continues this trace from the envelope (and the AMQP
     // `traceparent` header), through every retry.
@@ -1299,7 +1342,7 @@ async fn queue_message(
     match shared
         .queue
         .publish_while(&msg, gone)
-        .instrument(span)
+        .instrument(span.clone())
         .await
     {
         Ok(()) => {
@@ -1307,6 +1350,7 @@ async fn queue_message(
             Ok(id)
         }
         Err(e) => {
+            span.record("otel.status_description", e.to_string().as_str());
             tracing::warn!(queue_id = %id, error = %e, "queueing failed; client told to retry");
             Err(())
         }

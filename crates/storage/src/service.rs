@@ -117,8 +117,7 @@ impl Storage for StorageService {
             "rpc.method" = "Deliver",
             "otel.kind" = "server",
             "storage.copies" = tracing::field::Empty,
-            "otel.status_code" = tracing::field::Empty,
-            "otel.status_message" = tracing::field::Empty,
+            "otel.status_description" = tracing::field::Empty,
             "rpc.grpc.status_code" = tracing::field::Empty,
         );
         let started = std::time::Instant::now();
@@ -151,8 +150,7 @@ impl Storage for StorageService {
                     _ => "error",
                 };
                 METRICS.delivered(outcome, started.elapsed().as_secs_f64());
-                span.record("otel.status_code", "ERROR");
-                span.record("otel.status_message", status.message());
+                span.record("otel.status_description", status.message());
                 span.record("rpc.grpc.status_code", status.code() as i64);
                 // Every refusal is said here, where the disk is: the caller
                 // only sees a status code, and a volume that went read-only
@@ -173,8 +171,8 @@ impl Storage for StorageService {
                 return Err(status);
             }
         };
-        span.record("storage.copies", copies.len());
-        span.record("rpc.grpc.status_code", 0);
+        span.record("storage.copies", copies.len() as i64);
+        span.record("rpc.grpc.status_code", 0_i64);
         let written = copies.iter().filter(|d| !d.duplicate).count() as u64;
         METRICS.copies.add(written, &[]);
         METRICS.written.add(written * size, &[]);

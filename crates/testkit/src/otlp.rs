@@ -14,6 +14,13 @@ pub struct ReceivedSpan {
     pub links: Vec<String>,
     /// String, integer and boolean attributes as text.
     pub attributes: std::collections::HashMap<String, String>,
+    /// Each attribute's OTLP type: `string`, `int`, `bool`, `double`.
+    pub attribute_types: std::collections::HashMap<String, &'static str>,
+    /// `SERVER`, `CLIENT`, `PRODUCER`, `CONSUMER`, `INTERNAL`.
+    pub kind: &'static str,
+    /// `UNSET`, `OK` or `ERROR`, and the status message.
+    pub status: &'static str,
+    pub status_message: String,
 }
 
 /// A real OTLP/gRPC trace receiver (opentelemetry-proto's tonic service)
@@ -77,6 +84,16 @@ impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::Tra
             _ => String::new(),
         };
         let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        let kind_of = |v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>| match v
+            .as_ref()
+            .and_then(|v| v.value.as_ref())
+        {
+            Some(Value::StringValue(_)) => "string",
+            Some(Value::IntValue(_)) => "int",
+            Some(Value::BoolValue(_)) => "bool",
+            Some(Value::DoubleValue(_)) => "double",
+            _ => "other",
+        };
         let mut got = Vec::new();
         for rs in request.into_inner().resource_spans {
             let service = rs
@@ -99,6 +116,29 @@ impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::Tra
                             .iter()
                             .map(|a| (a.key.clone(), text(&a.value)))
                             .collect(),
+                        attribute_types: s
+                            .attributes
+                            .iter()
+                            .map(|a| (a.key.clone(), kind_of(&a.value)))
+                            .collect(),
+                        kind: match s.kind {
+                            1 => "INTERNAL",
+                            2 => "SERVER",
+                            3 => "CLIENT",
+                            4 => "PRODUCER",
+                            5 => "CONSUMER",
+                            _ => "UNSPECIFIED",
+                        },
+                        status: match s.status.as_ref().map_or(0, |st| st.code) {
+                            1 => "OK",
+                            2 => "ERROR",
+                            _ => "UNSET",
+                        },
+                        status_message: s
+                            .status
+                            .as_ref()
+                            .map(|st| st.message.clone())
+                            .unwrap_or_default(),
                     });
                 }
             }
