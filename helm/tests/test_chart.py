@@ -13,6 +13,11 @@
    a shared volume for several storage pods, accounts for Dovecot; a
    misspelt Correu setting under `config` is refused.
 5. The rendered ConfigMap passes `correu check-config` for every role.
+6. The PrometheusRule parses (`promtool check rules`) and its alerts fire
+   on broken series and stay quiet on healthy ones (`promtool test rules`
+   with helm/tests/alerts_test.yaml); `telemetry.metrics` sends metrics
+   one way or both (OTEL_METRICS_EXPORTER, the ServiceMonitor).
+7. The Grafana dashboard and helm/tests/metrics_used.txt (test_dashboard.py).
 
 The pods themselves run in test_pods.py, as a kubelet runs them.
 
@@ -33,6 +38,9 @@ import urllib.request
 import helm_python
 import kubernetes_validate
 import yaml
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import test_dashboard  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CHART = os.path.join(ROOT, "helm", "correu")
@@ -70,6 +78,7 @@ CRDS = {
     ("keda.sh/v1alpha1", "ScaledObject"): [["spec", "scaleTargetRef", "name"], ["spec", "triggers"]],
     ("keda.sh/v1alpha1", "TriggerAuthentication"): [["spec", "secretTargetRef"]],
     ("monitoring.coreos.com/v1", "ServiceMonitor"): [["spec", "selector"], ["spec", "endpoints"]],
+    ("monitoring.coreos.com/v1", "PrometheusRule"): [["spec", "groups"]],
 }
 
 
@@ -305,6 +314,8 @@ def wrong_types():
     for values, needle in [
         ({"ingress": {"replicas": "three"}}, "replicas"),
         ({"telemetry": {"otlpProtocol": "carrier-pigeon"}}, "otlpProtocol"),
+        ({"telemetry": {"metrics": "push"}}, "metrics"),
+        ({"telemetry": {"prometheusRule": {"enabled": "yes"}}}, "enabled"),
         ({"ingress": {"replicaz": 2}}, "replicaz"),
     ]:
         try:
@@ -347,9 +358,185 @@ def compose_and_dockerfile():
     print("ok: compose.yaml and the Dockerfile agree with the chart and the binary")
 
 
+ALERTS = {"CorreuMessagesWaitLong", "CorreuRetryBacklog", "CorreuDeliveryFailureRatio", "CorreuBounceRate",
+          "CorreuNoReadyIngress", "CorreuStorageErrors", "CorreuBrokerUnreachable"}
+RULE_VALUES = {"rabbitmq": {"url": "amqp://u:p@rabbitmq:5672/%2f"},
+               "telemetry": {"serviceMonitor": {"enabled": True},
+                             "prometheusRule": {"enabled": True, "labels": {"release": "prometheus"}}}}
+
+
+def with_telemetry(**telemetry):
+    values = json.loads(json.dumps(RULE_VALUES))
+    values["telemetry"].update(telemetry)
+    return values
+
+
+def prometheus_rule(docs):
+    return [d for d in docs if d["kind"] == "PrometheusRule"]
+
+
+def rule_exprs():
+    """The alert rules' expressions, as the chart renders them."""
+    docs, _ = render(RULE_VALUES)
+    return [r["expr"] for d in prometheus_rule(docs) for g in d["spec"]["groups"] for r in g["rules"]]
+
+
+def promtool():
+    path = shutil.which("promtool")
+    check(path is not None, "promtool is missing: apt-get install prometheus (scripts/test installs it)")
+    return path
+
+
+def rule_shape(rule, name, alerts):
+    """What kubernetes-validate cannot check (it has no CRDs)."""
+    check(rule["apiVersion"] == "monitoring.coreos.com/v1" and rule["kind"] == "PrometheusRule",
+          f"{name}: {rule['apiVersion']} {rule['kind']}")
+    meta = rule["metadata"]
+    check(meta.get("name") == "correu", f"{name}: PrometheusRule metadata {meta}")
+    labels = meta.get("labels", {})
+    check(labels.get("release") == "prometheus" and labels.get("app.kubernetes.io/instance") == "correu",
+          f"{name}: PrometheusRule labels {labels}")
+    seen = set()
+    for g in rule["spec"]["groups"]:
+        check(g.get("name") and g.get("rules"), f"{name}: a rule group without name or rules: {g}")
+        for r in g["rules"]:
+            a = r.get("alert", "?")
+            seen.add(a)
+            check(set(r) <= {"alert", "expr", "for", "labels", "annotations"}, f"{name}: {a} has {sorted(r)}")
+            check(isinstance(r.get("expr"), str) and r["expr"].strip(), f"{name}: {a} has no expr")
+            check(re.fullmatch(r"[0-9]+[smh]", str(r.get("for", ""))), f"{name}: {a} has no `for`")
+            check((r.get("labels") or {}).get("severity") in ("warning", "critical"), f"{name}: {a}: severity")
+            notes = r.get("annotations") or {}
+            check(notes.get("summary") and len(notes.get("description", "")) > 80,
+                  f"{name}: {a} lacks a summary or a description of what to look at")
+    check(seen == alerts, f"{name}: alerts {sorted(seen)}, not {sorted(alerts)}")
+
+
+def promtool_checks(spec, name, unit_tests=False):
+    """`promtool check rules` on the groups, then (unit_tests) the alerts
+    test on them, descriptions left out (alerts_test.yaml compares summaries)."""
+    tool = promtool()
+    if not tool:
+        return
+    work = tempfile.mkdtemp(prefix="correu-rules-")
+    try:
+        path = os.path.join(work, "correu-rules.yaml")
+        with open(path, "w") as f:
+            yaml.safe_dump(spec, f, sort_keys=False)
+        st = subprocess.run([tool, "check", "rules", path], capture_output=True, text=True)
+        check(st.returncode == 0, f"{name}: promtool check rules: {st.stdout}{st.stderr}")
+        if not unit_tests:
+            return
+        short = json.loads(json.dumps(spec))
+        for g in short["groups"]:
+            for r in g["rules"]:
+                r["annotations"].pop("description", None)
+        with open(path, "w") as f:
+            yaml.safe_dump(short, f, sort_keys=False)
+        shutil.copy(os.path.join(ROOT, "helm", "tests", "alerts_test.yaml"), work)
+        st = subprocess.run([tool, "test", "rules", "alerts_test.yaml"], capture_output=True, text=True, cwd=work)
+        check(st.returncode == 0 and "SUCCESS" in st.stdout,
+              f"{name}: promtool test rules helm/tests/alerts_test.yaml: {st.stdout}{st.stderr}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def alert_rules():
+    """The PrometheusRule: off by default; on, it validates, parses and
+    its alerts fire when they should; scoped to this release's scrape jobs."""
+    docs, _ = render({"rabbitmq": RULE_VALUES["rabbitmq"]})
+    check(not prometheus_rule(docs), "no PrometheusRule unless telemetry.prometheusRule.enabled")
+
+    docs, _ = render(RULE_VALUES)
+    rules = prometheus_rule(docs)
+    check(len(rules) == 1, f"one PrometheusRule: {kinds(docs)}")
+    if not rules:
+        return
+    validate(docs, "prometheusRule")
+    rule_shape(rules[0], "prometheusRule", ALERTS)
+    exprs = {r["alert"]: r["expr"] for g in rules[0]["spec"]["groups"] for r in g["rules"]}
+    for a, e in exprs.items():
+        if a != "CorreuNoReadyIngress":
+            check('namespace="mail", job=~"correu-(ingress|delivery|storage|webhook)-metrics"' in e,
+                  f"{a} reads this release's scrape jobs only: {e}")
+    check('absent(up{namespace="mail", job="correu-ingress-metrics"} == 1)' in exprs["CorreuNoReadyIngress"],
+          f"CorreuNoReadyIngress reads the ingress metrics Service: {exprs['CorreuNoReadyIngress']}")
+    promtool_checks(rules[0]["spec"], "prometheusRule", unit_tests=True)
+    print(f"ok: the PrometheusRule: {len(exprs)} alerts parse, fire on broken series and not on healthy ones")
+
+    # The collector's series only: no scrape job to scope by, no `up`.
+    docs, _ = render(with_telemetry(metrics="otlp", otlpEndpoint="http://otel-collector.monitoring:4317"))
+    rules = prometheus_rule(docs)
+    if rules:
+        rule_shape(rules[0], "prometheusRule (otlp)", ALERTS - {"CorreuNoReadyIngress"})
+        text = json.dumps(rules[0]["spec"])
+        check("job=~" not in text and "up{" not in text, f"prometheusRule (otlp): scrape jobs in {text}")
+        promtool_checks(rules[0]["spec"], "prometheusRule (otlp)")
+    # Or what telemetry.prometheusRule.selector says.
+    sel = 'cluster="eu-1", service_name=~"correu-.*"'
+    docs, _ = render(with_telemetry(prometheusRule={"enabled": True, "selector": sel}))
+    rules = prometheus_rule(docs)
+    if rules:
+        for g in rules[0]["spec"]["groups"]:
+            for r in g["rules"]:
+                if r["alert"] != "CorreuNoReadyIngress":
+                    check(sel in r["expr"] and "job=~" not in r["expr"], f"selector not in {r['alert']}: {r['expr']}")
+        promtool_checks(rules[0]["spec"], "prometheusRule (selector)")
+    check(install_error(with_telemetry(prometheusRule={"enabled": True, "selector": "not a matcher"})) is not None,
+          "a prometheusRule.selector that is no label matcher is refused")
+
+
+def metrics_source():
+    """telemetry.metrics: each Correu container pushes metrics over OTLP
+    only when asked, and the ServiceMonitor scrapes only when asked."""
+    endpoint = "http://otel-collector.monitoring:4317"
+    base = {"rabbitmq": RULE_VALUES["rabbitmq"], "webhook": {"enabled": True, "urls": ["http://hooks:8080/"]}}
+    for metrics, otlp, exporter, monitor in [
+        (None, False, "none", True),
+        ("scrape", True, "none", True),
+        ("otlp", True, "otlp", False),
+        ("both", True, "otlp", True),
+    ]:
+        telemetry = {"serviceMonitor": {"enabled": True}}
+        if metrics:
+            telemetry["metrics"] = metrics
+        if otlp:
+            telemetry["otlpEndpoint"] = endpoint
+        name = f"telemetry.metrics={metrics or '(default)'}"
+        docs, notes = render({**base, "telemetry": telemetry})
+        validate(docs, name)
+        roles = set()
+        for dep, spec in pods(docs):
+            for c in spec["containers"]:
+                if c["name"] not in ("ingress", "delivery", "storage", "webhook"):
+                    continue
+                roles.add(c["name"])
+                env = {e["name"]: e.get("value") for e in c.get("env", [])}
+                check(env.get("OTEL_METRICS_EXPORTER") == exporter,
+                      f"{name}: {dep}/{c['name']} has OTEL_METRICS_EXPORTER={env.get('OTEL_METRICS_EXPORTER')}, "
+                      f"not {exporter}")
+                check(env.get("OTEL_EXPORTER_OTLP_ENDPOINT") == (endpoint if otlp else None),
+                      f"{name}: {dep}/{c['name']}: OTLP endpoint {env.get('OTEL_EXPORTER_OTLP_ENDPOINT')}")
+        check(roles == {"ingress", "delivery", "storage", "webhook"}, f"{name}: containers of {sorted(roles)}")
+        k = kinds(docs)
+        check(("ServiceMonitor" in k) == monitor, f"{name}: ServiceMonitor {'missing' if monitor else 'rendered'}")
+        metrics_services = [n for n in k.get("Service", []) if n.endswith("-metrics")]
+        check(len(metrics_services) == (4 if monitor else 0), f"{name}: metrics Services {metrics_services}")
+        print(f"ok: {name}: OTEL_METRICS_EXPORTER={exporter} in every role, "
+              f"ServiceMonitor {'rendered' if monitor else 'not rendered'}")
+    for metrics in ("otlp", "both"):
+        message = install_error({**base, "telemetry": {"metrics": metrics}})
+        check(message is not None and "telemetry.otlpEndpoint" in message and f"telemetry.metrics={metrics}" in message,
+              f"telemetry.metrics={metrics} without an endpoint is refused naming telemetry.otlpEndpoint: {message}")
+        print(f"ok: telemetry.metrics={metrics} without an endpoint refused: {(message or '')[:140]}")
+
+
 if __name__ == "__main__":
     lint_and_render()
     wrong_types()
+    alert_rules()
+    metrics_source()
+    test_dashboard.run(check, rule_exprs())
     compose_and_dockerfile()
     required_values()
     checksums()

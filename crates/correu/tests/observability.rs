@@ -288,12 +288,21 @@ fn one_trace_per_message_across_three_processes_and_its_retries() {
         assert_eq!(s.status, "UNSET", "the local message had no error: {s:#?}");
     }
 
-    // Logs carry the trace id with the queue id.
+    // Logs carry the trace id with the queue id, and the id of the span
+    // they were written in, as top-level fields.
     let log = delivery.output();
+    let line = log
+        .lines()
+        .find(|l| l.contains(&local) && l.contains("\"message\":\"delivered\""))
+        .unwrap_or_else(|| panic!("the delivery log line of {local}:\n{log}"));
+    let line: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(line["trace_id"], trace.as_str(), "{line}");
+    let span_id = line["span_id"].as_str().unwrap();
     assert!(
-        log.lines()
-            .any(|l| l.contains(&local) && l.contains(&format!("\"trace_id\":\"{trace}\""))),
-        "a delivery log line with queue id and trace id:\n{log}"
+        spans
+            .iter()
+            .any(|s| s.trace_id == trace && s.span_id == span_id),
+        "the line's span_id names a span of its trace: {line}"
     );
     drop(ingress);
     drop(delivery);
@@ -414,46 +423,83 @@ fn metrics_and_health_move_with_the_mail() {
     assert!(status.success(), "{}", serve.output());
 }
 
-/// Every metric the Grafana dashboard charts is one Correu declares (an
-/// instrument named `correu.…` in the code, in its Prometheus form).
+/// Every metric the Grafana dashboard charts and the alert rules use
+/// (`helm/tests/metrics_used.txt`, which the chart's test derives from the
+/// dashboard and the rendered PrometheusRule and keeps current) is in a
+/// scrape of the four services at start-up, before any mail: counters at
+/// zero, histograms empty. Each service also exports the process's own
+/// metrics.
 #[test]
-fn the_dashboard_charts_only_metrics_that_exist() {
+fn every_metric_the_dashboard_and_alerts_use_is_scraped_at_start_up() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let mut declared = std::collections::HashSet::new();
-    let mut stack = vec![root.join("crates")];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.extension().is_some_and(|x| x == "rs") {
-                let text = std::fs::read_to_string(&p).unwrap();
-                for piece in text.split("(\"correu.").skip(1) {
-                    let name = piece.split('"').next().unwrap();
-                    declared.insert(format!("correu_{}", name.replace('.', "_")));
-                }
+    let used = read(&root.join("helm/tests/metrics_used.txt"));
+    let used: Vec<&str> = used.lines().filter(|l| !l.is_empty()).collect();
+    assert!(used.len() >= 20, "{used:?}");
+    let dir = tempfile::tempdir().unwrap();
+    let vhost = Vhost::create("metrics");
+    let redis = RedisPrefix::new("metrics");
+    let base = format!(
+        "[smtp]\nlisten = [\"127.0.0.1:0\"]\n[storage]\nlisten = \"127.0.0.1:0\"\nroot = \"{}\"\n[queue]\nbackend = \"rabbitmq\"\nurl = \"{}\"\n[telemetry]\nlisten = \"127.0.0.1:0\"\n[webhook]\nurls = [\"http://127.0.0.1:9/hook\"]\n{}",
+        dir.path().join("mail").display(),
+        vhost.url(RABBITMQ.parse().unwrap()),
+        redis.section(),
+    );
+    let storage_cfg = dir.path().join("storage.toml");
+    std::fs::write(&storage_cfg, &base).unwrap();
+    let mut storage = Proc::correu(CORREU, "storage", dir.path(), &["storage"], &storage_cfg);
+    let storage_addr = storage.listening("storage listening");
+    let cfg = dir.path().join("correu.toml");
+    std::fs::write(
+        &cfg,
+        base.replace(
+            "[storage]\n",
+            &format!("[storage]\nendpoint = \"http://{storage_addr}\"\n"),
+        ),
+    )
+    .unwrap();
+    let mut delivery = Proc::correu(CORREU, "delivery", dir.path(), &["delivery"], &cfg);
+    delivery.wait_for("delivery consuming", Duration::from_secs(20));
+    let mut ingress = Proc::correu(CORREU, "ingress", dir.path(), &["ingress"], &cfg);
+    ingress.listening("SMTP listening");
+    let mut webhook = Proc::correu(CORREU, "webhook", dir.path(), &["webhook"], &cfg);
+    webhook.wait_for("webhook running", Duration::from_secs(20));
+
+    let mut all = std::collections::HashSet::new();
+    for (role, p) in [
+        ("storage", &mut storage),
+        ("delivery", &mut delivery),
+        ("ingress", &mut ingress),
+        ("webhook", &mut webhook),
+    ] {
+        let addr = p.listening("telemetry listening");
+        // A histogram is named by its base (`x` for `x_bucket`).
+        let mut names = std::collections::HashSet::new();
+        for series in scrape(addr).keys() {
+            let name = series.split('{').next().unwrap().to_string();
+            if let Some(base) = name.strip_suffix("_bucket") {
+                names.insert(base.to_string());
             }
+            names.insert(name);
         }
+        for process in [
+            "process_cpu_time_seconds_total",
+            "process_memory_usage_bytes",
+            "process_open_file_descriptor_count",
+            "correu_runtime_tasks",
+        ] {
+            assert!(
+                names.contains(process),
+                "{role} exports {process}: {names:?}"
+            );
+        }
+        all.extend(names);
     }
-    assert!(declared.len() >= 12, "{declared:?}");
-    let dashboard = read(&root.join("deploy/grafana/correu-dashboard.json"));
-    let mut charted = 0;
-    for piece in dashboard.split("correu_").skip(1) {
-        let name: String = piece
-            .chars()
-            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-            .collect();
-        let mut base = format!("correu_{name}");
-        for suffix in ["_bucket", "_total", "_seconds", "_bytes"] {
-            base = base.strip_suffix(suffix).unwrap_or(&base).to_string();
-        }
+    for name in used {
         assert!(
-            declared.contains(&base),
-            "the dashboard charts {base}, which no code declares ({declared:?})"
+            all.contains(name),
+            "{name} (charted or alerted on) is in no service's scrape at start-up: {all:?}"
         );
-        charted += 1;
     }
-    assert!(charted >= 12);
 }
 
 /// `OTEL_TRACES_EXPORTER=none` and `OTEL_METRICS_EXPORTER=none` turn the
@@ -523,4 +569,44 @@ fn otel_exporter_none_sends_nothing() {
         0,
         "no metrics with OTEL_METRICS_EXPORTER=none"
     );
+}
+
+/// Without any exporter, every log line written inside a span still
+/// carries top-level `trace_id` and `span_id`, and the lines of one
+/// message, from ingress's `queued` to delivery's `delivered`, share its
+/// trace id: logs alone can be joined.
+#[test]
+fn log_lines_carry_trace_and_span_ids_without_an_exporter() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("a.toml");
+    std::fs::write(
+        &cfg,
+        "[smtp]\nlisten = [\"127.0.0.1:0\"]\n[storage]\nlisten = \"127.0.0.1:0\"\nroot = \"mail\"\n[queue]\nspool = \"queue\"\n",
+    )
+    .unwrap();
+    let mut serve = Proc::correu(CORREU, "a", dir.path(), &["serve"], &cfg);
+    let smtp = serve.serve_smtp_addr();
+    let id = send(smtp, &["pere@localhost"], "ids");
+    let delivered =
+        serve.wait_for_line(&["\"message\":\"delivered\"", &id], Duration::from_secs(20));
+    let delivered: serde_json::Value = serde_json::from_str(&delivered).unwrap();
+    let queued = serve
+        .output()
+        .lines()
+        .find(|l| l.contains(&id) && l.contains("\"message\":\"queued\""))
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .unwrap_or_else(|| panic!("the queued line of {id}"));
+    let hex = |v: &serde_json::Value, len: usize| {
+        v.as_str()
+            .is_some_and(|s| s.len() == len && s.chars().all(|c| c.is_ascii_hexdigit()))
+    };
+    for line in [&queued, &delivered] {
+        assert!(hex(&line["trace_id"], 32), "{line}");
+        assert!(hex(&line["span_id"], 16), "{line}");
+    }
+    assert_eq!(
+        queued["trace_id"], delivered["trace_id"],
+        "one trace per message"
+    );
+    assert_ne!(queued["span_id"], delivered["span_id"], "different spans");
 }

@@ -20,6 +20,18 @@ pub enum Action {
     },
 }
 
+impl Action {
+    /// The action as RFC 3464 names it (and the `action` metric label).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Action::Failed(_) => "failed",
+            Action::Delayed(_) => "delayed",
+            Action::Delivered => "delivered",
+            Action::Relayed { .. } => "relayed",
+        }
+    }
+}
+
 /// Whether the recipient's NOTIFY asks for a report of this action
 /// (RFC 3461 §4.1: no NOTIFY means FAILURE, DELAY by the server's choice).
 pub fn wanted(notify: &str, action: &Action) -> bool {

@@ -296,7 +296,17 @@ impl Deliverer {
                     .unwrap_or_default();
                 match self.queue.publish(&report).await {
                     Ok(()) => {
-                        m.reports.add(1, &[]);
+                        // A report with a failure is a bounce.
+                        let action = reports
+                            .iter()
+                            .map(|(_, a)| a.name())
+                            .min_by_key(|a| {
+                                ["failed", "delayed", "delivered", "relayed"]
+                                    .iter()
+                                    .position(|x| x == a)
+                            })
+                            .unwrap_or("failed");
+                        m.reports.add(1, &[KeyValue::new("action", action)]);
                         tracing::info!(queue_id = %id, dsn = %dsn_id, to = %msg.sender, "delivery status notification queued")
                     }
                     Err(e) => {

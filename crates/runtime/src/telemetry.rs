@@ -237,6 +237,13 @@ fn init_with(service: &'static str, filter: EnvFilter, json: bool) -> Telemetry 
     } else {
         None
     };
+    // Without an exporter, spans still get trace and span ids (for the
+    // log lines written inside them) and are dropped when they end.
+    let ids_only = tracer.is_none().then(|| {
+        SdkTracerProvider::builder()
+            .with_resource(resource.clone())
+            .build()
+    });
 
     let reader = PROMETHEUS
         .get_or_init(|| Arc::new(ManualReader::builder().build()))
@@ -268,14 +275,17 @@ fn init_with(service: &'static str, filter: EnvFilter, json: bool) -> Telemetry 
 
     let otel = tracer
         .as_ref()
+        .or(ids_only.as_ref())
         .map(|t| tracing_opentelemetry::layer().with_tracer(t.tracer("correu")));
     let registry = tracing_subscriber::registry().with(filter).with(otel);
     let result = if json {
         registry
             .with(
                 tracing_subscriber::fmt::layer()
-                    .json()
-                    .flatten_event(true)
+                    .event_format(WithIds(
+                        tracing_subscriber::fmt::format().json().flatten_event(true),
+                    ))
+                    .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
                     .with_writer(std::io::stderr),
             )
             .try_init()
@@ -288,13 +298,51 @@ fn init_with(service: &'static str, filter: EnvFilter, json: bool) -> Telemetry 
             )
             .try_init()
     };
+    let tracer = tracer.or(ids_only);
     if result.is_ok() {
-        tracing::debug!(service, traces = tracer.is_some(), "telemetry started");
+        tracing::debug!(service, "telemetry started");
         for p in problems {
             tracing::warn!("{p}");
         }
     }
     Telemetry { tracer, meter }
+}
+
+/// A JSON log line with the trace and span ids of the span it was
+/// written in as its first fields (`trace_id`, `span_id`, W3C hex), so
+/// logs alone can be joined to traces.
+struct WithIds<F>(F);
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for WithIds<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let ids = ctx.lookup_current().and_then(|span| {
+            let ext = span.extensions();
+            let data = ext.get::<tracing_opentelemetry::OtelData>()?;
+            Some((data.trace_id()?, data.span_id()?))
+        });
+        let mut line = String::new();
+        self.0.format_event(
+            ctx,
+            tracing_subscriber::fmt::format::Writer::new(&mut line),
+            event,
+        )?;
+        match (ids, line.strip_prefix('{')) {
+            (Some((t, s)), Some(rest)) if t != opentelemetry::TraceId::INVALID => {
+                write!(writer, "{{\"trace_id\":\"{t}\",\"span_id\":\"{s}\",{rest}")
+            }
+            _ => writer.write_str(&line),
+        }
+    }
 }
 
 impl Telemetry {

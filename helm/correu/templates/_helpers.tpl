@@ -69,6 +69,11 @@ capabilities:
 - name: OTEL_SERVICE_NAME
   value: correu-{{ $component }}
 {{- with $.Values.telemetry }}
+{{- /* Metrics reach Prometheus one way (telemetry.metrics): pushed over
+OTLP only when asked, so a scraped pod is not also counted through the
+collector. */}}
+- name: OTEL_METRICS_EXPORTER
+  value: {{ ternary "none" "otlp" (eq (include "correu.metricsSource" $) "scrape") | quote }}
 {{- if .otlpEndpoint }}
 - name: OTEL_EXPORTER_OTLP_ENDPOINT
   value: {{ .otlpEndpoint | quote }}
@@ -119,6 +124,7 @@ capabilities:
 {{/* What must be set, checked before anything is rendered: helm install
 fails with the value to set instead of leaving pods that exit 64. */}}
 {{- define "correu.validate" -}}
+{{- $_ := include "correu.metricsSource" . -}}
 {{- if not (or .Values.rabbitmq.url .Values.rabbitmq.existingSecret .Values.rabbitmq.internal.enabled) -}}
 {{- fail "Correu needs RabbitMQ 3.10 or later: set rabbitmq.existingSecret (a Secret whose key `url` holds amqp(s)://USER:PASSWORD@HOST:PORT/VHOST), rabbitmq.url, or rabbitmq.internal.enabled=true for a trial" -}}
 {{- end -}}
@@ -131,6 +137,49 @@ fails with the value to set instead of leaving pods that exit 64. */}}
 {{- if and .Values.storage.dovecot.enabled (not .Values.accounts.existingSecret) -}}
 {{- fail "storage.dovecot.enabled needs accounts.existingSecret: Dovecot checks IMAP passwords against Correu's accounts" -}}
 {{- end -}}
+{{- end -}}
+
+{{/* telemetry.metrics, checked: scrape, otlp or both. */}}
+{{- define "correu.metricsSource" -}}
+{{- $m := .Values.telemetry.metrics | default "scrape" -}}
+{{- if not (has $m (list "scrape" "otlp" "both")) -}}
+{{- fail (printf "telemetry.metrics is %q: say scrape (Prometheus reads /metrics), otlp (pushed to telemetry.otlpEndpoint) or both" $m) -}}
+{{- end -}}
+{{- if and (ne $m "scrape") (not .Values.telemetry.otlpEndpoint) -}}
+{{- fail (printf "telemetry.metrics=%s pushes metrics over OTLP and needs telemetry.otlpEndpoint (e.g. http://otel-collector.monitoring:4317), or set telemetry.metrics=scrape" $m) -}}
+{{- end -}}
+{{- $m -}}
+{{- end -}}
+
+{{/* Whether the ServiceMonitor (and its headless Services) is rendered:
+asked for, and metrics are scraped (telemetry.metrics scrape or both). */}}
+{{- define "correu.serviceMonitor" -}}
+{{- if and .Values.telemetry.serviceMonitor.enabled (ne (include "correu.metricsSource" .) "otlp") -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* The label matchers every Correu series in the PrometheusRule gets:
+telemetry.prometheusRule.selector, else this release's scrape jobs (the
+headless Services the ServiceMonitor makes), else none (otlp). */}}
+{{- define "correu.ruleSelector" -}}
+{{- $p := .Values.telemetry.prometheusRule -}}
+{{- if $p.selector -}}
+{{- $p.selector -}}
+{{- else if ne (include "correu.metricsSource" .) "otlp" -}}
+namespace="{{ .Release.Namespace }}", job=~"{{ include "correu.fullname" . }}-(ingress|delivery|storage|webhook)-metrics"
+{{- end -}}
+{{- end -}}
+
+{{/* One series selector for the PrometheusRule: include with
+(list $ "correu_queue_errors_total" `operation="publish"`) (the third,
+more matchers, may be ""). */}}
+{{- define "correu.series" -}}
+{{- $ := index . 0 -}}
+{{- $matchers := list -}}
+{{- with include "correu.ruleSelector" $ }}{{ $matchers = append $matchers . }}{{ end -}}
+{{- with index . 2 }}{{ $matchers = append $matchers . }}{{ end -}}
+{{ index . 1 }}{{ "{" }}{{ join ", " $matchers }}{{ "}" }}
 {{- end -}}
 
 {{- define "correu.serviceAccountName" -}}
