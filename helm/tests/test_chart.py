@@ -515,6 +515,9 @@ def metrics_source():
                 check(env.get("OTEL_METRICS_EXPORTER") == exporter,
                       f"{name}: {dep}/{c['name']} has OTEL_METRICS_EXPORTER={env.get('OTEL_METRICS_EXPORTER')}, "
                       f"not {exporter}")
+                check(env.get("OTEL_LOGS_EXPORTER") == "none",
+                      f"{name}: {dep}/{c['name']}: logs stay on standard error by default, "
+                      f"OTEL_LOGS_EXPORTER={env.get('OTEL_LOGS_EXPORTER')}")
                 check(env.get("OTEL_EXPORTER_OTLP_ENDPOINT") == (endpoint if otlp else None),
                       f"{name}: {dep}/{c['name']}: OTLP endpoint {env.get('OTEL_EXPORTER_OTLP_ENDPOINT')}")
         check(roles == {"ingress", "delivery", "storage", "webhook"}, f"{name}: containers of {sorted(roles)}")
@@ -524,6 +527,14 @@ def metrics_source():
         check(len(metrics_services) == (4 if monitor else 0), f"{name}: metrics Services {metrics_services}")
         print(f"ok: {name}: OTEL_METRICS_EXPORTER={exporter} in every role, "
               f"ServiceMonitor {'rendered' if monitor else 'not rendered'}")
+    docs, _ = render({**base, "telemetry": {"otlpEndpoint": endpoint, "logs": "otlp"}})
+    for dep, spec in pods(docs):
+        for c in spec["containers"]:
+            if c["name"] in ("ingress", "delivery", "storage", "webhook"):
+                env = {e["name"]: e.get("value") for e in c.get("env", [])}
+                check(env.get("OTEL_LOGS_EXPORTER") == "otlp",
+                      f"telemetry.logs=otlp: {dep}/{c['name']} has OTEL_LOGS_EXPORTER={env.get('OTEL_LOGS_EXPORTER')}")
+    print("ok: telemetry.logs=otlp sends log records over OTLP in every role")
     for metrics in ("otlp", "both"):
         message = install_error({**base, "telemetry": {"metrics": metrics}})
         check(message is not None and "telemetry.otlpEndpoint" in message and f"telemetry.metrics={metrics}" in message,

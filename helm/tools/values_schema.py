@@ -194,6 +194,8 @@ SCHEMA = {
         "telemetry": obj({
             "metrics": {"enum": ["scrape", "otlp", "both"],
                         "description": "where Prometheus gets the metrics: scrape /metrics, otlp (pushed), or both"},
+            "logs": {"enum": ["stderr", "otlp"],
+                     "description": "stderr: JSON lines only; otlp: also OTLP log records to otlpEndpoint"},
             "otlpEndpoint": s(pattern="^$|^https?://"),
             "otlpProtocol": {"enum": ["grpc", "http/protobuf"]},
             "tracesSampler": {"enum": ["always_on", "always_off", "traceidratio", "parentbased_always_on",

@@ -502,14 +502,18 @@ fn every_metric_the_dashboard_and_alerts_use_is_scraped_at_start_up() {
     }
 }
 
-/// `OTEL_TRACES_EXPORTER=none` and `OTEL_METRICS_EXPORTER=none` turn the
-/// exporters off even with an OTLP endpoint set (a platform team's way of
-/// scraping `/metrics` instead of pushing); without them the same process
-/// pushes both to the same receiver.
+/// OpenTelemetry's standard variables: with an endpoint, traces, metrics
+/// and logs are pushed (log records with the trace and span of the span
+/// they were written in), with `OTEL_EXPORTER_OTLP_HEADERS`' headers;
+/// `OTEL_TRACES_EXPORTER=none`, `OTEL_METRICS_EXPORTER=none` and
+/// `OTEL_LOGS_EXPORTER=none` turn each off though the endpoint is set (a
+/// platform team's way of scraping `/metrics` and collecting standard
+/// error instead); `OTEL_TRACES_SAMPLER=traceidratio` with
+/// `OTEL_TRACES_SAMPLER_ARG=0` samples no trace.
 #[test]
 fn otel_exporter_none_sends_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let run_serve = |name: &str, receiver: &OtlpReceiver, none: bool| {
+    let run_serve = |name: &str, receiver: &OtlpReceiver, extra: &[(&str, &str)]| {
         let cfg = dir.path().join(format!("{name}.toml"));
         std::fs::write(
             &cfg,
@@ -522,12 +526,10 @@ fn otel_exporter_none_sends_nothing() {
         let mut env = vec![
             ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
             ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            ("OTEL_BLRP_SCHEDULE_DELAY", "100"),
             ("OTEL_METRIC_EXPORT_INTERVAL", "200"),
         ];
-        if none {
-            env.push(("OTEL_TRACES_EXPORTER", "none"));
-            env.push(("OTEL_METRICS_EXPORTER", "none"));
-        }
+        env.extend_from_slice(extra);
         let mut p = Proc::spawn(
             name,
             dir.path(),
@@ -536,27 +538,71 @@ fn otel_exporter_none_sends_nothing() {
             &env,
         );
         let addr = p.serve_smtp_addr();
-        send(addr, &["jo@localhost"], name);
+        let id = send(addr, &["jo@localhost"], name);
         wait_maildir(
             &dir.path().join(format!("{name}-mail/localhost/jo")),
             1,
             Duration::from_secs(20),
         );
-        p
+        (p, id)
     };
 
     let pushed = OtlpReceiver::start();
-    let _on = run_serve("on", &pushed, false);
+    let (_on, id) = run_serve(
+        "on",
+        &pushed,
+        &[("OTEL_EXPORTER_OTLP_HEADERS", "x-correu-tenant=mail-team")],
+    );
     let spans = pushed.wait(Duration::from_secs(20), |s| !s.is_empty());
     assert!(!spans.is_empty(), "spans are pushed by default");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while pushed.metric_exports() == 0 && std::time::Instant::now() < deadline {
+    while (pushed.metric_exports() == 0 || !pushed.logs().iter().any(|l| l.body == "delivered"))
+        && std::time::Instant::now() < deadline
+    {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(pushed.metric_exports() > 0, "metrics are pushed by default");
+    assert!(
+        pushed
+            .headers()
+            .contains(&("x-correu-tenant".into(), "mail-team".into())),
+        "OTEL_EXPORTER_OTLP_HEADERS: {:?}",
+        pushed.headers()
+    );
+    let logs = pushed.logs();
+    let delivered = logs
+        .iter()
+        .find(|l| l.body == "delivered" && l.attributes.get("queue_id") == Some(&id))
+        .unwrap_or_else(|| panic!("the delivered log record of {id}: {logs:#?}"));
+    assert_eq!(delivered.severity, "INFO");
+    assert_eq!(delivered.service, "correu");
+    let spans = pushed.spans();
+    assert!(
+        spans
+            .iter()
+            .any(|s| s.trace_id == delivered.trace_id && s.span_id == delivered.span_id),
+        "the record names the span it was written in: {delivered:#?}"
+    );
 
     let quiet = OtlpReceiver::start();
-    let _off = run_serve("off", &quiet, true);
+    let _off = run_serve(
+        "off",
+        &quiet,
+        &[
+            ("OTEL_TRACES_EXPORTER", "none"),
+            ("OTEL_METRICS_EXPORTER", "none"),
+            ("OTEL_LOGS_EXPORTER", "none"),
+        ],
+    );
+    let unsampled = OtlpReceiver::start();
+    let _ratio = run_serve(
+        "ratio",
+        &unsampled,
+        &[
+            ("OTEL_TRACES_SAMPLER", "traceidratio"),
+            ("OTEL_TRACES_SAMPLER_ARG", "0"),
+        ],
+    );
     // Several export intervals and batch delays go by.
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(
@@ -568,6 +614,16 @@ fn otel_exporter_none_sends_nothing() {
         quiet.metric_exports(),
         0,
         "no metrics with OTEL_METRICS_EXPORTER=none"
+    );
+    assert_eq!(
+        quiet.logs().len(),
+        0,
+        "no logs with OTEL_LOGS_EXPORTER=none"
+    );
+    assert_eq!(unsampled.spans().len(), 0, "a ratio of 0 samples nothing");
+    assert!(
+        !unsampled.logs().is_empty(),
+        "logs go on without sampled traces"
     );
 }
 

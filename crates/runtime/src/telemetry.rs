@@ -7,10 +7,12 @@
 //! ([`init_cli`]). A log line
 //! inside a message's span carries its queue id and trace id.
 //!
-//! Traces and metrics follow OpenTelemetry's standard environment:
-//! `OTEL_EXPORTER_OTLP_ENDPOINT` (or the `_TRACES_`/`_METRICS_` variants)
-//! turns the OTLP exporters on, unless `OTEL_TRACES_EXPORTER` or
-//! `OTEL_METRICS_EXPORTER` says `none`, `OTEL_EXPORTER_OTLP_PROTOCOL` is `grpc`
+//! Traces, metrics and logs follow OpenTelemetry's standard environment:
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` (or the `_TRACES_`/`_METRICS_`/`_LOGS_`
+//! variants) turns the OTLP exporters on, unless `OTEL_TRACES_EXPORTER`,
+//! `OTEL_METRICS_EXPORTER` or `OTEL_LOGS_EXPORTER` says `none`; headers
+//! and timeouts (`OTEL_EXPORTER_OTLP_HEADERS`, `_TIMEOUT`, per signal too)
+//! are the exporters' own reading, `OTEL_EXPORTER_OTLP_PROTOCOL` is `grpc`
 //! (default) or `http/protobuf`, `OTEL_SERVICE_NAME` and
 //! `OTEL_RESOURCE_ATTRIBUTES` name the resource, `OTEL_TRACES_SAMPLER`
 //! samples. With no endpoint there is no exporter and no span is sent
@@ -28,9 +30,9 @@ use std::time::Duration;
 
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::logs::SdkLoggerProvider;
 use opentelemetry_sdk::metrics::data::ResourceMetrics;
 use opentelemetry_sdk::metrics::reader::MetricReader;
 use opentelemetry_sdk::metrics::{
@@ -47,6 +49,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 pub struct Telemetry {
     tracer: Option<SdkTracerProvider>,
     meter: SdkMeterProvider,
+    logs: Option<SdkLoggerProvider>,
 }
 
 /// The in-memory reader `/metrics` renders.
@@ -104,14 +107,14 @@ fn resource(service: &'static str) -> Resource {
     b.build()
 }
 
-/// `grpc` or `http/protobuf` for a signal (`TRACES` or `METRICS`).
+/// `grpc` or `http/protobuf` for a signal (`TRACES`, `METRICS` or `LOGS`).
 fn protocol(signal: &str) -> String {
     env(&format!("OTEL_EXPORTER_OTLP_{signal}_PROTOCOL"))
         .or_else(|| env("OTEL_EXPORTER_OTLP_PROTOCOL"))
         .unwrap_or_else(|| "grpc".into())
 }
 
-/// Whether a signal (`TRACES` or `METRICS`) is exported: an OTLP endpoint
+/// Whether a signal (`TRACES`, `METRICS` or `LOGS`) is exported: an OTLP endpoint
 /// is set for it, and `OTEL_{signal}_EXPORTER` (a list, as the
 /// specification has it) does not say `none`. An exporter Correu lacks is
 /// named in `problems` and ignored.
@@ -143,7 +146,20 @@ fn span_exporter() -> anyhow::Result<opentelemetry_otlp::SpanExporter> {
             .build()?,
         "grpc" => opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
-            .with_timeout(Duration::from_secs(10))
+            .build()?,
+        other => anyhow::bail!(
+            "OTEL_EXPORTER_OTLP_PROTOCOL={other:?}: Correu speaks grpc and http/protobuf"
+        ),
+    })
+}
+
+fn log_exporter() -> anyhow::Result<opentelemetry_otlp::LogExporter> {
+    Ok(match protocol("LOGS").as_str() {
+        "http/protobuf" => opentelemetry_otlp::LogExporter::builder()
+            .with_http()
+            .build()?,
+        "grpc" => opentelemetry_otlp::LogExporter::builder()
+            .with_tonic()
             .build()?,
         other => anyhow::bail!(
             "OTEL_EXPORTER_OTLP_PROTOCOL={other:?}: Correu speaks grpc and http/protobuf"
@@ -158,7 +174,6 @@ fn metric_exporter() -> anyhow::Result<opentelemetry_otlp::MetricExporter> {
             .build()?,
         "grpc" => opentelemetry_otlp::MetricExporter::builder()
             .with_tonic()
-            .with_timeout(Duration::from_secs(10))
             .build()?,
         other => anyhow::bail!(
             "OTEL_EXPORTER_OTLP_PROTOCOL={other:?}: Correu speaks grpc and http/protobuf"
@@ -248,6 +263,7 @@ fn init_with(service: &'static str, filter: EnvFilter, json: bool) -> Telemetry 
     let reader = PROMETHEUS
         .get_or_init(|| Arc::new(ManualReader::builder().build()))
         .clone();
+    let resource_for_logs = resource.clone();
     let mut meter = SdkMeterProvider::builder()
         .with_resource(resource)
         .with_reader(SharedReader(reader));
@@ -273,11 +289,50 @@ fn init_with(service: &'static str, filter: EnvFilter, json: bool) -> Telemetry 
     let meter = meter.build();
     opentelemetry::global::set_meter_provider(meter.clone());
 
+    // Log records to OTLP (the logs bridge), beside standard error.
+    let logs = if exporting("LOGS", &mut problems) {
+        match log_exporter() {
+            Ok(exporter) => Some(
+                SdkLoggerProvider::builder()
+                    .with_resource(resource_for_logs)
+                    .with_log_processor(
+                        opentelemetry_sdk::logs::log_processor_with_async_runtime::BatchLogProcessor::builder(
+                            exporter,
+                            opentelemetry_sdk::runtime::Tokio,
+                        )
+                        .build(),
+                    )
+                    .build(),
+            ),
+            Err(e) => {
+                problems.push(format!("logs are not exported: {e}"));
+                None
+            }
+        }
+    } else {
+        None
+    };
+    // Not the exporters' own events: a failing export would log, and that
+    // log be exported, again and again.
+    let bridge = logs.as_ref().map(|l| {
+        use tracing_subscriber::Layer as _;
+        opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge::new(l).with_filter(
+            tracing_subscriber::filter::filter_fn(|m| {
+                !["opentelemetry", "tonic", "h2", "hyper", "tower", "reqwest"]
+                    .iter()
+                    .any(|p| m.target().starts_with(p))
+            }),
+        )
+    });
+
     let otel = tracer
         .as_ref()
         .or(ids_only.as_ref())
         .map(|t| tracing_opentelemetry::layer().with_tracer(t.tracer("correu")));
-    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(otel)
+        .with(bridge);
     let result = if json {
         registry
             .with(
@@ -305,7 +360,11 @@ fn init_with(service: &'static str, filter: EnvFilter, json: bool) -> Telemetry 
             tracing::warn!("{p}");
         }
     }
-    Telemetry { tracer, meter }
+    Telemetry {
+        tracer,
+        meter,
+        logs,
+    }
 }
 
 /// A JSON log line with the trace and span ids of the span it was
@@ -348,7 +407,11 @@ where
 impl Telemetry {
     /// Sends what is buffered and stops the exporters.
     pub async fn shutdown(self) {
-        let Telemetry { tracer, meter } = self;
+        let Telemetry {
+            tracer,
+            meter,
+            logs,
+        } = self;
         // The providers' shutdown waits on the exporters, which run on
         // this runtime: wait for it off the async threads.
         let done = tokio::task::spawn_blocking(move || {
@@ -356,6 +419,9 @@ impl Telemetry {
                 let _flushed = t.shutdown();
             }
             let _flushed = meter.shutdown();
+            if let Some(l) = logs {
+                let _flushed = l.shutdown();
+            }
         });
         let _ = tokio::time::timeout(Duration::from_secs(10), done).await;
     }

@@ -23,16 +23,93 @@ pub struct ReceivedSpan {
     pub status_message: String,
 }
 
-/// A real OTLP/gRPC trace receiver (opentelemetry-proto's tonic service)
-/// on 127.0.0.1, keeping every span it is sent.
+/// One log record as an OTLP receiver got it.
+#[derive(Debug, Clone)]
+pub struct ReceivedLog {
+    pub service: String,
+    pub severity: String,
+    pub body: String,
+    /// Hex; empty when the record was written outside any span.
+    pub trace_id: String,
+    pub span_id: String,
+    pub attributes: std::collections::HashMap<String, String>,
+}
+
+/// A real OTLP/gRPC receiver (opentelemetry-proto's tonic services) on
+/// 127.0.0.1, keeping every span and log record it is sent, counting
+/// metric exports, and noting the `x-…` request headers of trace exports.
 pub struct OtlpReceiver {
     pub addr: SocketAddr,
     spans: std::sync::Arc<std::sync::Mutex<Vec<ReceivedSpan>>>,
+    logs: std::sync::Arc<std::sync::Mutex<Vec<ReceivedLog>>>,
+    headers: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
     metric_exports: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
-struct Collector(std::sync::Arc<std::sync::Mutex<Vec<ReceivedSpan>>>);
+struct Collector(
+    std::sync::Arc<std::sync::Mutex<Vec<ReceivedSpan>>>,
+    std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
+);
+
+/// Keeps the log records it is sent.
+struct LogsCollector(std::sync::Arc<std::sync::Mutex<Vec<ReceivedLog>>>);
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::LogsService
+    for LogsCollector
+{
+    async fn export(
+        &self,
+        request: tonic::Request<
+            opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest,
+        >,
+    ) -> Result<
+        tonic::Response<opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceResponse>,
+        tonic::Status,
+    > {
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        let mut got = Vec::new();
+        for rl in request.into_inner().resource_logs {
+            let service = rl
+                .resource
+                .as_ref()
+                .and_then(|r| r.attributes.iter().find(|a| a.key == "service.name"))
+                .map(|a| any_text(&a.value))
+                .unwrap_or_default();
+            for sl in rl.scope_logs {
+                for r in sl.log_records {
+                    got.push(ReceivedLog {
+                        service: service.clone(),
+                        severity: r.severity_text.clone(),
+                        body: any_text(&r.body),
+                        trace_id: hex(&r.trace_id),
+                        span_id: hex(&r.span_id),
+                        attributes: r
+                            .attributes
+                            .iter()
+                            .map(|a| (a.key.clone(), any_text(&a.value)))
+                            .collect(),
+                    });
+                }
+            }
+        }
+        self.0.lock().unwrap().extend(got);
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+/// An OTLP value as text.
+fn any_text(v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>) -> String {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    match v.as_ref().and_then(|v| v.value.as_ref()) {
+        Some(Value::StringValue(s)) => s.clone(),
+        Some(Value::IntValue(i)) => i.to_string(),
+        Some(Value::BoolValue(b)) => b.to_string(),
+        Some(Value::DoubleValue(d)) => d.to_string(),
+        _ => String::new(),
+    }
+}
 
 /// Counts the metric exports it is sent.
 struct MetricsCollector(std::sync::Arc<std::sync::atomic::AtomicUsize>);
@@ -73,16 +150,17 @@ impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::Tra
         tonic::Status,
     > {
         use opentelemetry_proto::tonic::common::v1::any_value::Value;
-        let text = |v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>| match v
-            .as_ref()
-            .and_then(|v| v.value.as_ref())
+        let text = any_text;
         {
-            Some(Value::StringValue(s)) => s.clone(),
-            Some(Value::IntValue(i)) => i.to_string(),
-            Some(Value::BoolValue(b)) => b.to_string(),
-            Some(Value::DoubleValue(d)) => d.to_string(),
-            _ => String::new(),
-        };
+            let mut h = self.1.lock().unwrap();
+            for kv in request.metadata().iter() {
+                if let tonic::metadata::KeyAndValueRef::Ascii(k, v) = kv
+                    && k.as_str().starts_with("x-")
+                {
+                    h.push((k.as_str().to_string(), v.to_str().unwrap_or("").to_string()));
+                }
+            }
+        }
         let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
         let kind_of = |v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>| match v
             .as_ref()
@@ -154,9 +232,12 @@ impl OtlpReceiver {
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let spans = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let headers = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let metric_exports = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let collector = Collector(spans.clone());
+        let collector = Collector(spans.clone(), headers.clone());
+        let log_collector = LogsCollector(logs.clone());
         let metrics = MetricsCollector(metric_exports.clone());
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -172,6 +253,9 @@ impl OtlpReceiver {
                     .add_service(
                         opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsServiceServer::new(metrics),
                     )
+                    .add_service(
+                        opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::LogsServiceServer::new(log_collector),
+                    )
                     .serve_with_incoming_shutdown(
                         tonic::transport::server::TcpIncoming::from(listener),
                         async {
@@ -185,9 +269,21 @@ impl OtlpReceiver {
         OtlpReceiver {
             addr,
             spans,
+            logs,
+            headers,
             metric_exports,
             _stop: stop,
         }
+    }
+
+    /// Every log record so far.
+    pub fn logs(&self) -> Vec<ReceivedLog> {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// The `x-…` headers trace exports came with.
+    pub fn headers(&self) -> Vec<(String, String)> {
+        self.headers.lock().unwrap().clone()
     }
 
     /// `http://127.0.0.1:PORT`, for `OTEL_EXPORTER_OTLP_ENDPOINT`.

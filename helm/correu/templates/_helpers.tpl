@@ -74,6 +74,10 @@ OTLP only when asked, so a scraped pod is not also counted through the
 collector. */}}
 - name: OTEL_METRICS_EXPORTER
   value: {{ ternary "none" "otlp" (eq (include "correu.metricsSource" $) "scrape") | quote }}
+{{- /* Logs go to standard error (the cluster's log collector) and, with
+telemetry.logs = otlp, also as OTLP log records. */}}
+- name: OTEL_LOGS_EXPORTER
+  value: {{ ternary "otlp" "none" (eq (.logs | default "stderr") "otlp") | quote }}
 {{- if .otlpEndpoint }}
 - name: OTEL_EXPORTER_OTLP_ENDPOINT
   value: {{ .otlpEndpoint | quote }}
