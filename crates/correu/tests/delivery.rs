@@ -199,7 +199,14 @@ fn a_mail_loop_ends_in_one_bounce() {
         ),
     )
     .unwrap();
-    let mut serve = Proc::correu(CORREU, "loop", dir.path(), &["serve"], &cfg);
+    // Ingress's "queued" lines (debug) count the copies.
+    let mut serve = Proc::spawn(
+        "loop",
+        dir.path(),
+        CORREU,
+        &["serve", "--config", cfg.to_str().unwrap()],
+        &[("CORREU_LOG", "info,correu_ingress=debug")],
+    );
     let addr = serve.serve_smtp_addr();
     send(addr, &["ana@remote.test"], "round and round");
     let bounce = only_file(&maildir(dir.path(), "loop", "jo"), Duration::from_secs(60));

@@ -640,7 +640,14 @@ fn log_lines_carry_trace_and_span_ids_without_an_exporter() {
         "[smtp]\nlisten = [\"127.0.0.1:0\"]\n[storage]\nlisten = \"127.0.0.1:0\"\nroot = \"mail\"\n[queue]\nspool = \"queue\"\n",
     )
     .unwrap();
-    let mut serve = Proc::correu(CORREU, "a", dir.path(), &["serve"], &cfg);
+    // Ingress's "queued" is a debug line (one line per message at info).
+    let mut serve = Proc::spawn(
+        "a",
+        dir.path(),
+        CORREU,
+        &["serve", "--config", cfg.to_str().unwrap()],
+        &[("CORREU_LOG", "info,correu_ingress=debug")],
+    );
     let smtp = serve.serve_smtp_addr();
     let id = send(smtp, &["pere@localhost"], "ids");
     let delivered =

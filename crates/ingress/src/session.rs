@@ -1346,7 +1346,9 @@ async fn queue_message(
         .await
     {
         Ok(()) => {
-            tracing::info!(queue_id = %id, from = %msg.sender, recipients = msg.recipients.len(), size, client = %client, "queued");
+            // One line per message at info is delivery's; this step is
+            // debug (`CORREU_LOG=info,correu_ingress=debug` shows it).
+            tracing::debug!(queue_id = %id, from = %msg.sender, recipients = msg.recipients.len(), size, client = %client, "queued");
             Ok(id)
         }
         Err(e) => {

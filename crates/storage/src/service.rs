@@ -182,7 +182,8 @@ impl Storage for StorageService {
         );
         let _in_span = span.enter();
         for d in &copies {
-            tracing::info!(queue_id = %queue_id, mailbox = %d.mailbox, message_id = %d.message_id, duplicate = d.duplicate, "stored");
+            // Delivery's line says it at info; this step is debug.
+            tracing::debug!(queue_id = %queue_id, mailbox = %d.mailbox, message_id = %d.message_id, duplicate = d.duplicate, "stored");
         }
         let first = copies.first().cloned();
         Ok(Response::new(DeliverResponse {

@@ -67,6 +67,10 @@ pub fn signed_dns(
             &keys,
             "-O",
             "full",
+            // The dsset file goes beside the zone, not in the working
+            // directory.
+            "-d",
+            &d(""),
             "-o",
             ".",
             "-f",
