@@ -1124,6 +1124,54 @@ fn events(dir: &Path) -> Vec<correu_proto::v1::DeliveryEvent> {
         .collect()
 }
 
+/// Sends each `(recipient, subject)` with `MAIL FROM:<jo@localhost>
+/// REQUIRETLS` from Python's smtplib over STARTTLS (trusting `ca`), each
+/// accepted; first, with `check_clear`, checks that REQUIRETLS is neither
+/// offered nor taken in the clear (`530 5.7.10`). The queue ids, in order.
+fn send_requiretls(
+    port: u16,
+    ca: &Path,
+    check_clear: bool,
+    messages: &[(&str, &str)],
+) -> Vec<String> {
+    let clear = if check_clear {
+        "assert not s.has_extn('requiretls'), 'REQUIRETLS offered in the clear'\n\
+         code, text = s.docmd('MAIL FROM:<jo@localhost> REQUIRETLS')\n\
+         assert code == 530 and b'5.7.10' in text, (code, text)\n\
+         s.rset()\n"
+    } else {
+        ""
+    };
+    let list: Vec<String> = messages
+        .iter()
+        .map(|(r, subject)| format!("({r:?}, {subject:?})"))
+        .collect();
+    let script = format!(
+        r#"
+import smtplib, ssl
+s = smtplib.SMTP('127.0.0.1', {port})
+s.ehlo('py.example')
+{clear}s.starttls(context=ssl.create_default_context(cafile={ca:?}))
+s.ehlo('py.example')
+assert s.has_extn('requiretls'), s.esmtp_features
+for rcpt, subject in ({list},):
+    s.mail('jo@localhost', ['REQUIRETLS'])
+    s.rcpt(rcpt)
+    code, text = s.data(('Subject: %s\r\n\r\nbody\r\n' % subject).encode())
+    assert code == 250, (code, text)
+    print(text.decode().split()[-1])
+s.quit()
+"#,
+        ca = ca.to_str().unwrap(),
+        list = list.join(", ")
+    );
+    let (st, out, err) = run(&python(), &["-c", &script]);
+    assert!(st.success(), "{out}{err}");
+    let ids: Vec<String> = out.split_whitespace().map(String::from).collect();
+    assert_eq!(ids.len(), messages.len(), "{out}");
+    ids
+}
+
 /// REQUIRETLS (RFC 8689) end to end: a client that asks for it without
 /// TLS is refused `530 5.7.10`; under STARTTLS the message goes to a
 /// Correu that offers REQUIRETLS, over TLS verified against its CA; one
@@ -1180,33 +1228,17 @@ fn requiretls_goes_only_to_a_verified_host_that_offers_it() {
     let mut a = Proc::correu(CORREU, "a", dir.path(), &["serve"], &a_cfg);
     let a_addr = a.serve_smtp_addr();
 
-    let script = format!(
-        r#"
-import smtplib, ssl
-s = smtplib.SMTP('127.0.0.1', {port})
-s.ehlo('py.example')
-assert not s.has_extn('requiretls'), 'REQUIRETLS offered in the clear'
-code, text = s.docmd('MAIL FROM:<jo@localhost> REQUIRETLS')
-assert code == 530 and b'5.7.10' in text, (code, text)
-s.rset()
-s.starttls(context=ssl.create_default_context(cafile={ca:?}))
-s.ehlo('py.example')
-assert s.has_extn('requiretls'), s.esmtp_features
-for rcpt, subject in (('ana@b.test', 'kept private'), ('ana@remote.test', 'not to postfix'), ('ana@plain.test', 'not in the clear'), ('ana@unauth.test', 'not to an unauthenticated mx')):
-    s.mail('jo@localhost', ['REQUIRETLS'])
-    s.rcpt(rcpt)
-    code, text = s.data(('Subject: %s\r\n\r\nbody\r\n' % subject).encode())
-    assert code == 250, (code, text)
-    print(text.decode().split()[-1])
-s.quit()
-"#,
-        port = a_addr.port(),
-        ca = cert.ca.to_str().unwrap()
+    let ids = send_requiretls(
+        a_addr.port(),
+        &cert.ca,
+        true,
+        &[
+            ("ana@b.test", "kept private"),
+            ("ana@remote.test", "not to postfix"),
+            ("ana@plain.test", "not in the clear"),
+            ("ana@unauth.test", "not to an unauthenticated mx"),
+        ],
     );
-    let (st, out, err) = run(&python(), &["-c", &script]);
-    assert!(st.success(), "{out}{err}");
-    let ids: Vec<&str> = out.split_whitespace().collect();
-    assert_eq!(ids.len(), 4, "{out}");
 
     // To B: delivered, over verified TLS.
     let got = only_file(
@@ -1220,7 +1252,11 @@ s.quit()
     // To Postfix and aiosmtpd: never sent, and the sender learns why.
     let bounces = wait_maildir(&maildir(dir.path(), "a", "jo"), 3, Duration::from_secs(30));
     let texts: Vec<String> = bounces.iter().map(|p| read(p)).collect();
-    for (id, status) in [(ids[1], "5.7.30"), (ids[2], "5.7.10"), (ids[3], "5.7.10")] {
+    for (id, status) in [
+        (&ids[1], "5.7.30"),
+        (&ids[2], "5.7.10"),
+        (&ids[3], "5.7.10"),
+    ] {
         let bounce = texts
             .iter()
             .find(|t| t.contains(&format!("X-Correu-Queue-ID: {id}")))
@@ -1650,27 +1686,15 @@ fn requiretls_goes_to_a_dnssec_mx_authenticated_by_dane() {
     .unwrap();
     let mut a = Proc::correu(CORREU, "a", dir.path(), &["serve"], &a_cfg);
     let addr = a.serve_smtp_addr();
-    let script = format!(
-        r#"
-import smtplib, ssl
-s = smtplib.SMTP('127.0.0.1', {port})
-s.starttls(context=ssl.create_default_context(cafile={ca:?}))
-s.ehlo('py.example')
-for rcpt, subject in (('ana@rt.test', 'over dane'), ('ana@weak.test', 'not to an insecure mx')):
-    s.mail('jo@localhost', ['REQUIRETLS'])
-    s.rcpt(rcpt)
-    code, text = s.data(('Subject: %s\r\n\r\nbody\r\n' % subject).encode())
-    assert code == 250, (code, text)
-    print(text.decode().split()[-1])
-s.quit()
-"#,
-        port = addr.port(),
-        ca = cert.ca.to_str().unwrap()
+    let ids = send_requiretls(
+        addr.port(),
+        &cert.ca,
+        false,
+        &[
+            ("ana@rt.test", "over dane"),
+            ("ana@weak.test", "not to an insecure mx"),
+        ],
     );
-    let (st, out, err) = run(&python(), &["-c", &script]);
-    assert!(st.success(), "{out}{err}");
-    let ids: Vec<&str> = out.split_whitespace().collect();
-    assert_eq!(ids.len(), 2, "{out}");
 
     let got = only_file(
         &dir.path().join("b-mail/rt.test/ana"),

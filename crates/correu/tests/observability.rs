@@ -41,6 +41,30 @@ fn send(addr: SocketAddr, to: &[&str], subject: &str) -> String {
     id
 }
 
+/// Starts storage with the configuration `base`, then writes the one the
+/// other services read (`base` with storage's endpoint): storage, and
+/// that file.
+fn storage_first(
+    dir: &Path,
+    base: &str,
+    start: impl Fn(&str, &Path) -> Proc,
+) -> (Proc, std::path::PathBuf) {
+    let storage_cfg = dir.join("storage.toml");
+    std::fs::write(&storage_cfg, base).unwrap();
+    let mut storage = start("storage", &storage_cfg);
+    let storage_addr = storage.listening("storage listening");
+    let cfg = dir.join("correu.toml");
+    std::fs::write(
+        &cfg,
+        base.replace(
+            "[storage]\n",
+            &format!("[storage]\nendpoint = \"http://{storage_addr}\"\n"),
+        ),
+    )
+    .unwrap();
+    (storage, cfg)
+}
+
 fn in_trace<'a>(spans: &'a [ReceivedSpan], trace: &str, name: &str) -> Vec<&'a ReceivedSpan> {
     spans
         .iter()
@@ -62,19 +86,9 @@ fn one_trace_per_message_across_three_processes_and_its_retries() {
         dir.path().join("mail").display(),
         vhost.url(RABBITMQ.parse().unwrap()),
     );
-    let storage_cfg = dir.path().join("storage.toml");
-    std::fs::write(&storage_cfg, &base).unwrap();
-    let mut storage = start(dir.path(), "storage", &storage_cfg, &otlp);
-    let storage_addr = storage.listening("storage listening");
-    let cfg = dir.path().join("correu.toml");
-    std::fs::write(
-        &cfg,
-        base.replace(
-            "[storage]\n",
-            &format!("[storage]\nendpoint = \"http://{storage_addr}\"\n"),
-        ),
-    )
-    .unwrap();
+    let (storage, cfg) = storage_first(dir.path(), &base, |role, cfg| {
+        start(dir.path(), role, cfg, &otlp)
+    });
     let mut delivery = start(dir.path(), "delivery", &cfg, &otlp);
     delivery.wait_for("delivery consuming", Duration::from_secs(20));
     let mut ingress = start(dir.path(), "ingress", &cfg, &otlp);
@@ -444,19 +458,9 @@ fn every_metric_the_dashboard_and_alerts_use_is_scraped_at_start_up() {
         vhost.url(RABBITMQ.parse().unwrap()),
         redis.section(),
     );
-    let storage_cfg = dir.path().join("storage.toml");
-    std::fs::write(&storage_cfg, &base).unwrap();
-    let mut storage = Proc::correu(CORREU, "storage", dir.path(), &["storage"], &storage_cfg);
-    let storage_addr = storage.listening("storage listening");
-    let cfg = dir.path().join("correu.toml");
-    std::fs::write(
-        &cfg,
-        base.replace(
-            "[storage]\n",
-            &format!("[storage]\nendpoint = \"http://{storage_addr}\"\n"),
-        ),
-    )
-    .unwrap();
+    let (mut storage, cfg) = storage_first(dir.path(), &base, |role, cfg| {
+        Proc::correu(CORREU, role, dir.path(), &[role], cfg)
+    });
     let mut delivery = Proc::correu(CORREU, "delivery", dir.path(), &["delivery"], &cfg);
     delivery.wait_for("delivery consuming", Duration::from_secs(20));
     let mut ingress = Proc::correu(CORREU, "ingress", dir.path(), &["ingress"], &cfg);
