@@ -68,15 +68,9 @@ impl opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::LogsS
         tonic::Response<opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceResponse>,
         tonic::Status,
     > {
-        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
         let mut got = Vec::new();
         for rl in request.into_inner().resource_logs {
-            let service = rl
-                .resource
-                .as_ref()
-                .and_then(|r| r.attributes.iter().find(|a| a.key == "service.name"))
-                .map(|a| any_text(&a.value))
-                .unwrap_or_default();
+            let service = service_of(&rl.resource);
             for sl in rl.scope_logs {
                 for r in sl.log_records {
                     got.push(ReceivedLog {
@@ -97,6 +91,19 @@ impl opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::LogsS
         self.0.lock().unwrap().extend(got);
         Ok(tonic::Response::new(Default::default()))
     }
+}
+
+/// Bytes (an id) in lower-case hex.
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The `service.name` of a resource.
+fn service_of(r: &Option<opentelemetry_proto::tonic::resource::v1::Resource>) -> String {
+    r.as_ref()
+        .and_then(|r| r.attributes.iter().find(|a| a.key == "service.name"))
+        .map(|a| any_text(&a.value))
+        .unwrap_or_default()
 }
 
 /// An OTLP value as text.
@@ -161,7 +168,6 @@ impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::Tra
                 }
             }
         }
-        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
         let kind_of = |v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>| match v
             .as_ref()
             .and_then(|v| v.value.as_ref())
@@ -174,12 +180,7 @@ impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::Tra
         };
         let mut got = Vec::new();
         for rs in request.into_inner().resource_spans {
-            let service = rs
-                .resource
-                .as_ref()
-                .and_then(|r| r.attributes.iter().find(|a| a.key == "service.name"))
-                .map(|a| text(&a.value))
-                .unwrap_or_default();
+            let service = service_of(&rs.resource);
             for ss in rs.scope_spans {
                 for s in ss.spans {
                     got.push(ReceivedSpan {
