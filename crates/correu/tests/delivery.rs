@@ -1523,17 +1523,26 @@ fn cert_digest(cert: &Path, pubkey: bool, alg: &str) -> String {
 ///   records that match: delivered, the log line says `tls_verify: dane`;
 /// - a signed zone without TLSA records, and an unsigned (insecure) zone:
 ///   opportunistic TLS, as before;
-/// - a TLSA record that matches nothing: deferred, nothing sent;
+/// - a TLSA record that matches nothing: deferred, nothing sent, even for
+///   a domain whose MTA-STS policy (enforce) the certificate satisfies
+///   (RFC 8461 §2: MTA-STS never overrides a failing DANE);
 /// - an address record changed after signing (bogus): deferred.
 #[test]
 fn dane_authenticates_mx_hosts_from_signed_tlsa_records() {
     let dir = tempfile::tempdir().unwrap();
-    let hosts = ["mx.ee.test", "mx.ta.test", "mx.bad.test", "mx.bogus.test"];
+    let hosts = [
+        "mx.ee.test",
+        "mx.ta.test",
+        "mx.bad.test",
+        "mx.bogus.test",
+        "mx.sts.test",
+        "mta-sts.sts.test",
+    ];
     let cert = test_cert_for(dir.path(), "mx", &hosts);
     // Postfix sends its chain: its certificate, then the CA's.
     let chain = dir.path().join("mx-chain.crt");
     std::fs::write(&chain, read(&cert.cert) + &read(&cert.ca)).unwrap();
-    let domains = ["ee", "ta", "nodane", "plain", "bad", "bogus"];
+    let domains = ["ee", "ta", "nodane", "plain", "bad", "bogus", "sts"];
     let mailboxes: Vec<String> = domains
         .iter()
         .map(|d| format!("ana@{d}.test={d}/"))
@@ -1552,7 +1561,7 @@ fn dane_authenticates_mx_hosts_from_signed_tlsa_records() {
     let ee = cert_digest(&cert.cert, true, "sha256");
     let ta = cert_digest(&cert.ca, false, "sha512");
     let mut signed: Vec<String> = Vec::new();
-    for d in ["ee", "ta", "nodane", "bad", "bogus"] {
+    for d in ["ee", "ta", "nodane", "bad", "bogus", "sts"] {
         signed.push(format!("{d}.test. MX 10 mx.{d}.test."));
         // bogus's address is changed after signing (below).
         let ip = if d == "bogus" {
@@ -1569,6 +1578,22 @@ fn dane_authenticates_mx_hosts_from_signed_tlsa_records() {
         "ab".repeat(32)
     ));
     signed.push(format!("_{p}._tcp.mx.bogus.test. TLSA 3 1 1 {ee}"));
+    // sts.test: an MTA-STS policy its MX's certificate satisfies, and a
+    // TLSA record it does not.
+    signed.push(format!(
+        "_{p}._tcp.mx.sts.test. TLSA 3 1 1 {}",
+        "cd".repeat(32)
+    ));
+    signed.push("_mta-sts.sts.test. TXT \"v=STSv1; id=1;\"".into());
+    signed.push("mta-sts.sts.test. A 127.0.0.1".into());
+    let (_https, https_port) = mta_sts_server(
+        dir.path(),
+        &cert,
+        &[(
+            "mta-sts.sts.test",
+            "version: STSv1\nmode: enforce\nmx: mx.sts.test\nmax_age: 86400\n",
+        )],
+    );
     let plain = [
         "@ MX 10 mx.plain.test.".to_string(),
         "mx A 127.0.0.1".into(),
@@ -1589,9 +1614,10 @@ fn dane_authenticates_mx_hosts_from_signed_tlsa_records() {
         dir.path(),
         "a",
         &format!(
-            "[dns]\nserver = \"127.0.0.1:{}\"\ntrust_anchor = \"{}\"\n[delivery]\nmx_port = {p}\ntls = \"dane\"\n",
+            "[dns]\nserver = \"127.0.0.1:{}\"\ntrust_anchor = \"{}\"\n[delivery]\nmx_port = {p}\ntls = \"dane\"\nmta_sts_port = {https_port}\ntls_ca_file = \"{}\"\n",
             dns.port,
-            dns.anchor.display()
+            dns.anchor.display(),
+            cert.ca.display()
         ),
     );
     let rcpts: Vec<String> = domains.iter().map(|d| format!("ana@{d}.test")).collect();
@@ -1619,9 +1645,10 @@ fn dane_authenticates_mx_hosts_from_signed_tlsa_records() {
         let got = only_file(&postfix.vmail.join(d), Duration::from_secs(10));
         assert!(got.contains("(using TLSv1.3"), "{d} over TLS: {got}");
     }
-    for (d, why) in [
-        ("bad", "no TLSA record matches"),
-        ("bogus", "failed DNSSEC validation"),
+    for (d, dsn, why) in [
+        ("bad", "4.7.5", "no TLSA record matches"),
+        ("sts", "4.7.5", "no TLSA record matches"),
+        ("bogus", "4.4.3", "failed DNSSEC validation"),
     ] {
         let line = serve.wait_for_line(
             &[
@@ -1632,7 +1659,7 @@ fn dane_authenticates_mx_hosts_from_signed_tlsa_records() {
             Duration::from_secs(30),
         );
         assert!(
-            line.contains("\"dsn\":\"4.7.5\"") && line.contains(why),
+            line.contains(&format!("\"dsn\":\"{dsn}\"")) && line.contains(why),
             "{d}: {line}"
         );
         assert!(

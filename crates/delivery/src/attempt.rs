@@ -33,6 +33,7 @@ impl Deliverer {
         };
         let mut outcomes = vec![Outcome::temp("4.4.7", "not attempted"); msg.recipients.len()];
         let mut via = vec![None; msg.recipients.len()];
+        let mut hosts = vec![None; msg.recipients.len()];
         // Remote recipients grouped by domain and envelope sender (an
         // alias's forwarded copies go out from their SRS address): one
         // transaction each.
@@ -71,13 +72,18 @@ impl Deliverer {
                 self.deliver_remote(msg, sender, content, &domain, &idx),
             )
             .await
-            .unwrap_or_else(|_| (vec![late(); idx.len()], None));
+            .unwrap_or_else(|_| Remote::all(late(), idx.len()));
             for (k, &i) in idx.iter().enumerate() {
-                outcomes[i] = got.0[k].clone();
-                via[i] = got.1.clone();
+                outcomes[i] = got.outcomes[k].clone();
+                via[i] = got.via.clone();
+                hosts[i] = got.host.clone();
             }
         }
-        Attempt { outcomes, via }
+        Attempt {
+            outcomes,
+            via,
+            hosts,
+        }
     }
 
     /// A permanent failure for `rcpt` when it is on the suppression list;
@@ -188,10 +194,10 @@ impl Deliverer {
         content: &[u8],
         domain: &str,
         rcpts: &[usize],
-    ) -> (Vec<Outcome>, Option<Arc<Via>>) {
+    ) -> Remote {
         let hops = match self.router.hops(domain).await {
             Ok(h) => h,
-            Err(o) => return (vec![o; rcpts.len()], None),
+            Err(o) => return Remote::all(o, rcpts.len()),
         };
         // A TLS report goes despite the failures it reports (RFC 8460
         // §5.3): no MTA-STS for it.
@@ -200,7 +206,7 @@ impl Deliverer {
         } else {
             match self.apply_mta_sts(&msg.queue_id, domain, hops).await {
                 Ok(h) => h,
-                Err(o) => return (vec![o; rcpts.len()], None),
+                Err(o) => return Remote::all(o, rcpts.len()),
             }
         };
         // REQUIRETLS (RFC 8689 §4.2.1): only an authenticated next hop (a
@@ -222,7 +228,7 @@ impl Deliverer {
                     smtp_reply: None,
                     suppressed: false,
                 });
-                return (vec![o; rcpts.len()], None);
+                return Remote::all(o, rcpts.len());
             }
             for h in &mut hops {
                 h.tls = Some(if h.route.is_none() && !named(h) {
@@ -238,12 +244,14 @@ impl Deliverer {
             .await
         {
             let o = Outcome::temp("4.4.5", format!("{domain} is at its message rate; waiting"));
-            return (vec![o; rcpts.len()], None);
+            return Remote::all(o, rcpts.len());
         }
         let mut last_via = None;
         let mut last = Outcome::temp("4.4.4", format!("no host to deliver to for {domain}"));
         let mut rated: Vec<String> = Vec::new();
+        let mut last_host = None;
         for mut hop in hops {
+            last_host = Some(hop.host.clone());
             let dest = self.shaping.dest(domain, &hop.host);
             if hop.tls.is_none() {
                 hop.tls = dest.tls;
@@ -285,8 +293,10 @@ impl Deliverer {
                     last = Outcome::temp("4.4.4", format!("{} has no address", hop.host));
                     continue;
                 }
+                // A DNS failure (4.4.3), never a TLS one: REQUIRETLS
+                // bounces on 4.7.5, and this may pass.
                 Err(e @ route::ResolveError::Bogus(_)) => {
-                    last = Outcome::temp("4.7.5", e.to_string());
+                    last = Outcome::temp("4.4.3", e.to_string());
                     continue;
                 }
                 Err(e) => {
@@ -295,16 +305,23 @@ impl Deliverer {
                 }
             };
             // DANE (RFC 7672 §2.2): TLSA records count only for a host
-            // whose name and addresses DNSSEC proved.
-            if hop.tls.unwrap_or(self.tls_default) == OutboundTls::Dane
+            // whose name and addresses DNSSEC proved. Where delivery
+            // validates, an MX host's usable records also win over
+            // required TLS (MTA-STS enforce, REQUIRETLS, a rule's
+            // `required`): RFC 8461 §2 lets MTA-STS never override a
+            // failing DANE. A route's host only when the route asks.
+            let level = hop.tls.unwrap_or(self.tls_default);
+            if self.router.validating()
                 && hop.secure
                 && addrs_secure
+                && (level == OutboundTls::Dane
+                    || (level == OutboundTls::Required && hop.route.is_none()))
             {
                 match dane::lookup(&self.router.resolver, &hop.host, hop.port).await {
                     Ok(policy) => hop.dane = policy,
                     Err(why) => {
                         tracing::warn!(queue_id = %msg.queue_id, mx = %hop.host, error = %why, "DANE: TLSA records unknown; not delivering to this host");
-                        last = Outcome::temp("4.7.5", why);
+                        last = Outcome::temp("4.4.3", why);
                         continue;
                     }
                 }
@@ -421,7 +438,13 @@ impl Deliverer {
                     }
                 }
                 match tried {
-                    Ok((outcomes, via)) => return (outcomes, Some(Arc::new(via))),
+                    Ok((outcomes, via)) => {
+                        return Remote {
+                            outcomes,
+                            via: Some(Arc::new(via)),
+                            host: Some(hop.host.clone()),
+                        };
+                    }
                     // Connections per host are shared by every delivery
                     // pod; a host that stays busy is passed over, and if
                     // all are, the message waits in a retry tier.
@@ -457,7 +480,11 @@ impl Deliverer {
                 ..f.clone()
             });
         }
-        (vec![last; rcpts.len()], last_via)
+        Remote {
+            outcomes: vec![last; rcpts.len()],
+            via: last_via,
+            host: last_host,
+        }
     }
 
     /// MX hops of a domain with an MTA-STS policy: in `enforce` mode only
@@ -505,16 +532,20 @@ impl Deliverer {
     }
 
     fn policy(&self, hop: &route::Hop) -> tls::TlsPolicy {
-        match hop.tls.unwrap_or(self.tls_default) {
-            OutboundTls::None => tls::TlsPolicy::None,
-            OutboundTls::Opportunistic => self.opportunistic.clone(),
-            OutboundTls::Required => self.required.clone(),
-            // No usable DANE policy (no TLSA records, or an insecure
-            // zone): opportunistic, as Postfix's `dane` level.
-            OutboundTls::Dane => match &hop.dane {
-                Some(p) => tls::TlsPolicy::Dane(p.connector.clone(), !p.records.is_empty()),
-                None => self.opportunistic.clone(),
-            },
+        let level = hop.tls.unwrap_or(self.tls_default);
+        match (&hop.dane, level) {
+            (_, OutboundTls::None) => tls::TlsPolicy::None,
+            // Usable TLSA records authenticate the host, whatever else
+            // asked for TLS.
+            (Some(p), _) if !p.records.is_empty() => {
+                tls::TlsPolicy::Dane(p.connector.clone(), true)
+            }
+            // Records, none usable: mandatory TLS, unauthenticated.
+            (Some(p), OutboundTls::Dane) => tls::TlsPolicy::Dane(p.connector.clone(), false),
+            (_, OutboundTls::Required) => self.required.clone(),
+            // No DANE policy (no TLSA records, or an insecure zone):
+            // opportunistic, as Postfix's `dane` level.
+            (_, OutboundTls::Opportunistic | OutboundTls::Dane) => self.opportunistic.clone(),
         }
     }
 
@@ -551,12 +582,14 @@ impl Deliverer {
             addr,
             host: hop.host.clone(),
             route: hop.route.as_ref().map(|r| format!("{r:?}")),
-            // A DANE host's connections are not shared with the
-            // same host's opportunistic ones.
-            tls: match hop.tls.unwrap_or(self.tls_default) {
-                OutboundTls::Dane if hop.dane.is_none() => Some(OutboundTls::Opportunistic),
-                _ => hop.tls,
-            },
+            // A DANE host's connections are not shared with the same
+            // host's opportunistic or CA-verified ones.
+            tls: Some(match self.policy(hop) {
+                tls::TlsPolicy::None => OutboundTls::None,
+                tls::TlsPolicy::Opportunistic(_) => OutboundTls::Opportunistic,
+                tls::TlsPolicy::Required(_) => OutboundTls::Required,
+                tls::TlsPolicy::Dane(..) => OutboundTls::Dane,
+            }),
             budget: dest.budget.clone(),
         };
         // A connection kept from an earlier message, if one is fresh, with
@@ -687,6 +720,27 @@ impl Deliverer {
 pub(crate) struct Attempt {
     pub outcomes: Vec<Outcome>,
     pub via: Vec<Option<Arc<Via>>>,
+    /// The last host tried for each remote recipient, connected or not
+    /// (its shaping rule decides the retry schedule).
+    pub hosts: Vec<Option<String>>,
+}
+
+/// What the hops of one domain gave its recipients.
+struct Remote {
+    outcomes: Vec<Outcome>,
+    via: Option<Arc<Via>>,
+    host: Option<String>,
+}
+
+impl Remote {
+    /// The same outcome for all `n`, no host tried.
+    fn all(o: Outcome, n: usize) -> Remote {
+        Remote {
+            outcomes: vec![o; n],
+            via: None,
+            host: None,
+        }
+    }
 }
 
 /// The host a transaction went to, and how long each phase took, for the

@@ -106,6 +106,22 @@ pub fn bogus_error(e: &hickory_resolver::net::NetError) -> bool {
     matches!(e, NetError::Dns(DnsError::DnssecBogus))
 }
 
+/// A denial (`Some(true)`: no such name; `Some(false)`: no such record)
+/// that DNSSEC could not prove but did not find bogus either (an insecure
+/// zone's NSEC3 with too many iterations, say): as a plain resolver's.
+pub fn unproven_denial(e: &hickory_resolver::net::NetError) -> Option<bool> {
+    use hickory_resolver::net::{DnsError, NetError};
+    use hickory_resolver::proto::op::ResponseCode;
+    match e {
+        NetError::Dns(DnsError::Nsec {
+            proof, response, ..
+        }) if *proof != Proof::Bogus => {
+            Some(response.metadata.response_code == ResponseCode::NXDomain)
+        }
+        _ => None,
+    }
+}
+
 /// Whether any answer failed DNSSEC validation.
 pub fn bogus(records: &[Record]) -> bool {
     records.iter().any(|r| r.proof == Proof::Bogus)
@@ -123,7 +139,7 @@ pub async fn lookup(
     let name = format!("_{port}._tcp.{}.", host.trim_end_matches('.'));
     let answers = match resolver.lookup(name.as_str(), RecordType::TLSA).await {
         Ok(l) => l.answers().to_vec(),
-        Err(e) if e.is_no_records_found() => return Ok(None),
+        Err(e) if e.is_no_records_found() || unproven_denial(&e).is_some() => return Ok(None),
         Err(e) if bogus_error(&e) => {
             return Err(format!(
                 "DANE: the TLSA records of {name} failed DNSSEC validation"
@@ -140,8 +156,20 @@ pub async fn lookup(
             "DANE: the TLSA records of {name} failed DNSSEC validation"
         ));
     }
-    if !secure(&answers) {
+    // Insecure: no DANE (opportunistic); anything else short of secure
+    // (indeterminate) is not a denial either, and the host waits.
+    let data = || {
+        answers
+            .iter()
+            .filter(|r| r.record_type() != RecordType::RRSIG)
+    };
+    if data().all(|r| r.proof == Proof::Insecure) {
         return Ok(None);
+    }
+    if !secure(&answers) {
+        return Err(format!(
+            "DANE: the TLSA records of {name} are neither proven secure nor insecure"
+        ));
     }
     let mut records = Vec::new();
     let mut published = Vec::new();

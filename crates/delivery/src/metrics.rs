@@ -4,6 +4,7 @@ use std::sync::LazyLock;
 
 use correu_runtime::metrics::{counter, histogram};
 
+use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram};
 
 pub struct DeliveryMetrics {
@@ -79,5 +80,20 @@ pub static METRICS: LazyLock<DeliveryMetrics> = LazyLock::new(|| DeliveryMetrics
 /// Makes the instruments now (counters at zero), not at first use.
 pub fn init() {
     LazyLock::force(&METRICS);
+    // The series alerts divide by are there from the start.
+    for outcome in ["delivered", "deferred", "failed"] {
+        for destination in ["local", "remote"] {
+            METRICS.attempts.add(
+                0,
+                &[
+                    KeyValue::new("outcome", outcome),
+                    KeyValue::new("destination", destination),
+                ],
+            );
+        }
+    }
+    for action in ["failed", "delayed", "delivered", "relayed"] {
+        METRICS.reports.add(0, &[KeyValue::new("action", action)]);
+    }
     correu_queue::metrics::init();
 }

@@ -22,9 +22,8 @@ pub struct Hop {
     /// by the domain's MTA-STS policy.
     pub tls: Option<OutboundTls>,
     /// The host's name is DNSSEC-authenticated as far as the domain's MX
-    /// records go: they were validated secure, or the host was named
-    /// directly (a route, or the domain itself with no MX). Its addresses
-    /// are checked when they are looked up.
+    /// records go: they were validated secure, or the operator named the
+    /// host (a route). Its addresses are checked when they are looked up.
     pub secure: bool,
     /// The host's DANE policy, once its TLSA records are known.
     pub dane: Option<crate::dane::Policy>,
@@ -87,7 +86,7 @@ impl Router {
                 // RFC 7672 §2.2.1: a bogus MX answer is a failed lookup.
                 if self.validating && crate::dane::bogus(lookup.answers()) {
                     return Err(Outcome::temp(
-                        "4.7.5",
+                        "4.4.3",
                         format!("the MX records of {domain} failed DNSSEC validation"),
                     ));
                 }
@@ -125,15 +124,16 @@ impl Router {
                     .collect())
             }
             Err(e) if crate::dane::bogus_error(&e) => Err(Outcome::temp(
-                "4.7.5",
+                "4.4.3",
                 format!("the MX records of {domain} failed DNSSEC validation"),
             )),
             // No MX: the domain's own address is the implicit MX (RFC 5321 §5.1).
-            Err(e) if e.is_nx_domain() => Err(Outcome::perm(
-                "5.1.2",
-                format!("domain {domain} does not exist"),
-            )),
-            Err(e) if e.is_no_records_found() => Ok(vec![self.implicit(domain)]),
+            Err(e) if e.is_nx_domain() || crate::dane::unproven_denial(&e) == Some(true) => Err(
+                Outcome::perm("5.1.2", format!("domain {domain} does not exist")),
+            ),
+            Err(e) if e.is_no_records_found() || crate::dane::unproven_denial(&e).is_some() => {
+                Ok(vec![self.implicit(domain)])
+            }
             Err(e) => Err(Outcome::temp(
                 "4.4.3",
                 format!("MX lookup for {domain} failed: {e}"),
@@ -147,7 +147,10 @@ impl Router {
             port: self.mx_port,
             route: None,
             tls: None,
-            secure: true,
+            // The "no MX" answer's proof is not kept (hickory gives the
+            // same error for a proven and an insecure denial): not
+            // authenticated, so no DANE and no REQUIRETLS by DNSSEC.
+            secure: false,
             dane: None,
         }
     }
@@ -205,7 +208,8 @@ impl Router {
                 Err(e) if crate::dane::bogus_error(&e) => {
                     return Err(ResolveError::Bogus(hop.host.clone()));
                 }
-                Err(e) if e.is_no_records_found() => {}
+                Err(e) if e.is_no_records_found() || crate::dane::unproven_denial(&e).is_some() => {
+                }
                 Err(e) => failed = Some(e),
             }
         }

@@ -142,13 +142,14 @@ pub fn plan(
 impl Deliverer {
     /// The schedule for `msg`'s next retry: the retry delays of the
     /// shaping rules of its pending recipients' destinations (the domain,
-    /// and the host last tried), the soonest of them when they differ;
+    /// and the host last tried, connected or not), the soonest of them
+    /// when they differ;
     /// the tiers in order where no rule sets any.
     fn schedule_for(
         &self,
         msg: &QueuedMessage,
         outcomes: &[Outcome],
-        via: &[Option<std::sync::Arc<crate::attempt::Via>>],
+        hosts: &[Option<String>],
         age: Duration,
     ) -> std::borrow::Cow<'_, Schedule> {
         let attempts = msg.attempt + 1;
@@ -158,10 +159,7 @@ impl Deliverer {
                 continue;
             }
             let domain = r.address.rsplit_once('@').map_or("", |(_, d)| d);
-            let host = via
-                .get(i)
-                .and_then(|v| v.as_deref())
-                .map_or("", |v| v.relay.as_str());
+            let host = hosts.get(i).and_then(Option::as_deref).unwrap_or("");
             let steps = self.shaping.dest(domain, host).retry_delays;
             let delay = match self.schedule.with_steps(&steps).next(attempts, age) {
                 Next::RetryIn { delay, .. } => delay,
@@ -206,7 +204,7 @@ impl Deliverer {
         let id = msg.queue_id.clone();
         let attempts = msg.attempt + 1;
         let age = age_of(msg.received_at_unix_micros);
-        let schedule = self.schedule_for(&msg, &outcomes, &attempt.via, age);
+        let schedule = self.schedule_for(&msg, &outcomes, &attempt.hosts, age);
         // The message's span (delivery.message) says when not every
         // recipient was delivered.
         let deferred = outcomes.iter().filter(|o| o.is_temporary()).count();
@@ -245,7 +243,7 @@ impl Deliverer {
                 ],
             );
             if !local {
-                let host = attempt.via[i].as_deref().map_or("", |v| v.relay.as_str());
+                let host = attempt.hosts[i].as_deref().unwrap_or("");
                 m.destination_attempts.add(
                     1,
                     &[

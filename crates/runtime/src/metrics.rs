@@ -131,8 +131,9 @@ pub fn register_process(handle: tokio::runtime::Handle) {
         .with_unit("{file_descriptor}")
         .with_description("File descriptors the process has open")
         .with_callback(|o| {
+            // Less the one reading the directory opens.
             if let Ok(d) = std::fs::read_dir("/proc/self/fd") {
-                o.observe(d.count() as u64, &[]);
+                o.observe(d.count().saturating_sub(1) as u64, &[]);
             }
         })
         .build();
@@ -173,11 +174,13 @@ fn proc_cpu() -> Option<(f64, f64)> {
     Some((utime / TICKS, stime / TICKS))
 }
 
-/// Resident bytes, from `/proc/self/statm` (pages of 4 KiB).
+/// Resident bytes, from `VmRSS` in `/proc/self/status` (in kB, whatever
+/// the page size).
 fn proc_rss() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages * 4096)
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 #[cfg(test)]
