@@ -1,7 +1,10 @@
 //! Compiles `proto/` with protox, so no system `protoc` is needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // Read when the script runs, not baked in when it is compiled: a
+    // build script is shared by checkouts that share a target directory
+    // (git worktrees), and one built in another would read its files.
+    let root = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     let files = [
         root.join("correu/v1/queue.proto"),
         root.join("correu/v1/storage.proto"),

@@ -52,6 +52,9 @@ pub struct Telemetry {
     logs: Option<SdkLoggerProvider>,
 }
 
+/// Set when this process exports no traces (its spans carry ids only).
+static IDS_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// The in-memory reader `/metrics` renders.
 static PROMETHEUS: OnceLock<Arc<ManualReader>> = OnceLock::new();
 
@@ -253,11 +256,13 @@ fn init_with(service: &'static str, filter: EnvFilter, json: bool) -> Telemetry 
         None
     };
     // Without an exporter, spans still get trace and span ids (for the
-    // log lines written inside them) and are dropped when they end.
-    let ids_only = tracer.is_none().then(|| {
-        SdkTracerProvider::builder()
-            .with_resource(resource.clone())
-            .build()
+    // log lines written inside them and the traceparent passed on), from
+    // a layer that does only that: OpenTelemetry's layer and SDK, even
+    // sampling nothing, cost `correu serve` 15 % more CPU per message
+    // (scripts/bench-compare).
+    let ids = tracer.is_none().then(|| {
+        IDS_ONLY.store(true, std::sync::atomic::Ordering::Relaxed);
+        IdsLayer
     });
 
     let reader = PROMETHEUS
@@ -325,13 +330,20 @@ fn init_with(service: &'static str, filter: EnvFilter, json: bool) -> Telemetry 
         )
     });
 
-    let otel = tracer
-        .as_ref()
-        .or(ids_only.as_ref())
-        .map(|t| tracing_opentelemetry::layer().with_tracer(t.tracer("correu")));
+    let otel = tracer.as_ref().map(|t| {
+        // No code location, thread or busy/idle time on spans: a few
+        // allocations and clock reads per span that no attribute of
+        // Correu's needs (the README's tables list what spans carry).
+        tracing_opentelemetry::layer()
+            .with_location(false)
+            .with_threads(false)
+            .with_tracked_inactivity(false)
+            .with_tracer(t.tracer("correu"))
+    });
     let registry = tracing_subscriber::registry()
         .with(filter)
         .with(otel)
+        .with(ids)
         .with(bridge);
     let result = if json {
         registry
@@ -353,7 +365,6 @@ fn init_with(service: &'static str, filter: EnvFilter, json: bool) -> Telemetry 
             )
             .try_init()
     };
-    let tracer = tracer.or(ids_only);
     if result.is_ok() {
         tracing::debug!(service, "telemetry started");
         for p in problems {
@@ -386,6 +397,9 @@ where
     ) -> std::fmt::Result {
         let ids = ctx.lookup_current().and_then(|span| {
             let ext = span.extensions();
+            if let Some(ids) = ext.get::<Ids>() {
+                return Some((ids.trace, ids.span));
+            }
             let data = ext.get::<tracing_opentelemetry::OtelData>()?;
             Some((data.trace_id()?, data.span_id()?))
         });
@@ -436,21 +450,95 @@ pub fn collect() -> Option<ResourceMetrics> {
 }
 
 /// The current span's trace context as W3C headers (`traceparent`,
-/// `tracestate`); empty when tracing is off.
+/// `tracestate`).
 pub fn inject() -> HashMap<String, String> {
-    let cx = tracing::Span::current().context();
+    let current = tracing::Span::current();
+    if let Some((trace, span)) = ids_of(&current) {
+        // A process that exports nothing samples nothing, but it is not
+        // its call: the next process decides.
+        return HashMap::from([("traceparent".to_string(), format!("00-{trace}-{span}-01"))]);
+    }
+    let cx = current.context();
     let mut out = HashMap::new();
     TraceContextPropagator::new().inject_context(&cx, &mut out);
     out
 }
 
-/// Makes the trace context in `headers` the parent of `span`.
+/// Makes the trace context in `headers` the parent of `span` (call it
+/// before `span` has children).
 pub fn extract_into(span: &tracing::Span, headers: &HashMap<String, String>) {
     if headers.is_empty() {
         return;
     }
+    if IDS_ONLY.load(std::sync::atomic::Ordering::Relaxed) {
+        let remote = headers
+            .get("traceparent")
+            .and_then(|tp| tp.split('-').nth(1))
+            .and_then(|t| opentelemetry::TraceId::from_hex(t).ok())
+            .filter(|t| *t != opentelemetry::TraceId::INVALID);
+        if let Some(trace) = remote {
+            with_ids(span, |ids| ids.trace = trace);
+        }
+        return;
+    }
     let cx = TraceContextPropagator::new().extract(headers);
     let _ = span.set_parent(cx);
+}
+
+/// A span's ids where no tracer exports ([`IdsLayer`]).
+#[derive(Debug, Clone, Copy)]
+struct Ids {
+    trace: opentelemetry::TraceId,
+    span: opentelemetry::SpanId,
+}
+
+/// Gives each span a span id, and the trace id of its parent (a new one
+/// for a root span): all OpenTelemetry's layer would give the logs, at
+/// the cost of two random numbers.
+struct IdsLayer;
+
+impl<S> tracing_subscriber::Layer<S> for IdsLayer
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    fn on_new_span(
+        &self,
+        _attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let Some(span) = ctx.span(id) else { return };
+        let inherited = span
+            .parent()
+            .and_then(|p| p.extensions().get::<Ids>().map(|i| i.trace));
+        let trace = inherited.unwrap_or_else(|| {
+            opentelemetry::TraceId::from_bytes(rand::random::<u128>().max(1).to_be_bytes())
+        });
+        let span_id = opentelemetry::SpanId::from_bytes(rand::random::<u64>().max(1).to_be_bytes());
+        span.extensions_mut().insert(Ids {
+            trace,
+            span: span_id,
+        });
+    }
+}
+
+/// Runs `f` on `span`'s ids, when [`IdsLayer`] gave it some.
+fn with_ids(span: &tracing::Span, f: impl FnOnce(&mut Ids)) {
+    span.with_subscriber(|(id, dispatch)| {
+        if let Some(registry) = dispatch.downcast_ref::<tracing_subscriber::Registry>()
+            && let Some(s) = tracing_subscriber::registry::LookupSpan::span(registry, id)
+            && let Some(ids) = s.extensions_mut().get_mut::<Ids>()
+        {
+            f(ids);
+        }
+    });
+}
+
+/// `span`'s (trace id, span id) from [`IdsLayer`].
+fn ids_of(span: &tracing::Span) -> Option<(opentelemetry::TraceId, opentelemetry::SpanId)> {
+    let mut got = None;
+    with_ids(span, |ids| got = Some((ids.trace, ids.span)));
+    got
 }
 
 /// The span context of `span`, when it is traced.
@@ -469,6 +557,9 @@ pub fn add_link(span: &tracing::Span, to: opentelemetry::trace::SpanContext) {
 /// The trace id of `span` in hex, when it is traced.
 pub fn trace_id(span: &tracing::Span) -> Option<String> {
     use opentelemetry::trace::TraceContextExt;
+    if let Some((trace, _)) = ids_of(span) {
+        return Some(trace.to_string());
+    }
     let cx = span.context();
     let sc = cx.span().span_context().clone();
     sc.is_valid().then(|| sc.trace_id().to_string())
