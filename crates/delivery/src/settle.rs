@@ -160,7 +160,12 @@ impl Deliverer {
             }
             let domain = r.address.rsplit_once('@').map_or("", |(_, d)| d);
             let host = hosts.get(i).and_then(Option::as_deref).unwrap_or("");
-            let steps = self.shaping.dest(domain, host).retry_delays;
+            // A rule's retry delays (none: the tiers in order).
+            let steps: Vec<Duration> = self
+                .shaping
+                .rule(domain, host)
+                .map(|(_, s)| s.retry_delays.iter().map(|d| d.get()).collect())
+                .unwrap_or_default();
             let delay = match self.schedule.with_steps(&steps).next(attempts, age) {
                 Next::RetryIn { delay, .. } => delay,
                 Next::GiveUp => Duration::ZERO,
@@ -182,8 +187,8 @@ impl Deliverer {
     /// `other`; never a value the operator did not name.
     fn destination_label(&self, address: &str, host: &str) -> String {
         let domain = address.rsplit_once('@').map_or("", |(_, d)| d);
-        if let Some(site) = self.shaping.dest(domain, host).site {
-            return site;
+        if let Some((site, _)) = self.shaping.rule(domain, host) {
+            return site.to_string();
         }
         self.metric_domains
             .iter()

@@ -34,8 +34,6 @@ pub struct Dest {
     pub tls: Option<OutboundTls>,
     pub idle: Duration,
     pub backoff: Duration,
-    /// The rule's retry delays (empty: the tiers in order).
-    pub retry_delays: Vec<Duration>,
 }
 
 pub struct Shaping {
@@ -57,8 +55,10 @@ impl Shaping {
         }
     }
 
-    /// The destination of a delivery to `domain` through `host`.
-    pub fn dest(&self, domain: &str, host: &str) -> Dest {
+    /// The rule (name and settings) a delivery to `domain` through
+    /// `host` falls under, if any: one naming the domain, else one whose
+    /// `mx` patterns match the host.
+    pub fn rule(&self, domain: &str, host: &str) -> Option<(&str, &Shape)> {
         let by_domain = || {
             self.rules
                 .iter()
@@ -69,10 +69,17 @@ impl Shaping {
                 .iter()
                 .find(|(_, s)| s.mx.iter().any(|p| name_matches(p, host)))
         };
-        match by_domain().or_else(by_mx) {
+        by_domain()
+            .or_else(by_mx)
+            .map(|(name, s)| (name.as_str(), s))
+    }
+
+    /// The destination of a delivery to `domain` through `host`.
+    pub fn dest(&self, domain: &str, host: &str) -> Dest {
+        match self.rule(domain, host) {
             Some((name, s)) => Dest {
                 budget: format!("site:{name}"),
-                site: Some(name.clone()),
+                site: Some(name.to_string()),
                 max_connections: s.max_connections,
                 max_messages_per_connection: s.max_messages_per_connection,
                 message_rate: s.message_rate,
@@ -80,7 +87,6 @@ impl Shaping {
                 tls: s.tls,
                 idle: s.connection_idle.map_or(self.idle, |d| d.get()),
                 backoff: s.backoff.get(),
-                retry_delays: s.retry_delays.iter().map(|d| d.get()).collect(),
             },
             None => Dest {
                 budget: host.to_ascii_lowercase(),
@@ -92,7 +98,6 @@ impl Shaping {
                 tls: None,
                 idle: self.idle,
                 backoff: DEFAULT_BACKOFF,
-                retry_delays: Vec::new(),
             },
         }
     }

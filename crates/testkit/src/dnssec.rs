@@ -130,3 +130,43 @@ pub fn signed_dns(
         anchor: anchor_file,
     }
 }
+
+impl SignedDns {
+    /// dnsmasq in front of it, as a cluster's forwarding resolver
+    /// (CoreDNS's `forward`) stands in front of the real DNS: it asks
+    /// `named` with DNSSEC records requested and passes them on
+    /// (`proxy-dnssec`), validating nothing itself. Returns it and its
+    /// port.
+    pub fn forwarder(&self, dir: &Path) -> (Proc, u16) {
+        let port = free_udp_port();
+        let conf = dir.join("forwarder.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port={port}\nlisten-address=127.0.0.1\nbind-interfaces\nno-resolv\nno-hosts\nno-daemon\nuser=root\npid-file=\nserver=127.0.0.1#{}\nproxy-dnssec\n",
+                self.port
+            ),
+        )
+        .unwrap();
+        let p = Proc::spawn(
+            "forwarder",
+            dir,
+            "dnsmasq",
+            &[
+                "--keep-in-foreground",
+                &format!("--conf-file={}", conf.display()),
+            ],
+            &[],
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "dnsmasq never listened on 127.0.0.1:{port}\n{}",
+                p.output()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        (p, port)
+    }
+}
