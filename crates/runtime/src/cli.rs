@@ -110,7 +110,7 @@ where
             return ExitCode::FAILURE;
         }
     };
-    rt.block_on(async move {
+    let code = rt.block_on(async move {
         let telemetry = match verbosity {
             None => crate::telemetry::init(name),
             Some(v) => crate::telemetry::init_cli(name, v),
@@ -129,7 +129,14 @@ where
         };
         telemetry.shutdown().await;
         code
-    })
+    });
+    // Everything the service owed is done. A blocking task still running
+    // (an exporter's name lookup that no DNS answers: a kubelet's
+    // resolv.conf with its search domains can take minutes) must not keep
+    // the process past its pod's grace period, as dropping the runtime
+    // would: it waits for every blocking task.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    code
 }
 
 /// An error with its causes, each said once: many error types already
